@@ -1,0 +1,1 @@
+"""Pure text: request mapping, the official prompt renderer, the incremental output parser."""

@@ -1,0 +1,1 @@
+"""The ``ds4`` command."""

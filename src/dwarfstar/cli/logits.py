@@ -1,0 +1,100 @@
+"""``ds4 logits``: float32 logits for a list of token ids, to check a build against references."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from dwarfstar.cli.main import CommandError
+
+DEMO_DIR = Path("demo")
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "logits",
+        help="write the logits [T, vocab] of a token sequence to a .npy file",
+        description="Run the model over a JSON list of token ids and save float32 logits [T, vocab].",
+    )
+    p.add_argument("-m", "--model", type=Path, help="GGUF model file")
+    p.add_argument("--tokens", type=Path, help="JSON file with a list of token ids")
+    p.add_argument("--out", type=Path, help="output .npy file")
+    p.add_argument(
+        "--chunk", type=int, default=None, help="prefill in chunks of N tokens (1 = token by token)"
+    )
+    p.add_argument(
+        "--no-quant-sim",
+        action="store_true",
+        help="do not simulate the official FP8 KV / FP4 indexer rounding (on by default for Flash files)",
+    )
+    p.add_argument(
+        "--demo",
+        action="store_true",
+        help=f"build a small random-weight demo model under {DEMO_DIR}/ and run it on a sample prompt",
+    )
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    import numpy as np
+    import torch
+
+    from dwarfstar.gguf.reader import GGUFError
+    from dwarfstar.model.config import ConfigError
+    from dwarfstar.model.model import Model
+    from dwarfstar.model.weights import WeightsError
+
+    if args.demo:
+        args = _demo_arguments(args)
+    missing = [
+        flag
+        for flag, value in (("-m", args.model), ("--tokens", args.tokens), ("--out", args.out))
+        if not value
+    ]
+    if missing:
+        raise CommandError(f"missing {', '.join(missing)} (or use --demo)")
+    if args.chunk is not None and args.chunk < 1:
+        raise CommandError("--chunk must be at least 1")
+    tokens = _read_tokens(args.tokens)
+    try:
+        model = Model.load(args.model, quant_sim=False if args.no_quant_sim else None)
+    except FileNotFoundError:
+        raise CommandError(f"{args.model}: no such file") from None
+    except (GGUFError, ConfigError, WeightsError) as err:
+        raise CommandError(str(err)) from None
+    bad = [t for t in tokens if not 0 <= t < model.config.vocab_size]
+    if bad:
+        raise CommandError(f"token ids out of range [0, {model.config.vocab_size}): {bad[:5]}")
+    logits = model.prefill(torch.tensor(tokens), model.new_session(), args.chunk)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    np.save(args.out, logits.numpy().astype(np.float32))
+    sim = "on" if model.quant_sim else "off"
+    print(f"wrote {args.out}: logits {list(logits.shape)} float32 (quant sim {sim})")
+    if args.demo:
+        top = logits[-1].topk(5)
+        print("top-5 next tokens after the last position:", top.indices.tolist())
+    return 0
+
+
+def _read_tokens(path: Path) -> list[int]:
+    try:
+        tokens = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise CommandError(f"{path}: no such file") from None
+    except json.JSONDecodeError as err:
+        raise CommandError(f"{path}: not valid JSON ({err})") from None
+    if not isinstance(tokens, list) or not tokens or not all(isinstance(t, int) for t in tokens):
+        raise CommandError(f"{path}: expected a non-empty JSON list of integer token ids")
+    return tokens
+
+
+def _demo_arguments(args: argparse.Namespace) -> argparse.Namespace:
+    """Point the command at a demo model and prompt, building them on first use."""
+    from dwarfstar.convert.demo import ensure_demo
+
+    model, tokens = ensure_demo(DEMO_DIR)
+    args.model = args.model or model
+    args.tokens = args.tokens or tokens
+    args.out = args.out or DEMO_DIR / "logits.npy"
+    return args

@@ -1,0 +1,75 @@
+"""``ds4 render``: the exact prompt the model would see for an API request."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from dwarfstar.chat.render import render
+from dwarfstar.chat.request import (
+    RequestError,
+    from_anthropic,
+    from_openai,
+    looks_like_anthropic,
+    parse_request,
+)
+from dwarfstar.cli.main import CommandError
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "render",
+        help="print the prompt text (or token ids) for a chat request",
+        description=(
+            "Render an OpenAI chat-completions request (or an Anthropic messages request) to the "
+            "exact DeepSeek V4 prompt text, ending where the model starts its answer."
+        ),
+    )
+    parser.add_argument("request", nargs="?", type=Path, help="request body as JSON (default: stdin)")
+    parser.add_argument(
+        "--anthropic",
+        action="store_true",
+        help="read the body as an Anthropic messages request (detected when it has 'system' "
+        "or tool_use/tool_result/thinking blocks)",
+    )
+    parser.add_argument("--tokens", action="store_true", help="print the token ids as a JSON list")
+    parser.add_argument(
+        "-m", "--model", type=Path, help="GGUF file whose tokenizer --tokens uses (default: DeepSeek V4's)"
+    )
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.request is None:
+        raw = sys.stdin.buffer.read()
+    else:
+        try:
+            raw = args.request.read_bytes()
+        except OSError as err:
+            raise CommandError(f"cannot read {args.request}: {err.strerror}") from None
+    source = args.request or "stdin"
+    try:
+        body = parse_request(raw)
+        anthropic = args.anthropic or looks_like_anthropic(body)
+        prompt = render(from_anthropic(body) if anthropic else from_openai(body))
+    except RequestError as err:
+        raise CommandError(f"{source}: {err}") from None
+
+    if args.tokens:
+        sys.stdout.write(json.dumps(_tokenizer(args.model).encode(prompt)) + "\n")
+    else:
+        sys.stdout.buffer.write(prompt.encode("utf-8"))
+    sys.stdout.flush()
+    return 0
+
+
+def _tokenizer(model: Path | None):
+    from dwarfstar.tokenizer import Tokenizer
+
+    if model is None:
+        return Tokenizer.default()
+    if not model.is_file():
+        raise CommandError(f"model file not found: {model}")
+    return Tokenizer.from_gguf(model)

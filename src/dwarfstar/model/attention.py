@@ -1,0 +1,179 @@
+"""Attention of one layer: sliding window, compressed rows (CSA / HCA) and attention sinks.
+
+Every layer attends to the raw K=V rows of the last ``window`` tokens. Ratio-128 layers (HCA)
+also attend to every complete 128-token window, pooled into one row. Ratio-4 layers (CSA)
+pool overlapping 8-token windows every 4 tokens, and each query attends only to the
+``index_topk`` rows its lightning indexer scores highest.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from dwarfstar import quant
+from dwarfstar.model import quantsim
+from dwarfstar.model.config import ModelConfig
+from dwarfstar.model.rope import Rope
+from dwarfstar.model.state import CompressorState, LayerState
+from dwarfstar.model.weights import Attention, Compressor, Indexer
+
+# Bound on (queries × heads × keys) score elements materialised at once by the indexer.
+_SCORE_BUDGET = 1 << 25
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.Tensor:
+    x = x * torch.rsqrt(x.pow(2).mean(dim=-1, keepdim=True) + eps)
+    return x if weight is None else x * weight
+
+
+@dataclass
+class LayerContext:
+    """What a layer's attention needs besides its weights: config, rope, rounding switch."""
+
+    config: ModelConfig
+    rope: Rope
+    quant_sim: bool
+
+
+def compress(
+    comp: Compressor,
+    state: CompressorState,
+    a: torch.Tensor,
+    positions: torch.Tensor,
+    ctx: LayerContext,
+    d: int,
+    finish,
+) -> None:
+    """Feed a chunk's tokens to a compressor; append a row for every window they complete.
+
+    ``finish`` is applied to each new pooled row after its norm and rope (quantisation
+    simulation, or the identity).
+    """
+    m = comp.ratio
+    kv = quant.linear(a, comp.kv)
+    gate = quant.linear(a, comp.gate) + comp.ape[positions % m]
+    kv = torch.cat((state.pending_kv, kv))
+    gate = torch.cat((state.pending_gate, gate))
+    n_windows = kv.shape[0] // m
+    done = n_windows * m
+    state.pending_kv, state.pending_gate = kv[done:], gate[done:]
+    if n_windows == 0:
+        return
+    kv = kv[:done].unflatten(0, (n_windows, m))
+    gate = gate[:done].unflatten(0, (n_windows, m))
+    if m == 4:
+        # Row w pools the first halves of window w-1 and the second halves of window w.
+        first_kv = kv[..., :d]
+        first_gate = gate[..., :d]
+        if state.previous_kv is None:
+            prev_kv = torch.zeros(1, m, d)
+            prev_gate = torch.full((1, m, d), float("-inf"))
+        else:
+            prev_kv, prev_gate = state.previous_kv[None], state.previous_gate[None]
+        slots_kv = torch.cat((torch.cat((prev_kv, first_kv[:-1])), kv[..., d:]), dim=1)
+        slots_gate = torch.cat((torch.cat((prev_gate, first_gate[:-1])), gate[..., d:]), dim=1)
+        state.previous_kv, state.previous_gate = first_kv[-1], first_gate[-1]
+    else:
+        slots_kv, slots_gate = kv, gate
+    pooled = (slots_kv * torch.softmax(slots_gate, dim=1)).sum(dim=1)
+    rows = rms_norm(pooled, comp.norm, ctx.config.rms_eps)
+    first_window = state.rows.shape[0]
+    window_starts = (torch.arange(n_windows) + first_window) * m
+    rows = finish(ctx.rope.apply(rows, window_starts))
+    state.rows = torch.cat((state.rows, rows))
+
+
+def indexer_select(
+    idx: Indexer,
+    state: CompressorState,
+    a: torch.Tensor,
+    qr: torch.Tensor,
+    positions: torch.Tensor,
+    ctx: LayerContext,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-k compressed rows per query: ``(indices (T, k), valid (T, k))``.
+
+    A query sees rows ``w < (p + 1) // 4``; when fewer than ``k`` are visible, the extra
+    picks are marked invalid.
+    """
+    c = ctx.config
+    finish = quantsim.indexer_round if ctx.quant_sim else _identity
+    compress(idx.compressor, state, a, positions, ctx, c.index_head_dim, finish)
+    keys = state.rows
+    q = quant.linear(qr, idx.q_b).unflatten(-1, (c.index_n_head, c.index_head_dim))
+    q = finish(ctx.rope.apply(q, positions))
+    weights = quant.linear(a, idx.head_weights) * (c.index_head_dim * c.index_n_head) ** -0.5
+    visible = (positions + 1) // 4
+    k = min(c.index_topk, keys.shape[0])
+    step = max(1, _SCORE_BUDGET // max(1, c.index_n_head * keys.shape[0]))
+    picks = []
+    for start in range(0, q.shape[0], step):  # blocks of queries bound the score tensor's memory
+        block = slice(start, start + step)
+        scores = torch.einsum("thd,wd->thw", q[block], keys).relu()
+        scores = torch.einsum("thw,th->tw", scores, weights[block])
+        future = torch.arange(keys.shape[0])[None, :] >= visible[block, None]
+        picks.append(scores.masked_fill(future, float("-inf")).topk(k, dim=-1).indices)
+    indices = torch.cat(picks)
+    return indices, indices < visible[:, None]
+
+
+def _identity(x: torch.Tensor) -> torch.Tensor:
+    return x
+
+
+def attention(
+    w: Attention, a: torch.Tensor, positions: torch.Tensor, state: LayerState, ctx: LayerContext
+) -> torch.Tensor:
+    """Attention output (T, D) for a chunk of normed inputs ``a`` (T, D); updates ``state``."""
+    c = ctx.config
+    n_tok = a.shape[0]
+    qr = rms_norm(quant.linear(a, w.q_a), w.q_norm, c.rms_eps)
+    q = quant.linear(qr, w.q_b).unflatten(-1, (c.n_head, c.head_dim))
+    q = ctx.rope.apply(rms_norm(q, None, c.rms_eps), positions)
+    kv = ctx.rope.apply(rms_norm(quant.linear(a, w.kv), w.kv_norm, c.rms_eps), positions)
+    if ctx.quant_sim:
+        kv = quantsim.kv_round(kv, c.nope_dim)
+
+    # Raw window: cached rows then the chunk's own; query p sees positions (p - window, p].
+    raw = torch.cat((state.raw, kv))
+    raw_pos = torch.arange(positions[0] - state.raw.shape[0], positions[-1] + 1)
+    delta = positions[:, None] - raw_pos[None, :]
+    raw_ok = (delta >= 0) & (delta < c.window)
+    state.raw = raw[-(c.window - 1) :] if c.window > 1 else raw[:0]
+
+    scale = c.head_dim**-0.5
+    logits = [torch.einsum("thd,kd->thk", q, raw).masked_fill(~raw_ok[:, None, :], float("-inf")) * scale]
+    comp_rows = None
+    if w.compressor is not None:
+        finish = (lambda r: quantsim.kv_round(r, c.nope_dim)) if ctx.quant_sim else _identity
+        compress(w.compressor, state.compressor, a, positions, ctx, c.head_dim, finish)
+        rows = state.compressor.rows
+        if w.indexer is not None:  # CSA: each query gathers its own top-k rows
+            picks, valid = indexer_select(w.indexer, state.indexer, a, qr, positions, ctx)
+            comp_rows = rows[picks]  # (T, k, d)
+            comp_logits = torch.einsum("thd,tkd->thk", q, comp_rows)
+            logits.append(comp_logits.masked_fill(~valid[:, None, :], float("-inf")) * scale)
+        else:  # HCA: every complete window is visible
+            visible = torch.arange(rows.shape[0])[None, :] < ((positions + 1) // w.compressor.ratio)[:, None]
+            comp_rows = rows
+            logits.append(
+                torch.einsum("thd,wd->thw", q, rows).masked_fill(~visible[:, None, :], float("-inf")) * scale
+            )
+    sinks = w.sinks[None, :, None].expand(n_tok, -1, 1)
+    probs = torch.softmax(torch.cat((*logits, sinks), dim=-1), dim=-1)
+
+    n_raw = raw.shape[0]
+    out = torch.einsum("thk,kd->thd", probs[..., :n_raw], raw)
+    if comp_rows is not None:
+        comp_probs = probs[..., n_raw:-1]
+        pattern = "thk,tkd->thd" if comp_rows.dim() == 3 else "thk,kd->thd"
+        out = out + torch.einsum(pattern, comp_probs, comp_rows)
+    out = ctx.rope.apply(out, positions, inverse=True)
+
+    # Grouped output projection: each group of heads has its own block of out_a.
+    groups = out.reshape(n_tok, c.o_groups, -1)
+    out_a = quant.dequantize(w.out_a).view(c.o_groups, c.o_lora_rank, -1)
+    z = torch.einsum("tgi,goi->tgo", groups, out_a)
+    return quant.linear(z.flatten(1), w.out_b)

@@ -1,0 +1,196 @@
+"""Model dimensions and constants, read from (and written to) GGUF metadata."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, fields
+
+from dwarfstar.gguf.names import COMPRESS_RATIOS_KEY, FLASH_METADATA, SWIGLU_CLAMP_KEY, key
+
+
+class ConfigError(ValueError):
+    """The file's metadata does not describe a DeepSeek V4 model we can run."""
+
+
+# field name -> metadata short key (see gguf.names.FLASH_METADATA)
+_KEYS: dict[str, str] = {
+    "n_layer": "block_count",
+    "dim": "embedding_length",
+    "vocab_size": "vocab_size",
+    "n_head": "attention.head_count",
+    "n_head_kv": "attention.head_count_kv",
+    "head_dim": "attention.key_length",
+    "value_dim": "attention.value_length",
+    "rope_dim": "rope.dimension_count",
+    "q_lora_rank": "attention.q_lora_rank",
+    "o_lora_rank": "attention.output_lora_rank",
+    "o_groups": "attention.output_group_count",
+    "n_expert": "expert_count",
+    "n_expert_used": "expert_used_count",
+    "expert_ff": "expert_feed_forward_length",
+    "n_shared_expert": "expert_shared_count",
+    "n_hash_layer": "hash_layer_count",
+    "window": "attention.sliding_window",
+    "index_n_head": "attention.indexer.head_count",
+    "index_head_dim": "attention.indexer.key_length",
+    "index_topk": "attention.indexer.top_k",
+    "hc_mult": "hyper_connection.count",
+    "hc_sinkhorn_iters": "hyper_connection.sinkhorn_iterations",
+    "hc_eps": "hyper_connection.epsilon",
+    "rope_original_context": "rope.scaling.original_context_length",
+    "rope_base": "rope.freq_base",
+    "rope_factor": "rope.scaling.factor",
+    "beta_fast": "rope.scaling.yarn_beta_fast",
+    "beta_slow": "rope.scaling.yarn_beta_slow",
+    "compress_rope_base": "attention.compress_rope_freq_base",
+    "routed_scale": "expert_weights_scale",
+    "norm_topk": "expert_weights_norm",
+    "rms_eps": "attention.layer_norm_rms_epsilon",
+}
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Everything the forward pass needs to know about the model's shape.
+
+    Defaults are the real DeepSeek V4 Flash; small test models override the dimensions.
+    """
+
+    n_layer: int = 43
+    dim: int = 4096
+    vocab_size: int = 129280
+    n_head: int = 64
+    n_head_kv: int = 1
+    head_dim: int = 512
+    value_dim: int = 512
+    rope_dim: int = 64
+    q_lora_rank: int = 1024
+    o_lora_rank: int = 1024
+    o_groups: int = 8
+    n_expert: int = 256
+    n_expert_used: int = 6
+    expert_ff: int = 2048
+    n_shared_expert: int = 1
+    n_hash_layer: int = 3
+    window: int = 128
+    index_n_head: int = 64
+    index_head_dim: int = 128
+    index_topk: int = 512
+    hc_mult: int = 4
+    hc_sinkhorn_iters: int = 20
+    hc_eps: float = 1e-6
+    rope_original_context: int = 65536
+    rope_base: float = 10000.0
+    rope_factor: float = 16.0
+    beta_fast: float = 32.0
+    beta_slow: float = 1.0
+    compress_rope_base: float = 160000.0
+    routed_scale: float = 1.5
+    norm_topk: bool = True
+    rms_eps: float = 1e-6
+    compress_ratios: tuple[int, ...] = field(
+        default=(0, 0) + tuple(4 if i % 2 == 0 else 128 for i in range(2, 43))
+    )
+    swiglu_limit: tuple[float, ...] = (10.0,) * 43
+
+    def __post_init__(self) -> None:
+        if len(self.compress_ratios) < self.n_layer:
+            raise ConfigError(
+                f"{key(COMPRESS_RATIOS_KEY)} has {len(self.compress_ratios)} entries, "
+                f"expected at least {self.n_layer}"
+            )
+        bad = sorted({r for r in self.compress_ratios[: self.n_layer] if r < 0})
+        if bad:
+            raise ConfigError(f"{key(COMPRESS_RATIOS_KEY)} holds unsupported ratios {bad}")
+        if len(self.swiglu_limit) < self.n_layer:
+            raise ConfigError(
+                f"{key(SWIGLU_CLAMP_KEY)} has {len(self.swiglu_limit)} entries, expected {self.n_layer}"
+            )
+        if self.n_head % self.o_groups:
+            raise ConfigError(f"head count {self.n_head} is not a multiple of {self.o_groups} groups")
+        if self.n_head_kv != 1 or self.value_dim != self.head_dim:
+            raise ConfigError("DeepSeek V4 has one shared K=V head: head_count_kv must be 1")
+
+    @property
+    def nope_dim(self) -> int:
+        return self.head_dim - self.rope_dim
+
+    def ratio(self, layer: int) -> int:
+        return self.compress_ratios[layer]
+
+    def hash_routed(self, layer: int) -> bool:
+        return layer < self.n_hash_layer
+
+    @property
+    def is_flash(self) -> bool:
+        """True when the dimensions claim to be the real DeepSeek V4 Flash."""
+        return (self.n_layer, self.dim, self.vocab_size) == (43, 4096, 129280)
+
+    @classmethod
+    def from_metadata(cls, metadata: dict[str, object]) -> ModelConfig:
+        """Build the config from a GGUF's key/value metadata (already decoded to Python values)."""
+        arch = metadata.get("general.architecture")
+        if arch != "deepseek4":
+            raise ConfigError(f"general.architecture is {arch!r}, expected 'deepseek4'")
+        values: dict[str, object] = {}
+        missing = []
+        for name, short in _KEYS.items():
+            full = key(short)
+            if full not in metadata:
+                missing.append(full)
+                continue
+            values[name] = _coerce(metadata[full], type(getattr(cls, name)), full)
+        for name, short in (("compress_ratios", COMPRESS_RATIOS_KEY), ("swiglu_limit", SWIGLU_CLAMP_KEY)):
+            full = key(short)
+            if full not in metadata:
+                missing.append(full)
+                continue
+            cast = int if name == "compress_ratios" else float
+            values[name] = tuple(cast(v) for v in metadata[full])  # type: ignore[union-attr]
+        if missing:
+            raise ConfigError("missing metadata keys: " + ", ".join(missing))
+        for short in ("expert_group_count", "expert_group_used_count"):
+            if metadata.get(key(short), 0) not in (0, None):
+                raise ConfigError(f"{key(short)} must be 0 (DeepSeek V4 has no expert groups)")
+        config = cls(**values)  # type: ignore[arg-type]
+        if config.is_flash:
+            config.validate_flash()
+        return config
+
+    def validate_flash(self) -> None:
+        """A file that claims to be Flash must carry Flash's constants exactly."""
+        for name, short in _KEYS.items():
+            want, got = FLASH_METADATA[short], getattr(self, name)
+            same = math.isclose(got, want, rel_tol=1e-6) if isinstance(want, float) else got == want
+            if not same:
+                raise ConfigError(f"{key(short)} is {got!r}; DeepSeek V4 Flash has {want!r}")
+        flash = ModelConfig()
+        if self.compress_ratios[:43] != flash.compress_ratios:
+            raise ConfigError(f"{key(COMPRESS_RATIOS_KEY)} differs from Flash's 0,0,4,128,…,4 schedule")
+        if any(v != 10.0 for v in self.swiglu_limit[:43]):
+            raise ConfigError(f"{key(SWIGLU_CLAMP_KEY)} must be 10.0 for every Flash layer")
+
+    def to_metadata(self) -> dict[str, object]:
+        """The ``deepseek4.*`` metadata for this config (values as Python scalars and lists)."""
+        out: dict[str, object] = {key(short): getattr(self, name) for name, short in _KEYS.items()}
+        out[key(COMPRESS_RATIOS_KEY)] = list(self.compress_ratios[: self.n_layer])
+        out[key(SWIGLU_CLAMP_KEY)] = list(self.swiglu_limit[: self.n_layer])
+        return out
+
+    def replace(self, **changes: object) -> ModelConfig:
+        values = {f.name: getattr(self, f.name) for f in fields(self)}
+        values.update(changes)
+        return ModelConfig(**values)  # type: ignore[arg-type]
+
+
+def _coerce(value: object, kind: type, name: str) -> object:
+    try:
+        if kind is bool:
+            return bool(value)
+        if kind is int:
+            if isinstance(value, float) and not value.is_integer():
+                raise ValueError
+            return int(value)  # type: ignore[arg-type]
+        return float(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        raise ConfigError(f"metadata {name} = {value!r} is not a valid {kind.__name__}") from None

@@ -1,0 +1,55 @@
+"""Mixture of experts: sqrt-softplus routing (by score, or by token-id hash) and SwiGLU experts."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from dwarfstar import quant
+from dwarfstar.model.config import ModelConfig
+from dwarfstar.model.weights import MoE
+
+
+def swiglu(gate: torch.Tensor, up: torch.Tensor, limit: float) -> torch.Tensor:
+    """SiLU-gated product with DeepSeek's asymmetric clamp: gate ≤ limit, |up| ≤ limit."""
+    return F.silu(gate.clamp(max=limit)) * up.clamp(-limit, limit)
+
+
+def route(
+    w: MoE, x: torch.Tensor, tokens: torch.Tensor, config: ModelConfig
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Selected experts (T, k) and their weights (T, k) for each token."""
+    scores = torch.sqrt(F.softplus(quant.linear(x, w.router)))
+    if w.hash_table is not None:
+        experts = w.hash_table[tokens]
+    else:
+        biased = scores if w.bias is None else scores + w.bias
+        experts = biased.topk(config.n_expert_used, dim=-1).indices
+    weights = scores.gather(1, experts)
+    if config.norm_topk:
+        weights = weights / weights.sum(dim=-1, keepdim=True)
+    return experts, weights * config.routed_scale
+
+
+def moe(w: MoE, x: torch.Tensor, tokens: torch.Tensor, config: ModelConfig, limit: float) -> torch.Tensor:
+    """Routed experts (each run once on the tokens routed to it) plus the shared expert."""
+    experts, weights = route(w, x, tokens, config)
+    out = quant.linear(
+        swiglu(quant.linear(x, w.shared_gate), quant.linear(x, w.shared_up), limit), w.shared_down
+    )
+    flat = experts.flatten()
+    order = flat.argsort(stable=True)
+    token_of = order // experts.shape[1]
+    counts = torch.bincount(flat, minlength=w.gate.shape[0]).tolist()
+    start = 0
+    for expert, count in enumerate(counts):
+        if count == 0:
+            continue
+        slots = order[start : start + count]
+        rows = token_of[start : start + count]
+        start += count
+        xe = x[rows]
+        h = swiglu(quant.expert_linear(xe, w.gate, expert), quant.expert_linear(xe, w.up, expert), limit)
+        h = h * weights.flatten()[slots, None]
+        out = out.index_add(0, rows, quant.expert_linear(h, w.down, expert))
+    return out

@@ -1,0 +1,79 @@
+"""Simulation of the official inference's quantisation-aware rounding.
+
+DeepSeek trained V4 with QAT, and its inference code rounds the stored KV rows through FP8
+(non-rope dims, blocks of 64, power-of-two scales) and the indexer's queries and keys through a
+Hadamard rotation and FP4 (blocks of 32). Reproducing that keeps our outputs closest to the
+official ones; references that do not simulate it are compared with the simulation off.
+"""
+
+from __future__ import annotations
+
+import torch
+
+FP8_MAX = 448.0
+FP4_MAX = 6.0
+_FP4_VALUES = torch.tensor([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0])
+
+
+def _pow2_scale(amax: torch.Tensor, top: float) -> torch.Tensor:
+    """The power-of-two ("ue8m0") scale 2^ceil(log2(amax / top))."""
+    return torch.exp2(torch.ceil(torch.log2(amax / top)))
+
+
+def _blocks(x: torch.Tensor, block: int) -> tuple[torch.Tensor, int]:
+    pad = (-x.shape[-1]) % block
+    padded = torch.nn.functional.pad(x, (0, pad)) if pad else x
+    return padded.unflatten(-1, (-1, block)), pad
+
+
+def fp8_round(x: torch.Tensor, block: int = 64) -> torch.Tensor:
+    """Round each block of ``block`` values through E4M3 with a shared power-of-two scale."""
+    blocks, pad = _blocks(x, block)
+    amax = blocks.abs().amax(dim=-1, keepdim=True).clamp_min(1e-4)
+    scale = _pow2_scale(amax, FP8_MAX)
+    scaled = (blocks / scale).clamp(-FP8_MAX, FP8_MAX)
+    out = (scaled.to(torch.float8_e4m3fn).to(torch.float32) * scale).flatten(-2)
+    return out[..., : x.shape[-1]] if pad else out
+
+
+def _e2m1(x: torch.Tensor) -> torch.Tensor:
+    """Nearest E2M1 value (0, .5, 1, 1.5, 2, 3, 4, 6 with sign), ties to the even code."""
+    values = _FP4_VALUES.to(x.device)
+    mag = x.abs()
+    hi = torch.bucketize(mag, values).clamp(max=len(values) - 1)
+    lo = (hi - 1).clamp(min=0)
+    d_lo, d_hi = mag - values[lo], values[hi] - mag
+    take_hi = (d_hi < d_lo) | ((d_hi == d_lo) & (hi % 2 == 0))
+    return torch.where(take_hi, values[hi], values[lo]) * torch.sign(x)
+
+
+def fp4_round(x: torch.Tensor, block: int = 32) -> torch.Tensor:
+    """Round each block of ``block`` values through E2M1 with a shared power-of-two scale."""
+    blocks, pad = _blocks(x, block)
+    amax = blocks.abs().amax(dim=-1, keepdim=True).clamp_min(FP4_MAX * 2.0**-126)
+    scale = _pow2_scale(amax, FP4_MAX)
+    out = (_e2m1((blocks / scale).clamp(-FP4_MAX, FP4_MAX)) * scale).flatten(-2)
+    return out[..., : x.shape[-1]] if pad else out
+
+
+def hadamard(x: torch.Tensor) -> torch.Tensor:
+    """Orthonormal Walsh-Hadamard transform (Sylvester order) over the last dim (a power of 2)."""
+    n = x.shape[-1]
+    out = x
+    stride = 1
+    while stride < n:  # log2(n) butterfly stages, each a whole-tensor operation
+        pairs = out.unflatten(-1, (n // (2 * stride), 2, stride))
+        a, b = pairs[..., 0, :], pairs[..., 1, :]
+        out = torch.stack((a + b, a - b), dim=-2).flatten(-3)
+        stride *= 2
+    return out * n**-0.5
+
+
+def kv_round(kv: torch.Tensor, nope_dim: int) -> torch.Tensor:
+    """FP8-round the non-rope part of KV rows, leaving the rope dims exact."""
+    return torch.cat((fp8_round(kv[..., :nope_dim]), kv[..., nope_dim:]), dim=-1)
+
+
+def indexer_round(x: torch.Tensor) -> torch.Tensor:
+    """Hadamard-rotate and FP4-round indexer queries and keys."""
+    return fp4_round(hadamard(x))

@@ -1,0 +1,293 @@
+"""Binding a GGUF file to the model: every tensor found, checked and named once.
+
+Matrices stay as :class:`QTensor` views over the memory-mapped file and are dequantized per
+use by ``quant``; only small vectors (norms, biases, sinks, scales, tables) become float32
+tensors here. Storage names (``blk.N.attn_q_a.weight``) do not leak past this module.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from gguf import GGMLQuantizationType as T
+
+from dwarfstar import quant
+from dwarfstar.gguf.names import GLOBAL_TENSORS, LAYER_TENSORS, layer_prefix, layer_tensor_present
+from dwarfstar.model.config import ModelConfig
+from dwarfstar.model.hyper import HyperConnection
+from dwarfstar.quant.tensor import QTensor
+
+FLOAT_KINDS = {T.F32, T.F16, T.BF16}
+MATRIX_KINDS = FLOAT_KINDS | {T.Q8_0, T.Q2_K, T.Q4_K, T.IQ2_XXS, T.MXFP4}
+OPTIONAL = {"exp_probs_b.bias"}
+
+
+class WeightsError(ValueError):
+    """A tensor is missing or has the wrong shape or type."""
+
+
+@dataclass
+class Compressor:
+    """Gated pooling of ``ratio`` tokens into one row (two overlapping halves when ratio is 4)."""
+
+    ratio: int
+    kv: QTensor  # (c·d, D)
+    gate: QTensor  # (c·d, D)
+    ape: torch.Tensor  # (ratio, c·d): learned gate bias by position inside the window
+    norm: torch.Tensor  # (d,)
+
+
+@dataclass
+class Indexer:
+    """The lightning indexer of ratio-4 layers: scores compressed rows for each query."""
+
+    q_b: QTensor  # (heads·d, q_lora_rank)
+    head_weights: QTensor  # (heads, D)
+    compressor: Compressor
+
+
+@dataclass
+class Attention:
+    q_a: QTensor
+    q_norm: torch.Tensor
+    q_b: QTensor
+    kv: QTensor
+    kv_norm: torch.Tensor
+    sinks: torch.Tensor
+    out_a: QTensor  # (groups·o_lora_rank, heads·head_dim / groups): one block per group
+    out_b: QTensor
+    compressor: Compressor | None
+    indexer: Indexer | None
+
+
+@dataclass
+class MoE:
+    router: QTensor  # (E, D)
+    bias: torch.Tensor | None  # (E,) selection bias of score-routed layers
+    hash_table: torch.Tensor | None  # (vocab, k) expert ids of hash-routed layers
+    gate: QTensor  # (E, ff, D)
+    up: QTensor  # (E, ff, D)
+    down: QTensor  # (E, D, ff)
+    shared_gate: QTensor
+    shared_up: QTensor
+    shared_down: QTensor
+
+
+@dataclass
+class Layer:
+    attn_hc: HyperConnection
+    attn_norm: torch.Tensor
+    attn: Attention
+    ffn_hc: HyperConnection
+    ffn_norm: torch.Tensor
+    moe: MoE
+
+
+@dataclass
+class Weights:
+    config: ModelConfig
+    embed: QTensor
+    layers: list[Layer]
+    head_hc: HyperConnection
+    norm: torch.Tensor
+    output: QTensor
+
+
+def expected_shapes(config: ModelConfig, layer: int) -> dict[str, tuple[int, ...]]:
+    """Torch-order shapes of one layer's tensors, by GGUF suffix."""
+    c = config
+    mix = (2 + c.hc_mult) * c.hc_mult
+    ratio = c.ratio(layer)
+    width = (2 if ratio == 4 else 1) * c.head_dim
+    shapes = {
+        "hc_attn_fn.weight": (mix, c.hc_mult * c.dim),
+        "hc_attn_base.weight": (mix,),
+        "hc_attn_scale.weight": (3,),
+        "hc_ffn_fn.weight": (mix, c.hc_mult * c.dim),
+        "hc_ffn_base.weight": (mix,),
+        "hc_ffn_scale.weight": (3,),
+        "attn_norm.weight": (c.dim,),
+        "attn_q_a.weight": (c.q_lora_rank, c.dim),
+        "attn_q_a_norm.weight": (c.q_lora_rank,),
+        "attn_q_b.weight": (c.n_head * c.head_dim, c.q_lora_rank),
+        "attn_kv.weight": (c.head_dim, c.dim),
+        "attn_kv_a_norm.weight": (c.head_dim,),
+        "attn_sinks.weight": (c.n_head,),
+        "attn_output_a.weight": (c.o_groups * c.o_lora_rank, c.n_head * c.head_dim // c.o_groups),
+        "attn_output_b.weight": (c.dim, c.o_groups * c.o_lora_rank),
+        "attn_compressor_ape.weight": (ratio, width),
+        "attn_compressor_kv.weight": (width, c.dim),
+        "attn_compressor_gate.weight": (width, c.dim),
+        "attn_compressor_norm.weight": (c.head_dim,),
+        "indexer.attn_q_b.weight": (c.index_n_head * c.index_head_dim, c.q_lora_rank),
+        "indexer.proj.weight": (c.index_n_head, c.dim),
+        "indexer_compressor_ape.weight": (4, 2 * c.index_head_dim),
+        "indexer_compressor_kv.weight": (2 * c.index_head_dim, c.dim),
+        "indexer_compressor_gate.weight": (2 * c.index_head_dim, c.dim),
+        "indexer_compressor_norm.weight": (c.index_head_dim,),
+        "ffn_norm.weight": (c.dim,),
+        "ffn_gate_inp.weight": (c.n_expert, c.dim),
+        "exp_probs_b.bias": (c.n_expert,),
+        "ffn_gate_tid2eid.weight": (c.vocab_size, c.n_expert_used),
+        "ffn_gate_exps.weight": (c.n_expert, c.expert_ff, c.dim),
+        "ffn_up_exps.weight": (c.n_expert, c.expert_ff, c.dim),
+        "ffn_down_exps.weight": (c.n_expert, c.dim, c.expert_ff),
+        "ffn_gate_shexp.weight": (c.expert_ff * c.n_shared_expert, c.dim),
+        "ffn_up_shexp.weight": (c.expert_ff * c.n_shared_expert, c.dim),
+        "ffn_down_shexp.weight": (c.dim, c.expert_ff * c.n_shared_expert),
+    }
+    return shapes
+
+
+def global_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
+    c = config
+    return {
+        "token_embd.weight": (c.vocab_size, c.dim),
+        "output_norm.weight": (c.dim,),
+        "output.weight": (c.vocab_size, c.dim),
+        "output_hc_fn.weight": (c.hc_mult, c.hc_mult * c.dim),
+        "output_hc_base.weight": (c.hc_mult,),
+        "output_hc_scale.weight": (1,),
+    }
+
+
+def _allowed_kinds(name: str, shape: tuple[int, ...]) -> set[T]:
+    if name.endswith("tid2eid.weight"):
+        return {T.I32}
+    if len(shape) == 1 or "ape" in name:
+        return FLOAT_KINDS
+    return MATRIX_KINDS
+
+
+class _Binder:
+    """Looks tensors up by name, checking presence, shape and type with clear messages."""
+
+    def __init__(self, tensors: dict, path: str) -> None:
+        self.tensors = tensors
+        self.path = path
+
+    def get(self, name: str, shape: tuple[int, ...], *, optional: bool = False) -> QTensor | None:
+        info = self.tensors.get(name)
+        if info is None:
+            if optional:
+                return None
+            raise WeightsError(f"{self.path}: missing tensor {name!r}")
+        if tuple(info.shape) != shape:
+            raise WeightsError(
+                f"{self.path}: tensor {name!r} has shape {list(info.shape)[::-1]} (GGUF order), "
+                f"expected {list(shape)[::-1]}"
+            )
+        allowed = _allowed_kinds(name, shape)
+        if info.kind not in allowed:
+            names = ", ".join(sorted(k.name for k in allowed))
+            raise WeightsError(
+                f"{self.path}: tensor {name!r} has type {info.kind.name}, expected one of {names}"
+            )
+        return QTensor.from_numpy(info.kind, tuple(info.shape), info.data)
+
+    def dense(self, name: str, shape: tuple[int, ...], *, optional: bool = False) -> torch.Tensor | None:
+        t = self.get(name, shape, optional=optional)
+        if t is None:
+            return None
+        return t.data.to(torch.long) if t.kind == T.I32 else quant.dequantize(t)
+
+
+def bind(config: ModelConfig, tensors: dict, path: str = "model") -> Weights:
+    """Bind the file's tensors (``name -> TensorInfo`` with kind, shape, data) to the model."""
+    b = _Binder(tensors, path)
+    g = global_shapes(config)
+    layers = [_bind_layer(b, config, i) for i in range(config.n_layer)]
+    known = set(GLOBAL_TENSORS)
+    for i in range(config.n_layer):
+        known |= {layer_prefix(i) + t.gguf for t in LAYER_TENSORS}
+    return Weights(
+        config=config,
+        embed=b.get("token_embd.weight", g["token_embd.weight"]),
+        layers=layers,
+        head_hc=HyperConnection(
+            fn=b.get("output_hc_fn.weight", g["output_hc_fn.weight"]),
+            base=b.dense("output_hc_base.weight", g["output_hc_base.weight"]),
+            scale=b.dense("output_hc_scale.weight", g["output_hc_scale.weight"]),
+        ),
+        norm=b.dense("output_norm.weight", g["output_norm.weight"]),
+        output=b.get("output.weight", g["output.weight"]),
+    )
+
+
+def _bind_layer(b: _Binder, config: ModelConfig, layer: int) -> Layer:
+    prefix = layer_prefix(layer)
+    shapes = expected_shapes(config, layer)
+    ratio = config.ratio(layer)
+    hashed = config.hash_routed(layer)
+    present = {t.gguf for t in LAYER_TENSORS if layer_tensor_present(t, ratio, hashed)}
+
+    def get(suffix: str) -> QTensor:
+        return b.get(prefix + suffix, shapes[suffix])
+
+    def dense(suffix: str) -> torch.Tensor | None:
+        if suffix not in present:
+            return None
+        return b.dense(prefix + suffix, shapes[suffix], optional=suffix in OPTIONAL)
+
+    def hc(kind: str) -> HyperConnection:
+        return HyperConnection(
+            get(f"hc_{kind}_fn.weight"), dense(f"hc_{kind}_base.weight"), dense(f"hc_{kind}_scale.weight")
+        )
+
+    compressor = indexer = None
+    if ratio:
+        compressor = Compressor(
+            ratio,
+            get("attn_compressor_kv.weight"),
+            get("attn_compressor_gate.weight"),
+            dense("attn_compressor_ape.weight"),
+            dense("attn_compressor_norm.weight"),
+        )
+    if ratio == 4:
+        indexer = Indexer(
+            get("indexer.attn_q_b.weight"),
+            get("indexer.proj.weight"),
+            Compressor(
+                4,
+                get("indexer_compressor_kv.weight"),
+                get("indexer_compressor_gate.weight"),
+                dense("indexer_compressor_ape.weight"),
+                dense("indexer_compressor_norm.weight"),
+            ),
+        )
+    experts = [get(s) for s in ("ffn_gate_exps.weight", "ffn_up_exps.weight", "ffn_down_exps.weight")]
+    if experts[0].kind != experts[1].kind:
+        raise WeightsError(
+            f"{b.path}: {prefix}ffn_gate_exps and ffn_up_exps must share a type "
+            f"({experts[0].kind.name} vs {experts[1].kind.name})"
+        )
+    return Layer(
+        attn_hc=hc("attn"),
+        attn_norm=dense("attn_norm.weight"),
+        attn=Attention(
+            q_a=get("attn_q_a.weight"),
+            q_norm=dense("attn_q_a_norm.weight"),
+            q_b=get("attn_q_b.weight"),
+            kv=get("attn_kv.weight"),
+            kv_norm=dense("attn_kv_a_norm.weight"),
+            sinks=dense("attn_sinks.weight"),
+            out_a=get("attn_output_a.weight"),
+            out_b=get("attn_output_b.weight"),
+            compressor=compressor,
+            indexer=indexer,
+        ),
+        ffn_hc=hc("ffn"),
+        ffn_norm=dense("ffn_norm.weight"),
+        moe=MoE(
+            router=get("ffn_gate_inp.weight"),
+            bias=dense("exp_probs_b.bias"),
+            hash_table=dense("ffn_gate_tid2eid.weight"),
+            gate=experts[0],
+            up=experts[1],
+            down=experts[2],
+            shared_gate=get("ffn_gate_shexp.weight"),
+            shared_up=get("ffn_up_shexp.weight"),
+            shared_down=get("ffn_down_shexp.weight"),
+        ),
+    )

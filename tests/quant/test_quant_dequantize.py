@@ -1,0 +1,89 @@
+"""Dequantization agrees bit for bit with gguf-py's reference (gguf.quants.dequantize)."""
+
+import gguf
+import hypothesis.extra.numpy as hnp
+import numpy as np
+import torch
+from gguf import GGMLQuantizationType as Q
+from hypothesis import assume, given, settings
+from hypothesis import strategies as st
+
+from dwarfstar.quant import SUPPORTED_KINDS, QTensor, bytes_per_row, dequantize, random_blocks
+from dwarfstar.quant.formats import iq2_xxs_grid, iq2_xxs_signs
+
+shapes = st.tuples(st.integers(1, 3), st.integers(1, 2)).map(lambda s: (s[0], 256 * s[1]))
+stacked_shapes = st.tuples(st.integers(1, 2), shapes).map(lambda s: (s[0], *s[1]))
+
+
+def assert_bits_equal(ours: torch.Tensor, expected: np.ndarray) -> None:
+    assert ours.dtype == torch.float32
+    assert tuple(ours.shape) == expected.shape
+    assert np.isfinite(expected).all()
+    np.testing.assert_array_equal(ours.numpy().view(np.uint32), expected.view(np.uint32))
+
+
+@settings(deadline=None)
+@given(kind=st.sampled_from(SUPPORTED_KINDS), shape=shapes | stacked_shapes, seed=st.integers(0, 2**32 - 1))
+def test_random_blocks_dequantize_like_gguf(kind, shape, seed):
+    stored = random_blocks(kind, shape, np.random.default_rng(seed))
+    ours = dequantize(QTensor.from_numpy(kind, shape, stored))
+    assert_bits_equal(ours, gguf.quants.dequantize(stored, kind))
+
+
+@st.composite
+def raw_tensors(draw):
+    """Arbitrary bytes (many zeros and repeats, as hypothesis draws them) for a small matrix."""
+    kind = draw(st.sampled_from(SUPPORTED_KINDS))
+    rows, cols = draw(shapes)
+    raw = draw(hnp.arrays(np.uint8, (rows, bytes_per_row(kind, cols))))
+    return kind, (rows, cols), raw
+
+
+@settings(deadline=None)
+@given(raw_tensors())
+def test_arbitrary_bytes_dequantize_like_gguf(tensor):
+    kind, shape, raw = tensor
+    with np.errstate(all="ignore"):
+        expected = gguf.quants.dequantize(raw, kind)
+    assume(np.isfinite(expected).all())
+    assert_bits_equal(dequantize(QTensor.from_numpy(kind, shape, raw)), expected)
+
+
+def test_extreme_scales_dequantize_like_gguf():
+    """Subnormal, tiny and huge scales: every fp16 exponent, every MXFP4 exponent."""
+    bits = np.arange(0, 1 << 16, dtype=np.uint16)
+    halves = bits[((bits & 0x7C00) == 0) | (bits % 16 == 0)].view(np.float16)  # all subnormals
+    halves = halves[np.isfinite(halves)]
+    rows = len(halves)
+    generator = np.random.default_rng(0)
+    for kind, offsets in ((Q.Q8_0, (0,)), (Q.Q2_K, (80, 82)), (Q.Q4_K, (0, 2)), (Q.IQ2_XXS, (0,))):
+        cols = gguf.GGML_QUANT_SIZES[kind][0]
+        stored = random_blocks(kind, (rows, cols), generator)
+        for offset in offsets:
+            stored[:, offset : offset + 2] = halves.view(np.uint8).reshape(rows, 2)
+        with np.errstate(invalid="ignore", over="ignore"):
+            expected = gguf.quants.dequantize(stored, kind)
+        finite = np.isfinite(expected).all(axis=1)
+        ours = dequantize(QTensor.from_numpy(kind, (rows, cols), stored))
+        assert_bits_equal(ours[torch.from_numpy(finite)], expected[finite])
+
+    stored = random_blocks(Q.MXFP4, (256, 32), generator)
+    stored[:, 0] = np.arange(256)
+    with np.errstate(over="ignore"):
+        expected = gguf.quants.dequantize(stored, Q.MXFP4)
+    ours = dequantize(QTensor.from_numpy(Q.MXFP4, (256, 32), stored))
+    np.testing.assert_array_equal(ours.numpy().view(np.uint32), expected.view(np.uint32))
+
+
+def test_iq2_xxs_tables_match_gguf_py():
+    gguf.quants.IQ2_XXS.init_grid()
+    np.testing.assert_array_equal(iq2_xxs_grid(), gguf.quants.IQ2_XXS.grid.reshape(256, 8))
+    ksigns = np.frombuffer(gguf.quants.IQ2_XXS.ksigns, dtype=np.uint8)
+    negative = (ksigns[:, None] >> np.arange(8)) & 1
+    np.testing.assert_array_equal(iq2_xxs_signs(), np.where(negative == 1, -1.0, 1.0))
+
+
+def test_f32_dequantizes_to_the_stored_tensor():
+    stored = random_blocks(Q.F32, (4, 8), np.random.default_rng(0))
+    t = QTensor.from_numpy(Q.F32, (4, 8), stored)
+    assert dequantize(t).data_ptr() == t.data.data_ptr()
