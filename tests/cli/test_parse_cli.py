@@ -99,5 +99,9 @@ def test_empty_input_is_a_clean_error():
 
 
 def test_parse_does_not_import_torch():
-    code = "import sys, dwarfstar.cli.parse; sys.exit('torch' in sys.modules)"
-    assert subprocess.run([sys.executable, "-c", code], timeout=60).returncode == 0
+    code = (
+        "import sys; from dwarfstar.cli.main import main; rc = main(['parse', '--chat', 'hi']); "
+        "sys.exit(100 if 'torch' in sys.modules else rc)"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, timeout=60)
+    assert done.returncode == 0, done.stderr

@@ -9,11 +9,14 @@ the V4 encoder) accepts, the message is the one it returns: reasoning is the tex
 first ``</think>``; content is the text before ``\\n\\n<｜DSML｜tool_calls>``, untrimmed; a
 ``string="true"`` parameter becomes a JSON string of its raw text (no entity unescaping, since
 the official renderer writes strings raw), a ``string="false"`` one is inserted verbatim; the
-arguments read ``{"key": value, "key2": value2}``.
+arguments read ``{"key": value, "key2": value2}``. (Two accidents of its regular expressions
+are not copied: it reads on past an EOS inside a parameter, and takes ``<\n/｜DSML｜parameter``
+for a closing tag. Sampling produces neither.)
 
 Where the official parser raises, this one recovers instead, like antirez's ds4 server:
 
-- DSML inside the thinking block is reasoning text, not a tool call.
+- DSML inside the thinking block is reasoning text, not a tool call; a leading ``<think>`` is
+  dropped.
 - A tool-calls block may open without the blank line before it, a parameter may lack
   ``string=`` (it is then a string), and any whitespace may separate the tags.
 - A stray ``</think>`` in the content is dropped.

@@ -105,7 +105,6 @@ class _Header:
     def __init__(self, data: mmap.mmap, path: Path) -> None:
         self.data = data
         self.path = path
-        self.offset = 0
         if data[:4] != GGUF_MAGIC:
             raise GGUFError(f"{path}: not a GGUF file (it does not start with the magic bytes 'GGUF')")
         self.offset = 4
@@ -138,9 +137,12 @@ class _Header:
         """Advance past ``size`` header bytes; their offset."""
         at = self.offset
         if at + size > len(self.data):
-            raise GGUFError(f"{self.path}: truncated file: the header runs past the end of the file")
+            raise self.truncated()
         self.offset += size
         return at
+
+    def truncated(self) -> GGUFError:
+        return GGUFError(f"{self.path}: truncated file: the header runs past the end of the file")
 
     def scalar(self, fmt: str) -> int | float | bool:
         size = struct.calcsize(fmt)
@@ -157,11 +159,11 @@ class _Header:
         unpack = struct.Struct("<Q").unpack_from
         for _ in range(count):
             if at + 8 > end:
-                self.take(end)  # raises: truncated
+                raise self.truncated()
             (size,) = unpack(data, at)
             at += 8
             if at + size > end:
-                self.take(end)
+                raise self.truncated()
             out.append(data[at : at + size].decode("utf-8", errors="replace"))
             at += size
         self.offset = at

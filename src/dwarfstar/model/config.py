@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass, field, fields
 
 from dwarfstar.gguf.names import COMPRESS_RATIOS_KEY, FLASH_METADATA, SWIGLU_CLAMP_KEY, key
+from dwarfstar.gguf.reader import GGUFFile
 
 
 class ConfigError(ValueError):
@@ -181,6 +183,15 @@ class ModelConfig:
         values = {f.name: getattr(self, f.name) for f in fields(self)}
         values.update(changes)
         return ModelConfig(**values)  # type: ignore[arg-type]
+
+
+def load_config(source: str | os.PathLike[str] | GGUFFile) -> ModelConfig:
+    """The config of a GGUF file (a path or an opened ``GGUFFile``); errors name the file."""
+    file = source if isinstance(source, GGUFFile) else GGUFFile(source)
+    try:
+        return ModelConfig.from_metadata(file.metadata)
+    except ConfigError as err:
+        raise ConfigError(f"{file.path}: {err}") from None
 
 
 def _coerce(value: object, kind: type, name: str) -> object:

