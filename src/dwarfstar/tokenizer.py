@@ -21,6 +21,8 @@ import gguf
 from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers
 from tokenizers import Tokenizer as BPETokenizer
 
+from dwarfstar.gguf.reader import GGUFFile
+
 BOS = "<｜begin▁of▁sentence｜>"
 EOS = "<｜end▁of▁sentence｜>"
 
@@ -149,12 +151,8 @@ _TOKENIZER_KEYS = (_KEYS.MODEL, _KEYS.PRE, _KEYS.LIST, _KEYS.TOKEN_TYPE, _KEYS.M
 
 
 def _read_gguf_tokenizer_metadata(path: Path) -> dict[str, object]:
-    reader = gguf.GGUFReader(path)
-    metadata: dict[str, object] = {}
-    for key in _TOKENIZER_KEYS:
-        if (field := reader.get_field(key)) is not None:
-            metadata[key] = field.contents()
-    return metadata
+    metadata = GGUFFile(path).metadata
+    return {key: metadata[key] for key in _TOKENIZER_KEYS if key in metadata}
 
 
 class Tokenizer:

@@ -24,7 +24,14 @@ VALUES = {
     "e.table": np.arange(12, dtype=np.int32).reshape(4, 3),
     "f.last": RNG.standard_normal((4, 32), dtype=np.float32),
 }
-KINDS = {"a.matrix": T.Q8_0, "b.half": T.F16, "c.brain": T.BF16, "d.vector": T.F32, "e.table": T.I32, "f.last": T.F32}
+KINDS = {
+    "a.matrix": T.Q8_0,
+    "b.half": T.F16,
+    "c.brain": T.BF16,
+    "d.vector": T.F32,
+    "e.table": T.I32,
+    "f.last": T.F32,
+}
 
 
 def stored(name: str) -> np.ndarray:
@@ -111,7 +118,8 @@ def test_truncated_tensor_is_named_with_the_missing_bytes(tmp_path: Path) -> Non
     end = last.data_offset + last.n_bytes
     cut = end - 100
     path.write_bytes(path.read_bytes()[:cut])
-    with pytest.raises(GGUFError, match=r"m\.gguf: truncated file: tensor 'f\.last' .* \(100 bytes missing\)"):
+    message = r"m\.gguf: truncated file: tensor 'f\.last' .* \(100 bytes missing\)"
+    with pytest.raises(GGUFError, match=message):
         GGUFFile(path)
 
 
@@ -139,12 +147,17 @@ def test_unknown_tensor_type(tmp_path: Path) -> None:
 
 def test_load_config_names_the_file_on_a_wrong_architecture(tmp_path: Path) -> None:
     path = write_sample(tmp_path / "llama.gguf", {"general.architecture": "llama"})
-    with pytest.raises(ConfigError, match=r"llama\.gguf: general\.architecture is 'llama', expected 'deepseek4'"):
+    message = r"llama\.gguf: general\.architecture is 'llama', expected 'deepseek4'"
+    with pytest.raises(ConfigError, match=message):
         load_config(path)
 
 
 def test_load_config_reads_a_deepseek4_file(tmp_path: Path) -> None:
-    config = ModelConfig(n_layer=2, dim=64, compress_ratios=(0, 4), swiglu_limit=(10.0, 7.0))
+    # floats exact in float32, the type they are stored with
+    eps = 2.0**-20
+    config = ModelConfig(
+        n_layer=2, dim=64, hc_eps=eps, rms_eps=eps, compress_ratios=(0, 4), swiglu_limit=(10.0, 7.0)
+    )
     path = write_sample(tmp_path / "m.gguf", config.to_metadata())
     assert load_config(path) == config
     assert load_config(GGUFFile(path)) == config

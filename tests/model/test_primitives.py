@@ -50,7 +50,9 @@ def test_hadamard_is_orthonormal_sylvester():
     h = quantsim.hadamard(torch.eye(n))
     sylvester = torch.tensor([[1.0]])
     while sylvester.shape[0] < n:
-        sylvester = torch.cat((torch.cat((sylvester, sylvester), 1), torch.cat((sylvester, -sylvester), 1)), 0)
+        sylvester = torch.cat(
+            (torch.cat((sylvester, sylvester), 1), torch.cat((sylvester, -sylvester), 1)), 0
+        )
     torch.testing.assert_close(h, sylvester / math.sqrt(n))
 
 

@@ -67,7 +67,7 @@ def tensor_specs(config: ModelConfig, policy: KindPolicy) -> list[TensorSpec]:
     return specs
 
 
-def _values(spec: TensorSpec, config: ModelConfig, rng: np.random.Generator) -> Iterator[np.ndarray]:
+def random_values(spec: TensorSpec, config: ModelConfig, rng: np.random.Generator) -> Iterator[np.ndarray]:
     """Stored bytes for one tensor, one matrix at a time for stacked experts."""
     shape = spec.shape
     if spec.kind == T.I32:  # hash table: distinct experts per token
@@ -76,14 +76,18 @@ def _values(spec: TensorSpec, config: ModelConfig, rng: np.random.Generator) -> 
         return
     if len(shape) == 1 or "_ape." in spec.name:
         base = 1.0 if spec.name.endswith("norm.weight") else 0.0
-        yield (base + 0.1 * rng.standard_normal(shape)).astype(np.float32)
+        yield _encode((base + 0.1 * rng.standard_normal(shape)).astype(np.float32), spec.kind, rng)
         return
     for matrix_shape in [shape] if len(shape) == 2 else [shape[1:]] * shape[0]:
-        if spec.kind in (T.F32, T.F16, T.BF16, T.Q8_0):
-            values = rng.standard_normal(matrix_shape, dtype=np.float32) / np.sqrt(matrix_shape[-1])
-            yield quant.quantize(values, spec.kind)
-        else:
-            yield quant.random_blocks(spec.kind, matrix_shape, rng)
+        values = rng.standard_normal(matrix_shape, dtype=np.float32) / np.sqrt(matrix_shape[-1])
+        yield _encode(values, spec.kind, rng)
+
+
+def _encode(values: np.ndarray, kind: T, rng: np.random.Generator) -> np.ndarray:
+    """``values`` in ``kind``; formats we have no quantizer for get random valid blocks instead."""
+    if kind in (T.F32, T.F16, T.BF16, T.Q8_0):
+        return quant.quantize(values, kind)
+    return quant.random_blocks(kind, values.shape, rng)
 
 
 def write_random_model(
@@ -104,7 +108,7 @@ def write_random_model(
     partial = out.with_name(out.name + ".part")
     with GGUFFileWriter(partial, metadata, specs) as writer:
         for spec in tqdm(specs, desc=out.name, unit="tensor", disable=not progress):
-            writer.write_tensor(spec.name, _values(spec, config, rng))
+            writer.write_tensor(spec.name, random_values(spec, config, rng))
     partial.replace(out)
     return out
 

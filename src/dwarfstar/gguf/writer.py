@@ -1,4 +1,4 @@
-"""Writing a GGUF file: typed metadata, then tensors already in stored form, one at a time.
+"""Writing a GGUF v3 file: typed metadata, then tensors already in stored form, one at a time.
 
 Metadata values are plain Python and typed the way ds4 and llama.cpp's loaders read them
 (llama.cpp checks key types strictly):
@@ -13,22 +13,35 @@ Metadata values are plain Python and typed the way ds4 and llama.cpp's loaders r
 Tensors are declared up front (name, kind, torch-order shape) so the header can be written
 first; their bytes then follow in the declared order, each in as many parts as the caller
 likes (stacked experts go one expert at a time), so memory stays bounded.
+
+The layout is gguf-py's (``gguf.GGUFWriter``), written here directly: gguf-py packs metadata
+one value at a time, which takes seconds for the 129280-token vocabulary.
 """
 
 from __future__ import annotations
 
 import os
+import struct
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-import gguf
 import numpy as np
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFValueType
 
 ARCHITECTURE_KEY = "general.architecture"
 ALIGNMENT_KEY = "general.alignment"
 DEFAULT_ALIGNMENT = 32
+GGUF_MAGIC = b"GGUF"
+GGUF_VERSION = 3
+
+_FORMATS: dict[GGUFValueType, str] = {
+    GGUFValueType.UINT32: "<I",
+    GGUFValueType.INT32: "<i",
+    GGUFValueType.UINT64: "<Q",
+    GGUFValueType.FLOAT32: "<f",
+    GGUFValueType.BOOL: "<?",
+}
 
 
 @dataclass(frozen=True)
@@ -56,6 +69,8 @@ def value_type(key: str, value: object) -> tuple[GGUFValueType, GGUFValueType | 
         if not value:
             raise ValueError(f"metadata {key}: an empty array has no GGUF type")
         element, _ = value_type(key, value[0])
+        if element is GGUFValueType.ARRAY:
+            raise ValueError(f"metadata {key}: nested arrays are not supported")
         if element is GGUFValueType.UINT32:
             element = GGUFValueType.INT32
         return GGUFValueType.ARRAY, element
@@ -75,37 +90,43 @@ def value_type(key: str, value: object) -> tuple[GGUFValueType, GGUFValueType | 
 class GGUFFileWriter:
     """Writes ``metadata`` and the header for ``tensors`` on entry; then ``write_tensor`` each, in order.
 
-    ``metadata`` must hold ``general.architecture``; ``general.alignment`` (default 32) sets
-    the data alignment. Use as a context manager: the file is closed on exit, and removed if
-    the block raised or did not write every declared tensor.
+    ``metadata`` must hold ``general.architecture`` (written first, as gguf-py does);
+    ``general.alignment`` (default 32) sets the data alignment. Use as a context manager: the
+    file is closed on exit, and removed if the block raised or left a declared tensor unwritten.
     """
 
     def __init__(
         self, path: str | os.PathLike[str], metadata: dict[str, object], tensors: Sequence[TensorSpec]
     ) -> None:
         self.path = Path(path)
-        metadata = dict(metadata)
         if ARCHITECTURE_KEY not in metadata:
             raise ValueError(f"metadata must name {ARCHITECTURE_KEY}")
-        self._writer = gguf.GGUFWriter(None, str(metadata.pop(ARCHITECTURE_KEY)))
-        self._writer.add_custom_alignment(int(metadata.pop(ALIGNMENT_KEY, DEFAULT_ALIGNMENT)))
-        for key, value in metadata.items():
-            value = _plain(value)
-            self._writer.add_key_value(key, value, *value_type(key, value))
+        # architecture first, as gguf-py writes it; then the alignment, defaulted
+        first = {ARCHITECTURE_KEY: metadata[ARCHITECTURE_KEY], ALIGNMENT_KEY: DEFAULT_ALIGNMENT}
+        metadata = {**first, **metadata}
+        self.alignment = int(metadata[ALIGNMENT_KEY])  # type: ignore[call-overload]
+        if self.alignment <= 0 or self.alignment & (self.alignment - 1):
+            raise ValueError(f"{ALIGNMENT_KEY} must be a power of two, not {self.alignment}")
+        self._kv = b"".join(_string(k) + _typed_value(k, _plain(v)) for k, v in metadata.items())
+        self._n_keys = len(metadata)
         self._pending = list(tensors)
-        for spec in self._pending:
-            # The dtype only matters to gguf-py when raw_dtype is None; shape is the logical one.
-            self._writer.add_tensor_info(spec.name, spec.shape, np.dtype(np.float32), spec.nbytes, spec.kind)
+        self._sizes = [spec.nbytes for spec in self._pending]  # checks every shape before writing
 
     def __enter__(self) -> GGUFFileWriter:
-        self._writer.write_header_to_file(self.path)
-        self._writer.write_kv_data_to_file()
-        self._writer.write_ti_data_to_file()
-        (self._out,) = self._writer.fout  # type: ignore[misc]
+        self._out = open(self.path, "wb")  # noqa: SIM115 (closed in __exit__)
+        self._out.write(GGUF_MAGIC + struct.pack("<IQQ", GGUF_VERSION, len(self._pending), self._n_keys))
+        self._out.write(self._kv)
+        offset = 0
+        for spec, size in zip(self._pending, self._sizes, strict=True):
+            dims = tuple(reversed(spec.shape))
+            self._out.write(_string(spec.name) + struct.pack(f"<I{len(dims)}Q", len(dims), *dims))
+            self._out.write(struct.pack("<IQ", spec.kind, offset))
+            offset += -(-size // self.alignment) * self.alignment
+        self._pad()  # tensor data starts aligned
         return self
 
     def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
-        self._writer.close()
+        self._out.close()
         if exc_type is not None or self._pending:
             self.path.unlink(missing_ok=True)
         if exc_type is None and self._pending:
@@ -118,7 +139,6 @@ class GGUFFileWriter:
         spec = self._pending[0]
         if spec.name != name:
             raise ValueError(f"tensor {name!r} written out of order: {spec.name!r} comes next")
-        self._pad()
         written = 0
         for part in [parts] if isinstance(parts, np.ndarray) else parts:
             part = np.ascontiguousarray(part)
@@ -129,14 +149,43 @@ class GGUFFileWriter:
         if written != spec.nbytes:
             raise ValueError(f"tensor {name!r} takes {spec.nbytes} bytes as {spec.kind.name}, got {written}")
         self._pending.pop(0)
+        self._pad()
 
     def _pad(self) -> None:
-        alignment = self._writer.data_alignment
-        self._out.write(bytes(-self._out.tell() % alignment))
+        self._out.write(bytes(-self._out.tell() % self.alignment))
+
+
+def _string(text: str) -> bytes:
+    data = text.encode("utf-8")
+    return struct.pack("<Q", len(data)) + data
+
+
+def _typed_value(key: str, value: object) -> bytes:
+    """The value's type id(s) and bytes."""
+    try:
+        return _pack(key, value)
+    except (struct.error, OverflowError) as err:
+        raise ValueError(f"metadata {key}: {value!r} does not fit its GGUF type ({err})") from None
+
+
+def _pack(key: str, value: object) -> bytes:
+    vtype, element = value_type(key, value)
+    if vtype is GGUFValueType.STRING:
+        return struct.pack("<I", vtype) + _string(value)  # type: ignore[arg-type]
+    if vtype is not GGUFValueType.ARRAY:
+        return struct.pack("<I", vtype) + struct.pack(_FORMATS[vtype], value)
+    assert element is not None and isinstance(value, list)
+    header = struct.pack("<IIQ", vtype, element, len(value))
+    if element is GGUFValueType.STRING:
+        return header + b"".join(_string(item) for item in value)
+    kinds = {type(item) for item in value}
+    if len(kinds) > 1 and kinds != {int}:
+        raise ValueError(f"metadata {key}: array items of mixed types {sorted(k.__name__ for k in kinds)}")
+    return header + struct.pack(f"<{len(value)}{_FORMATS[element][1:]}", *value)
 
 
 def _plain(value: object) -> object:
     """numpy scalars as the Python values they hold; tuples as lists."""
     if isinstance(value, list | tuple):
-        return [_plain(v) for v in value]
+        return [v.item() if isinstance(v, np.generic) else v for v in value]
     return value.item() if isinstance(value, np.generic) else value

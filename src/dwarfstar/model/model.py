@@ -8,7 +8,7 @@ import torch
 
 from dwarfstar import quant
 from dwarfstar.model.attention import LayerContext, attention, rms_norm
-from dwarfstar.model.config import ModelConfig
+from dwarfstar.model.config import load_config
 from dwarfstar.model.hyper import hc_head, hc_post, hc_pre
 from dwarfstar.model.moe import moe
 from dwarfstar.model.rope import layer_rope
@@ -39,7 +39,7 @@ class Model:
         from dwarfstar.gguf.reader import GGUFFile
 
         file = GGUFFile(path)
-        config = ModelConfig.from_metadata(file.metadata)
+        config = load_config(file)
         model = cls(bind(config, file.tensors, str(path)), quant_sim)
         model.file = file  # keeps the mapping alive as long as the model
         return model

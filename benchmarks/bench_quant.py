@@ -1,0 +1,84 @@
+"""Time `quant.linear` per format against the time it takes just to read the weight's bytes.
+
+Decoding a token is bound by memory bandwidth: each weight is streamed once per token. So the
+yardstick is a floor, measured in the same run: bytes of the weight / the bandwidth of a plain
+streaming read (`torch.sum` over a float32 buffer far larger than the caches). Each timed call
+uses another copy of the weight, cycling over copies that together overflow the caches, so the
+kernels too read from memory, as they do in the model.
+
+    python benchmarks/bench_quant.py [--kinds Q8_0 IQ2_XXS] [--repeats 15]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from collections.abc import Callable
+
+import numpy as np
+import torch
+from gguf import GGMLQuantizationType as Q
+
+from dwarfstar import quant
+
+KINDS = (Q.F16, Q.BF16, Q.Q8_0, Q.Q2_K, Q.Q4_K, Q.IQ2_XXS, Q.MXFP4)
+SHAPES = ((2048, 4096), (4096, 2048))
+BATCHES = (1, 4, 64)
+# Copies of a weight cycled through: together at least this many bytes, well over the L3 cache.
+POOL_BYTES = 256 << 20
+MAX_COPIES = 64
+
+
+def median_seconds(fn: Callable[[int], object], repeats: int) -> float:
+    """Median wall time of fn(i) over `repeats` calls, after two warm-up calls."""
+    fn(0)
+    fn(1)
+    times = []
+    for i in range(repeats):
+        start = time.perf_counter()
+        fn(i)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def read_bandwidth(repeats: int) -> float:
+    """Bytes per second of a streaming read of a buffer far larger than the caches."""
+    buffer = torch.zeros(POOL_BYTES // 4)
+    return POOL_BYTES / median_seconds(lambda _: buffer.sum(), repeats)
+
+
+def weight_copies(kind: Q, shape: tuple[int, int], generator: np.random.Generator) -> list[quant.QTensor]:
+    stored = quant.random_blocks(kind, shape, generator)
+    copies = min(MAX_COPIES, max(2, POOL_BYTES // stored.nbytes))
+    return [quant.QTensor.from_numpy(kind, shape, stored.copy()) for _ in range(copies)]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--kinds", nargs="+", default=[k.name for k in KINDS], choices=[k.name for k in KINDS])
+    parser.add_argument("--repeats", type=int, default=15)
+    args = parser.parse_args()
+
+    bandwidth = read_bandwidth(args.repeats)
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
+    print(f"streaming read: {bandwidth / 1e9:.1f} GB/s (floor = weight bytes / this)")
+    print(f"{'kind':8} {'shape':>10} {'MB':>6} {'x rows':>6} {'ms':>9} {'GB/s':>7} {'x floor':>8}")
+    generator = np.random.default_rng(0)
+    for name in args.kinds:
+        kind = Q[name]
+        for shape in SHAPES:
+            copies = weight_copies(kind, shape, generator)
+            nbytes = copies[0].nbytes
+            floor = nbytes / bandwidth
+            for batch in BATCHES:
+                x = torch.from_numpy(generator.standard_normal((batch, shape[1]), dtype=np.float32))
+                seconds = median_seconds(lambda i: quant.linear(x, copies[i % len(copies)]), args.repeats)
+                print(
+                    f"{name:8} {shape[0]:>5}x{shape[1]:<4} {nbytes / 1e6:6.2f} {batch:6} "
+                    f"{seconds * 1e3:9.2f} {nbytes / seconds / 1e9:7.2f} {seconds / floor:8.1f}"
+                )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,77 @@
+"""The decode state: its size, snapshots, and the quantisation-simulation switch."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from models import tiny_hf_config
+
+from dwarfstar.model.model import Model
+
+
+@pytest.fixture(scope="module")
+def model(gguf_model_factory) -> Model:
+    return Model.load(gguf_model_factory("mixed", tiny_hf_config()), quant_sim=False)
+
+
+def ids(n: int, seed: int = 0) -> torch.Tensor:
+    return torch.randint(0, 129280, (n,), generator=torch.Generator().manual_seed(seed))
+
+
+def expected_state_floats(model: Model, n: int) -> int:
+    """Floats a session must hold after ``n`` tokens, counted from the architecture."""
+    c = model.config
+    total = 0
+    for layer in range(c.n_layer):
+        m = c.ratio(layer)
+        total += min(n, c.window - 1) * c.head_dim  # raw window
+        for width, present in ((c.head_dim, m > 0), (c.index_head_dim, m == 4)):
+            if not present:
+                continue
+            overlap = 2 if m == 4 else 1
+            total += (n // m) * width  # pooled rows
+            total += 2 * (n % m) * overlap * width  # pending kv + gate
+            if m == 4 and n >= 4:
+                total += 2 * m * width  # previous window's first halves, kv + gate
+    return total
+
+
+@pytest.mark.parametrize("n", [1, 3, 4, 131, 300])
+def test_session_size_is_exactly_the_decode_state(model, n):
+    session = model.new_session()
+    model.prefill(ids(n), session)
+    assert session.n_tokens == n
+    assert session.nbytes == 4 * expected_state_floats(model, n)
+
+
+def test_snapshot_and_restore_reproduce_decoding(model):
+    session = model.new_session()
+    model.prefill(ids(137), session)
+    snapshot = session.snapshot()
+    follow = ids(5, seed=1)
+    first = model.prefill(follow, session, chunk=1)
+    assert session.n_tokens == 142 and snapshot.n_tokens == 137
+    other = model.prefill(ids(5, seed=2), snapshot.snapshot(), chunk=1)  # snapshot stays untouched
+    assert not torch.equal(other, first)
+    session.restore(snapshot)
+    again = model.prefill(follow, session, chunk=1)
+    assert torch.equal(again, first)
+
+
+def test_quant_sim_is_off_for_small_models_and_changes_outputs_when_on(gguf_model_factory):
+    path = gguf_model_factory("mixed", tiny_hf_config())
+    plain, simulated = Model.load(path), Model.load(path, quant_sim=True)
+    assert not plain.quant_sim and simulated.quant_sim
+    tokens = ids(200)
+    a = plain.prefill(tokens, plain.new_session())
+    b = simulated.prefill(tokens, simulated.new_session())
+    assert (a - b).abs().max() > 1e-3  # the rounding is really applied
+    assert (a - b).abs().mean() < 0.1 * a.abs().mean()  # and is a rounding, not a different model
+
+
+def test_quant_sim_chunked_equals_full_pass(gguf_model_factory):
+    model = Model.load(gguf_model_factory("mixed", tiny_hf_config()), quant_sim=True)
+    tokens = ids(150)
+    full = model.prefill(tokens, model.new_session())
+    for chunk in (1, 9):
+        assert (model.prefill(tokens, model.new_session(), chunk) - full).abs().max() <= 1e-4
