@@ -6,7 +6,7 @@ streaming read (`torch.sum` over a float32 buffer far larger than the caches). E
 uses another copy of the weight, cycling over copies that together overflow the caches, so the
 kernels too read from memory, as they do in the model.
 
-    python benchmarks/bench_quant.py [--kinds Q8_0 IQ2_XXS] [--repeats 15]
+    python benchmarks/bench_quant.py [--kinds Q8_0 IQ2_XXS] [--repeats 15] [--threads 1]
 """
 
 from __future__ import annotations
@@ -58,7 +58,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--kinds", nargs="+", default=[k.name for k in KINDS], choices=[k.name for k in KINDS])
     parser.add_argument("--repeats", type=int, default=15)
+    parser.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     bandwidth = read_bandwidth(args.repeats)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")

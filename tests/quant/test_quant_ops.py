@@ -14,7 +14,7 @@ from dwarfstar.quant import (
     dequantize,
     expert_linear,
     linear,
-    ops,
+    formats,
     random_blocks,
     take_rows,
 )
@@ -60,7 +60,7 @@ def test_linear_is_dequantize_then_matmul(kind, rows, x_shape, seed):
 @pytest.mark.parametrize("kind", SUPPORTED_KINDS, ids=lambda kind: kind.name)
 def test_linear_in_bands_of_rows(kind, monkeypatch):
     """A budget of two float32 rows per band: 7 rows take bands of 2, 2, 2 and 1."""
-    monkeypatch.setattr(ops, "CHUNK_BYTES", 2 * 4 * 256)
+    monkeypatch.setattr(formats, "BAND_VALUES", 2 * 256)
     generator = np.random.default_rng(1)
     w = random_qtensor(kind, (7, 256), generator)
     x = torch.from_numpy(generator.standard_normal((2, 3, 256), dtype=np.float32))

@@ -22,9 +22,10 @@ from tqdm import tqdm
 
 from dwarfstar.convert.checkpoint import Checkpoint, CheckpointError, scale_name
 from dwarfstar.convert.hf_config import CheckpointConfig, CheckpointConfigError, read_checkpoint_config
+from dwarfstar.gguf.container import DEFAULT_ALIGNMENT
 from dwarfstar.gguf.names import ARCH, EXPERT_TENSORS, GLOBAL_TENSORS, LAYER_TENSORS, key, layer_prefix
 from dwarfstar.gguf.names import layer_tensor_present as present
-from dwarfstar.gguf.writer import DEFAULT_ALIGNMENT, GGUFFileWriter, TensorSpec
+from dwarfstar.gguf.writer import GGUFFileWriter, TensorSpec
 from dwarfstar.model.weights import expected_shapes, global_shapes
 from dwarfstar.quant import quantize
 from dwarfstar.tokenizer import deepseek_tokenizer_json, gguf_tokenizer_metadata

@@ -21,23 +21,8 @@ from pathlib import Path
 import numpy as np
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFValueType
 
-GGUF_MAGIC = b"GGUF"
-SUPPORTED_VERSION = 3
-DEFAULT_ALIGNMENT = 32
+from dwarfstar.gguf.container import DEFAULT_ALIGNMENT, MAGIC, SCALAR_FORMATS, VERSION
 
-_SCALARS: dict[GGUFValueType, str] = {
-    GGUFValueType.UINT8: "<B",
-    GGUFValueType.INT8: "<b",
-    GGUFValueType.UINT16: "<H",
-    GGUFValueType.INT16: "<h",
-    GGUFValueType.UINT32: "<I",
-    GGUFValueType.INT32: "<i",
-    GGUFValueType.FLOAT32: "<f",
-    GGUFValueType.BOOL: "<?",
-    GGUFValueType.UINT64: "<Q",
-    GGUFValueType.INT64: "<q",
-    GGUFValueType.FLOAT64: "<d",
-}
 # Element kinds that come back as typed arrays of the logical shape; the rest as bytes.
 _ELEMENT_DTYPES: dict[GGMLQuantizationType, type[np.generic]] = {
     GGMLQuantizationType.F32: np.float32,
@@ -105,15 +90,15 @@ class _Header:
     def __init__(self, data: mmap.mmap, path: Path) -> None:
         self.data = data
         self.path = path
-        if data[:4] != GGUF_MAGIC:
+        if data[:4] != MAGIC:
             raise GGUFError(f"{path}: not a GGUF file (it does not start with the magic bytes 'GGUF')")
         self.offset = 4
         version = self.scalar("<I")
-        if version != SUPPORTED_VERSION:
+        if version != VERSION:
             if version & 0xFFFF == 0:
                 raise GGUFError(f"{path}: big-endian GGUF files are not supported")
             raise GGUFError(
-                f"{path}: unsupported GGUF version {version} (only version {SUPPORTED_VERSION} is supported)"
+                f"{path}: unsupported GGUF version {version} (only version {VERSION} is supported)"
             )
         n_tensors, n_keys = self.scalar("<Q"), self.scalar("<Q")
         self.metadata = {}
@@ -184,12 +169,12 @@ class _Header:
             count = self.scalar("<Q")
             if element == GGUFValueType.STRING:
                 return self.strings(count)
-            if element in _SCALARS:
-                dtype = np.dtype(_SCALARS[element])
+            if element in SCALAR_FORMATS:
+                dtype = np.dtype(SCALAR_FORMATS[element])
                 at = self.take(count * dtype.itemsize)
                 return np.frombuffer(self.data, dtype, count, at).tolist()
             return [self.value(element, key) for _ in range(count)]
-        return self.scalar(_SCALARS[vtype])
+        return self.scalar(SCALAR_FORMATS[vtype])
 
     def tensor_entry(self) -> tuple[str, GGMLQuantizationType, tuple[int, ...], int]:
         name = self.string()

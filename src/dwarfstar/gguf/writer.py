@@ -29,19 +29,10 @@ from pathlib import Path
 import numpy as np
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFValueType
 
+from dwarfstar.gguf.container import DEFAULT_ALIGNMENT, MAGIC, SCALAR_FORMATS, VERSION
+
 ARCHITECTURE_KEY = "general.architecture"
 ALIGNMENT_KEY = "general.alignment"
-DEFAULT_ALIGNMENT = 32
-GGUF_MAGIC = b"GGUF"
-GGUF_VERSION = 3
-
-_FORMATS: dict[GGUFValueType, str] = {
-    GGUFValueType.UINT32: "<I",
-    GGUFValueType.INT32: "<i",
-    GGUFValueType.UINT64: "<Q",
-    GGUFValueType.FLOAT32: "<f",
-    GGUFValueType.BOOL: "<?",
-}
 
 
 @dataclass(frozen=True)
@@ -114,7 +105,7 @@ class GGUFFileWriter:
 
     def __enter__(self) -> GGUFFileWriter:
         self._out = open(self.path, "wb")  # noqa: SIM115 (closed in __exit__)
-        self._out.write(GGUF_MAGIC + struct.pack("<IQQ", GGUF_VERSION, len(self._pending), self._n_keys))
+        self._out.write(MAGIC + struct.pack("<IQQ", VERSION, len(self._pending), self._n_keys))
         self._out.write(self._kv)
         offset = 0
         for spec, size in zip(self._pending, self._sizes, strict=True):
@@ -173,7 +164,7 @@ def _pack(key: str, value: object) -> bytes:
     if vtype is GGUFValueType.STRING:
         return struct.pack("<I", vtype) + _string(value)  # type: ignore[arg-type]
     if vtype is not GGUFValueType.ARRAY:
-        return struct.pack("<I", vtype) + struct.pack(_FORMATS[vtype], value)
+        return struct.pack("<I", vtype) + struct.pack(SCALAR_FORMATS[vtype], value)
     assert element is not None and isinstance(value, list)
     header = struct.pack("<IIQ", vtype, element, len(value))
     if element is GGUFValueType.STRING:
@@ -181,7 +172,7 @@ def _pack(key: str, value: object) -> bytes:
     kinds = {type(item) for item in value}
     if len(kinds) > 1 and kinds != {int}:
         raise ValueError(f"metadata {key}: array items of mixed types {sorted(k.__name__ for k in kinds)}")
-    return header + struct.pack(f"<{len(value)}{_FORMATS[element][1:]}", *value)
+    return header + struct.pack(f"<{len(value)}{SCALAR_FORMATS[element][1:]}", *value)
 
 
 def _plain(value: object) -> object:

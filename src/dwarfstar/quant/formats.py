@@ -1,15 +1,19 @@
 """Dequantization of the GGML formats, in torch, bit-exact with gguf-py's `gguf.quants.dequantize`.
 
-Each block decoder takes a uint8 tensor of blocks (n, bytes per block) and returns float32
-(n, values per block). Multi-byte fields are little-endian, read by viewing the bytes as wider
-types, so like gguf-py this assumes a little-endian host. The float operations follow ggml's
-order (e.g. `(d * scale) * q - dmin * min`), which is what makes the results bit-exact.
+Each block decoder reads a uint8 tensor of blocks (n, bytes per block) and writes their float32
+values into `out` (n, values per block). Tensors are decoded a band of blocks at a time so that the
+temporaries stay in cache, and the decoders make as few passes over a band as they can: bit fields
+are cut out of whole int32 words (four bytes per operation), IQ2_XXS values come from a table of
+eight int8 values per entry, and codes become float32 only once, in the final copy into `out`.
+
+Multi-byte fields are little-endian, read by viewing the bytes as wider types, so like gguf-py this
+assumes a little-endian host. The float operations follow ggml's order (e.g. `(d * scale) * q -
+dmin * min`), which is what makes the results bit-exact.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from functools import cache
 
 import numpy as np
 import torch
@@ -17,25 +21,43 @@ from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
 Q = GGMLQuantizationType
 
+# Values decoded at a time: a band's float32 values (1 MiB) and its temporaries stay in cache.
+BAND_VALUES = 1 << 18
+
 
 def _half(blocks: torch.Tensor, offset: int) -> torch.Tensor:
     """The fp16 at byte `offset` of each block, as float32 of shape (n, 1)."""
     return blocks[:, offset : offset + 2].contiguous().view(torch.float16).float()
 
 
-def _bit_fields(packed: torch.Tensor, bits: int) -> torch.Tensor:
-    """Split each byte of packed (..., m) into its 8/bits fields, lowest first: (..., 8/bits, m)."""
-    shifts = torch.arange(0, 8, bits, dtype=torch.uint8, device=packed.device)
-    return (packed.unsqueeze(-2) >> shifts.view(-1, 1)) & ((1 << bits) - 1)
+def _words(packed: torch.Tensor) -> torch.Tensor:
+    """Bytes (n, 4 * k) as int32 words (n, k): a view where the bytes are aligned, else a copy."""
+    if packed.storage_offset() % 4 or packed.stride(0) % 4:
+        packed = packed.clone(memory_format=torch.contiguous_format)
+    return packed.view(torch.int32)
 
 
-def q8_0(blocks: torch.Tensor) -> torch.Tensor:
+def _fields(packed: torch.Tensor, bits: int) -> torch.Tensor:
+    """Split each byte of packed (n, m, 4 * k) into its 8/bits fields, lowest first: (n, m, 8/bits, 4 * k).
+
+    Works on int32 words, four bytes per element, shifting by one constant per operation (a
+    tensor of shift amounts makes torch fall back to a slow elementwise loop).
+    """
+    words = _words(packed.flatten(1)).view(*packed.shape[:-1], 1, -1)
+    fields = words.new_empty(*packed.shape[:-1], 8 // bits, words.shape[-1])
+    for i in range(8 // bits):
+        torch.bitwise_right_shift(words, bits * i, out=fields[..., i : i + 1, :])
+    mask = int.from_bytes(bytes([(1 << bits) - 1] * 4), "little")
+    return fields.bitwise_and_(mask).view(torch.uint8)
+
+
+def q8_0(blocks: torch.Tensor, out: torch.Tensor) -> None:
     """34 bytes -> 32 values: d (fp16) | q[32] (int8); value = q * d."""
-    q = blocks[:, 2:].view(torch.int8).float()
-    return q * _half(blocks, 0)
+    out.copy_(blocks[:, 2:].view(torch.int8))
+    out.mul_(_half(blocks, 0))
 
 
-def q2_k(blocks: torch.Tensor) -> torch.Tensor:
+def q2_k(blocks: torch.Tensor, out: torch.Tensor) -> None:
     """84 bytes -> 256 values, in 16 groups of 16.
 
     scales[16]: per group, low nibble = scale, high nibble = min | q[64]: 2-bit codes; byte
@@ -46,11 +68,13 @@ def q2_k(blocks: torch.Tensor) -> torch.Tensor:
     scales = blocks[:, :16]
     scale = (_half(blocks, 80) * (scales & 0xF).float()).view(n, 16, 1)
     minimum = (_half(blocks, 82) * (scales >> 4).float()).view(n, 16, 1)
-    q = _bit_fields(blocks[:, 16:80].reshape(n, 2, 32), 2).reshape(n, 16, 16).float()
-    return (scale * q - minimum).reshape(n, 256)
+    codes = _fields(blocks[:, 16:80].view(n, 2, 32), 2)
+    values = out.view(n, 16, 16)
+    values.copy_(codes.view(n, 16, 16))
+    values.mul_(scale).sub_(minimum)
 
 
-def q4_k(blocks: torch.Tensor) -> torch.Tensor:
+def q4_k(blocks: torch.Tensor, out: torch.Tensor) -> None:
     """144 bytes -> 256 values, in 8 groups of 32.
 
     d (fp16) | dmin (fp16) | 12 bytes of 6-bit scales and mins: bytes 0-3 hold scale j (low 6 bits)
@@ -65,8 +89,10 @@ def q4_k(blocks: torch.Tensor) -> torch.Tensor:
     mins = torch.cat([low_mins & 0x3F, (high >> 4) | ((low_mins >> 2) & 0x30)], dim=-1)
     scale = (_half(blocks, 0) * scales.float()).view(n, 8, 1)
     minimum = (_half(blocks, 2) * mins.float()).view(n, 8, 1)
-    q = _bit_fields(blocks[:, 16:].reshape(n, 4, 32), 4).reshape(n, 8, 32).float()
-    return (scale * q - minimum).reshape(n, 256)
+    codes = _fields(blocks[:, 16:].view(n, 4, 32), 4)
+    values = out.view(n, 8, 32)
+    values.copy_(codes.view(n, 8, 32))
+    values.mul_(scale).sub_(minimum)
 
 
 # ggml's kgrid_2bit_256: 256 grid points of 8 magnitudes, 2 bits each (lowest bits first),
@@ -111,14 +137,17 @@ def iq2_xxs_signs() -> np.ndarray:
     return np.where(bits == 1, -1.0, 1.0).astype(np.float32)
 
 
-@cache
-def _iq2_xxs_signed_grid(device: torch.device) -> torch.Tensor:
-    """Every grid point with every sign pattern: row 128 * grid_index + sign_index, (32768, 8)."""
+def _iq2_xxs_table() -> torch.Tensor:
+    """Every grid point with every sign pattern, entry 128 * grid_index + sign_index: its 8 values
+    (all within +-43) as int8, packed into one int64 so that a lookup moves all 8 at once."""
     signed = iq2_xxs_grid()[:, None, :] * iq2_xxs_signs()[None, :, :]
-    return torch.from_numpy(signed.reshape(-1, 8)).to(device)
+    return torch.from_numpy(signed.astype(np.int8).reshape(-1).view(np.int64))
 
 
-def iq2_xxs(blocks: torch.Tensor) -> torch.Tensor:
+_IQ2_XXS_TABLE = _iq2_xxs_table()
+
+
+def iq2_xxs(blocks: torch.Tensor, out: torch.Tensor) -> None:
     """66 bytes -> 256 values, in 8 groups of 32 (4 grid points of 8).
 
     d (fp16) | per group 8 bytes: 4 grid indices (uint8), then a uint32 whose bits 0-27 are four
@@ -126,32 +155,39 @@ def iq2_xxs(blocks: torch.Tensor) -> torch.Tensor:
     value = (d * (0.5 + s) * 0.25) * grid * sign.
     """
     n = blocks.shape[0]
-    groups = blocks[:, 2:].reshape(n, 8, 8)
-    aux = groups[..., 4:].contiguous().view(torch.int32)  # (n, 8, 1)
-    scale = (_half(blocks, 0) * (0.5 + ((aux.squeeze(-1) >> 28) & 0xF).float()) * 0.25).view(n, 8, 1, 1)
-    sign_index = (aux >> torch.arange(0, 28, 7, dtype=torch.int32, device=blocks.device)) & 127
+    words = _words(blocks[:, 2:]).view(n, 8, 2)
+    grid_index, aux = words[..., :1].view(torch.uint8), words[..., 1:]  # (n, 8, 4), (n, 8, 1)
+    scale = (_half(blocks, 0) * (0.5 + ((aux.squeeze(-1) >> 28) & 0xF).float()) * 0.25).view(n, 8, 1)
+    sign_index = aux.new_empty(n, 8, 4)
+    for i in range(4):
+        torch.bitwise_right_shift(aux, 7 * i, out=sign_index[..., i : i + 1])
+    sign_index.bitwise_and_(127)
+    index = torch.add(sign_index, grid_index, alpha=128)
+    packed = _IQ2_XXS_TABLE.to(blocks.device).index_select(0, index.view(-1))
     # (scale * grid) * sign == scale * (grid * sign) exactly: flipping a sign never rounds.
-    signed_grid = _iq2_xxs_signed_grid(blocks.device)
-    return (scale * signed_grid[groups[..., :4].long() * 128 + sign_index]).reshape(n, 256)
+    values = out.view(n, 8, 32)
+    values.copy_(packed.view(torch.int8).view(n, 8, 32))
+    values.mul_(scale)
 
 
 # e2m1 values, doubled so they are integers (the scale is halved to match, as in ggml).
-_MXFP4_VALUES = (0, 1, 2, 3, 4, 6, 8, 12, 0, -1, -2, -3, -4, -6, -8, -12)
+_MXFP4_VALUES = torch.tensor((0, 1, 2, 3, 4, 6, 8, 12, 0, -1, -2, -3, -4, -6, -8, -12), dtype=torch.float32)
 
 
-def mxfp4(blocks: torch.Tensor) -> torch.Tensor:
+def mxfp4(blocks: torch.Tensor, out: torch.Tensor) -> None:
     """17 bytes -> 32 values: e (e8m0 exponent) | q[16]: 4-bit e2m1 codes, low nibbles are values
     0-15, high nibbles 16-31. value = 2^(e - 128) * doubled_e2m1[q], the scale subnormal for e < 2.
     """
     n = blocks.shape[0]
     e = blocks[:, :1].int()
     half_scale = torch.where(e < 2, 0x00200000 << e, (e - 1) << 23).view(torch.float32)
-    values = torch.tensor(_MXFP4_VALUES, dtype=torch.float32, device=blocks.device)
-    q = _bit_fields(blocks[:, 1:], 4).reshape(n, 32)
-    return half_scale * values[q.long()]
+    codes = _fields(blocks[:, 1:].view(n, 1, 16), 4)
+    values = _MXFP4_VALUES.to(blocks.device).index_select(0, codes.view(-1).int())
+    torch.mul(values.view(n, 32), half_scale, out=out)
 
 
-BLOCK_DECODERS: dict[GGMLQuantizationType, Callable[[torch.Tensor], torch.Tensor]] = {
+Decoder = Callable[[torch.Tensor, torch.Tensor], None]
+BLOCK_DECODERS: dict[GGMLQuantizationType, Decoder] = {
     Q.Q8_0: q8_0,
     Q.Q2_K: q2_k,
     Q.Q4_K: q4_k,
@@ -162,6 +198,22 @@ FLOAT_KINDS = (Q.F32, Q.F16, Q.BF16)
 SUPPORTED_KINDS = (*FLOAT_KINDS, *BLOCK_DECODERS)
 
 
+def decode_into(kind: GGMLQuantizationType, data: torch.Tensor, out: torch.Tensor) -> None:
+    """Write the float32 values of stored rows data (rows, stored row) into out (rows, cols)."""
+    if kind in FLOAT_KINDS:
+        out.copy_(data)
+        return
+    if kind not in BLOCK_DECODERS:
+        raise NotImplementedError(f"dequantizing {kind.name} is not supported")
+    decoder = BLOCK_DECODERS[kind]
+    block_size, type_size = GGML_QUANT_SIZES[kind]
+    blocks = data.reshape(-1, type_size)
+    values = out.view(-1, block_size)
+    band = max(1, BAND_VALUES // block_size)
+    for start in range(0, blocks.shape[0], band):
+        decoder(blocks[start : start + band], values[start : start + band])
+
+
 def decode(kind: GGMLQuantizationType, data: torch.Tensor) -> torch.Tensor:
     """float32 values of stored data (..., stored row) -> (..., cols); F32 data is returned as is."""
     if kind in FLOAT_KINDS:
@@ -169,6 +221,6 @@ def decode(kind: GGMLQuantizationType, data: torch.Tensor) -> torch.Tensor:
     if kind not in BLOCK_DECODERS:
         raise NotImplementedError(f"dequantizing {kind.name} is not supported")
     block_size, type_size = GGML_QUANT_SIZES[kind]
-    cols = data.shape[-1] // type_size * block_size
-    values = BLOCK_DECODERS[kind](data.reshape(-1, type_size))
-    return values.reshape(*data.shape[:-1], cols)
+    out = torch.empty(*data.shape[:-1], data.shape[-1] // type_size * block_size, device=data.device)
+    decode_into(kind, data, out)
+    return out

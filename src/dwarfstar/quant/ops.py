@@ -12,11 +12,9 @@ from collections.abc import Callable
 import torch
 from gguf import GGMLQuantizationType
 
-from .formats import decode
+from . import formats
+from .formats import decode, decode_into
 from .tensor import QTensor
-
-# The default kernels dequantize at most this many bytes of float32 weights at a time.
-CHUNK_BYTES = 64 << 20
 
 
 def dequantize(t: QTensor) -> torch.Tensor:
@@ -63,14 +61,18 @@ def _matmul_stored(x: torch.Tensor, w: QTensor) -> torch.Tensor:
 
 
 def _matmul_dequantized(x: torch.Tensor, w: QTensor) -> torch.Tensor:
-    """Any format: dequantize a band of rows at a time, then multiply."""
+    """Any format: dequantize a band of rows at a time into one cache-sized buffer, multiplying as
+    we go, so that the weights make one trip from memory and their float32 values none."""
     rows, cols = w.shape
-    band = max(1, CHUNK_BYTES // (4 * cols))
+    band = max(1, formats.BAND_VALUES // cols)
     flat = x.reshape(-1, cols)
-    out = flat.new_empty(flat.shape[0], rows)
+    weights = flat.new_empty(min(band, rows), cols)
+    out = flat.new_empty(rows, flat.shape[0])  # transposed: each band's results are contiguous
     for start in range(0, rows, band):
-        out[:, start : start + band] = flat @ decode(w.kind, w.data[start : start + band]).T
-    return out.reshape(*x.shape[:-1], rows)
+        stop = min(start + band, rows)
+        decode_into(w.kind, w.data[start:stop], weights[: stop - start])
+        torch.mm(weights[: stop - start], flat.T, out=out[start:stop])
+    return out.T.reshape(*x.shape[:-1], rows)
 
 
 Q = GGMLQuantizationType

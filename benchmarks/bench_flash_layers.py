@@ -1,0 +1,194 @@
+"""DwarfStar against llama.cpp on two layers of DeepSeek V4 Flash at its real widths.
+
+The model has Flash's real dimensions (hidden 4096, 64 heads of 512, 256 experts of 2048 with 6
+used, indexer 64 x 128 with top-k 512, vocabulary 129280) but only two layers, ratio 4 then
+ratio 128, no hash routing, random weights and ds4's "IQ2XXS-w2Q2K-AProjQ8-SExpQ8-OutQ8" type
+mix (architecture.md §13.2). It is written once, about 5.6 GB, into --dir.
+
+Each engine runs in its own subprocess, so peak RSS is that engine's own, on the same prompt
+of random token ids: load time, prefill of --prompt tokens (last logits only), then --decode
+tokens one at a time. The run also streams a large buffer to measure the machine's memory
+read bandwidth, and counts the bytes of weights one decoded token touches, which together
+give a floor on decode time per token.
+
+    python benchmarks/bench_flash_layers.py [--dir bench-models] [--prompt 512] [--decode 16]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+from gguf import GGMLQuantizationType as T
+
+from dwarfstar.model.config import ModelConfig
+
+THREADS = 2
+CONFIG = ModelConfig(n_layer=2, n_hash_layer=0, compress_ratios=(4, 128), swiglu_limit=(10.0, 10.0))
+MODEL_NAME = "flash-2layers-iq2xxs-q2k.gguf"
+ROUTED = ("ffn_gate_exps.weight", "ffn_up_exps.weight", "ffn_down_exps.weight")
+# ds4 keeps these matrices in F16 (the rest of the matrices are Q8_0, vectors F32).
+F16_MATRICES = ("token_embd.", "hc_", "compressor", "indexer", "ffn_gate_inp.")
+
+
+def ds4_kind(name: str, shape: tuple[int, ...]) -> T:
+    """The stored type ds4's 2-bit Flash file gives each tensor."""
+    if name.endswith(("ffn_gate_exps.weight", "ffn_up_exps.weight")):
+        return T.IQ2_XXS
+    if name.endswith("ffn_down_exps.weight"):
+        return T.Q2_K
+    if len(shape) == 1:
+        return T.F32
+    if any(part in name for part in F16_MATRICES):
+        return T.F16
+    return T.Q8_0
+
+
+def build_model(directory: Path) -> Path:
+    from dwarfstar.convert.synthetic import write_random_model
+
+    path = directory / MODEL_NAME
+    if not path.exists():
+        directory.mkdir(parents=True, exist_ok=True)
+        print(f"building {path} (random weights, about 5.6 GB; once) ...", file=sys.stderr)
+        write_random_model(path, CONFIG, ds4_kind, seed=0, progress=True)
+    return path
+
+
+def decode_bytes(path: Path) -> tuple[int, int]:
+    """(file's tensor bytes, bytes of weights one decoded token reads).
+
+    A token reads every matrix of the attention, compressor, indexer, router, shared expert and
+    head, 6 of the 256 routed experts per layer, and one row of the embedding.
+    """
+    from dwarfstar.gguf.reader import GGUFFile
+
+    tensors = GGUFFile(path).tensors.values()
+    total = sum(t.data.nbytes for t in tensors)
+    used = 0.0
+    for t in tensors:
+        if t.name.endswith(ROUTED):
+            used += t.data.nbytes * CONFIG.n_expert_used / CONFIG.n_expert
+        elif t.name == "token_embd.weight":
+            used += t.data.nbytes / CONFIG.vocab_size
+        else:
+            used += t.data.nbytes
+    return total, int(used)
+
+
+def read_bandwidth() -> float:
+    """Bytes per second of a plain streaming read (a sum over 1 GiB of float32), best of 5."""
+    import torch
+
+    torch.set_num_threads(THREADS)
+    buffer = torch.ones(1 << 28)
+    best = float("inf")
+    for _ in range(5):
+        start = time.perf_counter()
+        buffer.sum()
+        best = min(best, time.perf_counter() - start)
+    return buffer.numel() * 4 / best
+
+
+def prompt_tokens(length: int) -> list[int]:
+    return np.random.default_rng(1).integers(2, CONFIG.vocab_size, length).tolist()
+
+
+def run_ours(path: Path, prompt: list[int], decode: list[int]) -> dict[str, float]:
+    import torch
+
+    from dwarfstar.model.model import Model
+
+    torch.set_num_threads(THREADS)
+    start = time.perf_counter()
+    model = Model.load(path)
+    loaded = time.perf_counter()
+    session = model.new_session()
+    model.forward(torch.tensor(prompt), session, all_logits=False)
+    prefilled = time.perf_counter()
+    for token in decode:
+        model.forward(torch.tensor([token]), session, all_logits=False)
+    return timings(start, loaded, prefilled, time.perf_counter(), len(prompt), len(decode))
+
+
+def run_llama_cpp(path: Path, prompt: list[int], decode: list[int]) -> dict[str, float]:
+    import llama_cpp
+
+    start = time.perf_counter()
+    llm = llama_cpp.Llama(
+        model_path=str(path),
+        n_ctx=len(prompt) + len(decode),
+        n_batch=len(prompt),
+        n_ubatch=min(len(prompt), 512),
+        n_threads=THREADS,
+        n_threads_batch=THREADS,
+        verbose=False,
+    )
+    loaded = time.perf_counter()
+    llm.eval(prompt)
+    prefilled = time.perf_counter()
+    for token in decode:
+        llm.eval([token])
+    return timings(start, loaded, prefilled, time.perf_counter(), len(prompt), len(decode))
+
+
+def timings(start: float, loaded: float, prefilled: float, done: float, n_prompt: int, n_decode: int):
+    return {
+        "load s": loaded - start,
+        "prefill tok/s": n_prompt / (prefilled - loaded),
+        "decode tok/s": n_decode / (done - prefilled),
+        "peak RSS GiB": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 2**30,
+    }
+
+
+ENGINES = {"dwarfstar": run_ours, "llama.cpp": run_llama_cpp}
+
+
+def measure(engine: str, path: Path, n_prompt: int, n_decode: int) -> dict[str, float]:
+    """Run one engine in a fresh interpreter; its last stdout line is the JSON of its figures."""
+    command = [sys.executable, __file__, "--engine", engine, "--model", str(path)]
+    command += ["--prompt", str(n_prompt), "--decode", str(n_decode)]
+    done = subprocess.run(command, stdout=subprocess.PIPE, text=True, check=True)
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--dir", type=Path, default=Path("bench-models"), help="where the model is cached")
+    parser.add_argument("--prompt", type=int, default=512, help="prompt length (tokens)")
+    parser.add_argument("--decode", type=int, default=16, help="tokens decoded after the prompt")
+    parser.add_argument("--engine", choices=ENGINES, help=argparse.SUPPRESS)  # the subprocesses
+    parser.add_argument("--model", type=Path, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+
+    tokens = prompt_tokens(args.prompt + args.decode)
+    if args.engine:
+        figures = ENGINES[args.engine](args.model, tokens[: args.prompt], tokens[args.prompt :])
+        print(json.dumps(figures))
+        return
+
+    path = build_model(args.dir)
+    total, per_token = decode_bytes(path)
+    bandwidth = read_bandwidth()
+    results = {engine: measure(engine, path, args.prompt, args.decode) for engine in ENGINES}
+
+    print(f"model: {path} ({total / 2**30:.2f} GiB of tensors), {THREADS} threads")
+    print(f"prompt {args.prompt} tokens, then {args.decode} decoded one at a time")
+    ours, theirs = results["dwarfstar"], results["llama.cpp"]
+    print(f"\n{'':16}{'dwarfstar':>12}{'llama.cpp':>12}{'us/llama.cpp':>14}")
+    for figure in ours:
+        print(f"{figure:16}{ours[figure]:12.3f}{theirs[figure]:12.3f}{ours[figure] / theirs[figure]:14.3f}")
+    floor = per_token / bandwidth
+    print(f"\nweights read per decoded token: {per_token / 2**20:.1f} MiB")
+    print(f"memory read bandwidth ({THREADS} threads, streaming sum): {bandwidth / 2**30:.2f} GiB/s")
+    print(f"decode floor from bandwidth: {floor * 1e3:.1f} ms/token = {1 / floor:.1f} tok/s at most")
+
+
+if __name__ == "__main__":
+    main()
