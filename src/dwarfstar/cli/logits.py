@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 from dwarfstar.cli.main import CommandError
 
 DEMO_DIR = Path("demo")
+# Bounds the attention score tensors of a long prompt; every chunking gives the same logits.
+DEFAULT_CHUNK = 512
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -21,7 +24,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--tokens", type=Path, help="JSON file with a list of token ids")
     p.add_argument("--out", type=Path, help="output .npy file")
     p.add_argument(
-        "--chunk", type=int, default=None, help="prefill in chunks of N tokens (1 = token by token)"
+        "--chunk",
+        type=int,
+        default=DEFAULT_CHUNK,
+        help=f"prefill in chunks of N tokens (1 = token by token; default {DEFAULT_CHUNK})",
     )
     p.add_argument(
         "--no-quant-sim",
@@ -39,6 +45,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     import numpy as np
     import torch
+    from tqdm import tqdm
 
     from dwarfstar.gguf.reader import GGUFError
     from dwarfstar.model.config import ConfigError
@@ -54,7 +61,7 @@ def run(args: argparse.Namespace) -> int:
     ]
     if missing:
         raise CommandError(f"missing {', '.join(missing)} (or use --demo)")
-    if args.chunk is not None and args.chunk < 1:
+    if args.chunk < 1:
         raise CommandError("--chunk must be at least 1")
     tokens = _read_tokens(args.tokens)
     try:
@@ -66,7 +73,8 @@ def run(args: argparse.Namespace) -> int:
     bad = [t for t in tokens if not 0 <= t < model.config.vocab_size]
     if bad:
         raise CommandError(f"token ids out of range [0, {model.config.vocab_size}): {bad[:5]}")
-    logits = model.prefill(torch.tensor(tokens), model.new_session(), args.chunk)
+    with tqdm(total=len(tokens), desc="prefill", unit="tok", disable=not sys.stderr.isatty()) as bar:
+        logits = model.prefill(torch.tensor(tokens), model.new_session(), args.chunk, bar.update)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     np.save(args.out, logits.numpy().astype(np.float32))
     sim = "on" if model.quant_sim else "off"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -76,10 +77,22 @@ class Model:
         )
         return quant.linear(y, self.weights.output)
 
-    def prefill(self, tokens: torch.Tensor, session: Session, chunk: int | None = None) -> torch.Tensor:
-        """Logits for every token, processing the prompt in chunks of ``chunk`` tokens."""
+    def prefill(
+        self,
+        tokens: torch.Tensor,
+        session: Session,
+        chunk: int | None = None,
+        on_chunk: Callable[[int], None] | None = None,
+    ) -> torch.Tensor:
+        """Logits for every token, processing the prompt in chunks of ``chunk`` tokens.
+
+        ``on_chunk`` is called with the number of tokens after each chunk (progress display).
+        """
         tokens = torch.as_tensor(tokens, dtype=torch.long).reshape(-1)
         step = chunk or max(1, tokens.shape[0])
-        return torch.cat(
-            [self.forward(tokens[i : i + step], session) for i in range(0, tokens.shape[0], step)]
-        )
+        out = []
+        for start in range(0, tokens.shape[0], step):
+            out.append(self.forward(tokens[start : start + step], session))
+            if on_chunk is not None:
+                on_chunk(out[-1].shape[0])
+        return torch.cat(out)
