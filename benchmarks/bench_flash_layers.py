@@ -118,6 +118,7 @@ def run_ours(path: Path, prompt: list[int], decode: list[int]) -> dict[str, floa
 
 
 def run_llama_cpp(path: Path, prompt: list[int], decode: list[int]) -> dict[str, float]:
+    """llama.cpp as its Python binding sets it up by default: f16 KV cache, no flash attention."""
     import llama_cpp
 
     start = time.perf_counter()
@@ -138,7 +139,9 @@ def run_llama_cpp(path: Path, prompt: list[int], decode: list[int]) -> dict[str,
     return timings(start, loaded, prefilled, time.perf_counter(), len(prompt), len(decode))
 
 
-def timings(start: float, loaded: float, prefilled: float, done: float, n_prompt: int, n_decode: int):
+def timings(
+    start: float, loaded: float, prefilled: float, done: float, n_prompt: int, n_decode: int
+) -> dict[str, float]:
     return {
         "load s": loaded - start,
         "prefill tok/s": n_prompt / (prefilled - loaded),
@@ -184,6 +187,7 @@ def main() -> None:
     print(f"\n{'':16}{'dwarfstar':>12}{'llama.cpp':>12}{'us/llama.cpp':>14}")
     for figure in ours:
         print(f"{figure:16}{ours[figure]:12.3f}{theirs[figure]:12.3f}{ours[figure] / theirs[figure]:14.3f}")
+    print("(tok/s: higher is better; load time and peak RSS: lower is better)")
     floor = per_token / bandwidth
     print(f"\nweights read per decoded token: {per_token / 2**20:.1f} MiB")
     print(f"memory read bandwidth ({THREADS} threads, streaming sum): {bandwidth / 2**30:.2f} GiB/s")

@@ -10,8 +10,9 @@ attention off, every tensor of its graph is float32 on the CPU backend (the comp
 always f32; the Hadamard rotation it applies to q/k and the indexer is orthogonal, hence exact up
 to f32 rounding; masks hold only 0 / -inf), and the two engines agree to ~1e-5.
 
-llama.cpp needs head and indexer dims that are powers of two >= 64 (its Hadamard matrices);
-``tiny_hf_config()`` has 64 for both.
+llama.cpp always rotates the indexer's keys with a Hadamard matrix, which it builds only for
+powers of two from 64 up (a 32-wide indexer aborts the process); ``tiny_hf_config()`` has head
+and indexer dims of 64.
 """
 
 from __future__ import annotations
