@@ -174,6 +174,5 @@ def attention(
 
     # Grouped output projection: each group of heads has its own block of out_a.
     groups = out.reshape(n_tok, c.o_groups, -1)
-    out_a = quant.dequantize(w.out_a).view(c.o_groups, c.o_lora_rank, -1)
-    z = torch.einsum("tgi,goi->tgo", groups, out_a)
-    return quant.linear(z.flatten(1), w.out_b)
+    z = torch.cat([quant.expert_linear(groups[:, g], w.out_a, g) for g in range(c.o_groups)], dim=1)
+    return quant.linear(z, w.out_b)

@@ -55,7 +55,7 @@ class Attention:
     kv: QTensor
     kv_norm: torch.Tensor
     sinks: torch.Tensor
-    out_a: QTensor  # (groups·o_lora_rank, heads·head_dim / groups): one block per group
+    out_a: QTensor  # (groups, o_lora_rank, heads·head_dim / groups): one projection per head group
     out_b: QTensor
     compressor: Compressor | None
     indexer: Indexer | None
@@ -215,6 +215,12 @@ def bind(config: ModelConfig, tensors: dict, path: str = "model") -> Weights:
     )
 
 
+def _split_rows(t: QTensor, groups: int) -> QTensor:
+    """View a (groups·rows, cols) matrix as ``groups`` stacked (rows, cols) matrices."""
+    rows = t.shape[0] // groups
+    return QTensor(t.kind, (groups, rows, t.shape[1]), t.data.view(groups, rows, *t.data.shape[1:]))
+
+
 def _bind_layer(b: _Binder, config: ModelConfig, layer: int) -> Layer:
     prefix = layer_prefix(layer)
     shapes = expected_shapes(config, layer)
@@ -272,7 +278,7 @@ def _bind_layer(b: _Binder, config: ModelConfig, layer: int) -> Layer:
             kv=get("attn_kv.weight"),
             kv_norm=dense("attn_kv_a_norm.weight"),
             sinks=dense("attn_sinks.weight"),
-            out_a=get("attn_output_a.weight"),
+            out_a=_split_rows(get("attn_output_a.weight"), config.o_groups),
             out_b=get("attn_output_b.weight"),
             compressor=compressor,
             indexer=indexer,
