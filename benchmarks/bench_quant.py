@@ -48,6 +48,11 @@ def read_bandwidth(repeats: int) -> float:
     return POOL_BYTES / median_seconds(lambda _: buffer.sum(), repeats)
 
 
+def linear_seconds(x: torch.Tensor, copies: list[quant.QTensor], repeats: int) -> float:
+    """Median time of `quant.linear(x, w)`, each call on the next copy of the weight."""
+    return median_seconds(lambda i: quant.linear(x, copies[i % len(copies)]), repeats)
+
+
 def weight_copies(kind: Q, shape: tuple[int, int], generator: np.random.Generator) -> list[quant.QTensor]:
     stored = quant.random_blocks(kind, shape, generator)
     copies = min(MAX_COPIES, max(2, POOL_BYTES // stored.nbytes))
@@ -55,8 +60,12 @@ def weight_copies(kind: Q, shape: tuple[int, int], generator: np.random.Generato
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--kinds", nargs="+", default=[k.name for k in KINDS], choices=[k.name for k in KINDS])
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--kinds", nargs="+", default=[k.name for k in KINDS], choices=[k.name for k in KINDS]
+    )
     parser.add_argument("--repeats", type=int, default=15)
     parser.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
     args = parser.parse_args()
@@ -76,7 +85,7 @@ def main() -> None:
             floor = nbytes / bandwidth
             for batch in BATCHES:
                 x = torch.from_numpy(generator.standard_normal((batch, shape[1]), dtype=np.float32))
-                seconds = median_seconds(lambda i: quant.linear(x, copies[i % len(copies)]), args.repeats)
+                seconds = linear_seconds(x, copies, args.repeats)
                 print(
                     f"{name:8} {shape[0]:>5}x{shape[1]:<4} {nbytes / 1e6:6.2f} {batch:6} "
                     f"{seconds * 1e3:9.2f} {nbytes / seconds / 1e9:7.2f} {seconds / floor:8.1f}"

@@ -3,13 +3,17 @@
 import gguf
 import hypothesis.extra.numpy as hnp
 import numpy as np
+import pytest
 import torch
 from gguf import GGMLQuantizationType as Q
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
-from dwarfstar.quant import SUPPORTED_KINDS, QTensor, bytes_per_row, dequantize, random_blocks
+from dwarfstar.quant import SUPPORTED_KINDS, QTensor, bytes_per_row, dequantize, formats, random_blocks
 from dwarfstar.quant.formats import iq2_xxs_grid, iq2_xxs_signs
+from dwarfstar.quant.tensor import is_block_kind
+
+BLOCK_KINDS = [kind for kind in SUPPORTED_KINDS if is_block_kind(kind)]
 
 shapes = st.tuples(st.integers(1, 3), st.integers(1, 2)).map(lambda s: (s[0], 256 * s[1]))
 stacked_shapes = st.tuples(st.integers(1, 2), shapes).map(lambda s: (s[0], *s[1]))
@@ -73,6 +77,44 @@ def test_extreme_scales_dequantize_like_gguf():
         expected = gguf.quants.dequantize(stored, Q.MXFP4)
     ours = dequantize(QTensor.from_numpy(Q.MXFP4, (256, 32), stored))
     np.testing.assert_array_equal(ours.numpy().view(np.uint32), expected.view(np.uint32))
+
+
+@pytest.mark.parametrize("kind", BLOCK_KINDS, ids=lambda kind: kind.name)
+@pytest.mark.parametrize("band_values", [1, 300])
+def test_dequantize_in_bands(kind, band_values, monkeypatch):
+    """Bands of one block, or of a number of values that is not a whole number of blocks."""
+    monkeypatch.setattr(formats, "BAND_VALUES", band_values)
+    stored = random_blocks(kind, (5, 512), np.random.default_rng(3))
+    ours = dequantize(QTensor.from_numpy(kind, (5, 512), stored))
+    assert_bits_equal(ours, gguf.quants.dequantize(stored, kind))
+
+
+@pytest.mark.parametrize("kind", BLOCK_KINDS, ids=lambda kind: kind.name)
+@pytest.mark.parametrize("offset", [1, 2, 3, 4])
+def test_data_at_any_byte_offset_dequantizes_alike(kind, offset):
+    """The decoders view the bytes as wider types; data that is not aligned for that is copied first."""
+    stored = random_blocks(kind, (3, 256), np.random.default_rng(offset))
+    buffer = torch.zeros(offset + stored.nbytes, dtype=torch.uint8)
+    buffer[offset:] = torch.from_numpy(stored.reshape(-1))
+    t = QTensor(kind, (3, 256), buffer[offset:].view(stored.shape))
+    assert t.data.storage_offset() == offset
+    assert_bits_equal(dequantize(t), gguf.quants.dequantize(stored, kind))
+    last_row = QTensor(kind, (1, 256), t.data[2:])
+    assert_bits_equal(dequantize(last_row), gguf.quants.dequantize(stored[2:], kind))
+
+
+def test_iq2_xxs_every_grid_point_with_every_sign_pattern_and_scale():
+    """1024 blocks whose 32768 grid points take each (grid index, sign index) pair once, and every scale."""
+    pairs = np.arange(256 * 128)
+    grid_index, sign_index = (pairs // 128).reshape(-1, 4), (pairs % 128).reshape(-1, 4)  # per group
+    scale = np.arange(len(grid_index)) % 16
+    aux = (sign_index << np.arange(0, 28, 7)).sum(axis=1) | (scale << 28)
+    groups = np.concatenate([grid_index.astype(np.uint8), aux.astype("<u4")[:, None].view(np.uint8)], axis=1)
+    blocks = np.empty((len(groups) // 8, 66), dtype=np.uint8)
+    blocks[:, :2] = np.array([0.01], dtype=np.float16).view(np.uint8)
+    blocks[:, 2:] = groups.reshape(-1, 64)
+    ours = dequantize(QTensor.from_numpy(Q.IQ2_XXS, (len(blocks), 256), blocks))
+    assert_bits_equal(ours, gguf.quants.dequantize(blocks, Q.IQ2_XXS))
 
 
 def test_iq2_xxs_tables_match_gguf_py():

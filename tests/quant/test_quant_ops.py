@@ -13,8 +13,8 @@ from dwarfstar.quant import (
     QTensor,
     dequantize,
     expert_linear,
-    linear,
     formats,
+    linear,
     random_blocks,
     take_rows,
 )
@@ -58,13 +58,16 @@ def test_linear_is_dequantize_then_matmul(kind, rows, x_shape, seed):
 
 
 @pytest.mark.parametrize("kind", SUPPORTED_KINDS, ids=lambda kind: kind.name)
-def test_linear_in_bands_of_rows(kind, monkeypatch):
-    """A budget of two float32 rows per band: 7 rows take bands of 2, 2, 2 and 1."""
+@pytest.mark.parametrize("x_shape", [(1,), (2, 3), (40,)], ids=str)
+def test_linear_in_bands_of_rows(kind, x_shape, monkeypatch):
+    """A budget of two rows per band: 7 rows take bands of 2, 2, 2 and 1, whatever the batch."""
     monkeypatch.setattr(formats, "BAND_VALUES", 2 * 256)
     generator = np.random.default_rng(1)
     w = random_qtensor(kind, (7, 256), generator)
-    x = torch.from_numpy(generator.standard_normal((2, 3, 256), dtype=np.float32))
-    assert_matmul_close(linear(x, w), x @ dequantize(w).T)
+    x = torch.from_numpy(generator.standard_normal((*x_shape, 256), dtype=np.float32))
+    ours = linear(x, w)
+    assert ours.is_contiguous()
+    assert_matmul_close(ours, x @ dequantize(w).T)
 
 
 @settings(deadline=None, max_examples=50)

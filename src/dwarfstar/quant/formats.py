@@ -21,40 +21,42 @@ from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
 Q = GGMLQuantizationType
 
-# Values decoded at a time: a band's float32 values (1 MiB) and its temporaries stay in cache.
-BAND_VALUES = 1 << 18
+# Values decoded at a time: big enough to amortize the fixed cost of each torch operation (several
+# microseconds), small enough for the band (4 MiB of float32) and its temporaries to stay in cache.
+BAND_VALUES = 1 << 20
 
 
-def _half(blocks: torch.Tensor, offset: int) -> torch.Tensor:
-    """The fp16 at byte `offset` of each block, as float32 of shape (n, 1)."""
-    return blocks[:, offset : offset + 2].contiguous().view(torch.float16).float()
+def _aligned(packed: torch.Tensor, size: int) -> torch.Tensor:
+    """packed (n, k) bytes, copied if needed so that they can be viewed as elements of `size` bytes."""
+    if packed.storage_offset() % size or packed.stride(0) % size:
+        return packed.clone(memory_format=torch.contiguous_format)
+    return packed
 
 
-def _words(packed: torch.Tensor) -> torch.Tensor:
-    """Bytes (n, 4 * k) as int32 words (n, k): a view where the bytes are aligned, else a copy."""
-    if packed.storage_offset() % 4 or packed.stride(0) % 4:
-        packed = packed.clone(memory_format=torch.contiguous_format)
-    return packed.view(torch.int32)
+def _halves(blocks: torch.Tensor, offset: int, count: int = 1) -> torch.Tensor:
+    """The `count` fp16 values from byte `offset` of each block, as float32 of shape (n, count)."""
+    halves = _aligned(blocks, 2).view(torch.float16)
+    return halves[:, offset // 2 : offset // 2 + count].float()
 
 
-def _fields(packed: torch.Tensor, bits: int) -> torch.Tensor:
-    """Split each byte of packed (n, m, 4 * k) into its 8/bits fields, lowest first: (n, m, 8/bits, 4 * k).
+def _fields(packed: torch.Tensor, bits: int, run: int) -> torch.Tensor:
+    """Split the bytes of packed (n, k) into bits-wide fields, lowest first, grouped per run of `run`
+    bytes: the run's first fields, then its second fields, ...: uint8 (n, k // run, 8 // bits, run).
 
-    Works on int32 words, four bytes per element, shifting by one constant per operation (a
-    tensor of shift amounts makes torch fall back to a slow elementwise loop).
+    Works on int32 words (four bytes per element), one shift by a constant per field, then
+    interleaves the runs with one stack: shifting by a tensor of amounts, or writing the fields
+    into strided slices, would make torch fall back to slow elementwise loops.
     """
-    words = _words(packed.flatten(1)).view(*packed.shape[:-1], 1, -1)
-    fields = words.new_empty(*packed.shape[:-1], 8 // bits, words.shape[-1])
-    for i in range(8 // bits):
-        torch.bitwise_right_shift(words, bits * i, out=fields[..., i : i + 1, :])
-    mask = int.from_bytes(bytes([(1 << bits) - 1] * 4), "little")
-    return fields.bitwise_and_(mask).view(torch.uint8)
+    n, k = packed.shape
+    words = _aligned(packed, 4).view(torch.int32).view(n, k // run, run // 4)
+    fields = torch.stack([words >> (bits * i) for i in range(8 // bits)], dim=2)
+    return fields.bitwise_and_(int.from_bytes(bytes([(1 << bits) - 1]) * 4, "little")).view(torch.uint8)
 
 
 def q8_0(blocks: torch.Tensor, out: torch.Tensor) -> None:
     """34 bytes -> 32 values: d (fp16) | q[32] (int8); value = q * d."""
     out.copy_(blocks[:, 2:].view(torch.int8))
-    out.mul_(_half(blocks, 0))
+    out.mul_(_halves(blocks, 0))
 
 
 def q2_k(blocks: torch.Tensor, out: torch.Tensor) -> None:
@@ -65,13 +67,10 @@ def q2_k(blocks: torch.Tensor, out: torch.Tensor) -> None:
     value = (d * scale) * q - dmin * min.
     """
     n = blocks.shape[0]
-    scales = blocks[:, :16]
-    scale = (_half(blocks, 80) * (scales & 0xF).float()).view(n, 16, 1)
-    minimum = (_half(blocks, 82) * (scales >> 4).float()).view(n, 16, 1)
-    codes = _fields(blocks[:, 16:80].view(n, 2, 32), 2)
-    values = out.view(n, 16, 16)
-    values.copy_(codes.view(n, 16, 16))
-    values.mul_(scale).sub_(minimum)
+    scales_and_mins = _fields(blocks[:, :16], 4, 16).view(n, 2, 16).float()
+    scale, minimum = (_halves(blocks, 80, 2).view(n, 2, 1) * scales_and_mins).unsqueeze(-1).unbind(1)
+    out.view(n, 2, 4, 32).copy_(_fields(blocks[:, 16:80], 2, 32))
+    out.view(n, 16, 16).mul_(scale).sub_(minimum)
 
 
 def q4_k(blocks: torch.Tensor, out: torch.Tensor) -> None:
@@ -84,15 +83,14 @@ def q4_k(blocks: torch.Tensor, out: torch.Tensor) -> None:
     value = (d * scale) * q - dmin * min.
     """
     n = blocks.shape[0]
-    low_scales, low_mins, high = blocks[:, 4:16].reshape(n, 3, 4).unbind(1)
+    low_scales, low_mins, high = blocks[:, 4:16].contiguous().view(n, 3, 4).unbind(1)
     scales = torch.cat([low_scales & 0x3F, (high & 0xF) | ((low_scales >> 2) & 0x30)], dim=-1)
     mins = torch.cat([low_mins & 0x3F, (high >> 4) | ((low_mins >> 2) & 0x30)], dim=-1)
-    scale = (_half(blocks, 0) * scales.float()).view(n, 8, 1)
-    minimum = (_half(blocks, 2) * mins.float()).view(n, 8, 1)
-    codes = _fields(blocks[:, 16:].view(n, 4, 32), 4)
-    values = out.view(n, 8, 32)
-    values.copy_(codes.view(n, 8, 32))
-    values.mul_(scale).sub_(minimum)
+    d, dmin = _halves(blocks, 0, 2).unbind(1)
+    scale = (d.view(n, 1) * scales.float()).view(n, 8, 1)
+    minimum = (dmin.view(n, 1) * mins.float()).view(n, 8, 1)
+    out.view(n, 4, 2, 32).copy_(_fields(blocks[:, 16:], 4, 32))
+    out.view(n, 8, 32).mul_(scale).sub_(minimum)
 
 
 # ggml's kgrid_2bit_256: 256 grid points of 8 magnitudes, 2 bits each (lowest bits first),
@@ -155,14 +153,18 @@ def iq2_xxs(blocks: torch.Tensor, out: torch.Tensor) -> None:
     value = (d * (0.5 + s) * 0.25) * grid * sign.
     """
     n = blocks.shape[0]
-    words = _words(blocks[:, 2:]).view(n, 8, 2)
-    grid_index, aux = words[..., :1].view(torch.uint8), words[..., 1:]  # (n, 8, 4), (n, 8, 1)
-    scale = (_half(blocks, 0) * (0.5 + ((aux.squeeze(-1) >> 28) & 0xF).float()) * 0.25).view(n, 8, 1)
-    sign_index = aux.new_empty(n, 8, 4)
-    for i in range(4):
-        torch.bitwise_right_shift(aux, 7 * i, out=sign_index[..., i : i + 1])
-    sign_index.bitwise_and_(127)
-    index = torch.add(sign_index, grid_index, alpha=128)
+    groups = _aligned(blocks[:, 2:], 8).view(torch.int64)  # (n, 8): grid indices in bits 0-31, aux above
+    s = (groups >> 60).bitwise_and_(0xF).float()
+    scale = (_halves(blocks, 0) * (0.5 + s) * 0.25).view(n, 8, 1)
+    # The four table indices of a group, 128 * grid + sign, assembled in the four 16-bit lanes of
+    # an int64: each step ORs in a shifted copy and masks away all but the fields it moved apart.
+    signs = (groups >> 32).bitwise_and_(0x0FFFFFFF)  # 7-bit fields at bits 0, 7, 14, 21
+    signs = (signs | signs << 18).bitwise_and_(0x00003FFF00003FFF)  # at 0, 7, 32, 39
+    signs = (signs | signs << 9).bitwise_and_(0x007F007F007F007F)  # at 0, 16, 32, 48
+    grid = groups & 0xFFFFFFFF  # bytes at 0, 8, 16, 24
+    grid = (grid | grid << 16).bitwise_and_(0x0000FFFF0000FFFF)  # at 0, 8, 32, 40
+    grid = (grid | grid << 8).bitwise_and_(0x00FF00FF00FF00FF)  # at 0, 16, 32, 48
+    index = grid.bitwise_left_shift_(7).bitwise_or_(signs).view(torch.int16).int()
     packed = _IQ2_XXS_TABLE.to(blocks.device).index_select(0, index.view(-1))
     # (scale * grid) * sign == scale * (grid * sign) exactly: flipping a sign never rounds.
     values = out.view(n, 8, 32)
@@ -181,9 +183,8 @@ def mxfp4(blocks: torch.Tensor, out: torch.Tensor) -> None:
     n = blocks.shape[0]
     e = blocks[:, :1].int()
     half_scale = torch.where(e < 2, 0x00200000 << e, (e - 1) << 23).view(torch.float32)
-    codes = _fields(blocks[:, 1:].view(n, 1, 16), 4)
-    values = _MXFP4_VALUES.to(blocks.device).index_select(0, codes.view(-1).int())
-    torch.mul(values.view(n, 32), half_scale, out=out)
+    codes = _fields(blocks[:, 1:], 4, 16).view(-1).int()
+    torch.mul(_MXFP4_VALUES.to(blocks.device).index_select(0, codes).view(n, 32), half_scale, out=out)
 
 
 Decoder = Callable[[torch.Tensor, torch.Tensor], None]

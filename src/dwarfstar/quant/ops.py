@@ -61,8 +61,8 @@ def _matmul_stored(x: torch.Tensor, w: QTensor) -> torch.Tensor:
 
 
 def _matmul_dequantized(x: torch.Tensor, w: QTensor) -> torch.Tensor:
-    """Any format: dequantize a band of rows at a time into one cache-sized buffer, multiplying as
-    we go, so that the weights make one trip from memory and their float32 values none."""
+    """Any format: dequantize a band of rows at a time into one buffer that stays in cache and
+    multiply it at once, so that the float32 weights never travel to and from memory."""
     rows, cols = w.shape
     band = max(1, formats.BAND_VALUES // cols)
     flat = x.reshape(-1, cols)
@@ -72,7 +72,7 @@ def _matmul_dequantized(x: torch.Tensor, w: QTensor) -> torch.Tensor:
         stop = min(start + band, rows)
         decode_into(w.kind, w.data[start:stop], weights[: stop - start])
         torch.mm(weights[: stop - start], flat.T, out=out[start:stop])
-    return out.T.reshape(*x.shape[:-1], rows)
+    return out.T.reshape(*x.shape[:-1], rows).contiguous()
 
 
 Q = GGMLQuantizationType
