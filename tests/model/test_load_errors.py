@@ -169,3 +169,34 @@ def test_cli_reports_a_bad_file_without_traceback(good, tmp_path):
     assert result.returncode == 2
     assert "missing tensor 'output.weight'" in result.stderr and "Traceback" not in result.stderr
     assert not (tmp_path / "o.npy").exists()
+
+
+def test_hash_table_with_expert_ids_out_of_range_is_named(good, tmp_path):
+    from dwarfstar.gguf.reader import GGUFFile as File
+    from dwarfstar.model.weights import _Binder
+
+    tensors = dict(File(good[0]).tensors)
+    info = tensors["blk.0.ffn_gate_tid2eid.weight"]
+    broken = np.array(info.data)
+    broken[3, 1] = SMALL.n_expert
+    tensors["blk.0.ffn_gate_tid2eid.weight"] = dataclasses.replace(info, data=broken)
+    with pytest.raises(
+        WeightsError, match=r"'blk\.0\.ffn_gate_tid2eid\.weight' holds expert ids outside \[0, 4\)"
+    ):
+        _Binder(tensors, "x.gguf", SMALL.n_expert).dense(
+            "blk.0.ffn_gate_tid2eid.weight", (SMALL.vocab_size, SMALL.n_expert_used)
+        )
+
+
+@pytest.mark.parametrize(
+    ("short", "value", "message"),
+    [
+        ("attention.compress_ratios", 4, "must be an array"),
+        ("attention.compress_ratios", [0, 8, 128], r"unsupported ratios \[8\]"),
+        ("swiglu_clamp_exp", ["a", "b", "c"], "not a valid float"),
+        ("block_count", "three", "not a valid int"),
+    ],
+)
+def test_malformed_metadata_is_named(good, short, value, message):
+    with pytest.raises(ConfigError, match=message):
+        ModelConfig.from_metadata({**good[1], key(short): value})

@@ -81,3 +81,25 @@ def test_fp8_round_uses_power_of_two_block_scales():
         q = yb / scale
         assert torch.equal(q, q.to(torch.float8_e4m3fn).to(torch.float32))
         assert ((yb - xb).abs() <= xb.abs() * 2**-4 + scale * 2**-9).all()
+
+
+def test_without_yarn_compressed_layers_use_the_plain_compress_base():
+    config = ModelConfig(rope_factor=1.0, rope_original_context=0)
+    expected = 160000.0 ** (-torch.arange(0, 64, 2, dtype=torch.float32) / 64)
+    torch.testing.assert_close(yarn_frequencies(config), expected)
+
+
+def test_power_of_two_scales_round_up_exactly_at_the_boundary():
+    top = torch.tensor(448.0)
+    for k in range(-20, 10):
+        at = top * 2.0**k
+        just_above = torch.nextafter(at, torch.tensor(float("inf")))
+        assert quantsim._pow2_scale(at[None], 448.0).item() == 2.0**k
+        assert quantsim._pow2_scale(just_above[None], 448.0).item() == 2.0 ** (k + 1)
+
+
+def test_hadamard_rejects_widths_that_are_not_powers_of_two():
+    import pytest
+
+    with pytest.raises(ValueError, match="power-of-two width, got 48"):
+        quantsim.hadamard(torch.zeros(2, 48))

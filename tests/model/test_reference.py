@@ -82,3 +82,16 @@ def test_indexer_really_selects(setup):
     assert model.config.index_topk < LONG // 4
     assert [model.config.ratio(i) for i in range(model.config.n_layer)] == [0, 4, 128, 4]
     assert model.config.hash_routed(1) and not model.config.hash_routed(2)
+
+
+@pytest.mark.parametrize("chunk", [None, 64])
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_query_blocks_for_long_contexts_match_transformers(setup, monkeypatch, name, chunk):
+    """With a small score budget, attention and indexer run in blocks of queries, as they do at
+    long context on the real model; the result must not change."""
+    from dwarfstar.model import attention
+
+    model, ids, reference = setup(name, LONG)
+    monkeypatch.setattr(attention, "_SCORE_BUDGET", 20_000)
+    assert attention._query_block(LONG, model.config.n_head, model.config.window) < 64
+    assert max_error(model, ids, reference, chunk) <= TOLERANCE

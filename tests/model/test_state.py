@@ -75,3 +75,12 @@ def test_quant_sim_chunked_equals_full_pass(gguf_model_factory):
     full = model.prefill(tokens, model.new_session())
     for chunk in (1, 9):
         assert (model.prefill(tokens, model.new_session(), chunk) - full).abs().max() <= 1e-4
+
+
+def test_state_keeps_no_chunk_buffers_alive(model):
+    """Retained rows are their own tensors, not views that pin a whole chunk's buffers."""
+    session = model.new_session()
+    model.prefill(ids(301), session)
+    for layer in session.layers:
+        for t in layer.tensors():
+            assert t.untyped_storage().nbytes() == t.numel() * t.element_size()

@@ -64,33 +64,53 @@ def run(args: argparse.Namespace) -> int:
     if args.chunk < 1:
         raise CommandError("--chunk must be at least 1")
     tokens = _read_tokens(args.tokens)
+    if args.out.is_dir():
+        raise CommandError(f"--out {args.out} is a directory; give a .npy file name")
     try:
         model = Model.load(args.model, quant_sim=False if args.no_quant_sim else None)
-    except FileNotFoundError:
-        raise CommandError(f"{args.model}: no such file") from None
     except (GGUFError, ConfigError, WeightsError) as err:
         raise CommandError(str(err)) from None
     bad = [t for t in tokens if not 0 <= t < model.config.vocab_size]
     if bad:
         raise CommandError(f"token ids out of range [0, {model.config.vocab_size}): {bad[:5]}")
-    with tqdm(total=len(tokens), desc="prefill", unit="tok", disable=not sys.stderr.isatty()) as bar:
-        logits = model.prefill(torch.tensor(tokens), model.new_session(), args.chunk, bar.update)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    np.save(args.out, logits.numpy().astype(np.float32))
+
+    # Each chunk's logits go straight to a memory-mapped .npy, renamed into place when complete.
+    partial = args.out.with_name(args.out.name + ".part")
+    try:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        out = np.lib.format.open_memmap(partial, "w+", np.float32, (len(tokens), model.config.vocab_size))
+        done = 0
+        chunks = model.prefill_chunks(torch.tensor(tokens), model.new_session(), args.chunk)
+        with tqdm(total=len(tokens), desc="prefill", unit="tok", disable=not sys.stderr.isatty()) as bar:
+            for logits in chunks:
+                out[done : done + logits.shape[0]] = logits.numpy()
+                done += logits.shape[0]
+                bar.update(logits.shape[0])
+        out.flush()
+        last = torch.from_numpy(np.array(out[-1]))
+        del out
+        partial.replace(args.out)
+    except OSError as err:
+        partial.unlink(missing_ok=True)
+        raise CommandError(f"cannot write {args.out}: {err.strerror or err}") from None
+    except BaseException:
+        partial.unlink(missing_ok=True)
+        raise
     sim = "on" if model.quant_sim else "off"
-    print(f"wrote {args.out}: logits {list(logits.shape)} float32 (quant sim {sim})")
+    print(f"wrote {args.out}: logits {[len(tokens), model.config.vocab_size]} float32 (quant sim {sim})")
     if args.demo:
-        top = logits[-1].topk(5)
-        print("top-5 next tokens after the last position:", top.indices.tolist())
+        print("top-5 next tokens after the last position:", last.topk(5).indices.tolist())
     return 0
 
 
 def _read_tokens(path: Path) -> list[int]:
     try:
-        tokens = json.loads(path.read_text())
+        tokens = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise CommandError(f"{path}: no such file") from None
-    except json.JSONDecodeError as err:
+    except OSError as err:
+        raise CommandError(f"{path}: cannot read it ({err.strerror or err})") from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
         raise CommandError(f"{path}: not valid JSON ({err})") from None
     if not isinstance(tokens, list) or not tokens or not all(isinstance(t, int) for t in tokens):
         raise CommandError(f"{path}: expected a non-empty JSON list of integer token ids")

@@ -1,7 +1,7 @@
 """The GGUF contract of DeepSeek V4 Flash: metadata keys and tensor names, in one table.
 
-The reader's validation, the converter, the quantizer and the model binding all read these
-tables, so a name is spelled exactly once. Names follow antirez's ds4 and llama.cpp's
+The converter, the synthetic-model writer and the model binding all read these tables, so a
+name is spelled exactly once. Names follow antirez's ds4 and llama.cpp's
 ``deepseek4`` architecture (they agree).
 """
 
@@ -135,3 +135,14 @@ def layer_tensor_present(t: LayerTensor, ratio: int, hash_routed: bool) -> bool:
         "hash": hash_routed,
         "scored": not hash_routed,
     }[t.when]
+
+
+def tensor_role(gguf_name: str, ndim: int) -> str:
+    """How a tensor is stored: ``table`` (the int32 hash table), ``vector`` (norms, biases,
+    sinks, hyper-connection scales and bases, the compressors' position biases: kept in float)
+    or ``matrix`` (projections and stacked experts: any weight format)."""
+    if gguf_name.endswith("tid2eid.weight"):
+        return "table"
+    if ndim == 1 or "_ape." in gguf_name:
+        return "vector"
+    return "matrix"

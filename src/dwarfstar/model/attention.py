@@ -15,17 +15,14 @@ import torch
 from dwarfstar import quant
 from dwarfstar.model import quantsim
 from dwarfstar.model.config import ModelConfig
+from dwarfstar.model.norm import rms_norm
 from dwarfstar.model.rope import Rope
 from dwarfstar.model.state import CompressorState, LayerState
 from dwarfstar.model.weights import Attention, Compressor, Indexer
 
-# Bound on (queries × heads × keys) score elements materialised at once by the indexer.
+# Bound on the (queries × heads × keys) score elements materialised at once; longer chunks
+# and contexts are processed in blocks of queries, so memory stays flat with context length.
 _SCORE_BUDGET = 1 << 25
-
-
-def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.Tensor:
-    x = x * torch.rsqrt(x.pow(2).mean(dim=-1, keepdim=True) + eps)
-    return x if weight is None else x * weight
 
 
 @dataclass
@@ -58,7 +55,7 @@ def compress(
     gate = torch.cat((state.pending_gate, gate))
     n_windows = kv.shape[0] // m
     done = n_windows * m
-    state.pending_kv, state.pending_gate = kv[done:], gate[done:]
+    state.pending_kv, state.pending_gate = kv[done:].clone(), gate[done:].clone()
     if n_windows == 0:
         return
     kv = kv[:done].unflatten(0, (n_windows, m))
@@ -74,7 +71,7 @@ def compress(
             prev_kv, prev_gate = state.previous_kv[None], state.previous_gate[None]
         slots_kv = torch.cat((torch.cat((prev_kv, first_kv[:-1])), kv[..., d:]), dim=1)
         slots_gate = torch.cat((torch.cat((prev_gate, first_gate[:-1])), gate[..., d:]), dim=1)
-        state.previous_kv, state.previous_gate = first_kv[-1], first_gate[-1]
+        state.previous_kv, state.previous_gate = first_kv[-1].clone(), first_gate[-1].clone()
     else:
         slots_kv, slots_gate = kv, gate
     pooled = (slots_kv * torch.softmax(slots_gate, dim=1)).sum(dim=1)
@@ -95,7 +92,7 @@ def indexer_select(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Top-k compressed rows per query: ``(indices (T, k), valid (T, k))``.
 
-    A query sees rows ``w < (p + 1) // 4``; when fewer than ``k`` are visible, the extra
+    A query sees rows ``w < (p + 1) // ratio``; when fewer than ``k`` are visible, the extra
     picks are marked invalid.
     """
     c = ctx.config
@@ -105,7 +102,7 @@ def indexer_select(
     q = quant.linear(qr, idx.q_b).unflatten(-1, (c.index_n_head, c.index_head_dim))
     q = finish(ctx.rope.apply(q, positions))
     weights = quant.linear(a, idx.head_weights) * (c.index_head_dim * c.index_n_head) ** -0.5
-    visible = (positions + 1) // 4
+    visible = (positions + 1) // idx.compressor.ratio
     k = min(c.index_topk, keys.shape[0])
     step = max(1, _SCORE_BUDGET // max(1, c.index_n_head * keys.shape[0]))
     picks = []
@@ -123,6 +120,57 @@ def _identity(x: torch.Tensor) -> torch.Tensor:
     return x
 
 
+def _query_block(n_queries: int, heads: int, other_keys: int) -> int:
+    """Largest block of queries whose score tensor (block × heads × keys) fits the budget."""
+    block = n_queries
+    while block > 1 and block * heads * (block + other_keys) > _SCORE_BUDGET:
+        block = (block + 1) // 2
+    return block
+
+
+def _attend_block(
+    w: Attention,
+    ctx: LayerContext,
+    q: torch.Tensor,
+    positions: torch.Tensor,
+    raw: torch.Tensor,
+    raw_start: int,
+    rows: torch.Tensor | None,
+    picks: torch.Tensor | None,
+    valid: torch.Tensor | None,
+) -> torch.Tensor:
+    """Softmax attention with sinks for a block of consecutive queries (B, H, D) -> (B, H, D).
+
+    Keys: the raw rows of each query's window, and the compressed rows it may see (all
+    complete windows for HCA, its indexer's valid picks for CSA).
+    """
+    c = ctx.config
+    first, last = int(positions[0]), int(positions[-1])
+    lo = max(0, first - c.window + 1 - raw_start)
+    keys = raw[lo : last + 1 - raw_start]
+    delta = positions[:, None] - (raw_start + lo + torch.arange(keys.shape[0]))[None, :]
+    seen = (delta >= 0) & (delta < c.window)
+    scale = c.head_dim**-0.5
+    parts = [torch.einsum("thd,kd->thk", q, keys).masked_fill(~seen[:, None, :], float("-inf")) * scale]
+    if picks is not None:  # CSA
+        chosen = rows[picks]  # (B, k, d)
+        scores = torch.einsum("thd,tkd->thk", q, chosen)
+        parts.append(scores.masked_fill(~valid[:, None, :], float("-inf")) * scale)
+    elif rows is not None:  # HCA
+        visible = torch.arange(rows.shape[0])[None, :] < ((positions + 1) // w.compressor.ratio)[:, None]
+        scores = torch.einsum("thd,wd->thw", q, rows)
+        parts.append(scores.masked_fill(~visible[:, None, :], float("-inf")) * scale)
+    sinks = w.sinks[None, :, None].expand(q.shape[0], -1, 1)
+    probs = torch.softmax(torch.cat((*parts, sinks), dim=-1), dim=-1)
+    n_raw = keys.shape[0]
+    out = torch.einsum("thk,kd->thd", probs[..., :n_raw], keys)
+    if picks is not None:
+        out = out + torch.einsum("thk,tkd->thd", probs[..., n_raw:-1], chosen)
+    elif rows is not None:
+        out = out + torch.einsum("thk,kd->thd", probs[..., n_raw:-1], rows)
+    return out
+
+
 def attention(
     w: Attention, a: torch.Tensor, positions: torch.Tensor, state: LayerState, ctx: LayerContext
 ) -> torch.Tensor:
@@ -138,38 +186,35 @@ def attention(
 
     # Raw window: cached rows then the chunk's own; query p sees positions (p - window, p].
     raw = torch.cat((state.raw, kv))
-    raw_pos = torch.arange(positions[0] - state.raw.shape[0], positions[-1] + 1)
-    delta = positions[:, None] - raw_pos[None, :]
-    raw_ok = (delta >= 0) & (delta < c.window)
-    state.raw = raw[-(c.window - 1) :] if c.window > 1 else raw[:0]
+    raw_start = int(positions[0]) - state.raw.shape[0]  # position of raw[0]
+    state.raw = raw[-(c.window - 1) :].clone() if c.window > 1 else raw[:0]
 
-    scale = c.head_dim**-0.5
-    logits = [torch.einsum("thd,kd->thk", q, raw).masked_fill(~raw_ok[:, None, :], float("-inf")) * scale]
-    comp_rows = None
+    rows = picks = valid = None
     if w.compressor is not None:
         finish = (lambda r: quantsim.kv_round(r, c.nope_dim)) if ctx.quant_sim else _identity
         compress(w.compressor, state.compressor, a, positions, ctx, c.head_dim, finish)
         rows = state.compressor.rows
-        if w.indexer is not None:  # CSA: each query gathers its own top-k rows
+        if w.indexer is not None:  # CSA: each query attends only to its indexer's top-k rows
             picks, valid = indexer_select(w.indexer, state.indexer, a, qr, positions, ctx)
-            comp_rows = rows[picks]  # (T, k, d)
-            comp_logits = torch.einsum("thd,tkd->thk", q, comp_rows)
-            logits.append(comp_logits.masked_fill(~valid[:, None, :], float("-inf")) * scale)
-        else:  # HCA: every complete window is visible
-            visible = torch.arange(rows.shape[0])[None, :] < ((positions + 1) // w.compressor.ratio)[:, None]
-            comp_rows = rows
-            logits.append(
-                torch.einsum("thd,wd->thw", q, rows).masked_fill(~visible[:, None, :], float("-inf")) * scale
-            )
-    sinks = w.sinks[None, :, None].expand(n_tok, -1, 1)
-    probs = torch.softmax(torch.cat((*logits, sinks), dim=-1), dim=-1)
 
-    n_raw = raw.shape[0]
-    out = torch.einsum("thk,kd->thd", probs[..., :n_raw], raw)
-    if comp_rows is not None:
-        comp_probs = probs[..., n_raw:-1]
-        pattern = "thk,tkd->thd" if comp_rows.dim() == 3 else "thk,kd->thd"
-        out = out + torch.einsum(pattern, comp_probs, comp_rows)
+    compressed_keys = 0 if rows is None else (picks.shape[1] if picks is not None else rows.shape[0])
+    step = _query_block(n_tok, c.n_head, c.window + compressed_keys)
+    out = torch.cat(
+        [
+            _attend_block(
+                w,
+                ctx,
+                q[s : s + step],
+                positions[s : s + step],
+                raw,
+                raw_start,
+                rows,
+                None if picks is None else picks[s : s + step],
+                None if valid is None else valid[s : s + step],
+            )
+            for s in range(0, n_tok, step)
+        ]
+    )
     out = ctx.rope.apply(out, positions, inverse=True)
 
     # Grouped output projection: each group of heads has its own block of out_a.

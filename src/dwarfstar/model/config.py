@@ -101,7 +101,7 @@ class ModelConfig:
                 f"{key(COMPRESS_RATIOS_KEY)} has {len(self.compress_ratios)} entries, "
                 f"expected at least {self.n_layer}"
             )
-        bad = sorted({r for r in self.compress_ratios[: self.n_layer] if r < 0})
+        bad = sorted({r for r in self.compress_ratios[: self.n_layer] if r not in (0, 4, 128)})
         if bad:
             raise ConfigError(f"{key(COMPRESS_RATIOS_KEY)} holds unsupported ratios {bad}")
         if len(self.swiglu_limit) < self.n_layer:
@@ -148,7 +148,9 @@ class ModelConfig:
                 missing.append(full)
                 continue
             cast = int if name == "compress_ratios" else float
-            values[name] = tuple(cast(v) for v in metadata[full])  # type: ignore[union-attr]
+            if not isinstance(metadata[full], list | tuple):
+                raise ConfigError(f"metadata {full} must be an array, got {metadata[full]!r}")
+            values[name] = tuple(_coerce(v, cast, full) for v in metadata[full])
         if missing:
             raise ConfigError("missing metadata keys: " + ", ".join(missing))
         for short in ("expert_group_count", "expert_group_used_count"):

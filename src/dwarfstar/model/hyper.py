@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import torch
 
 from dwarfstar import quant
+from dwarfstar.model.norm import rms_norm
 from dwarfstar.quant.tensor import QTensor
 
 
@@ -23,9 +24,7 @@ class HyperConnection:
 
 
 def _mixes(streams: torch.Tensor, fn: QTensor, eps: float) -> torch.Tensor:
-    flat = streams.flatten(-2)
-    flat = flat * torch.rsqrt(flat.pow(2).mean(dim=-1, keepdim=True) + eps)
-    return quant.linear(flat, fn)
+    return quant.linear(rms_norm(streams.flatten(-2), None, eps), fn)
 
 
 def sinkhorn(logits: torch.Tensor, iters: int, eps: float) -> torch.Tensor:

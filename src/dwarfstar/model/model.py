@@ -2,16 +2,17 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 
 from dwarfstar import quant
-from dwarfstar.model.attention import LayerContext, attention, rms_norm
+from dwarfstar.model.attention import LayerContext, attention
 from dwarfstar.model.config import load_config
 from dwarfstar.model.hyper import hc_head, hc_post, hc_pre
 from dwarfstar.model.moe import moe
+from dwarfstar.model.norm import rms_norm
 from dwarfstar.model.rope import layer_rope
 from dwarfstar.model.state import Session
 from dwarfstar.model.weights import Weights, bind
@@ -77,22 +78,15 @@ class Model:
         )
         return quant.linear(y, self.weights.output)
 
-    def prefill(
-        self,
-        tokens: torch.Tensor,
-        session: Session,
-        chunk: int | None = None,
-        on_chunk: Callable[[int], None] | None = None,
-    ) -> torch.Tensor:
-        """Logits for every token, processing the prompt in chunks of ``chunk`` tokens.
-
-        ``on_chunk`` is called with the number of tokens after each chunk (progress display).
-        """
+    def prefill_chunks(
+        self, tokens: torch.Tensor, session: Session, chunk: int | None = None
+    ) -> Iterator[torch.Tensor]:
+        """Process a prompt ``chunk`` tokens at a time, yielding each chunk's logits (n, vocab)."""
         tokens = torch.as_tensor(tokens, dtype=torch.long).reshape(-1)
         step = chunk or max(1, tokens.shape[0])
-        out = []
         for start in range(0, tokens.shape[0], step):
-            out.append(self.forward(tokens[start : start + step], session))
-            if on_chunk is not None:
-                on_chunk(out[-1].shape[0])
-        return torch.cat(out)
+            yield self.forward(tokens[start : start + step], session)
+
+    def prefill(self, tokens: torch.Tensor, session: Session, chunk: int | None = None) -> torch.Tensor:
+        """Logits (T, vocab) for every token, processing the prompt in chunks of ``chunk``."""
+        return torch.cat(list(self.prefill_chunks(tokens, session, chunk)))

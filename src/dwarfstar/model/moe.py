@@ -51,5 +51,5 @@ def moe(w: MoE, x: torch.Tensor, tokens: torch.Tensor, config: ModelConfig, limi
         xe = x[rows]
         h = swiglu(quant.expert_linear(xe, w.gate, expert), quant.expert_linear(xe, w.up, expert), limit)
         h = h * weights.flatten()[slots, None]
-        out = out.index_add(0, rows, quant.expert_linear(h, w.down, expert))
+        out.index_add_(0, rows, quant.expert_linear(h, w.down, expert))
     return out

@@ -16,8 +16,14 @@ _FP4_VALUES = torch.tensor([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0])
 
 
 def _pow2_scale(amax: torch.Tensor, top: float) -> torch.Tensor:
-    """The power-of-two ("ue8m0") scale 2^ceil(log2(amax / top))."""
-    return torch.exp2(torch.ceil(torch.log2(amax / top)))
+    """The power-of-two ("ue8m0") scale 2^ceil(log2(amax / top)), from the exponent bits.
+
+    Like the official kernel, the ratio is ``amax`` times the float32 reciprocal of ``top``.
+    ``frexp`` gives ratio = m·2^e with m in [0.5, 1): the ceiling is e, or e - 1 when the
+    ratio is exactly a power of two (m = 0.5); no float log2 rounding is involved.
+    """
+    mantissa, exponent = torch.frexp(amax * torch.tensor(1.0 / top, dtype=amax.dtype))
+    return torch.ldexp(torch.ones_like(amax), exponent - (mantissa == 0.5).to(exponent.dtype))
 
 
 def _blocks(x: torch.Tensor, block: int) -> tuple[torch.Tensor, int]:
@@ -59,6 +65,8 @@ def fp4_round(x: torch.Tensor, block: int = 32) -> torch.Tensor:
 def hadamard(x: torch.Tensor) -> torch.Tensor:
     """Orthonormal Walsh-Hadamard transform (Sylvester order) over the last dim (a power of 2)."""
     n = x.shape[-1]
+    if n & (n - 1):
+        raise ValueError(f"the Hadamard rotation needs a power-of-two width, got {n}")
     out = x
     stride = 1
     while stride < n:  # log2(n) butterfly stages, each a whole-tensor operation

@@ -14,10 +14,16 @@ from dwarfstar.model.config import ModelConfig
 
 
 def yarn_frequencies(config: ModelConfig) -> torch.Tensor:
-    """Per-pair frequencies of the compressed layers' rope (YaRN, no mscale)."""
+    """Per-pair frequencies of the compressed layers' rope (YaRN, no mscale).
+
+    A model without YaRN scaling (factor 1, or no original context) gets the plain
+    frequencies of the compress base.
+    """
     dim = config.rope_dim
     base = config.compress_rope_base
     freqs = base ** (-torch.arange(0, dim, 2, dtype=torch.float32) / dim)
+    if config.rope_factor == 1.0 or config.rope_original_context <= 0:
+        return freqs
 
     def correction_dim(rotations: float) -> float:
         return dim * math.log(config.rope_original_context / (rotations * 2 * math.pi)) / (2 * math.log(base))

@@ -13,7 +13,7 @@ import torch
 from gguf import GGMLQuantizationType as T
 
 from dwarfstar import quant
-from dwarfstar.gguf.names import GLOBAL_TENSORS, LAYER_TENSORS, layer_prefix, layer_tensor_present
+from dwarfstar.gguf.names import LAYER_TENSORS, layer_prefix, layer_tensor_present, tensor_role
 from dwarfstar.model.config import ModelConfig
 from dwarfstar.model.hyper import HyperConnection
 from dwarfstar.quant.tensor import QTensor
@@ -152,20 +152,16 @@ def global_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
     }
 
 
-def _allowed_kinds(name: str, shape: tuple[int, ...]) -> set[T]:
-    if name.endswith("tid2eid.weight"):
-        return {T.I32}
-    if len(shape) == 1 or "ape" in name:
-        return FLOAT_KINDS
-    return MATRIX_KINDS
+_ALLOWED_KINDS = {"table": {T.I32}, "vector": FLOAT_KINDS, "matrix": MATRIX_KINDS}
 
 
 class _Binder:
     """Looks tensors up by name, checking presence, shape and type with clear messages."""
 
-    def __init__(self, tensors: dict, path: str) -> None:
+    def __init__(self, tensors: dict, path: str, n_expert: int) -> None:
         self.tensors = tensors
         self.path = path
+        self.n_expert = n_expert
 
     def get(self, name: str, shape: tuple[int, ...], *, optional: bool = False) -> QTensor | None:
         info = self.tensors.get(name)
@@ -178,7 +174,7 @@ class _Binder:
                 f"{self.path}: tensor {name!r} has shape {list(info.shape)[::-1]} (GGUF order), "
                 f"expected {list(shape)[::-1]}"
             )
-        allowed = _allowed_kinds(name, shape)
+        allowed = _ALLOWED_KINDS[tensor_role(name, len(shape))]
         if info.kind not in allowed:
             names = ", ".join(sorted(k.name for k in allowed))
             raise WeightsError(
@@ -190,17 +186,19 @@ class _Binder:
         t = self.get(name, shape, optional=optional)
         if t is None:
             return None
-        return t.data.to(torch.long) if t.kind == T.I32 else quant.dequantize(t)
+        if t.kind != T.I32:
+            return quant.dequantize(t)
+        table = t.data.to(torch.long)
+        if table.numel() and not (int(table.min()) >= 0 and int(table.max()) < self.n_expert):
+            raise WeightsError(f"{self.path}: tensor {name!r} holds expert ids outside [0, {self.n_expert})")
+        return table
 
 
 def bind(config: ModelConfig, tensors: dict, path: str = "model") -> Weights:
     """Bind the file's tensors (``name -> TensorInfo`` with kind, shape, data) to the model."""
-    b = _Binder(tensors, path)
+    b = _Binder(tensors, path, config.n_expert)
     g = global_shapes(config)
     layers = [_bind_layer(b, config, i) for i in range(config.n_layer)]
-    known = set(GLOBAL_TENSORS)
-    for i in range(config.n_layer):
-        known |= {layer_prefix(i) + t.gguf for t in LAYER_TENSORS}
     return Weights(
         config=config,
         embed=b.get("token_embd.weight", g["token_embd.weight"]),

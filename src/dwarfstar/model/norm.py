@@ -1,0 +1,11 @@
+"""RMSNorm, the only normalisation DeepSeek V4 uses (fp32, weight applied after)."""
+
+from __future__ import annotations
+
+import torch
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.Tensor:
+    """``x / rms(x) * weight`` over the last dim; no weight for the unweighted variants."""
+    x = x * torch.rsqrt(x.pow(2).mean(dim=-1, keepdim=True) + eps)
+    return x if weight is None else x * weight
