@@ -132,6 +132,43 @@ def test_missing_files_exit_2(tmp_path):
     assert result.returncode == 2 and b"model file not found" in result.stderr
 
 
+def write_gguf_with_tokenizer(path: Path, pre: str | None) -> Path:
+    """A GGUF file whose tokenizer metadata is a minimal gpt2 one with ``pre``, or absent (None)."""
+    writer = gguf.GGUFWriter(str(path), "deepseek4")
+    if pre is not None:
+        writer.add_tokenizer_model("gpt2")
+        writer.add_tokenizer_pre(pre)
+        writer.add_token_list(["a", "b"])
+        writer.add_token_types([int(gguf.TokenType.NORMAL)] * 2)
+        writer.add_token_merges(["a b"])
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+@pytest.mark.parametrize(
+    "make, message",
+    [
+        (lambda path: path.write_bytes(b"not a model at all"), b"bad.gguf: not a GGUF file"),
+        (lambda path: write_gguf_with_tokenizer(path, None), b"bad.gguf: missing tokenizer key(s)"),
+        (
+            lambda path: write_gguf_with_tokenizer(path, "llama-bpe"),
+            b"bad.gguf: tokenizer.ggml.pre is 'llama-bpe', expected 'joyai-llm'",
+        ),
+    ],
+    ids=["not-gguf", "no-tokenizer", "other-pre-tokenizer"],
+)
+def test_a_model_without_a_usable_tokenizer_exits_2(tmp_path, make, message):
+    make(tmp_path / "bad.gguf")
+    request = write_json(tmp_path / "request.json", OPENAI_REQUEST)
+    result = ds4_render("--tokens", "-m", str(tmp_path / "bad.gguf"), str(request))
+    assert result.returncode == 2, result.stderr.decode()
+    assert result.stderr.startswith(b"ds4 render: error: ")
+    assert message in result.stderr and b"Traceback" not in result.stderr
+
+
 def test_render_does_not_import_torch(tmp_path):
     request = write_json(tmp_path / "request.json", OPENAI_REQUEST)
     check = (

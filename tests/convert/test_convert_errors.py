@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import errno
 import json
+import struct
 from pathlib import Path
 
 import pytest
@@ -11,6 +13,9 @@ from models import release_config, release_tensors, tiny_hf_config, write_tokeni
 from safetensors.torch import save_file
 
 from dwarfstar.convert import ConvertError, convert_checkpoint
+from dwarfstar.convert import checkpoint as checkpoint_module
+from dwarfstar.convert.checkpoint import Checkpoint, CheckpointError
+from dwarfstar.gguf.writer import GGUFFileWriter
 
 CONFIG = tiny_hf_config(vocab_size=320)  # a small vocabulary keeps these fast
 
@@ -137,3 +142,72 @@ def test_missing_output_directory(tmp_path: Path, tensors: dict) -> None:
     directory = checkpoint(tmp_path / "ckpt", tensors)
     with pytest.raises(ConvertError, match="nowhere: no such directory for the output file"):
         convert_checkpoint(directory, tmp_path / "nowhere" / "m.gguf", "f32")
+
+
+def test_output_that_is_a_directory(tmp_path: Path, tensors: dict) -> None:
+    directory = checkpoint(tmp_path / "ckpt", tensors)
+    (tmp_path / "out.gguf").mkdir()
+    with pytest.raises(ConvertError, match=r"out\.gguf: is a directory; give a file name for the output"):
+        convert(directory)
+    assert not (tmp_path / "out.gguf.part").exists()
+
+
+def test_a_full_disk(tmp_path: Path, tensors: dict, monkeypatch: pytest.MonkeyPatch) -> None:
+    directory = checkpoint(tmp_path / "ckpt", tensors)
+    write_tensor = GGUFFileWriter.write_tensor
+    written: list[str] = []
+
+    def write_until_full(self: GGUFFileWriter, name: str, parts: object) -> None:
+        if len(written) == 3:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        written.append(name)
+        write_tensor(self, name, parts)
+
+    monkeypatch.setattr(GGUFFileWriter, "write_tensor", write_until_full)
+    with pytest.raises(ConvertError, match=r"out\.gguf\.part: No space left on device"):
+        convert(directory)
+    assert len(written) == 3  # the file was partly written
+    assert not list(tmp_path.glob("out.gguf*"))
+
+
+def write_raw_safetensors(path: Path, name: str, dtype: str, shape: list[int], nbytes: int) -> None:
+    """A one-tensor safetensors file, written by hand to hold a dtype torch cannot make."""
+    header = json.dumps({name: {"dtype": dtype, "shape": shape, "data_offsets": [0, nbytes]}}).encode()
+    header += b" " * (-len(header) % 8)
+    path.write_bytes(struct.pack("<Q", len(header)) + header + bytes(nbytes))
+
+
+def test_a_tensor_safetensors_cannot_read(tmp_path: Path, tensors: dict) -> None:
+    del tensors["layers.0.attn_norm.weight"]
+    directory = checkpoint(tmp_path / "ckpt", tensors)
+    # 64 six-bit floats: a valid safetensors entry that neither safetensors nor torch can load
+    write_raw_safetensors(directory / "extra.safetensors", "layers.0.attn_norm.weight", "F6_E2M3", [64], 48)
+    message = r"extra\.safetensors: cannot read tensor 'layers\.0\.attn_norm\.weight' \(.*F6_E2M3"
+    with pytest.raises(ConvertError, match=message):
+        convert(directory)
+    assert not list(tmp_path.glob("out.gguf*"))
+
+
+def test_a_refused_checkpoint_closes_the_files_it_opened(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    closed: list[Path] = []
+    safe_open = checkpoint_module.safe_open
+
+    class Tracked:
+        def __init__(self, path: Path, framework: str) -> None:
+            self.path, self.handle = path, safe_open(path, framework=framework)
+
+        def __enter__(self) -> object:
+            return self.handle.__enter__()
+
+        def __exit__(self, *exc: object) -> None:
+            closed.append(self.path)
+            self.handle.__exit__(*exc)
+
+    monkeypatch.setattr(checkpoint_module, "safe_open", Tracked)
+    save_file({"embed.weight": torch.ones(2)}, tmp_path / "a.safetensors")
+    save_file({"model.embed_tokens.weight": torch.ones(2)}, tmp_path / "b.safetensors")
+    with pytest.raises(CheckpointError, match="'model.embed_tokens.weight' and 'embed.weight' are both"):
+        Checkpoint(tmp_path)
+    assert sorted(closed) == [tmp_path / "a.safetensors", tmp_path / "b.safetensors"]

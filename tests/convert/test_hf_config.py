@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import pytest
 from models import CSA, HCA, SLIDING
 from transformers import DeepseekV4Config
 
-from dwarfstar.convert.hf_config import CheckpointConfigError, checkpoint_config
+from dwarfstar.convert import ConvertError, convert_checkpoint
+from dwarfstar.convert.hf_config import CheckpointConfigError, checkpoint_config, read_checkpoint_config
 from dwarfstar.model.config import ModelConfig
 
 # DeepSeek-V4-Flash's published config.json (the fields the model needs).
@@ -101,3 +105,26 @@ def test_rope_dim_from_the_partial_rotary_factor() -> None:
 def test_configs_we_cannot_convert(change: dict, message: str) -> None:
     with pytest.raises((CheckpointConfigError, ValueError), match=message):
         checkpoint_config({**FLASH_RELEASE, **change})
+
+
+def test_a_flash_shaped_config_file_must_carry_flash_settings(tmp_path: Path) -> None:
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(FLASH_RELEASE))
+    assert read_checkpoint_config(path).model == ModelConfig()
+    path.write_text(json.dumps({**FLASH_RELEASE, "rope_scaling": None}))  # plain rope: not Flash's
+    message = (
+        r"config\.json: has DeepSeek V4 Flash's dimensions but not its settings "
+        r"\(deepseek4\.rope\.scaling\.\S+ is \S+; DeepSeek V4 Flash has \S+\)"
+    )
+    with pytest.raises(CheckpointConfigError, match=message):
+        read_checkpoint_config(path)
+    # the converter refuses it before it reads any tensor (there are none here)
+    with pytest.raises(ConvertError, match=message):
+        convert_checkpoint(tmp_path, tmp_path / "flash.gguf", "q8_0")
+    assert not list(tmp_path.glob("flash.gguf*"))
+
+
+def test_the_same_change_is_fine_for_another_shape(tmp_path: Path) -> None:
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps({**FLASH_RELEASE, "num_hidden_layers": 42, "rope_scaling": None}))
+    assert read_checkpoint_config(path).model.rope_factor == 1.0

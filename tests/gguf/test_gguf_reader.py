@@ -102,6 +102,24 @@ def test_missing_file_and_directory(tmp_path: Path) -> None:
         GGUFFile(tmp_path)
 
 
+def test_a_path_that_cannot_be_opened(tmp_path: Path) -> None:
+    (tmp_path / "file").write_bytes(b"GGUF")
+    with pytest.raises(GGUFError, match=r"file/m\.gguf: cannot open it \(Not a directory\)"):
+        GGUFFile(tmp_path / "file" / "m.gguf")
+
+
+def test_an_unreadable_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = write_sample(tmp_path / "m.gguf")
+
+    def refuse(*args: object, **kwargs: object) -> None:
+        raise PermissionError(13, "Permission denied", str(path))
+
+    # the tests may run as root, for whom permission bits do not refuse anything
+    monkeypatch.setattr("dwarfstar.gguf.reader.open", refuse, raising=False)
+    with pytest.raises(GGUFError, match=r"m\.gguf: cannot open it \(Permission denied\)"):
+        GGUFFile(path)
+
+
 @pytest.mark.parametrize("version", [1, 2, 4])
 def test_other_versions_are_refused(tmp_path: Path, version: int) -> None:
     path = write_sample(tmp_path / "m.gguf")
@@ -133,15 +151,37 @@ def test_truncated_header(tmp_path: Path) -> None:
 def test_unknown_tensor_type(tmp_path: Path) -> None:
     path = write_sample(tmp_path / "m.gguf")
     data = bytearray(path.read_bytes())
-    # tensor directory entry: name (u64 length + bytes), n_dims u32, dims u64 each, type u32
-    name = b"b.half"
-    at = data.index(struct.pack("<Q", len(name)) + name) + 8 + len(name)
-    (n_dims,) = struct.unpack_from("<I", data, at)
-    type_at = at + 4 + 8 * n_dims
+    type_at = tensor_entry_field(data, b"b.half", "type")
     assert struct.unpack_from("<I", data, type_at)[0] == T.F16
     data[type_at : type_at + 4] = struct.pack("<I", 99)
     path.write_bytes(data)
     with pytest.raises(GGUFError, match=r"m\.gguf: tensor 'b\.half' has unknown type id 99"):
+        GGUFFile(path)
+
+
+def tensor_entry_field(data: bytearray, name: bytes, field: str) -> int:
+    """Where ``field`` (type or offset) of tensor ``name``'s directory entry sits in the file.
+
+    An entry is: name (u64 length + bytes), n_dims u32, dims u64 each, type u32, offset u64.
+    """
+    at = data.index(struct.pack("<Q", len(name)) + name) + 8 + len(name)
+    (n_dims,) = struct.unpack_from("<I", data, at)
+    type_at = at + 4 + 8 * n_dims
+    return {"type": type_at, "offset": type_at + 4}[field]
+
+
+def test_misaligned_tensor_data(tmp_path: Path) -> None:
+    path = write_sample(tmp_path / "m.gguf")
+    data = bytearray(path.read_bytes())
+    offset_at = tensor_entry_field(data, b"e.table", "offset")
+    (offset,) = struct.unpack_from("<Q", data, offset_at)
+    assert offset % 32 == 0
+    data[offset_at : offset_at + 8] = struct.pack("<Q", offset + 4)  # still inside the file
+    path.write_bytes(data)
+    message = (
+        rf"m\.gguf: tensor 'e\.table' starts at data offset {offset + 4}, not a multiple of the alignment 32"
+    )
+    with pytest.raises(GGUFError, match=message):
         GGUFFile(path)
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import errno
+import io
 from pathlib import Path
 
 import gguf
@@ -13,6 +15,7 @@ from gguf.quants import quantize
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from dwarfstar.gguf import writer as writer_module
 from dwarfstar.gguf.reader import GGUFFile
 from dwarfstar.gguf.writer import GGUFFileWriter, TensorSpec
 
@@ -150,10 +153,59 @@ def test_writes_must_follow_the_declaration(tmp_path: Path) -> None:
 
 
 def test_rows_must_split_into_blocks() -> None:
-    with pytest.raises(ValueError, match="rows of 48 values do not split into Q8_0 blocks of 32"):
+    with pytest.raises(
+        ValueError, match="tensor .w.: a row of 48 values is not a whole number of Q8_0 blocks of 32"
+    ):
         _ = TensorSpec("w", T.Q8_0, (2, 48)).nbytes
 
 
 def test_architecture_is_required(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="general.architecture"):
         GGUFFileWriter(tmp_path / "m.gguf", {}, [])
+
+
+class SmallDisk(io.FileIO):
+    """A file on a disk with room for ``room`` bytes: writing past them fails as a full disk does."""
+
+    room = 0
+
+    def write(self, data: bytes) -> int:
+        if self.tell() + len(data) > self.room:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return super().write(data)
+
+
+def open_on_small_disk(room: int, buffered: bool, opened: list[io.IOBase]):
+    def open_(path: Path, mode: str) -> io.IOBase:
+        raw = SmallDisk(path, mode.replace("b", ""))
+        raw.room = room
+        opened.append(io.BufferedWriter(raw) if buffered else raw)
+        return opened[-1]
+
+    return open_
+
+
+def write_context(path: Path, metadata: dict) -> GGUFFileWriter:
+    return GGUFFileWriter(path, {"general.architecture": "deepseek4", **metadata}, [])
+
+
+def test_a_full_disk_while_writing_the_header(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    opened: list[io.IOBase] = []
+    monkeypatch.setattr(writer_module, "open", open_on_small_disk(4096, False, opened), raising=False)
+    vocabulary = {"tokenizer.ggml.tokens": [f"token{i}" for i in range(2000)]}  # ~30 KB of header
+    path = tmp_path / "m.gguf"
+    with pytest.raises(OSError, match="No space left"), write_context(path, vocabulary):
+        pass
+    assert opened and opened[0].closed
+    assert not path.exists()
+
+
+def test_a_full_disk_when_the_file_is_flushed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # The header fits the write buffer: the disk refuses it only when the file is closed.
+    opened: list[io.IOBase] = []
+    monkeypatch.setattr(writer_module, "open", open_on_small_disk(16, True, opened), raising=False)
+    path = tmp_path / "m.gguf"
+    with pytest.raises(OSError, match="No space left"), write_context(path, {"x.count": 7}):
+        pass
+    assert opened and opened[0].closed
+    assert not path.exists()

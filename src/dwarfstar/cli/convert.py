@@ -17,8 +17,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         help="convert a Hugging Face / DeepSeek checkpoint to GGUF",
         description=(
             "Convert a DeepSeek V4 checkpoint directory (config.json and safetensors, in the transformers "
-            "layout or DeepSeek's FP8/FP4 release layout) to one GGUF file that ds4, llama.cpp and "
-            "DwarfStar open. Matrices take --type; norms, biases and other vectors stay float32."
+            "layout or DeepSeek's FP8/FP4 release layout) to one GGUF file with ds4's tensor names and "
+            "metadata. llama.cpp and DwarfStar open it; ds4 itself also needs its type mix (Q8_0 "
+            "attention, F16 compressor and indexer, 2-4 bit experts), which the quantizer (a later "
+            "feature) will produce. Matrices take --type; norms, biases and other vectors stay float32."
         ),
     )
     parser.add_argument("checkpoint", type=Path, metavar="HF_DIR", help="checkpoint directory")

@@ -15,7 +15,7 @@ COMMANDS = ("logits", "convert", "render", "parse")
 
 
 class CommandError(Exception):
-    """A user-facing failure: printed as ``ds4: error: ...`` with exit status 2, no traceback."""
+    """A user-facing failure: printed as ``ds4 <command>: error: ...``, exit status 2, no traceback."""
 
 
 def build_parser() -> argparse.ArgumentParser:

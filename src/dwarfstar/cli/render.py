@@ -72,4 +72,7 @@ def _tokenizer(model: Path | None):
         return Tokenizer.default()
     if not model.is_file():
         raise CommandError(f"model file not found: {model}")
-    return Tokenizer.from_gguf(model)
+    try:
+        return Tokenizer.from_gguf(model)
+    except ValueError as err:  # not a GGUF file (GGUFError), or no usable tokenizer in it
+        raise CommandError(str(err)) from None

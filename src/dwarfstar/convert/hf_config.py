@@ -3,7 +3,10 @@
 Two spellings exist: transformers' (``layer_types`` + ``compress_rates``, ``mlp_layer_types``,
 ``rope_parameters`` with ``main`` and ``compress`` entries) and the one DeepSeek's release ships
 (``compress_ratios`` with one entry per layer plus the MTP block, ``num_hash_layers``,
-``qk_rope_head_dim``, ``rope_scaling``). Both are read; absent fields take Flash's values.
+``qk_rope_head_dim``, ``rope_scaling``). Both are read. Absent fields take Flash's values,
+except rope scaling: a config without ``rope_scaling`` (or a ``rope_parameters`` of type
+``default``) means plain rope, no YaRN (factor 1, original context 0), as transformers reads it.
+A config with Flash's dimensions must carry Flash's settings, since the loader demands them.
 """
 
 from __future__ import annotations
@@ -41,11 +44,19 @@ def read_checkpoint_config(path: Path) -> CheckpointConfig:
     if not isinstance(raw, dict):
         raise CheckpointConfigError(f"{path}: expected a JSON object")
     try:
-        return checkpoint_config(raw)
+        config = checkpoint_config(raw)
     except (CheckpointConfigError, ConfigError) as err:
         raise CheckpointConfigError(f"{path}: {err}") from None
     except (KeyError, TypeError, ValueError) as err:
         raise CheckpointConfigError(f"{path}: malformed field ({err!r})") from None
+    if config.model.is_flash:  # the loader refuses a Flash-shaped file without Flash's constants
+        try:
+            config.model.validate_flash()
+        except ConfigError as err:
+            raise CheckpointConfigError(
+                f"{path}: has DeepSeek V4 Flash's dimensions but not its settings ({err})"
+            ) from None
+    return config
 
 
 def checkpoint_config(raw: dict) -> CheckpointConfig:

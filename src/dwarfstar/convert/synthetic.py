@@ -19,7 +19,13 @@ from tqdm import tqdm
 from dwarfstar import quant
 from dwarfstar.convert.converter import gguf_metadata, stored_kind
 from dwarfstar.convert.hf_config import FP8_BLOCK, CheckpointConfig
-from dwarfstar.gguf.names import GLOBAL_TENSORS, LAYER_TENSORS, layer_prefix, layer_tensor_present
+from dwarfstar.gguf.names import (
+    GLOBAL_TENSORS,
+    LAYER_TENSORS,
+    layer_prefix,
+    layer_tensor_present,
+    tensor_role,
+)
 from dwarfstar.gguf.writer import GGUFFileWriter, TensorSpec
 from dwarfstar.model.config import ModelConfig
 from dwarfstar.model.weights import expected_shapes, global_shapes
@@ -70,11 +76,12 @@ def tensor_specs(config: ModelConfig, policy: KindPolicy) -> list[TensorSpec]:
 def random_values(spec: TensorSpec, config: ModelConfig, rng: np.random.Generator) -> Iterator[np.ndarray]:
     """Stored bytes for one tensor, one matrix at a time for stacked experts."""
     shape = spec.shape
-    if spec.kind == T.I32:  # hash table: distinct experts per token
+    role = tensor_role(spec.name, len(shape))
+    if role == "table":  # the hash routing table: distinct experts per token
         table = np.argsort(rng.random((shape[0], config.n_expert)), axis=1)[:, : shape[1]]
         yield table.astype(np.int32)
         return
-    if len(shape) == 1 or "_ape." in spec.name:
+    if role == "vector":
         base = 1.0 if spec.name.endswith("norm.weight") else 0.0
         yield _encode((base + 0.1 * rng.standard_normal(shape)).astype(np.float32), spec.kind, rng)
         return

@@ -2,8 +2,8 @@
 
 Nothing is copied or dequantized at load: each tensor's ``data`` is a read-only numpy view of
 the mapped file, shaped as gguf-py's reader shapes it. The checks here are the container's
-(magic, version 3, every tensor's type known and its bytes inside the file); whether the
-tensors make a model is the model binder's business.
+(magic, version 3, every tensor's type known, its data aligned and inside the file); whether
+the tensors make a model is the model binder's business.
 
 The header is parsed here rather than by ``gguf.GGUFReader``, which takes about 20 seconds
 over the 129280-token vocabulary (it builds numpy views for every string); this takes well
@@ -19,20 +19,17 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFValueType
+from gguf import GGMLQuantizationType, GGUFValueType
 
-from dwarfstar.gguf.container import DEFAULT_ALIGNMENT, MAGIC, SCALAR_FORMATS, VERSION
-
-# Element kinds that come back as typed arrays of the logical shape; the rest as bytes.
-_ELEMENT_DTYPES: dict[GGMLQuantizationType, type[np.generic]] = {
-    GGMLQuantizationType.F32: np.float32,
-    GGMLQuantizationType.F16: np.float16,
-    GGMLQuantizationType.F64: np.float64,
-    GGMLQuantizationType.I8: np.int8,
-    GGMLQuantizationType.I16: np.int16,
-    GGMLQuantizationType.I32: np.int32,
-    GGMLQuantizationType.I64: np.int64,
-}
+from dwarfstar.gguf.container import (
+    DEFAULT_ALIGNMENT,
+    ELEMENT_DTYPES,
+    MAGIC,
+    SCALAR_FORMATS,
+    VERSION,
+    row_nbytes,
+    tensor_nbytes,
+)
 
 
 class GGUFError(ValueError):
@@ -82,6 +79,8 @@ def _map_file(path: Path) -> mmap.mmap:
         raise GGUFError(f"{path}: is a directory, not a GGUF file") from None
     except FileNotFoundError:
         raise GGUFError(f"{path}: no such file") from None
+    except OSError as err:  # permissions, a file in place of a directory, a failed map
+        raise GGUFError(f"{path}: cannot open it ({err.strerror or err})") from None
 
 
 class _Header:
@@ -111,12 +110,12 @@ class _Header:
             raise GGUFError(f"{path}: general.alignment is {alignment!r}, not a power of two")
         self.alignment = alignment
         directory = [self.tensor_entry() for _ in range(n_tensors)]
-        start = self.offset + -self.offset % self.alignment  # tensor data begins aligned
+        self.data_start = self.offset + -self.offset % self.alignment  # tensor data begins aligned
         self.tensors = {}
         for name, kind, dims, offset in directory:
             if name in self.tensors:
                 raise GGUFError(f"{path}: tensor {name!r} appears twice")
-            self.tensors[name] = self.tensor(name, kind, dims, start + offset)
+            self.tensors[name] = self.tensor(name, kind, dims, offset)
 
     def take(self, size: int) -> int:
         """Advance past ``size`` header bytes; their offset."""
@@ -187,25 +186,29 @@ class _Header:
         except ValueError:
             raise GGUFError(f"{self.path}: tensor {name!r} has unknown type id {type_id}") from None
 
-    def tensor(self, name: str, kind: GGMLQuantizationType, dims: tuple[int, ...], start: int) -> TensorInfo:
-        block_size, type_size = GGML_QUANT_SIZES[kind]
-        if dims and dims[0] % block_size:
+    def tensor(self, name: str, kind: GGMLQuantizationType, dims: tuple[int, ...], offset: int) -> TensorInfo:
+        """The view of one tensor, ``offset`` bytes into the data section."""
+        if offset % self.alignment:
             raise GGUFError(
-                f"{self.path}: tensor {name!r} ({kind.name}) has rows of {dims[0]} values, "
-                f"not a multiple of the block size {block_size}"
+                f"{self.path}: tensor {name!r} starts at data offset {offset}, "
+                f"not a multiple of the alignment {self.alignment}"
             )
         shape = tuple(reversed(dims))
-        n_bytes = int(np.prod(dims, dtype=np.int64)) // block_size * type_size
+        try:
+            n_bytes = tensor_nbytes(kind, shape)
+        except ValueError as err:
+            raise GGUFError(f"{self.path}: tensor {name!r}: {err}") from None
+        start = self.data_start + offset
         end = start + n_bytes
         if end > len(self.data):
             raise GGUFError(
                 f"{self.path}: truncated file: tensor {name!r} ends at byte {end} but the file has "
                 f"{len(self.data)} bytes ({end - len(self.data)} bytes missing)"
             )
-        if kind in _ELEMENT_DTYPES:
-            dtype, view_shape = np.dtype(_ELEMENT_DTYPES[kind]), shape
+        if kind in ELEMENT_DTYPES:
+            dtype, view_shape = ELEMENT_DTYPES[kind], shape
         else:
             dtype = np.dtype(np.uint8)
-            view_shape = (*shape[:-1], shape[-1] // block_size * type_size) if shape else ()
+            view_shape = (*shape[:-1], row_nbytes(kind, shape[-1])) if shape else (n_bytes,)
         array = np.frombuffer(self.data, dtype, n_bytes // dtype.itemsize, start).reshape(view_shape)
         return TensorInfo(name, kind, shape, array)

@@ -27,9 +27,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFValueType
+from gguf import GGMLQuantizationType, GGUFValueType
 
-from dwarfstar.gguf.container import DEFAULT_ALIGNMENT, MAGIC, SCALAR_FORMATS, VERSION
+from dwarfstar.gguf.container import DEFAULT_ALIGNMENT, MAGIC, SCALAR_FORMATS, VERSION, tensor_nbytes
 
 ARCHITECTURE_KEY = "general.architecture"
 ALIGNMENT_KEY = "general.alignment"
@@ -45,13 +45,10 @@ class TensorSpec:
 
     @property
     def nbytes(self) -> int:
-        block_size, type_size = GGML_QUANT_SIZES[self.kind]
-        if self.shape[-1] % block_size:
-            raise ValueError(
-                f"tensor {self.name!r}: rows of {self.shape[-1]} values do not split into "
-                f"{self.kind.name} blocks of {block_size}"
-            )
-        return int(np.prod(self.shape, dtype=np.int64)) // block_size * type_size
+        try:
+            return tensor_nbytes(self.kind, self.shape)
+        except ValueError as err:
+            raise ValueError(f"tensor {self.name!r}: {err}") from None
 
 
 def value_type(key: str, value: object) -> tuple[GGUFValueType, GGUFValueType | None]:
@@ -83,7 +80,8 @@ class GGUFFileWriter:
 
     ``metadata`` must hold ``general.architecture`` (written first, as gguf-py does);
     ``general.alignment`` (default 32) sets the data alignment. Use as a context manager: the
-    file is closed on exit, and removed if the block raised or left a declared tensor unwritten.
+    file is closed on exit, and removed if writing the header or the block raised (a full disk,
+    say) or left a declared tensor unwritten.
     """
 
     def __init__(
@@ -105,6 +103,20 @@ class GGUFFileWriter:
 
     def __enter__(self) -> GGUFFileWriter:
         self._out = open(self.path, "wb")  # noqa: SIM115 (closed in __exit__)
+        try:
+            self._write_header()
+        except BaseException:
+            self._close(keep=False)
+            raise
+        return self
+
+    def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
+        self._close(keep=exc_type is None and not self._pending)
+        if exc_type is None and self._pending:
+            raise ValueError(f"{self.path}: tensor {self._pending[0].name!r} was declared but never written")
+
+    def _write_header(self) -> None:
+        """Metadata and the tensor directory (the vocabulary makes it megabytes), then padding."""
         self._out.write(MAGIC + struct.pack("<IQQ", VERSION, len(self._pending), self._n_keys))
         self._out.write(self._kv)
         offset = 0
@@ -114,14 +126,17 @@ class GGUFFileWriter:
             self._out.write(struct.pack("<IQ", spec.kind, offset))
             offset += -(-size // self.alignment) * self.alignment
         self._pad()  # tensor data starts aligned
-        return self
 
-    def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
-        self._out.close()
-        if exc_type is not None or self._pending:
-            self.path.unlink(missing_ok=True)
-        if exc_type is None and self._pending:
-            raise ValueError(f"{self.path}: tensor {self._pending[0].name!r} was declared but never written")
+    def _close(self, keep: bool) -> None:
+        """Close the file (flushing it can fail too); remove it unless it is complete."""
+        try:
+            self._out.close()
+        except BaseException:
+            keep = False
+            raise
+        finally:
+            if not keep:
+                self.path.unlink(missing_ok=True)
 
     def write_tensor(self, name: str, parts: np.ndarray | Iterable[np.ndarray]) -> None:
         """The stored bytes of the next declared tensor, whole or as consecutive parts."""

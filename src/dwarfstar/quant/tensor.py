@@ -7,29 +7,30 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+from gguf import GGMLQuantizationType
 
-# Kinds stored one value per element, as a typed array of the logical shape.
-# BF16 has no numpy dtype: it is kept as its int16 bit patterns, viewed as torch.bfloat16.
+from dwarfstar.gguf import container
+from dwarfstar.gguf.container import row_nbytes as bytes_per_row  # re-exported by dwarfstar.quant
+from dwarfstar.gguf.container import tensor_nbytes
+
+# Kinds stored one value per element, held as a typed tensor of the logical shape: the numpy
+# dtype their bytes are viewed as (the container's) and the torch dtype. numpy has no bfloat16,
+# so BF16 is viewed as its int16 bit patterns, then as torch.bfloat16.
+_TORCH_DTYPES = {
+    GGMLQuantizationType.F32: torch.float32,
+    GGMLQuantizationType.F16: torch.float16,
+    GGMLQuantizationType.BF16: torch.bfloat16,
+    GGMLQuantizationType.I32: torch.int32,
+}
 ELEMENT_DTYPES: dict[GGMLQuantizationType, tuple[np.dtype, torch.dtype]] = {
-    GGMLQuantizationType.F32: (np.dtype(np.float32), torch.float32),
-    GGMLQuantizationType.F16: (np.dtype(np.float16), torch.float16),
-    GGMLQuantizationType.BF16: (np.dtype(np.int16), torch.bfloat16),
-    GGMLQuantizationType.I32: (np.dtype(np.int32), torch.int32),
+    kind: (np.dtype(np.int16) if kind == GGMLQuantizationType.BF16 else container.ELEMENT_DTYPES[kind], dtype)
+    for kind, dtype in _TORCH_DTYPES.items()
 }
 
 
 def is_block_kind(kind: GGMLQuantizationType) -> bool:
     """True for the packed formats (Q8_0, Q2_K, ...), stored as uint8 rows of blocks."""
     return kind not in ELEMENT_DTYPES
-
-
-def bytes_per_row(kind: GGMLQuantizationType, cols: int) -> int:
-    """Bytes one row of `cols` values takes in the file."""
-    block_size, type_size = GGML_QUANT_SIZES[kind]
-    if cols % block_size:
-        raise ValueError(f"a row of {cols} values is not a whole number of {kind.name} blocks ({block_size})")
-    return cols // block_size * type_size
 
 
 def storage_shape(kind: GGMLQuantizationType, shape: tuple[int, ...]) -> tuple[int, ...]:
@@ -60,7 +61,7 @@ class QTensor:
         shape = tuple(int(n) for n in shape)
         if not array.flags.c_contiguous:
             raise ValueError(f"{kind.name} tensor of shape {shape}: the array is not contiguous")
-        expected = int(np.prod(shape[:-1], dtype=np.int64)) * bytes_per_row(kind, shape[-1])
+        expected = tensor_nbytes(kind, shape)
         if array.nbytes != expected:
             raise ValueError(
                 f"{kind.name} tensor of shape {shape} takes {expected} bytes, "
