@@ -113,10 +113,13 @@ def write_random_model(
     )
     specs = tensor_specs(config, policy)
     partial = out.with_name(out.name + ".part")
-    with GGUFFileWriter(partial, metadata, specs) as writer:
-        for spec in tqdm(specs, desc=out.name, unit="tensor", disable=not progress):
-            writer.write_tensor(spec.name, random_values(spec, config, rng))
-    partial.replace(out)
+    try:
+        with GGUFFileWriter(partial, metadata, specs) as writer:
+            for spec in tqdm(specs, desc=out.name, unit="tensor", disable=not progress):
+                writer.write_tensor(spec.name, random_values(spec, config, rng))
+        partial.replace(out)
+    finally:
+        partial.unlink(missing_ok=True)
     return out
 
 
