@@ -69,12 +69,22 @@ def test_quant_sim_is_off_for_small_models_and_changes_outputs_when_on(gguf_mode
     assert (a - b).abs().mean() < 0.1 * a.abs().mean()  # and is a rounding, not a different model
 
 
-def test_quant_sim_chunked_equals_full_pass(gguf_model_factory):
+def assert_close_up_to_rounding_flips(chunked: torch.Tensor, full: torch.Tensor) -> None:
+    """With the simulation on, chunking changes matmul batch shapes, hence last-bit differences,
+    and a value that sits on an FP8/FP4 rounding boundary can round the other way. So most
+    logits agree to float precision and the rest stay close; exact agreement is only promised
+    (and tested against the references) with the simulation off."""
+    diff = (chunked - full).abs()
+    assert diff.median() <= 1e-4
+    assert diff.mean() <= 1e-2 * full.abs().mean()
+
+
+def test_quant_sim_chunked_agrees_with_full_pass(gguf_model_factory):
     model = Model.load(gguf_model_factory("mixed", tiny_hf_config()), quant_sim=True)
     tokens = ids(150)
     full = model.prefill(tokens, model.new_session())
     for chunk in (1, 9):
-        assert (model.prefill(tokens, model.new_session(), chunk) - full).abs().max() <= 1e-4
+        assert_close_up_to_rounding_flips(model.prefill(tokens, model.new_session(), chunk), full)
 
 
 def test_state_keeps_no_chunk_buffers_alive(model):
@@ -84,3 +94,36 @@ def test_state_keeps_no_chunk_buffers_alive(model):
     for layer in session.layers:
         for t in layer.tensors():
             assert t.untyped_storage().nbytes() == t.numel() * t.element_size()
+
+
+def test_quant_sim_at_flash_head_widths(tmp_path):
+    """Flash's head widths (512 with 64 rope dims, indexer 128) with a tiny hidden size: the
+    FP8 blocks of 64 tile the 448 non-rope dims and the Hadamard spans the 128 indexer dims."""
+    from gguf import GGMLQuantizationType as T
+
+    from dwarfstar.convert.synthetic import uniform_policy, write_random_model
+    from dwarfstar.model.config import ModelConfig
+
+    config = ModelConfig(
+        n_layer=3, dim=64, n_head=2, head_dim=512, value_dim=512, rope_dim=64, q_lora_rank=32,
+        o_lora_rank=32, o_groups=2, n_expert=4, n_expert_used=2, expert_ff=32, n_hash_layer=1,
+        index_n_head=16, index_head_dim=128, index_topk=8, compress_ratios=(0, 4, 128),
+        swiglu_limit=(10.0,) * 3,
+    )  # fmt: skip
+    model = Model.load(
+        write_random_model(tmp_path / "wide.gguf", config, uniform_policy(T.F16)), quant_sim=True
+    )
+    tokens = ids(140)
+    session = model.new_session()
+    full = model.prefill(tokens, session)
+    assert bool(full.isfinite().all())
+    assert_close_up_to_rounding_flips(model.prefill(tokens, model.new_session(), chunk=13), full)
+    # stored KV rows (raw and compressed): non-rope dims on the FP8 grid of their block scale
+    for rows in (session.layers[2].raw, session.layers[1].compressor.rows, session.layers[2].compressor.rows):
+        blocks = rows[:, :448].unflatten(-1, (7, 64))
+        scale = 2.0 ** torch.ceil(torch.log2(blocks.abs().amax(-1, keepdim=True) / 448))
+        assert torch.equal(blocks / scale, (blocks / scale).to(torch.float8_e4m3fn).float())
+    # indexer rows: Hadamard-rotated, then every value an E2M1 number times its block's scale
+    blocks = session.layers[1].indexer.rows.unflatten(-1, (4, 32))  # 128 dims, FP4 blocks of 32
+    scale = 2.0 ** torch.ceil(torch.log2(blocks.abs().amax(-1, keepdim=True) / 6))
+    assert set((blocks / scale).abs().unique().tolist()) <= {0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0}
