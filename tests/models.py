@@ -32,6 +32,15 @@ from dwarfstar.tokenizer import deepseek_tokenizer_json
 
 SLIDING, CSA, HCA = "sliding_attention", "compressed_sparse_attention", "heavily_compressed_attention"
 
+# Flash's YaRN on the compressed layers, in transformers' rope_parameters spelling.
+FLASH_YARN = {
+    "rope_type": "yarn",
+    "factor": 16.0,
+    "original_max_position_embeddings": 65536,
+    "beta_fast": 32.0,
+    "beta_slow": 1.0,
+}
+
 TINY = dict(
     vocab_size=129280,
     hidden_size=64,
@@ -59,13 +68,7 @@ TINY = dict(
     routed_scaling_factor=1.5,
     rope_theta=10000.0,
     compress_rope_theta=160000.0,
-    rope_parameters={
-        "rope_type": "yarn",
-        "factor": 16.0,
-        "original_max_position_embeddings": 65536,
-        "beta_fast": 32.0,
-        "beta_slow": 1.0,
-    },
+    rope_parameters=FLASH_YARN,
 )
 N_HASH_LAYERS = 2
 

@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
-from models import CSA, HCA, SLIDING
+from models import CSA, FLASH_YARN, HCA, SLIDING
 from transformers import DeepseekV4Config
 
 from dwarfstar.convert import ConvertError, convert_checkpoint
@@ -71,13 +71,7 @@ def test_flash_in_transformers_spelling_is_flash() -> None:
     layer_types = [SLIDING, SLIDING] + [CSA, HCA] * 20 + [CSA]
     transformers = DeepseekV4Config(
         layer_types=layer_types,
-        rope_parameters={
-            "rope_type": "yarn",
-            "factor": 16.0,
-            "original_max_position_embeddings": 65536,
-            "beta_fast": 32.0,
-            "beta_slow": 1.0,
-        },
+        rope_parameters=dict(FLASH_YARN),
     )
     assert checkpoint_config(transformers.to_dict()).model == ModelConfig()
 
