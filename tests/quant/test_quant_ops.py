@@ -8,13 +8,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from dwarfstar.quant import (
-    LINEAR_KERNELS,
     SUPPORTED_KINDS,
     QTensor,
     dequantize,
     expert_linear,
     formats,
     linear,
+    ops,
     random_blocks,
     take_rows,
 )
@@ -31,8 +31,20 @@ def assert_matmul_close(ours: torch.Tensor, expected: torch.Tensor) -> None:
     torch.testing.assert_close(ours, expected, rtol=1e-5, atol=1e-4)
 
 
-def test_every_supported_kind_has_a_linear_kernel():
-    assert set(LINEAR_KERNELS) == set(SUPPORTED_KINDS)
+def test_formats_without_a_registered_kernel_take_the_reference_path(monkeypatch):
+    """An empty registry still multiplies every format with a decoder."""
+    monkeypatch.setattr(ops, "LINEAR_KERNELS", {})
+    monkeypatch.setattr(ops, "EXPERT_KERNELS", {})
+    generator = np.random.default_rng(0)
+    x = torch.from_numpy(generator.standard_normal((2, 256), dtype=np.float32))
+    for kind in formats.BLOCK_DECODERS:
+        w = random_qtensor(kind, (2, 3, 256), generator)
+        assert_matmul_close(linear(x, w[1]), x @ dequantize(w)[1].T)
+        ids = torch.tensor([[1], [0]])
+        assert_matmul_close(
+            expert_linear(x, w, ids)[:, 0],
+            torch.stack([x[0] @ dequantize(w)[1].T, x[1] @ dequantize(w)[0].T]),
+        )
 
 
 @settings(deadline=None, max_examples=50)
@@ -71,13 +83,26 @@ def test_linear_in_bands_of_rows(kind, x_shape, monkeypatch):
 
 
 @settings(deadline=None, max_examples=50)
-@given(kind=kinds, experts=st.integers(1, 4), expert=st.integers(0, 3), seed=seeds)
-def test_expert_linear_is_one_slice_of_the_stack(kind, experts, expert, seed):
-    expert = expert % experts
+@given(kind=kinds, experts=st.integers(1, 5), k=st.integers(1, 3), shared=st.booleans(), seed=seeds)
+def test_expert_linear_sends_each_row_through_its_experts(kind, experts, k, shared, seed):
+    """Shared rows (T, cols) go to all k experts of their token, per-slot rows (T, k, cols) to one."""
     generator = np.random.default_rng(seed)
     w = random_qtensor(kind, (experts, 3, 256), generator)
-    x = torch.from_numpy(generator.standard_normal((5, 256), dtype=np.float32))
-    assert_matmul_close(expert_linear(x, w, expert), x @ dequantize(w)[expert].T)
+    ids = torch.from_numpy(generator.integers(0, experts, size=(4, k)))
+    x_shape = (4, 256) if shared else (4, k, 256)
+    x = torch.from_numpy(generator.standard_normal(x_shape, dtype=np.float32))
+    dense = dequantize(w)
+    rows = x.unsqueeze(1).expand(4, k, 256) if shared else x
+    expected = torch.einsum("tkc,tkrc->tkr", rows, dense[ids])
+    ours = expert_linear(x, w, ids)
+    assert ours.shape == (4, k, 3)
+    assert_matmul_close(ours, expected)
+
+
+def test_expert_linear_rejects_mismatched_experts():
+    w = random_qtensor(Q.Q8_0, (2, 4, 64), np.random.default_rng(0))
+    with pytest.raises(ValueError, match="do not match"):
+        expert_linear(torch.zeros(3, 64), w, torch.zeros(2, 1, dtype=torch.long))
 
 
 def test_linear_rejects_mismatched_features():

@@ -219,5 +219,6 @@ def attention(
 
     # Grouped output projection: each group of heads has its own block of out_a.
     groups = out.reshape(n_tok, c.o_groups, -1)
-    z = torch.cat([quant.expert_linear(groups[:, g], w.out_a, g) for g in range(c.o_groups)], dim=1)
+    group_ids = torch.arange(c.o_groups, device=out.device).expand(n_tok, -1)
+    z = quant.expert_linear(groups, w.out_a, group_ids).flatten(1)
     return quant.linear(z, w.out_b)

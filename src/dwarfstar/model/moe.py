@@ -32,24 +32,12 @@ def route(
 
 
 def moe(w: MoE, x: torch.Tensor, tokens: torch.Tensor, config: ModelConfig, limit: float) -> torch.Tensor:
-    """Routed experts (each run once on the tokens routed to it) plus the shared expert."""
+    """Routed experts (one grouped call per projection for all tokens) plus the shared expert."""
     experts, weights = route(w, x, tokens, config)
-    out = quant.linear(
+    shared = quant.linear(
         swiglu(quant.linear(x, w.shared_gate), quant.linear(x, w.shared_up), limit), w.shared_down
     )
-    flat = experts.flatten()
-    order = flat.argsort(stable=True)
-    token_of = order // experts.shape[1]
-    counts = torch.bincount(flat, minlength=w.gate.shape[0]).tolist()
-    start = 0
-    for expert, count in enumerate(counts):
-        if count == 0:
-            continue
-        slots = order[start : start + count]
-        rows = token_of[start : start + count]
-        start += count
-        xe = x[rows]
-        h = swiglu(quant.expert_linear(xe, w.gate, expert), quant.expert_linear(xe, w.up, expert), limit)
-        h = h * weights.flatten()[slots, None]
-        out.index_add_(0, rows, quant.expert_linear(h, w.down, expert))
-    return out
+    gate = quant.expert_linear(x, w.gate, experts)  # (T, k, expert width)
+    up = quant.expert_linear(x, w.up, experts)
+    hidden = swiglu(gate, up, limit) * weights.unsqueeze(-1)
+    return shared + quant.expert_linear(hidden, w.down, experts).sum(dim=1)

@@ -1,8 +1,10 @@
-"""The operations the model performs on stored weights.
+"""The operations the model performs on stored weights, and the kernel registry behind them.
 
-`linear` is the one entry point per matrix product: LINEAR_KERNELS maps each format to its
-implementation, so a faster kernel (Triton, a compiled CPU kernel) can replace one format's
-entry without the model noticing.
+The model calls three entry points: `linear`, `expert_linear` and `take_rows`. The matrix
+products are looked up in LINEAR_KERNELS / EXPERT_KERNELS by (device type, format), e.g.
+("cpu", Q.IQ2_XXS); a missing entry means the reference path below: pure torch, any format
+with a decoder in `formats`, any device. Faster kernels (the compiled CPU kernels in
+`quant.cpu`, later Triton for "cuda") register themselves there; the model never notices.
 """
 
 from __future__ import annotations
@@ -15,6 +17,17 @@ from gguf import GGMLQuantizationType
 from . import formats
 from .formats import decode, decode_into
 from .tensor import QTensor
+
+Q = GGMLQuantizationType
+
+LinearKernel = Callable[[torch.Tensor, QTensor], torch.Tensor]
+"""(x (n, cols) float32, W (rows, cols)) -> x @ W.T, (n, rows) float32."""
+ExpertKernel = Callable[[torch.Tensor, QTensor, torch.Tensor], torch.Tensor]
+"""(x (n, cols) float32, W (experts, rows, cols), ids (n, k) int64) -> (n, k, rows) float32:
+row i of x through each of its k experts ids[i]."""
+
+LINEAR_KERNELS: dict[tuple[str, GGMLQuantizationType], LinearKernel] = {}
+EXPERT_KERNELS: dict[tuple[str, GGMLQuantizationType], ExpertKernel] = {}
 
 
 def dequantize(t: QTensor) -> torch.Tensor:
@@ -31,23 +44,47 @@ def take_rows(t: QTensor, index: torch.Tensor) -> torch.Tensor:
 def linear(x: torch.Tensor, w: QTensor) -> torch.Tensor:
     """x @ W.T in float32, for x (..., cols) and a matrix W (rows, cols)."""
     _check_matrix(w, "linear")
-    if x.shape[-1] != w.shape[1]:
+    rows, cols = w.shape
+    if x.shape[-1] != cols:
         raise ValueError(
-            f"linear: input has {x.shape[-1]} features, the {w.kind.name} weight {w.shape} wants {w.shape[1]}"
+            f"linear: input has {x.shape[-1]} features, the {w.kind.name} weight {w.shape} wants {cols}"
         )
-    kernel = LINEAR_KERNELS.get(w.kind)
-    if kernel is None:
-        raise NotImplementedError(f"linear: no kernel for {w.kind.name} weights")
-    return kernel(x.float(), w)
+    kernel = LINEAR_KERNELS.get((x.device.type, w.kind), reference_linear)
+    return kernel(x.reshape(-1, cols).float(), w).reshape(*x.shape[:-1], rows)
 
 
-def expert_linear(x: torch.Tensor, w: QTensor, expert: int) -> torch.Tensor:
-    """x @ W[expert].T for stacked expert weights W (experts, rows, cols), reading only that expert."""
+def expert_linear(x: torch.Tensor, w: QTensor, expert_ids: torch.Tensor) -> torch.Tensor:
+    """Each input row through its experts, in one call, for stacked weights W (experts, rows, cols).
+
+    expert_ids (..., k) picks k experts per row. x is either (..., cols), one row sent to all k
+    of its experts (a token's routed gate/up projections), or (..., k, cols), row j to expert j
+    (the down projections, or one block per group). Returns (..., k, rows) in float32. Only the
+    chosen experts' weights are read.
+    """
     if len(w.shape) != 3:
         raise ValueError(
             f"expert_linear: expected stacked expert weights (experts, rows, cols), got {w.shape}"
         )
-    return linear(x, w[expert])
+    _, rows, cols = w.shape
+    if x.shape[-1] != cols:
+        raise ValueError(
+            f"expert_linear: input has {x.shape[-1]} features, experts {w.kind.name} {w.shape} want {cols}"
+        )
+    k = expert_ids.shape[-1]
+    if x.dim() == expert_ids.dim() + 1:  # one row per (row, expert) slot
+        if x.shape[:-1] != expert_ids.shape:
+            raise ValueError(
+                f"expert_linear: inputs {tuple(x.shape)} do not match experts {tuple(expert_ids.shape)}"
+            )
+        flat, ids = x.reshape(-1, cols), expert_ids.reshape(-1, 1)
+    elif x.shape[:-1] == expert_ids.shape[:-1]:  # one row shared by its k experts
+        flat, ids = x.reshape(-1, cols), expert_ids.reshape(-1, k)
+    else:
+        raise ValueError(
+            f"expert_linear: inputs {tuple(x.shape)} do not match experts {tuple(expert_ids.shape)}"
+        )
+    kernel = EXPERT_KERNELS.get((x.device.type, w.kind), reference_expert_linear)
+    return kernel(flat.float(), w, ids.long()).reshape(*expert_ids.shape, rows)
 
 
 def _check_matrix(t: QTensor, operation: str) -> None:
@@ -55,34 +92,36 @@ def _check_matrix(t: QTensor, operation: str) -> None:
         raise ValueError(f"{operation}: expected a matrix, got a {t.kind.name} tensor of shape {t.shape}")
 
 
-def _matmul_stored(x: torch.Tensor, w: QTensor) -> torch.Tensor:
-    """F32: the stored matrix is usable as it is."""
-    return x @ w.data.T
-
-
-def _matmul_dequantized(x: torch.Tensor, w: QTensor) -> torch.Tensor:
-    """Any format: dequantize a band of rows at a time into one buffer that stays in cache and
-    multiply it at once, so that the float32 weights never travel to and from memory."""
+def reference_linear(x: torch.Tensor, w: QTensor) -> torch.Tensor:
+    """The reference matrix product for any format: dequantize a band of rows at a time into one
+    buffer that stays in cache and multiply it at once, so that the float32 weights never travel
+    to and from memory. F32 weights are used as stored."""
+    if w.kind == Q.F32:
+        return x @ w.data.T
     rows, cols = w.shape
     band = max(1, formats.BAND_VALUES // cols)
-    flat = x.reshape(-1, cols)
-    weights = flat.new_empty(min(band, rows), cols)
-    out = flat.new_empty(rows, flat.shape[0])  # transposed: each band's results are contiguous
+    weights = x.new_empty(min(band, rows), cols)
+    out = x.new_empty(rows, x.shape[0])  # transposed: each band's results are contiguous
     for start in range(0, rows, band):
         stop = min(start + band, rows)
         decode_into(w.kind, w.data[start:stop], weights[: stop - start])
-        torch.mm(weights[: stop - start], flat.T, out=out[start:stop])
-    return out.T.reshape(*x.shape[:-1], rows).contiguous()
+        torch.mm(weights[: stop - start], x.T, out=out[start:stop])
+    return out.T.contiguous()
 
 
-Q = GGMLQuantizationType
-LINEAR_KERNELS: dict[GGMLQuantizationType, Callable[[torch.Tensor, QTensor], torch.Tensor]] = {
-    Q.F32: _matmul_stored,
-    Q.F16: _matmul_dequantized,
-    Q.BF16: _matmul_dequantized,
-    Q.Q8_0: _matmul_dequantized,
-    Q.Q2_K: _matmul_dequantized,
-    Q.Q4_K: _matmul_dequantized,
-    Q.IQ2_XXS: _matmul_dequantized,
-    Q.MXFP4: _matmul_dequantized,
-}
+def reference_expert_linear(x: torch.Tensor, w: QTensor, ids: torch.Tensor) -> torch.Tensor:
+    """The reference grouped product: the (row, expert) pairs sorted by expert, then one
+    `reference_linear` per expert that has any, on all of its rows at once."""
+    n, k = ids.shape
+    flat = ids.flatten()
+    order = flat.argsort(stable=True)
+    counts = torch.bincount(flat, minlength=w.shape[0]).tolist()
+    out = x.new_empty(n * k, w.shape[1])
+    start = 0
+    for expert, count in enumerate(counts):
+        if count == 0:
+            continue
+        pairs = order[start : start + count]
+        start += count
+        out[pairs] = reference_linear(x[pairs // k], w[expert])
+    return out.view(n, k, -1)
