@@ -1,0 +1,188 @@
+"""``ds4 download``: fetch a published DeepSeek V4 Flash GGUF from Hugging Face, resumably.
+
+A plain HTTP download goes to ``NAME.<etag>.part`` beside the final file and is renamed when
+complete, so an interrupted run (Ctrl-C, a dropped network) continues where it stopped the
+next time, and no half-written file ever carries the final name. Files the Hub keeps in Xet
+storage go through ``hf_hub_download``, which assembles them (from its chunk cache on a rerun)
+before moving them into place.
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import os
+import re
+import shutil
+import sys
+from pathlib import Path
+
+from dwarfstar.cli.main import CommandError
+
+REPO = "antirez/deepseek-v4-gguf"
+FILES = {
+    "q2-imatrix": "DeepSeek-V4-Flash-IQ2XXS-w2Q2K-AProjQ8-SExpQ8-OutQ8-chat-v2-imatrix.gguf",
+    "q4-imatrix": (
+        "DeepSeek-V4-Flash-Q4KExperts-F16HC-F16Compressor-F16Indexer-Q8Attn-Q8Shared-Q8Out-chat-v2-imatrix.gguf"
+    ),
+    "q2": "DeepSeek-V4-Flash-IQ2XXS-w2Q2K-AProjQ8-SExpQ8-OutQ8-chat-v2.gguf",
+    "q4": "DeepSeek-V4-Flash-Q4KExperts-F16HC-F16Compressor-F16Indexer-Q8Attn-Q8Shared-Q8Out-chat-v2.gguf",
+    "mtp": "DeepSeek-V4-Flash-MTP-Q4K-Q8_0-F32.gguf",
+}
+SIZES = {"q2-imatrix": "81 GB", "q4-imatrix": "153 GB", "q2": "81 GB", "q4": "153 GB", "mtp": "3.5 GB"}
+DEFAULT_MODEL = Path("ds4flash.gguf")  # what the other commands open when no -m is given
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    targets = "; ".join(f"{name}: {SIZES[name]}" for name in FILES)
+    p = sub.add_parser(
+        "download",
+        help="download the published DeepSeek V4 Flash GGUF files (resumable)",
+        description=(
+            f"Download a GGUF from the Hugging Face repo {REPO} ({targets}). q2-imatrix suits "
+            "96-128 GB of memory, q4-imatrix 256 GB and more; q2 and q4 are the older files, mtp "
+            "the optional draft head. An interrupted download resumes when run again. Honours "
+            "HF_TOKEN and HF_ENDPOINT."
+        ),
+    )
+    p.add_argument("target", choices=FILES, help="which file")
+    p.add_argument(
+        "--dir",
+        type=Path,
+        help="where to keep the files (default: $DS4_GGUF_DIR, or ./gguf)",
+    )
+    p.add_argument("--token", help="Hugging Face token (default: $HF_TOKEN or a saved `hf auth login`)")
+    p.add_argument(
+        "--no-link",
+        action="store_true",
+        help=f"do not point ./{DEFAULT_MODEL} at the downloaded model",
+    )
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    directory = args.dir or Path(os.environ.get("DS4_GGUF_DIR") or "gguf")
+    path = fetch(REPO, FILES[args.target], directory, token=args.token)
+    print(f"{path}: {path.stat().st_size:,} bytes")
+    if args.target != "mtp" and not args.no_link:
+        _link(DEFAULT_MODEL, path)
+    return 0
+
+
+def fetch(
+    repo: str, filename: str, directory: Path, token: str | None = None, revision: str = "main"
+) -> Path:
+    """Download ``filename`` of ``repo`` to ``directory/filename`` unless it is already there whole."""
+    import httpx2
+    from huggingface_hub import constants, get_hf_file_metadata, hf_hub_download, hf_hub_url
+    from huggingface_hub.errors import (
+        EntryNotFoundError,
+        GatedRepoError,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
+
+    source = f"{repo}/{filename}"
+    try:
+        meta = get_hf_file_metadata(hf_hub_url(repo, filename, revision=revision), token=token)
+    except GatedRepoError:
+        raise CommandError(f"{repo} is gated: accept its terms on the Hub, then set HF_TOKEN") from None
+    except RepositoryNotFoundError:
+        raise CommandError(f"no repository {repo} at {constants.ENDPOINT} (or it needs HF_TOKEN)") from None
+    except RevisionNotFoundError:
+        raise CommandError(f"{repo} has no revision {revision!r}") from None
+    except EntryNotFoundError:
+        raise CommandError(f"{repo} has no file {filename} (revision {revision})") from None
+    except (httpx2.HTTPError, OSError) as err:
+        raise CommandError(f"cannot reach {constants.ENDPOINT} for {source}: {_reason(err)}") from None
+
+    final = directory / filename
+    if meta.size is not None and final.is_file() and final.stat().st_size == meta.size:
+        print(f"{final} is already complete", file=sys.stderr)
+        return final
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise CommandError(f"cannot create {directory}: {err.strerror or err}") from None
+
+    # The etag names the partial file, so bytes of another revision are never resumed into it.
+    partial = directory / f"{filename}.{re.sub(r'[^0-9A-Za-z]', '', meta.etag or 'x')[:16]}.part"
+    for stale in directory.glob(f"{glob.escape(filename)}.*.part"):
+        if stale != partial:
+            stale.unlink()
+    have = partial.stat().st_size if partial.exists() else 0
+    if meta.size is not None and have > meta.size:
+        partial.unlink()
+        have = 0
+    if meta.size is not None:
+        _check_free_space(directory, meta.size - have, filename)
+
+    try:
+        if meta.xet_file_data is not None:
+            return Path(
+                hf_hub_download(repo, filename, revision=meta.commit_hash, local_dir=directory, token=token)
+            )
+        if have:
+            print(f"resuming {filename} at {have:,} of {meta.size or 0:,} bytes", file=sys.stderr)
+        _fetch_http(meta.location, partial, meta.size, token, filename)
+    except KeyboardInterrupt:
+        _report_partial(partial, meta.size)
+        raise
+    except (httpx2.HTTPError, OSError, ValueError) as err:
+        _report_partial(partial, meta.size)
+        raise CommandError(f"downloading {source} failed: {_reason(err)}") from None
+    partial.replace(final)
+    return final
+
+
+def _fetch_http(url: str, partial: Path, size: int | None, token: str | None, filename: str) -> None:
+    """Append the missing bytes to ``partial`` (a Range request when some are there already)."""
+    from huggingface_hub.file_download import http_get
+    from huggingface_hub.utils import build_hf_headers
+
+    with partial.open("ab") as out:
+        http_get(
+            url,
+            out,
+            resume_size=out.tell(),
+            headers=build_hf_headers(token=token),
+            expected_size=size,
+            displayed_filename=filename,
+        )
+    if size is not None and partial.stat().st_size != size:
+        raise OSError(f"got {partial.stat().st_size:,} bytes of {size:,}")
+
+
+def _check_free_space(directory: Path, needed: int, filename: str) -> None:
+    free = shutil.disk_usage(directory).free
+    if needed > free:
+        raise CommandError(
+            f"{filename} needs {_gb(needed)} more, and {directory} has {_gb(free)} free; "
+            "free some space or choose another --dir"
+        )
+
+
+def _report_partial(partial: Path, size: int | None) -> None:
+    if partial.exists() and partial.stat().st_size:
+        kept = f"{partial.stat().st_size:,}" + (f" of {size:,}" if size else "")
+        print(f"kept {kept} bytes in {partial}: run the same command again to resume", file=sys.stderr)
+
+
+def _link(link: Path, target: Path) -> None:
+    """Point ``link`` at ``target`` (replacing an older link, never a real file)."""
+    if link.exists() and not link.is_symlink():
+        print(f"{link} is a file, not a link: left as it is (use -m {target})", file=sys.stderr)
+        return
+    staged = link.with_name(link.name + ".new")
+    staged.unlink(missing_ok=True)
+    staged.symlink_to(target if target.is_absolute() else os.path.relpath(target, link.parent))
+    staged.replace(link)
+    print(f"{link} -> {target}")
+
+
+def _reason(err: Exception) -> str:
+    return str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+
+
+def _gb(n: int) -> str:
+    return f"{n / 1e9:.1f} GB"
