@@ -51,7 +51,7 @@ def ds4_kind(name: str, shape: tuple[int, ...]) -> T:
 
 
 def build_model(directory: Path) -> Path:
-    from dwarfstar.convert.synthetic import write_random_model
+    from dwarfstar.synthetic.models import write_random_model
 
     path = directory / MODEL_NAME
     if not path.exists():

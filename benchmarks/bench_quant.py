@@ -21,6 +21,7 @@ import torch
 from gguf import GGMLQuantizationType as Q
 
 from dwarfstar import quant
+from dwarfstar.synthetic.blocks import random_blocks
 
 KINDS = (Q.F16, Q.BF16, Q.Q8_0, Q.Q2_K, Q.Q4_K, Q.IQ2_XXS, Q.MXFP4)
 SHAPES = ((2048, 4096), (4096, 2048))
@@ -54,7 +55,7 @@ def linear_seconds(x: torch.Tensor, copies: list[quant.QTensor], repeats: int) -
 
 
 def weight_copies(kind: Q, shape: tuple[int, int], generator: np.random.Generator) -> list[quant.QTensor]:
-    stored = quant.random_blocks(kind, shape, generator)
+    stored = random_blocks(kind, shape, generator)
     copies = min(MAX_COPIES, max(2, POOL_BYTES // stored.nbytes))
     return [quant.QTensor.from_numpy(kind, shape, stored.copy()) for _ in range(copies)]
 

@@ -264,7 +264,7 @@ def gguf_values(official: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
     Only what ``official`` holds is mapped, so presence follows the checkpoint, not the table.
     """
-    out = {gguf_name: official[name] for gguf_name, name in GLOBAL_TENSORS.items()}
+    out = {t.gguf: official[t.official] for t in GLOBAL_TENSORS}
     n_layer = 1 + max(int(name.split(".")[1]) for name in official if name.startswith("layers."))
     for layer in range(n_layer):
         for t in LAYER_TENSORS:

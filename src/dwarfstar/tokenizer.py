@@ -21,10 +21,8 @@ import gguf
 from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers
 from tokenizers import Tokenizer as BPETokenizer
 
+from dwarfstar.chat.tokens import BOS, EOS  # the prompt format's strings: constants, no dependencies
 from dwarfstar.gguf.reader import GGUFFile
-
-BOS = "<｜begin▁of▁sentence｜>"
-EOS = "<｜end▁of▁sentence｜>"
 
 PRE_TOKENIZER = "joyai-llm"
 

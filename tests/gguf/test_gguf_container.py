@@ -9,7 +9,7 @@ from gguf import GGML_QUANT_SIZES
 from gguf import GGMLQuantizationType as T
 from gguf.quants import quant_shape_to_byte_shape
 
-from dwarfstar.gguf.container import ELEMENT_DTYPES, row_nbytes, tensor_nbytes
+from dwarfstar.gguf.container import NUMPY_DTYPES, row_nbytes, tensor_nbytes
 from dwarfstar.quant import QTensor
 
 # Bytes of one row of 256 values, from the GGML block layouts (values per block, bytes per block).
@@ -44,7 +44,7 @@ def test_rows_that_do_not_split_into_blocks() -> None:
 
 
 def test_element_dtypes_have_the_kinds_size() -> None:
-    for kind, dtype in ELEMENT_DTYPES.items():
+    for kind, dtype in NUMPY_DTYPES.items():
         assert row_nbytes(kind, 1) == dtype.itemsize, kind.name
 
 

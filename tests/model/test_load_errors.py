@@ -11,13 +11,13 @@ import numpy as np
 import pytest
 from gguf import GGMLQuantizationType as T
 
-from dwarfstar.convert.synthetic import random_values, tensor_specs, uniform_policy, write_random_model
 from dwarfstar.gguf.names import key
 from dwarfstar.gguf.reader import GGUFError, GGUFFile
 from dwarfstar.gguf.writer import GGUFFileWriter
 from dwarfstar.model.config import ConfigError, ModelConfig
 from dwarfstar.model.model import Model
 from dwarfstar.model.weights import WeightsError
+from dwarfstar.synthetic.models import random_values, tensor_specs, uniform_policy, write_random_model
 
 SMALL = ModelConfig(
     n_layer=3,
@@ -141,11 +141,11 @@ def test_a_file_claiming_flash_must_carry_flash_constants():
 
 def test_flash_shapes_are_validated():
     """Every Flash tensor shape is checked at bind (GGUF ne order, as ds4 lists them)."""
-    from dwarfstar.model.weights import expected_shapes, global_shapes
+    from dwarfstar.gguf.names import global_shapes, layer_shapes
 
     flash = ModelConfig()
     assert global_shapes(flash)["output.weight"][::-1] == (4096, 129280)
-    layer2 = {k: v[::-1] for k, v in expected_shapes(flash, 2).items()}
+    layer2 = {k: v[::-1] for k, v in layer_shapes(flash, 2).items()}
     assert layer2["attn_q_b.weight"] == (1024, 32768)
     assert layer2["attn_output_a.weight"] == (4096, 8192)
     assert layer2["attn_compressor_ape.weight"] == (1024, 4)
@@ -153,7 +153,7 @@ def test_flash_shapes_are_validated():
     assert layer2["ffn_gate_exps.weight"] == (4096, 2048, 256)
     assert layer2["ffn_down_exps.weight"] == (2048, 4096, 256)
     assert layer2["ffn_gate_tid2eid.weight"] == (6, 129280)
-    assert {k: v[::-1] for k, v in expected_shapes(flash, 3).items()}["attn_compressor_ape.weight"] == (
+    assert {k: v[::-1] for k, v in layer_shapes(flash, 3).items()}["attn_compressor_ape.weight"] == (
         512,
         128,
     )

@@ -101,8 +101,8 @@ def test_quant_sim_at_flash_head_widths(tmp_path):
     FP8 blocks of 64 tile the 448 non-rope dims and the Hadamard spans the 128 indexer dims."""
     from gguf import GGMLQuantizationType as T
 
-    from dwarfstar.convert.synthetic import uniform_policy, write_random_model
     from dwarfstar.model.config import ModelConfig
+    from dwarfstar.synthetic.models import uniform_policy, write_random_model
 
     config = ModelConfig(
         n_layer=3, dim=64, n_head=2, head_dim=512, value_dim=512, rope_dim=64, q_lora_rank=32,

@@ -10,9 +10,10 @@ from gguf import GGMLQuantizationType as Q
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
-from dwarfstar.quant import SUPPORTED_KINDS, QTensor, bytes_per_row, dequantize, formats, random_blocks
+from dwarfstar.quant import SUPPORTED_KINDS, QTensor, bytes_per_row, dequantize, formats
 from dwarfstar.quant.formats import parity_signs
 from dwarfstar.quant.tensor import is_block_kind
+from dwarfstar.synthetic.blocks import random_blocks
 
 BLOCK_KINDS = [kind for kind in SUPPORTED_KINDS if is_block_kind(kind)]
 

@@ -15,9 +15,9 @@ from dwarfstar.quant import (
     formats,
     linear,
     ops,
-    random_blocks,
     take_rows,
 )
+from dwarfstar.synthetic.blocks import random_blocks
 
 kinds = st.sampled_from(SUPPORTED_KINDS)
 seeds = st.integers(0, 2**32 - 1)

@@ -8,8 +8,9 @@ from gguf import GGMLQuantizationType as Q
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from dwarfstar.quant import SUPPORTED_KINDS, QTensor, bytes_per_row, dequantize, quantize, random_blocks
+from dwarfstar.quant import SUPPORTED_KINDS, QTensor, bytes_per_row, dequantize, quantize
 from dwarfstar.quant.quantize import QUANTIZABLE_KINDS
+from dwarfstar.synthetic.blocks import random_blocks
 
 float32s = st.floats(width=32, allow_nan=False, allow_infinity=False)
 matrices = hnp.arrays(

@@ -8,7 +8,8 @@ import pytest
 import torch
 from gguf import GGMLQuantizationType as Q
 
-from dwarfstar.quant import SUPPORTED_KINDS, QTensor, bytes_per_row, dequantize, random_blocks
+from dwarfstar.quant import SUPPORTED_KINDS, QTensor, bytes_per_row, dequantize
+from dwarfstar.synthetic.blocks import random_blocks
 
 
 @pytest.fixture(scope="module")

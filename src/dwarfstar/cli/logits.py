@@ -119,7 +119,7 @@ def _read_tokens(path: Path) -> list[int]:
 
 def _demo_arguments(args: argparse.Namespace) -> argparse.Namespace:
     """Point the command at a demo model and prompt, building them on first use."""
-    from dwarfstar.convert.synthetic import ensure_demo
+    from dwarfstar.synthetic.models import ensure_demo
 
     model, tokens = ensure_demo(DEMO_DIR)
     args.model = args.model or model

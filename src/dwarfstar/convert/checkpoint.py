@@ -25,6 +25,8 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
+from dwarfstar.quant.formats import E2M1_VALUES
+
 # transformers' module spelling -> official, applied in order (after dropping a leading "model.").
 _RENAMES: tuple[tuple[str, str], ...] = (
     (r"^embed_tokens\.", "embed."),
@@ -59,8 +61,6 @@ _RENAMES: tuple[tuple[str, str], ...] = (
 )
 _COMPILED = tuple((re.compile(pattern), repl) for pattern, repl in _RENAMES)
 
-# e2m1 codes 0..15 (sign bit 3).
-FP4_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0)
 FP4_BLOCK = (1, 32)
 
 
@@ -191,7 +191,7 @@ def _unpack_fp4(packed: torch.Tensor) -> torch.Tensor:
     """(..., n) bytes of two e2m1 codes -> (..., 2n) float32; the low nibble is the even column."""
     codes = packed.view(torch.uint8).to(torch.int64)
     pairs = torch.stack((codes & 0xF, codes >> 4), dim=-1).flatten(-2)
-    return torch.tensor(FP4_VALUES, dtype=torch.float32)[pairs]
+    return torch.tensor(E2M1_VALUES, dtype=torch.float32)[pairs]
 
 
 def _apply_block_scales(values: torch.Tensor, scales: torch.Tensor, block: tuple[int, int]) -> torch.Tensor:

@@ -28,13 +28,13 @@ from dwarfstar.gguf.names import (
     EXPERT_TENSORS,
     GLOBAL_TENSORS,
     LAYER_TENSORS,
+    global_shapes,
     key,
     layer_prefix,
+    layer_shapes,
     tensor_role,
 )
-from dwarfstar.gguf.names import layer_tensor_present as present
 from dwarfstar.gguf.writer import GGUFFileWriter, TensorSpec
-from dwarfstar.model.weights import expected_shapes, global_shapes
 from dwarfstar.quant import quantize
 from dwarfstar.tokenizer import deepseek_tokenizer_json, gguf_tokenizer_metadata
 
@@ -162,13 +162,13 @@ def plan_tensors(config: CheckpointConfig, checkpoint: Checkpoint, matrix_kind: 
     model = config.model
     plan = []
     shapes = global_shapes(model)
-    for gguf_name, official in GLOBAL_TENSORS.items():
-        plan.append(_single(checkpoint, gguf_name, official, shapes[gguf_name], matrix_kind, model.n_expert))
+    for t in GLOBAL_TENSORS:
+        plan.append(_single(checkpoint, t.gguf, t.official, shapes[t.gguf], matrix_kind, model.n_expert))
     for layer in range(model.n_layer):
-        shapes = expected_shapes(model, layer)
+        shapes = layer_shapes(model, layer)
         prefix = layer_prefix(layer)
         for t in LAYER_TENSORS:
-            if not present(t, model.ratio(layer), model.hash_routed(layer)):
+            if t.gguf not in shapes:
                 continue
             shape, gguf_name = shapes[t.gguf], prefix + t.gguf
             if t.gguf in EXPERT_TENSORS:

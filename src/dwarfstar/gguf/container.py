@@ -23,9 +23,9 @@ SCALAR_FORMATS: dict[GGUFValueType, str] = {
     GGUFValueType.FLOAT64: "<d",
 }
 
-# Tensor kinds stored one value per element, with their numpy dtype. BF16 is one value per
-# element too, but numpy has no dtype for it.
-ELEMENT_DTYPES: dict[GGMLQuantizationType, np.dtype] = {
+# Tensor kinds stored one value per element, with the numpy dtype of their values. BF16 is one
+# value per element too, but numpy has no dtype for it.
+NUMPY_DTYPES: dict[GGMLQuantizationType, np.dtype] = {
     GGMLQuantizationType.F32: np.dtype(np.float32),
     GGMLQuantizationType.F16: np.dtype(np.float16),
     GGMLQuantizationType.F64: np.dtype(np.float64),

@@ -23,8 +23,8 @@ from gguf import GGMLQuantizationType, GGUFValueType
 
 from dwarfstar.gguf.container import (
     DEFAULT_ALIGNMENT,
-    ELEMENT_DTYPES,
     MAGIC,
+    NUMPY_DTYPES,
     SCALAR_FORMATS,
     VERSION,
     row_nbytes,
@@ -205,8 +205,8 @@ class _Header:
                 f"{self.path}: truncated file: tensor {name!r} ends at byte {end} but the file has "
                 f"{len(self.data)} bytes ({end - len(self.data)} bytes missing)"
             )
-        if kind in ELEMENT_DTYPES:
-            dtype, view_shape = ELEMENT_DTYPES[kind], shape
+        if kind in NUMPY_DTYPES:
+            dtype, view_shape = NUMPY_DTYPES[kind], shape
         else:
             dtype = np.dtype(np.uint8)
             view_shape = (*shape[:-1], row_nbytes(kind, shape[-1])) if shape else (n_bytes,)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import os
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 
 from dwarfstar.gguf.names import COMPRESS_RATIOS_KEY, FLASH_METADATA, SWIGLU_CLAMP_KEY, key
 from dwarfstar.gguf.reader import GGUFFile
@@ -180,11 +180,6 @@ class ModelConfig:
         out[key(COMPRESS_RATIOS_KEY)] = list(self.compress_ratios[: self.n_layer])
         out[key(SWIGLU_CLAMP_KEY)] = list(self.swiglu_limit[: self.n_layer])
         return out
-
-    def replace(self, **changes: object) -> ModelConfig:
-        values = {f.name: getattr(self, f.name) for f in fields(self)}
-        values.update(changes)
-        return ModelConfig(**values)  # type: ignore[arg-type]
 
 
 def load_config(source: str | os.PathLike[str] | GGUFFile) -> ModelConfig:

@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import torch
 
+from dwarfstar.quant.formats import E2M1_VALUES
+
 FP8_MAX = 448.0
 FP4_MAX = 6.0
-_FP4_VALUES = torch.tensor([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0])
+_FP4_VALUES = torch.tensor(E2M1_VALUES[:8])  # the non-negative codes
 
 
 def _pow2_scale(amax: torch.Tensor, top: float) -> torch.Tensor:

@@ -13,13 +13,12 @@ import torch
 from gguf import GGMLQuantizationType as T
 
 from dwarfstar import quant
-from dwarfstar.gguf.names import LAYER_TENSORS, layer_prefix, layer_tensor_present, tensor_role
+from dwarfstar.gguf.names import EXPERT_TENSORS, global_shapes, layer_prefix, layer_shapes, tensor_role
 from dwarfstar.model.config import ModelConfig
 from dwarfstar.model.hyper import HyperConnection
+from dwarfstar.quant.formats import FLOAT_KINDS, SUPPORTED_KINDS
 from dwarfstar.quant.tensor import QTensor
 
-FLOAT_KINDS = {T.F32, T.F16, T.BF16}
-MATRIX_KINDS = FLOAT_KINDS | {T.Q8_0, T.Q2_K, T.Q4_K, T.IQ2_XXS, T.MXFP4}
 OPTIONAL = {"exp_probs_b.bias"}
 
 
@@ -94,65 +93,7 @@ class Weights:
     output: QTensor
 
 
-def expected_shapes(config: ModelConfig, layer: int) -> dict[str, tuple[int, ...]]:
-    """Torch-order shapes of one layer's tensors, by GGUF suffix."""
-    c = config
-    mix = (2 + c.hc_mult) * c.hc_mult
-    ratio = c.ratio(layer)
-    width = (2 if ratio == 4 else 1) * c.head_dim
-    shapes = {
-        "hc_attn_fn.weight": (mix, c.hc_mult * c.dim),
-        "hc_attn_base.weight": (mix,),
-        "hc_attn_scale.weight": (3,),
-        "hc_ffn_fn.weight": (mix, c.hc_mult * c.dim),
-        "hc_ffn_base.weight": (mix,),
-        "hc_ffn_scale.weight": (3,),
-        "attn_norm.weight": (c.dim,),
-        "attn_q_a.weight": (c.q_lora_rank, c.dim),
-        "attn_q_a_norm.weight": (c.q_lora_rank,),
-        "attn_q_b.weight": (c.n_head * c.head_dim, c.q_lora_rank),
-        "attn_kv.weight": (c.head_dim, c.dim),
-        "attn_kv_a_norm.weight": (c.head_dim,),
-        "attn_sinks.weight": (c.n_head,),
-        "attn_output_a.weight": (c.o_groups * c.o_lora_rank, c.n_head * c.head_dim // c.o_groups),
-        "attn_output_b.weight": (c.dim, c.o_groups * c.o_lora_rank),
-        "attn_compressor_ape.weight": (ratio, width),
-        "attn_compressor_kv.weight": (width, c.dim),
-        "attn_compressor_gate.weight": (width, c.dim),
-        "attn_compressor_norm.weight": (c.head_dim,),
-        "indexer.attn_q_b.weight": (c.index_n_head * c.index_head_dim, c.q_lora_rank),
-        "indexer.proj.weight": (c.index_n_head, c.dim),
-        "indexer_compressor_ape.weight": (4, 2 * c.index_head_dim),
-        "indexer_compressor_kv.weight": (2 * c.index_head_dim, c.dim),
-        "indexer_compressor_gate.weight": (2 * c.index_head_dim, c.dim),
-        "indexer_compressor_norm.weight": (c.index_head_dim,),
-        "ffn_norm.weight": (c.dim,),
-        "ffn_gate_inp.weight": (c.n_expert, c.dim),
-        "exp_probs_b.bias": (c.n_expert,),
-        "ffn_gate_tid2eid.weight": (c.vocab_size, c.n_expert_used),
-        "ffn_gate_exps.weight": (c.n_expert, c.expert_ff, c.dim),
-        "ffn_up_exps.weight": (c.n_expert, c.expert_ff, c.dim),
-        "ffn_down_exps.weight": (c.n_expert, c.dim, c.expert_ff),
-        "ffn_gate_shexp.weight": (c.expert_ff * c.n_shared_expert, c.dim),
-        "ffn_up_shexp.weight": (c.expert_ff * c.n_shared_expert, c.dim),
-        "ffn_down_shexp.weight": (c.dim, c.expert_ff * c.n_shared_expert),
-    }
-    return shapes
-
-
-def global_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
-    c = config
-    return {
-        "token_embd.weight": (c.vocab_size, c.dim),
-        "output_norm.weight": (c.dim,),
-        "output.weight": (c.vocab_size, c.dim),
-        "output_hc_fn.weight": (c.hc_mult, c.hc_mult * c.dim),
-        "output_hc_base.weight": (c.hc_mult,),
-        "output_hc_scale.weight": (1,),
-    }
-
-
-_ALLOWED_KINDS = {"table": {T.I32}, "vector": FLOAT_KINDS, "matrix": MATRIX_KINDS}
+_ALLOWED_KINDS = {"table": {T.I32}, "vector": set(FLOAT_KINDS), "matrix": set(SUPPORTED_KINDS)}
 
 
 class _Binder:
@@ -221,16 +162,14 @@ def _split_rows(t: QTensor, groups: int) -> QTensor:
 
 def _bind_layer(b: _Binder, config: ModelConfig, layer: int) -> Layer:
     prefix = layer_prefix(layer)
-    shapes = expected_shapes(config, layer)
+    shapes = layer_shapes(config, layer)
     ratio = config.ratio(layer)
-    hashed = config.hash_routed(layer)
-    present = {t.gguf for t in LAYER_TENSORS if layer_tensor_present(t, ratio, hashed)}
 
     def get(suffix: str) -> QTensor:
         return b.get(prefix + suffix, shapes[suffix])
 
     def dense(suffix: str) -> torch.Tensor | None:
-        if suffix not in present:
+        if suffix not in shapes:
             return None
         return b.dense(prefix + suffix, shapes[suffix], optional=suffix in OPTIONAL)
 
@@ -239,28 +178,21 @@ def _bind_layer(b: _Binder, config: ModelConfig, layer: int) -> Layer:
             get(f"hc_{kind}_fn.weight"), dense(f"hc_{kind}_base.weight"), dense(f"hc_{kind}_scale.weight")
         )
 
-    compressor = indexer = None
-    if ratio:
-        compressor = Compressor(
+    def compressor(kind: str, ratio: int) -> Compressor:
+        return Compressor(
             ratio,
-            get("attn_compressor_kv.weight"),
-            get("attn_compressor_gate.weight"),
-            dense("attn_compressor_ape.weight"),
-            dense("attn_compressor_norm.weight"),
+            get(f"{kind}_compressor_kv.weight"),
+            get(f"{kind}_compressor_gate.weight"),
+            dense(f"{kind}_compressor_ape.weight"),
+            dense(f"{kind}_compressor_norm.weight"),
         )
+
+    indexer = None
     if ratio == 4:
         indexer = Indexer(
-            get("indexer.attn_q_b.weight"),
-            get("indexer.proj.weight"),
-            Compressor(
-                4,
-                get("indexer_compressor_kv.weight"),
-                get("indexer_compressor_gate.weight"),
-                dense("indexer_compressor_ape.weight"),
-                dense("indexer_compressor_norm.weight"),
-            ),
+            get("indexer.attn_q_b.weight"), get("indexer.proj.weight"), compressor("indexer", 4)
         )
-    experts = [get(s) for s in ("ffn_gate_exps.weight", "ffn_up_exps.weight", "ffn_down_exps.weight")]
+    experts = [get(s) for s in EXPERT_TENSORS]
     if experts[0].kind != experts[1].kind:
         raise WeightsError(
             f"{b.path}: {prefix}ffn_gate_exps and ffn_up_exps must share a type "
@@ -278,7 +210,7 @@ def _bind_layer(b: _Binder, config: ModelConfig, layer: int) -> Layer:
             sinks=dense("attn_sinks.weight"),
             out_a=_split_rows(get("attn_output_a.weight"), config.o_groups),
             out_b=get("attn_output_b.weight"),
-            compressor=compressor,
+            compressor=compressor("attn", ratio) if ratio else None,
             indexer=indexer,
         ),
         ffn_hc=hc("ffn"),

@@ -27,7 +27,7 @@ from .ops import (
     reference_linear,
     take_rows,
 )
-from .quantize import quantize, random_blocks
+from .quantize import quantize
 from .tensor import QTensor, bytes_per_row
 
 __all__ = [
@@ -40,7 +40,6 @@ __all__ = [
     "expert_linear",
     "linear",
     "quantize",
-    "random_blocks",
     "reference_expert_linear",
     "reference_linear",
     "take_rows",

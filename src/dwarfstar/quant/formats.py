@@ -192,8 +192,12 @@ def q8_0(blocks: torch.Tensor, out: torch.Tensor) -> None:
 # The 16 values of IQ4_NL and IQ4_XS codes: ggml's kvalues_iq4nl.
 _IQ4_VALUES = torch.tensor((-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113)).float()
 
-# e2m1 values, doubled so they are integers (the scale is halved to match, as in ggml).
-_MXFP4_VALUES = torch.tensor((0, 1, 2, 3, 4, 6, 8, 12, 0, -1, -2, -3, -4, -6, -8, -12), dtype=torch.float32)
+# FP4 E2M1 values by 4-bit code, bit 3 the sign: MXFP4 and NVFP4 blocks, the FP4 experts of
+# DeepSeek's release and the simulated rounding of the indexer all read this one table.
+E2M1_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0)
+# Doubled so they are integers (the scale is halved to match, as in ggml); adding +0.0 turns
+# code 8 into a plain zero, as ggml's integer table has it.
+_MXFP4_VALUES = (2 * torch.tensor(E2M1_VALUES, dtype=torch.float32)).add_(0.0)
 
 
 def _values_of(codes: torch.Tensor, values: torch.Tensor) -> torch.Tensor:

