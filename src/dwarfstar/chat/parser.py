@@ -195,6 +195,8 @@ class OutputParser:
         self._block: list[str] = []  # raw text of the tool-calls block consumed so far
         self._expect: tuple[str, ...] = ()
         self._value_is_string = True
+        self._in_json_string = False  # inside a string literal of a string="false" value
+        self._json_escape = False
         self._error: str | None = None
         self._finished = False
         self._steps = {
@@ -229,6 +231,28 @@ class OutputParser:
             self._pending = text[len(text) - keep :]
             self._advance(text[: len(text) - keep])
         return self._take_events()
+
+    @property
+    def in_structure(self) -> bool:
+        """True where the model is writing DSML structure rather than free text.
+
+        Structure is a tag, a tag's attributes, the whitespace between tags, a closing tag
+        begun (two characters or more), and the JSON syntax of a ``string="false"`` value outside its string
+        literals. Reasoning, content, ``string="true"`` values and JSON string literals are
+        free text. The engine samples structure greedily (antirez's ds4 server does too), so
+        tool calls stay well formed while their payloads are sampled normally.
+        """
+        if self._state in (_State.OPENING, _State.EXPECT, _State.INVOKE, _State.PARAM_HEADER):
+            return True
+        if self._state is _State.PARAM_VALUE:
+            closing = len(self._buf) >= 2  # "</" or more of the closing tag is held back
+            return closing or not (self._value_is_string or self._in_json_string)
+        return False
+
+    @property
+    def tool_calls_closed(self) -> bool:
+        """True once a well-formed tool-calls block is closed: the answer is complete."""
+        return self._state is _State.AFTER
 
     def finish(self) -> list[Event]:
         """Ends the generation (at EOS or wherever it stopped) and returns the last events."""
@@ -358,6 +382,7 @@ class OutputParser:
             if self._add_param(name, '"' if is_string else ""):
                 self._take(typed.end())
                 self._value_is_string = is_string
+                self._in_json_string = self._json_escape = False
                 self._state = _State.PARAM_VALUE
             return True
         if end < 0:
@@ -390,13 +415,27 @@ class OutputParser:
         end = self._buf.find(_PARAM_END)
         size = len(self._buf) - _partial_len(self._buf, (_PARAM_END,)) if end < 0 else end
         value = self._take(size)
-        self._arguments(_json_string_body(value) if self._value_is_string else value)
+        if self._value_is_string:
+            self._arguments(_json_string_body(value))
+        else:
+            self._track_json_strings(value)
+            self._arguments(value)
         if end < 0:
             return False
         if self._value_is_string:
             self._arguments('"')
         self._expect_tags(PARAMETER_CLOSE)
         return True
+
+    def _track_json_strings(self, value: str) -> None:
+        """Follows whether a JSON value's text ends inside a string literal."""
+        for char in value:
+            if self._json_escape:
+                self._json_escape = False
+            elif self._in_json_string and char == "\\":
+                self._json_escape = True
+            elif char == '"':
+                self._in_json_string = not self._in_json_string
 
     def _after(self) -> bool:
         if self._buf.strip():

@@ -1,0 +1,312 @@
+"""The engine: one model and tokenizer, the live sessions, and generation as a stream of events.
+
+A request becomes a prompt (a ``Conversation``, raw text, or token ids), finds the live
+session with the longest matching prefix (``SessionPool``), prefills only what that session
+lacks, then samples token by token. Each token is detokenized, cut at stop strings and fed to
+the incremental ``OutputParser``, whose events (reasoning, content, tool calls) the consumer
+forwards. The engine is used from one thread at a time; ``Generation.cancel()`` may be called
+from any thread and takes effect before the next prefill chunk or token.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import torch
+
+from dwarfstar.chat.conversation import Conversation
+from dwarfstar.chat.parser import Done, OutputParser
+from dwarfstar.chat.render import render
+from dwarfstar.chat.tokens import THINK_OPEN
+from dwarfstar.engine.events import (
+    Event,
+    Finished,
+    FinishReason,
+    PrefillProgress,
+    TokenSampled,
+    Usage,
+)
+from dwarfstar.engine.sampling import Sampler, SamplingParams, StopMatcher
+from dwarfstar.engine.sessions import LiveSession, Plan, Prompt, SessionPool
+from dwarfstar.model.model import Model
+from dwarfstar.tokenizer import StreamDecoder, Tokenizer
+
+DEFAULT_CTX = 32768
+# Bounds the attention score tensors of a long prompt; every chunking gives the same tokens.
+DEFAULT_PREFILL_CHUNK = 512
+
+
+class EngineError(ValueError):
+    """A request or a model file the engine cannot serve; the message says why."""
+
+
+class ContextLengthError(EngineError):
+    def __init__(self, prompt_tokens: int, ctx: int) -> None:
+        super().__init__(
+            f"the prompt is {prompt_tokens} tokens but the context holds {ctx} "
+            f"(leave at least one token for the answer, or raise the context size)"
+        )
+        self.prompt_tokens = prompt_tokens
+        self.ctx = ctx
+
+
+class Engine:
+    """A loaded model ready to answer; owns the live sessions (``self.sessions``).
+
+    ``ctx`` caps prompt plus answer, per session. ``device`` is where the model runs; only
+    ``"cpu"`` is supported today.
+    """
+
+    def __init__(
+        self,
+        model: Model,
+        tokenizer: Tokenizer,
+        *,
+        ctx: int = DEFAULT_CTX,
+        prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
+        max_sessions: int = 1,
+        device: str = "cpu",
+    ) -> None:
+        if device != "cpu":
+            raise EngineError(f"device {device!r} is not supported yet; use 'cpu'")
+        if ctx < 2:
+            raise EngineError(f"the context must hold at least 2 tokens, not {ctx}")
+        if prefill_chunk < 1:
+            raise EngineError(f"the prefill chunk must be at least 1 token, not {prefill_chunk}")
+        self.model = model
+        self.tokenizer = tokenizer
+        self.ctx = ctx
+        self.prefill_chunk = prefill_chunk
+        self.device = torch.device(device)
+        self.sessions = SessionPool(model, max_sessions)
+
+    @classmethod
+    def open(cls, path: str | Path, *, quant_sim: bool | None = None, **options: object) -> Engine:
+        """Load a GGUF file (memory-mapped) and its embedded tokenizer.
+
+        Raises ``EngineError`` with a message a user can act on when the file is missing or is
+        not a DeepSeek V4 Flash GGUF.
+        """
+        from dwarfstar.gguf.reader import GGUFError
+        from dwarfstar.model.config import ConfigError
+        from dwarfstar.model.weights import WeightsError
+
+        path = Path(path)
+        if not path.exists():
+            raise EngineError(f"{path}: no such model file")
+        if path.is_dir():
+            raise EngineError(f"{path} is a directory, not a GGUF model file")
+        try:
+            model = Model.load(path, quant_sim=quant_sim)
+            tokenizer = Tokenizer.from_gguf(path)
+        except (GGUFError, ConfigError, WeightsError) as err:
+            raise EngineError(str(err)) from None
+        except (ValueError, KeyError) as err:
+            raise EngineError(f"{path}: not a usable DeepSeek V4 GGUF ({err})") from None
+        except OSError as err:
+            raise EngineError(f"{path}: cannot read it ({err.strerror or err})") from None
+        return cls(model, tokenizer, **options)
+
+    def new_session(self) -> LiveSession:
+        """A session outside the pool, for a caller that keeps its own conversation (the CLI chat)."""
+        return LiveSession(self.model)
+
+    def prompt(self, source: Conversation | str | Sequence[int]) -> Prompt:
+        """A conversation (rendered), raw prompt text, or token ids, as the engine sees it.
+
+        This is the one place chat prompts are tokenized. Raw text is tokenized as written,
+        special tokens included.
+        """
+        if isinstance(source, Conversation):
+            text = render(source)
+        elif isinstance(source, str):
+            text = source
+        else:
+            tokens = [int(t) for t in source]
+            bad = [t for t in tokens if not 0 <= t < self.model.config.vocab_size]
+            if bad:
+                raise EngineError(f"token ids out of range [0, {self.model.config.vocab_size}): {bad[:5]}")
+            return Prompt(text=None, tokens=tokens)
+        return Prompt(text=text, tokens_after=lambda offset: self.tokenizer.encode(text[offset:]))
+
+    def generate(
+        self,
+        prompt: Conversation | str | Sequence[int] | Prompt,
+        sampling: SamplingParams | None = None,
+        *,
+        session: LiveSession | None = None,
+        sampler: Sampler | None = None,
+    ) -> Generation:
+        """Plan the answer to ``prompt``; iterate the result to run it.
+
+        The session is ``session`` if given, else the pool's best match. ``sampler`` replaces
+        the one ``sampling`` would make (tests script the model's choices with it). Raises
+        ``ContextLengthError`` (before touching any state) when the prompt leaves no room for
+        an answer. Usage counts are known at once: ``prompt_tokens`` and ``reused_tokens``.
+        """
+        request = prompt if isinstance(prompt, Prompt) else self.prompt(prompt)
+        if session is None:
+            session, plan = self.sessions.acquire(request)
+        else:
+            plan = session.plan(request)
+        if not plan.tokens:
+            raise EngineError("the prompt is empty")
+        if len(plan.tokens) >= self.ctx:
+            raise ContextLengthError(len(plan.tokens), self.ctx)
+        sampler = sampler or Sampler(sampling or SamplingParams())
+        return Generation(self, session, plan, request.text, sampler)
+
+
+class Generation:
+    """One answer being produced: iterate it (once) for its events; ``cancel()`` from anywhere."""
+
+    def __init__(
+        self, engine: Engine, session: LiveSession, plan: Plan, text: str | None, sampler: Sampler
+    ) -> None:
+        self.engine = engine
+        self.session = session
+        self.plan = plan
+        self.text = text
+        self.sampler = sampler
+        self.sampling = sampler.params
+        self.prompt_tokens = len(plan.tokens)
+        self.reused_tokens = plan.reused
+        self.finished: Finished | None = None
+        self._cancel = threading.Event()
+        self._started = False
+
+    def cancel(self) -> None:
+        """Stop before the next prefill chunk or token; the answer ends with reason ``cancelled``."""
+        self._cancel.set()
+
+    @property
+    def cancelled(self) -> bool:
+        return self._cancel.is_set()
+
+    def __iter__(self) -> Iterator[Event]:
+        if self._started:
+            raise RuntimeError("a Generation runs once")
+        self._started = True
+        return self._run()
+
+    def _forward(self, tokens: list[int]) -> torch.Tensor:
+        """Advance the session by ``tokens``; a failure mid-pass rolls it back (half-written state)."""
+        session = self.session
+        try:
+            logits = self.engine.model.forward(
+                torch.tensor(tokens, dtype=torch.long, device=self.engine.device),
+                session.state,
+                all_logits=False,
+            )[0]
+        except BaseException:
+            session.rollback()
+            raise
+        session.tokens.extend(tokens)
+        session.logits = logits
+        return logits
+
+    def _run(self) -> Iterator[Event]:
+        engine, session, plan = self.engine, self.session, self.plan
+        tokenizer = engine.tokenizer
+        if plan.source == "checkpoint":
+            session.restore_checkpoint()
+        elif plan.source == "empty":
+            session.reset()
+
+        start = time.perf_counter()
+        todo = plan.tokens[plan.reused :]
+        for done in range(0, len(todo), engine.prefill_chunk):
+            if self.cancelled:
+                session.text = None
+                yield self._finish("cancelled", [], "", None, start, time.perf_counter())
+                return
+            chunk = todo[done : done + engine.prefill_chunk]
+            session.text = None  # a partial prompt: its text is not tracked
+            self._forward(chunk)
+            yield PrefillProgress(done + len(chunk), len(todo))
+        session.text = self.text
+        checkpoint = session.checkpoint
+        if checkpoint is None or checkpoint.tokens != session.tokens:
+            session.save_checkpoint()
+        prefilled = time.perf_counter()
+
+        logits = session.logits
+        assert logits is not None
+        thinking = (self.text or tokenizer.decode(plan.tokens[-1:])).endswith(THINK_OPEN)
+        parser = OutputParser(thinking)
+        decoder = StreamDecoder(tokenizer)
+        stops = StopMatcher(self.sampling.stop)
+        room = engine.ctx - len(plan.tokens)
+        budget = room if self.sampling.max_tokens is None else min(room, self.sampling.max_tokens)
+        greedy_dsml = self.sampling.greedy_dsml
+        sampled: list[int] = []
+        pieces: list[str] = []
+        reason: FinishReason = "length"
+        while len(sampled) < budget:
+            if self.cancelled:
+                reason = "cancelled"
+                break
+            token = self.sampler.sample(logits, greedy=greedy_dsml and parser.in_structure)
+            sampled.append(token)
+            if token == tokenizer.eos_id:
+                reason = "stop"
+                break
+            piece = decoder.push(token)
+            pieces.append(piece)
+            yield TokenSampled(token, piece)
+            yield from parser.feed(stops.push(piece))
+            if stops.stopped:
+                reason = "stop"
+                break
+            if parser.tool_calls_closed:
+                reason = "tool_calls"
+                break
+            if len(sampled) < budget:
+                logits = self._forward([token])
+        tail = decoder.flush()
+        pieces.append(tail)
+        yield from parser.feed(stops.push(tail) + stops.flush())
+        *events, done = parser.finish()
+        yield from events
+        assert isinstance(done, Done)
+        session.text = self._held_text(sampled[: len(session.tokens) - len(plan.tokens)])
+        yield self._finish(reason, sampled, "".join(pieces), done.message, start, prefilled)
+
+    def _held_text(self, fed: list[int]) -> str | None:
+        """The session's text after generation: the prompt's plus the fed tokens', when whole UTF-8."""
+        if self.text is None:
+            return None
+        data = b"".join(self.engine.tokenizer.token_bytes(t) for t in fed)
+        try:
+            return self.text + data.decode("utf-8")
+        except UnicodeDecodeError:
+            return None
+
+    def _finish(
+        self,
+        reason: FinishReason,
+        sampled: list[int],
+        text: str,
+        message: dict | None,
+        start: float,
+        prefilled: float | None,
+    ) -> Finished:
+        end = time.perf_counter()
+        if prefilled is None:
+            prefilled = end
+        if message is None:
+            message = {"role": "assistant", "content": "", "reasoning_content": "", "tool_calls": []}
+        elif reason == "stop" and message["tool_calls"]:
+            reason = "tool_calls"
+        usage = Usage(
+            prompt_tokens=len(self.plan.tokens),
+            reused_tokens=self.plan.reused,
+            generated_tokens=len(sampled),
+            prefill_seconds=prefilled - start,
+            decode_seconds=end - prefilled,
+        )
+        self.finished = Finished(reason, usage, message, text)
+        return self.finished
