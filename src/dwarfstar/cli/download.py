@@ -17,6 +17,7 @@ import shutil
 import sys
 from pathlib import Path
 
+from dwarfstar.cli.common import DEFAULT_MODEL
 from dwarfstar.cli.main import CommandError
 
 REPO = "antirez/deepseek-v4-gguf"
@@ -30,7 +31,6 @@ FILES = {
     "mtp": "DeepSeek-V4-Flash-MTP-Q4K-Q8_0-F32.gguf",
 }
 SIZES = {"q2-imatrix": "81 GB", "q4-imatrix": "153 GB", "q2": "81 GB", "q4": "153 GB", "mtp": "3.5 GB"}
-DEFAULT_MODEL = Path("ds4flash.gguf")  # what the other commands open when no -m is given
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:

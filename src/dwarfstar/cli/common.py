@@ -1,0 +1,94 @@
+"""What the model-running commands share: which model to open, token files, prefill with progress."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from dwarfstar.cli.main import CommandError
+
+if TYPE_CHECKING:
+    import torch
+
+    from dwarfstar.model.model import Model
+    from dwarfstar.model.state import Session
+    from dwarfstar.tokenizer import Tokenizer
+
+DEFAULT_MODEL = Path("ds4flash.gguf")  # `ds4 download` points this link at the model it fetched
+# Bounds the attention score tensors of a long prompt; every chunking gives the same logits.
+PREFILL_CHUNK = 512
+GET_A_MODEL = "get the model with `ds4 download q2-imatrix` (~81 GB; q4-imatrix for 256 GB machines)"
+
+
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("-m", "--model", type=Path, help=f"GGUF model file (default: ./{DEFAULT_MODEL})")
+
+
+def model_path(args: argparse.Namespace) -> Path:
+    """The model file the user asked for, or a clear error saying how to get one."""
+    path = args.model or DEFAULT_MODEL
+    if path.is_dir():
+        raise CommandError(f"{path} is a directory, not a GGUF model file")
+    if not path.exists():
+        if args.model is None:
+            raise CommandError(f"no model file ./{DEFAULT_MODEL}: {GET_A_MODEL}, or give -m FILE")
+        raise CommandError(f"{path}: no such model file ({GET_A_MODEL})")
+    return path
+
+
+def open_model(path: Path) -> tuple[Model, Tokenizer]:
+    """Memory-map the model and read its embedded tokenizer; a bad file is a ``CommandError``."""
+    from dwarfstar.gguf.reader import GGUFError
+    from dwarfstar.model.config import ConfigError
+    from dwarfstar.model.model import Model
+    from dwarfstar.model.weights import WeightsError
+    from dwarfstar.tokenizer import Tokenizer
+
+    try:
+        return Model.load(path), Tokenizer.from_gguf(path)
+    except (GGUFError, ConfigError, WeightsError) as err:
+        raise CommandError(str(err)) from None
+    except (ValueError, KeyError) as err:
+        raise CommandError(f"{path}: not a usable DeepSeek V4 Flash GGUF ({err})") from None
+    except OSError as err:
+        raise CommandError(f"{path}: cannot read it ({err.strerror or err})") from None
+
+
+def read_token_file(path: Path) -> list[int]:
+    """A JSON file holding a non-empty list of token ids."""
+    try:
+        tokens = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise CommandError(f"{path}: no such file") from None
+    except OSError as err:
+        raise CommandError(f"{path}: cannot read it ({err.strerror or err})") from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise CommandError(f"{path}: not valid JSON ({err})") from None
+    if not isinstance(tokens, list) or not tokens or not all(isinstance(t, int) for t in tokens):
+        raise CommandError(f"{path}: expected a non-empty JSON list of integer token ids")
+    return tokens
+
+
+def check_token_ids(tokens: Sequence[int], vocab_size: int) -> None:
+    bad = [t for t in tokens if not 0 <= t < vocab_size]
+    if bad:
+        raise CommandError(f"token ids out of range [0, {vocab_size}): {bad[:5]}")
+
+
+def prefill(
+    model: Model, tokens: Sequence[int], session: Session, chunk: int = PREFILL_CHUNK, desc: str = "prefill"
+) -> torch.Tensor:
+    """Feed ``tokens`` in chunks (a progress bar on a terminal); the last position's logits (vocab,)."""
+    import torch
+    from tqdm import tqdm
+
+    ids = torch.tensor(list(tokens), dtype=torch.long)
+    with tqdm(total=len(ids), desc=desc, unit="tok", disable=not sys.stderr.isatty()) as bar:
+        for start in range(0, len(ids), chunk):
+            logits = model.forward(ids[start : start + chunk], session, all_logits=False)
+            bar.update(min(chunk, len(ids) - start))
+    return logits[0]
