@@ -18,7 +18,7 @@ from dwarfstar.tokenizer import (
     gguf_tokenizer_metadata,
 )
 
-CHAT_DATA = Path(__file__).parents[1].parent / "shared/data/chat"
+CHAT_DATA = Path(__file__).parent / "data/chat"
 VOCAB_SIZE = 129280  # DeepSeek V4 Flash's embedding rows
 KEYS = gguf.Keys.Tokenizer
 NORMAL, CONTROL = gguf.TokenType.NORMAL, gguf.TokenType.CONTROL

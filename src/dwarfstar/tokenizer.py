@@ -5,16 +5,19 @@ byte-level BPE tokens, merges, token types). The pre-tokenizer regexes are not s
 llama.cpp we know them by the ``tokenizer.ggml.pre`` name, ``joyai-llm`` (llama.cpp's converter
 finds that name for DeepSeek V4 by hashing the encoding of a probe text).
 
-Every added token (control or user-defined: ``<｜User｜>``, ``<think>``, ``｜DSML｜``, ...) is
-recognised wherever it appears in the text, as the reference ``tokenizer.json`` does, so a rendered
-prompt tokenizes to the ids the model was trained on. Their ids come from the vocabulary by string.
+``encode`` recognises every added token (control or user-defined: ``<｜User｜>``, ``<think>``,
+``｜DSML｜``, ...) wherever it appears in the text, as the reference ``tokenizer.json`` does; their
+ids come from the vocabulary by string. ``encode_parts`` is what prompts go through: it recognises
+them only in the template's own markup, so text from a request cannot inject control tokens, and
+gives the same ids as ``encode`` whenever that text holds no added-token string.
 """
 
 from __future__ import annotations
 
 import codecs
 import json
-from collections.abc import Mapping, Sequence
+import re
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
 import gguf
@@ -190,14 +193,21 @@ class Tokenizer:
             vocab={text: token_id for token_id, text in enumerate(tokens)},
             merges=[tuple(merge.split(" ", 1)) for merge in metadata[_KEYS.MERGES]],
         )
+        # Two tokenizers over the same BPE model: one that splits out added tokens wherever they
+        # appear, one that reads everything as plain text.
+        self._plain = BPETokenizer(bpe)
         self._tokenizer = BPETokenizer(bpe)
-        self._tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
-            [pre_tokenizers.Split(Regex(pattern), "isolated") for pattern in PRE_TOKENIZER_PATTERNS]
-            + [pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)]
-        )
-        self._tokenizer.decoder = decoders.ByteLevel()
+        for tokenizer in (self._plain, self._tokenizer):
+            tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
+                [pre_tokenizers.Split(Regex(pattern), "isolated") for pattern in PRE_TOKENIZER_PATTERNS]
+                + [pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)]
+            )
+            tokenizer.decoder = decoders.ByteLevel()
         self._tokenizer.add_special_tokens(control)
         self._tokenizer.add_tokens(user_defined)
+        # Leftmost match, the longest one where several start at the same place, as tokenizers does.
+        by_length = sorted(self.special_ids, key=len, reverse=True)
+        self._special_pattern = re.compile("|".join(re.escape(text) for text in by_length))
 
     @classmethod
     def from_gguf(cls, source: str | Path | Mapping[str, object]) -> Tokenizer:
@@ -227,6 +237,29 @@ class Tokenizer:
     def encode(self, text: str) -> list[int]:
         """Token ids of ``text``; special-token strings in it become their ids. No BOS is added."""
         return self._tokenizer.encode(text, add_special_tokens=False).ids
+
+    def encode_parts(self, parts: Iterable[tuple[str, bool]]) -> list[int]:
+        """Token ids of a prompt given as ``(text, is_markup)`` parts (``chat.render.render_parts``).
+
+        Added tokens are recognised only inside markup parts. The joined text is cut at those
+        tokens alone, and each stretch between them (template text and request text together, as
+        BPE would see them in the whole prompt) is encoded as plain text.
+        """
+        ids: list[int] = []
+        stretch: list[str] = []
+        for text, is_markup in parts:
+            start = 0
+            if is_markup:
+                for match in self._special_pattern.finditer(text):
+                    stretch.append(text[start : match.start()])
+                    ids += self._encode_plain("".join(stretch))
+                    ids.append(self.special_ids[match.group()])
+                    stretch, start = [], match.end()
+            stretch.append(text[start:])
+        return ids + self._encode_plain("".join(stretch))
+
+    def _encode_plain(self, text: str) -> list[int]:
+        return self._plain.encode(text, add_special_tokens=False).ids if text else []
 
     def decode(self, ids: Sequence[int]) -> str:
         """The text of ``ids``, special tokens included; invalid UTF-8 becomes U+FFFD."""

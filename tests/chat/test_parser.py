@@ -24,7 +24,7 @@ from dwarfstar.chat.parser import (
 )
 from dwarfstar.chat.tokens import DSML, EOS, THINK_CLOSE
 
-VECTORS_PATH = Path(__file__).parents[2].parent / "shared/data/chat/parse_vectors.jsonl"
+VECTORS_PATH = Path(__file__).parents[1] / "data/chat/parse_vectors.jsonl"
 VECTORS = [json.loads(line) for line in VECTORS_PATH.read_text(encoding="utf-8").splitlines()]
 CALL_ID = re.compile(r"call_[0-9a-f]{32}")
 

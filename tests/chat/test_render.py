@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 from dwarfstar.chat.conversation import Conversation
 from dwarfstar.chat.render import THINK_MAX_PREFIX, render, render_messages
 
-DATA = Path(__file__).parents[2].parent / "shared/data/chat"
+DATA = Path(__file__).parents[1] / "data/chat"
 VECTORS = [
     json.loads(line) for line in (DATA / "render_vectors.jsonl").read_text(encoding="utf-8").splitlines()
 ]

@@ -14,7 +14,7 @@ from dwarfstar.chat.request import (
     parse_request,
 )
 
-CLIENTS = Path(__file__).parents[2].parent / "shared/data/clients"
+CLIENTS = Path(__file__).parents[1] / "data/clients"
 FIXTURES = [
     entry for entry in json.loads((CLIENTS / "index.json").read_text()) if entry["path"] != "/v1/responses"
 ]

@@ -5,6 +5,11 @@ including the odd ones: tool results become ``<tool_result>`` blocks in a user t
 into the order of the calls), consecutive user turns merge with a blank line between them,
 reasoning before the last user turn is dropped unless some message offers tools, and a
 developer message before the last user turn is dropped with it.
+
+``render_parts`` gives the same text as consecutive parts, each marked as the template's own
+markup or as text from the request (message content, reasoning, tool results, tool schemas,
+names, tool-call arguments). The tokenizer recognises special tokens only in the markup, so
+text from a request can never open a turn, close thinking or end the sequence.
 """
 
 from __future__ import annotations
@@ -74,13 +79,40 @@ You MUST strictly follow the above defined tool name and parameter schemas to in
 """  # noqa: E501 (the model's own text, one paragraph a line)
 
 RESPONSE_FORMAT_SECTION = (
-    "## Response Format:\n\nYou MUST strictly adhere to the following schema to reply:\n{schema}"
+    "## Response Format:\n\nYou MUST strictly adhere to the following schema to reply:\n"
 )
+
+# A piece of the prompt: its text, and True when it is the template's own markup (where special
+# tokens count), False when it came from the request (where they are plain text).
+Part = tuple[str, bool]
+
+
+def _markup(text: str) -> list[Part]:
+    return [(text, True)]
+
+
+def _text(text: str) -> list[Part]:
+    return [(text, False)]
+
+
+def _joined(pieces: Sequence[list[Part]], separator: str) -> list[Part]:
+    """``separator.join`` over pieces of parts; the separator is markup."""
+    out: list[Part] = []
+    for index, piece in enumerate(pieces):
+        if index:
+            out += _markup(separator)
+        out += piece
+    return out
 
 
 def render(conversation: Conversation) -> str:
     """The prompt for ``conversation``, ending where the model starts writing."""
-    return render_messages(
+    return "".join(text for text, _ in render_parts(conversation))
+
+
+def render_parts(conversation: Conversation) -> list[Part]:
+    """The prompt of ``render`` as consecutive ``(text, is_markup)`` parts, for the tokenizer."""
+    return render_message_parts(
         conversation.messages,
         thinking_mode=conversation.thinking_mode,
         reasoning_effort=conversation.reasoning_effort,
@@ -100,6 +132,17 @@ def render_messages(
     the assistant's answer: ``<｜Assistant｜><think>`` in thinking mode, ``<｜Assistant｜></think>``
     in chat mode.
     """
+    parts = render_message_parts(messages, thinking_mode, reasoning_effort, drop_thinking)
+    return "".join(text for text, _ in parts)
+
+
+def render_message_parts(
+    messages: Sequence[Message],
+    thinking_mode: str = "thinking",
+    reasoning_effort: str | None = None,
+    drop_thinking: bool = True,
+) -> list[Part]:
+    """``render_messages`` as parts: adjacent parts of the same kind merged, none empty."""
     if thinking_mode not in ("chat", "thinking"):
         raise ValueError(f"thinking_mode must be 'chat' or 'thinking', not {thinking_mode!r}")
     if reasoning_effort not in REASONING_EFFORTS:
@@ -120,13 +163,21 @@ def render_messages(
         turns = _drop_old_turns(turns)
 
     last_user = _last_user_index(turns)
-    parts = [BOS]
+    parts = _markup(BOS)
     if turns and thinking and reasoning_effort == "max":
-        parts.append(THINK_MAX_PREFIX)
+        parts += _markup(THINK_MAX_PREFIX)
     for index in range(len(turns)):
-        parts.append(_render_turn(index, turns, thinking, drop, last_user))
-        parts.append(_next_turn_opening(index, turns, thinking, drop, last_user))
-    return "".join(parts)
+        parts += _render_turn(index, turns, thinking, drop, last_user)
+        parts += _markup(_next_turn_opening(index, turns, thinking, drop, last_user))
+    merged: list[Part] = []
+    for text, is_markup in parts:
+        if not text:
+            continue
+        if merged and merged[-1][1] == is_markup:
+            merged[-1] = (merged[-1][0] + text, is_markup)
+        else:
+            merged.append((text, is_markup))
+    return merged
 
 
 def _merge_tool_results(messages: Sequence[Message]) -> list[Message]:
@@ -203,29 +254,31 @@ def _last_user_index(turns: Sequence[Message]) -> int:
     return max((i for i, turn in enumerate(turns) if turn["role"] in ("user", "developer")), default=-1)
 
 
-def _render_turn(index: int, turns: Sequence[Message], thinking: bool, drop: bool, last_user: int) -> str:
+def _render_turn(
+    index: int, turns: Sequence[Message], thinking: bool, drop: bool, last_user: int
+) -> list[Part]:
     turn = turns[index]
     role = turn["role"]
     if role == "system":
-        return (turn.get("content") or "") + _tools_and_format(turn)
+        return _text(turn.get("content") or "") + _tools_and_format(turn)
     if role == "developer":
         if not turn.get("content"):
             raise ValueError(f"developer message at turn {index} has no content")
-        return USER + turn["content"] + _tools_and_format(turn)
+        return _markup(USER) + _text(turn["content"]) + _tools_and_format(turn)
     if role == "user":
-        return USER + "\n\n".join(_render_block(block) for block in turn["blocks"])
+        return _markup(USER) + _joined([_render_block(block) for block in turn["blocks"]], "\n\n")
     if role == "latest_reminder":
-        return LATEST_REMINDER + (turn.get("content") or "")
+        return _markup(LATEST_REMINDER) + _text(turn.get("content") or "")
 
-    reasoning = ""
+    parts: list[Part] = []
     follows_task = index > 0 and turns[index - 1].get("task") is not None
     if thinking and not follows_task and (not drop or index > last_user):
-        reasoning = (turn.get("reasoning_content") or "") + THINK_CLOSE
-    calls = ""
+        parts += _text(turn.get("reasoning_content") or "") + _markup(THINK_CLOSE)
+    parts += _text(turn.get("content") or "")
     if turn.get("tool_calls"):
-        invokes = "\n".join(_render_tool_call(call["function"]) for call in turn["tool_calls"])
-        calls = f"\n\n{TOOL_CALLS_OPEN}\n{invokes}\n{TOOL_CALLS_CLOSE}"
-    return reasoning + (turn.get("content") or "") + calls + EOS
+        invokes = _joined([_render_tool_call(call["function"]) for call in turn["tool_calls"]], "\n")
+        parts += _markup(f"\n\n{TOOL_CALLS_OPEN}\n") + invokes + _markup(f"\n{TOOL_CALLS_CLOSE}")
+    return parts + _markup(EOS)
 
 
 def _next_turn_opening(
@@ -248,29 +301,30 @@ def _next_turn_opening(
     return ASSISTANT + (THINK_OPEN if opens_thinking else THINK_CLOSE)
 
 
-def _tools_and_format(turn: Message) -> str:
-    text = ""
+def _tools_and_format(turn: Message) -> list[Part]:
+    parts: list[Part] = []
     if turn.get("tools"):
-        schemas = "\n".join(_to_json(tool["function"]) for tool in turn["tools"])
-        text += "\n\n" + TOOLS_SECTION.format(schemas=schemas)
+        before, after = TOOLS_SECTION.split("{schemas}")
+        schemas = _joined([_text(_to_json(tool["function"])) for tool in turn["tools"]], "\n")
+        parts += _markup("\n\n" + before) + schemas + _markup(after)
     if turn.get("response_format"):
-        text += "\n\n" + RESPONSE_FORMAT_SECTION.format(schema=_to_json(turn["response_format"]))
-    return text
+        parts += _markup("\n\n" + RESPONSE_FORMAT_SECTION) + _text(_to_json(turn["response_format"]))
+    return parts
 
 
-def _render_block(block: dict[str, Any]) -> str:
+def _render_block(block: dict[str, Any]) -> list[Part]:
     if block["type"] == "text":
-        return block["text"]
+        return _text(block["text"])
     content = block["content"]
     if isinstance(content, list):
         content = "\n\n".join(
             part.get("text", "") if part.get("type") == "text" else f"[Unsupported {part.get('type')}]"
             for part in content
         )
-    return TOOL_RESULT_OPEN + (content or "") + TOOL_RESULT_CLOSE
+    return _markup(TOOL_RESULT_OPEN) + _text(content or "") + _markup(TOOL_RESULT_CLOSE)
 
 
-def _render_tool_call(function: dict[str, Any]) -> str:
+def _render_tool_call(function: dict[str, Any]) -> list[Part]:
     """One ``invoke``: string arguments raw, every other value as JSON."""
     raw = function["arguments"]
     try:
@@ -279,12 +333,21 @@ def _render_tool_call(function: dict[str, Any]) -> str:
         arguments = None
     if not isinstance(arguments, dict):
         arguments = {"arguments": raw}
-    parameters = "\n".join(
-        f'{PARAMETER_OPEN} name="{key}" string="{"true" if isinstance(value, str) else "false"}">'
-        f"{value if isinstance(value, str) else _to_json(value)}{PARAMETER_CLOSE}"
+    parameters = [
+        _markup(f'{PARAMETER_OPEN} name="')
+        + _text(str(key))
+        + _markup(f'" string="{"true" if isinstance(value, str) else "false"}">')
+        + _text(value if isinstance(value, str) else _to_json(value))
+        + _markup(PARAMETER_CLOSE)
         for key, value in arguments.items()
+    ]
+    return (
+        _markup(f'{INVOKE_OPEN} name="')
+        + _text(str(function["name"]))
+        + _markup('">\n')
+        + _joined(parameters, "\n")
+        + _markup(f"\n{INVOKE_CLOSE}")
     )
-    return f'{INVOKE_OPEN} name="{function["name"]}">\n{parameters}\n{INVOKE_CLOSE}'
 
 
 def _to_json(value: Any) -> str:

@@ -7,7 +7,7 @@ import json
 import sys
 from pathlib import Path
 
-from dwarfstar.chat.render import render
+from dwarfstar.chat.render import render_parts
 from dwarfstar.chat.request import (
     RequestError,
     from_anthropic,
@@ -53,14 +53,15 @@ def run(args: argparse.Namespace) -> int:
     try:
         body = parse_request(raw)
         anthropic = args.anthropic or looks_like_anthropic(body)
-        prompt = render(from_anthropic(body) if anthropic else from_openai(body))
+        parts = render_parts(from_anthropic(body) if anthropic else from_openai(body))
     except RequestError as err:
         raise CommandError(f"{source}: {err}") from None
 
     if args.tokens:
-        sys.stdout.write(json.dumps(_tokenizer(args.model).encode(prompt)) + "\n")
+        # Special tokens count only in the template's markup, never in the request's text.
+        sys.stdout.write(json.dumps(_tokenizer(args.model).encode_parts(parts)) + "\n")
     else:
-        sys.stdout.buffer.write(prompt.encode("utf-8"))
+        sys.stdout.buffer.write("".join(text for text, _ in parts).encode("utf-8"))
     sys.stdout.flush()
     return 0
 
