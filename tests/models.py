@@ -488,3 +488,31 @@ def converted_gguf(
     else:
         hf_checkpoint(tmp_path_factory, name, config, seed)  # checks the config is the same
     return _GGUFS[key]
+
+
+def split_gguf(source: Path, directory: Path, shards: int) -> list[Path]:
+    """``source`` rewritten by gguf-py's writer as ``shards`` files in llama.cpp's split format
+    (``NAME-00001-of-0000N.gguf``, ``split.*`` keys, the metadata in the first); their paths."""
+    from gguf import GGUFWriter
+
+    from dwarfstar.gguf.shards import GGUFModel
+    from dwarfstar.gguf.writer import value_type
+
+    model = GGUFModel(source)
+    directory.mkdir(parents=True, exist_ok=True)
+    per_shard = -(-len(model.tensors) // shards)
+    writer = GGUFWriter(
+        directory / source.name, model.metadata["general.architecture"], split_max_tensors=per_shard
+    )
+    for key, value in model.metadata.items():
+        if key not in ("general.architecture", "general.alignment"):
+            writer.add_key_value(key, value, *value_type(key, value))
+    for name, info in model.tensors.items():
+        writer.add_tensor(name, info.data, raw_dtype=info.kind)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    paths = sorted(directory.glob(f"{source.stem}-*-of-*.gguf"))
+    assert len(paths) == shards
+    return paths

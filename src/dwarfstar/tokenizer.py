@@ -25,7 +25,7 @@ from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers
 from tokenizers import Tokenizer as BPETokenizer
 
 from dwarfstar.chat.tokens import BOS, EOS  # the prompt format's strings: constants, no dependencies
-from dwarfstar.gguf.reader import GGUFFile
+from dwarfstar.gguf.shards import GGUFModel
 
 PRE_TOKENIZER = "joyai-llm"
 
@@ -152,7 +152,7 @@ _TOKENIZER_KEYS = (_KEYS.MODEL, _KEYS.PRE, _KEYS.LIST, _KEYS.TOKEN_TYPE, _KEYS.M
 
 
 def _read_gguf_tokenizer_metadata(path: Path) -> dict[str, object]:
-    metadata = GGUFFile(path).metadata
+    metadata = GGUFModel(path).metadata  # any shard of a split model: the first one has the keys
     return {key: metadata[key] for key in _TOKENIZER_KEYS if key in metadata}
 
 

@@ -88,11 +88,13 @@ def test_wrong_type_is_named(good, tmp_path):
         Model.load(path)
 
 
-def test_expert_gate_and_up_must_share_a_type(good, tmp_path):
+def test_unknown_tensor_is_named(good, tmp_path):
     specs = tensor_specs(SMALL, uniform_policy(T.Q8_0))
-    specs = [dataclasses.replace(s, kind=T.F16) if s.name == "blk.1.ffn_up_exps.weight" else s for s in specs]
-    path = rewrite(tmp_path / "experts.gguf", good[1], specs)
-    with pytest.raises(WeightsError, match=r"blk\.1\.ffn_gate_exps and ffn_up_exps must share a type"):
+    extra = dataclasses.replace(specs[-1], name="blk.1.attn_mystery.weight")
+    path = rewrite(tmp_path / "unknown.gguf", good[1], [*specs, extra])
+    with pytest.raises(
+        WeightsError, match=r"1 tensor\(s\) that are no part of .*'blk\.1\.attn_mystery\.weight'"
+    ):
         Model.load(path)
 
 

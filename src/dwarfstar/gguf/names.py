@@ -57,7 +57,11 @@ FLASH_METADATA: dict[str, object] = {
 }
 
 COMPRESS_RATIOS_KEY = "attention.compress_ratios"  # one int per layer: 0, 4 or 128
-SWIGLU_CLAMP_KEY = "swiglu_clamp_exp"  # one float per layer
+SWIGLU_CLAMP_KEY = "swiglu_clamp_exp"  # one float per layer (llama.cpp also accepts one for all)
+# llama.cpp's converter counts the multi-token-prediction (MTP) blocks in block_count, after the
+# main layers: blk.N.* with the layer tensors plus blk.N.nextn.* (eh_proj, enorm, hnorm, ...).
+MTP_LAYERS_KEY = "nextn_predict_layers"
+MTP_PROBE_SUFFIX = "nextn.eh_proj.weight"  # llama.cpp counts no MTP block when this is absent
 
 
 class TensorDims(Protocol):
@@ -247,6 +251,15 @@ def layer_shapes(dims: TensorDims, layer: int) -> dict[str, tuple[int, ...]]:
 
 def layer_prefix(layer: int) -> str:
     return f"blk.{layer}."
+
+
+def is_mtp_tensor(gguf_name: str, n_layer: int) -> bool:
+    """Whether a tensor belongs to a multi-token-prediction block: llama.cpp's ``blk.N.*`` past the
+    ``n_layer`` main layers, or ds4's ``mtp.0.*`` (its separate MTP file)."""
+    if gguf_name.startswith("mtp."):
+        return True
+    parts = gguf_name.split(".", 2)
+    return parts[0] == "blk" and parts[1].isdigit() and int(parts[1]) >= n_layer
 
 
 def layer_tensor_present(t: TensorName, ratio: int, hash_routed: bool) -> bool:

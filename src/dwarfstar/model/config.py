@@ -4,15 +4,28 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Container
 from dataclasses import dataclass, field
 
-from dwarfstar.gguf.names import COMPRESS_RATIOS_KEY, FLASH_METADATA, SWIGLU_CLAMP_KEY, key
+from dwarfstar.gguf.names import (
+    COMPRESS_RATIOS_KEY,
+    FLASH_METADATA,
+    MTP_LAYERS_KEY,
+    MTP_PROBE_SUFFIX,
+    SWIGLU_CLAMP_KEY,
+    key,
+    layer_prefix,
+)
 from dwarfstar.gguf.reader import GGUFFile
+from dwarfstar.gguf.shards import GGUFModel
 
 
 class ConfigError(ValueError):
     """The file's metadata does not describe a DeepSeek V4 model we can run."""
 
+
+# Keys llama.cpp reads with a default when a file lacks them; the defaults are the dataclass's.
+_OPTIONAL_KEYS = ("rope.scaling.yarn_beta_fast", "rope.scaling.yarn_beta_slow")
 
 # field name -> metadata short key (see gguf.names.FLASH_METADATA)
 _KEYS: dict[str, str] = {
@@ -94,6 +107,9 @@ class ModelConfig:
         default=(0, 0) + tuple(4 if i % 2 == 0 else 128 for i in range(2, 43))
     )
     swiglu_limit: tuple[float, ...] = (10.0,) * 43
+    # MTP (next-n prediction) blocks stored after the main layers, as llama.cpp's converter writes
+    # them: counted in block_count, not run (multi-token prediction is not supported yet).
+    n_mtp_layer: int = 0
 
     def __post_init__(self) -> None:
         if len(self.compress_ratios) < self.n_layer:
@@ -129,8 +145,13 @@ class ModelConfig:
         return (self.n_layer, self.dim, self.vocab_size) == (43, 4096, 129280)
 
     @classmethod
-    def from_metadata(cls, metadata: dict[str, object]) -> ModelConfig:
-        """Build the config from a GGUF's key/value metadata (already decoded to Python values)."""
+    def from_metadata(cls, metadata: dict[str, object], tensors: Container[str] | None = None) -> ModelConfig:
+        """Build the config from a GGUF's key/value metadata (already decoded to Python values).
+
+        ``nextn_predict_layers`` MTP blocks are the last of ``block_count``. Like llama.cpp, when
+        the file's tensor names are given and the first MTP block's ``nextn.eh_proj`` is not among
+        them (the MTP tensors were left out), there are none.
+        """
         arch = metadata.get("general.architecture")
         if arch != "deepseek4":
             raise ConfigError(f"general.architecture is {arch!r}, expected 'deepseek4'")
@@ -139,7 +160,8 @@ class ModelConfig:
         for name, short in _KEYS.items():
             full = key(short)
             if full not in metadata:
-                missing.append(full)
+                if short not in _OPTIONAL_KEYS:
+                    missing.append(full)
                 continue
             values[name] = _coerce(metadata[full], type(getattr(cls, name)), full)
         for name, short in (("compress_ratios", COMPRESS_RATIOS_KEY), ("swiglu_limit", SWIGLU_CLAMP_KEY)):
@@ -147,12 +169,22 @@ class ModelConfig:
             if full not in metadata:
                 missing.append(full)
                 continue
+            value = metadata[full]
+            if name == "swiglu_limit" and isinstance(value, int | float):  # one value for every layer
+                value = [value] * int(values.get("n_layer", 0))  # type: ignore[call-overload]
             cast = int if name == "compress_ratios" else float
-            if not isinstance(metadata[full], list | tuple):
-                raise ConfigError(f"metadata {full} must be an array, got {metadata[full]!r}")
-            values[name] = tuple(_coerce(v, cast, full) for v in metadata[full])
+            if not isinstance(value, list | tuple):
+                raise ConfigError(f"metadata {full} must be an array, got {value!r}")
+            values[name] = tuple(_coerce(v, cast, full) for v in value)
         if missing:
             raise ConfigError("missing metadata keys: " + ", ".join(missing))
+        n_layer = int(values["n_layer"])  # type: ignore[call-overload]
+        n_mtp = int(_coerce(metadata.get(key(MTP_LAYERS_KEY), 0), int, key(MTP_LAYERS_KEY)))  # type: ignore[call-overload]
+        if not 0 <= n_mtp < n_layer:
+            raise ConfigError(f"{key(MTP_LAYERS_KEY)} is {n_mtp}, with block_count {n_layer}")
+        if n_mtp and tensors is not None and layer_prefix(n_layer - n_mtp) + MTP_PROBE_SUFFIX not in tensors:
+            n_mtp = 0
+        values["n_layer"], values["n_mtp_layer"] = n_layer - n_mtp, n_mtp
         for short in ("expert_group_count", "expert_group_used_count"):
             if metadata.get(key(short), 0) not in (0, None):
                 raise ConfigError(f"{key(short)} must be 0 (DeepSeek V4 has no expert groups)")
@@ -182,11 +214,11 @@ class ModelConfig:
         return out
 
 
-def load_config(source: str | os.PathLike[str] | GGUFFile) -> ModelConfig:
-    """The config of a GGUF file (a path or an opened ``GGUFFile``); errors name the file."""
-    file = source if isinstance(source, GGUFFile) else GGUFFile(source)
+def load_config(source: str | os.PathLike[str] | GGUFFile | GGUFModel) -> ModelConfig:
+    """The config of a model (a path, an opened file or shards); errors name the file."""
+    file = source if isinstance(source, GGUFFile | GGUFModel) else GGUFModel(source)
     try:
-        return ModelConfig.from_metadata(file.metadata)
+        return ModelConfig.from_metadata(file.metadata, file.tensors)
     except ConfigError as err:
         raise ConfigError(f"{file.path}: {err}") from None
 

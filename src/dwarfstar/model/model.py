@@ -37,10 +37,11 @@ class Model:
 
     @classmethod
     def load(cls, path: str | Path, quant_sim: bool | None = None) -> Model:
-        """Memory-map a GGUF file and bind its tensors; nothing is dequantized here."""
-        from dwarfstar.gguf.reader import GGUFFile
+        """Memory-map a GGUF file (or every shard of a split one) and bind its tensors; nothing
+        is dequantized here."""
+        from dwarfstar.gguf.shards import GGUFModel
 
-        file = GGUFFile(path)
+        file = GGUFModel(path)
         config = load_config(file)
         model = cls(bind(config, file.tensors, str(path)), quant_sim)
         model.file = file  # keeps the mapping alive as long as the model

@@ -13,7 +13,14 @@ import torch
 from gguf import GGMLQuantizationType as T
 
 from dwarfstar import quant
-from dwarfstar.gguf.names import EXPERT_TENSORS, global_shapes, layer_prefix, layer_shapes, tensor_role
+from dwarfstar.gguf.names import (
+    EXPERT_TENSORS,
+    global_shapes,
+    is_mtp_tensor,
+    layer_prefix,
+    layer_shapes,
+    tensor_role,
+)
 from dwarfstar.model.config import ModelConfig
 from dwarfstar.model.hyper import HyperConnection
 from dwarfstar.quant.formats import FLOAT_KINDS, SUPPORTED_KINDS
@@ -91,6 +98,7 @@ class Weights:
     head_hc: HyperConnection
     norm: torch.Tensor
     output: QTensor
+    notes: list[str]  # what the file holds that the model does not use, for the user
 
 
 _ALLOWED_KINDS = {"table": {T.I32}, "vector": set(FLOAT_KINDS), "matrix": set(SUPPORTED_KINDS)}
@@ -103,8 +111,10 @@ class _Binder:
         self.tensors = tensors
         self.path = path
         self.n_expert = n_expert
+        self.bound: set[str] = set()
 
     def get(self, name: str, shape: tuple[int, ...], *, optional: bool = False) -> QTensor | None:
+        self.bound.add(name)
         info = self.tensors.get(name)
         if info is None:
             if optional:
@@ -140,7 +150,7 @@ def bind(config: ModelConfig, tensors: dict, path: str = "model") -> Weights:
     b = _Binder(tensors, path, config.n_expert)
     g = global_shapes(config)
     layers = [_bind_layer(b, config, i) for i in range(config.n_layer)]
-    return Weights(
+    weights = Weights(
         config=config,
         embed=b.get("token_embd.weight", g["token_embd.weight"]),
         layers=layers,
@@ -151,7 +161,22 @@ def bind(config: ModelConfig, tensors: dict, path: str = "model") -> Weights:
         ),
         norm=b.dense("output_norm.weight", g["output_norm.weight"]),
         output=b.get("output.weight", g["output.weight"]),
+        notes=[],
     )
+    unbound = [name for name in tensors if name not in b.bound]
+    mtp = [name for name in unbound if is_mtp_tensor(name, config.n_layer)]
+    unknown = [name for name in unbound if name not in mtp]
+    if unknown:
+        listed = ", ".join(repr(name) for name in unknown[:5]) + (", ..." if len(unknown) > 5 else "")
+        raise WeightsError(
+            f"{path}: {len(unknown)} tensor(s) that are no part of DeepSeek V4 Flash: {listed}"
+        )
+    if mtp:
+        weights.notes.append(
+            f"skipped {len(mtp)} multi-token-prediction (MTP) tensors ({mtp[0]}, ...): "
+            "MTP is not supported yet"
+        )
+    return weights
 
 
 def _split_rows(t: QTensor, groups: int) -> QTensor:
@@ -192,12 +217,7 @@ def _bind_layer(b: _Binder, config: ModelConfig, layer: int) -> Layer:
         indexer = Indexer(
             get("indexer.attn_q_b.weight"), get("indexer.proj.weight"), compressor("indexer", 4)
         )
-    experts = [get(s) for s in EXPERT_TENSORS]
-    if experts[0].kind != experts[1].kind:
-        raise WeightsError(
-            f"{b.path}: {prefix}ffn_gate_exps and ffn_up_exps must share a type "
-            f"({experts[0].kind.name} vs {experts[1].kind.name})"
-        )
+    experts = [get(s) for s in EXPERT_TENSORS]  # each may have its own type, as any matrix
     return Layer(
         attn_hc=hc("attn"),
         attn_norm=dense("attn_norm.weight"),
