@@ -49,13 +49,16 @@ def open_model(path: Path) -> tuple[Model, Tokenizer]:
     from dwarfstar.tokenizer import Tokenizer
 
     try:
-        return Model.load(path), Tokenizer.from_gguf(path)
+        model, tokenizer = Model.load(path), Tokenizer.from_gguf(path)
     except (GGUFError, ConfigError, WeightsError) as err:
         raise CommandError(str(err)) from None
     except (ValueError, KeyError) as err:
         raise CommandError(f"{path}: not a usable DeepSeek V4 Flash GGUF ({err})") from None
     except OSError as err:
         raise CommandError(f"{path}: cannot read it ({err.strerror or err})") from None
+    for note in model.weights.notes:  # e.g. the MTP block it skipped
+        print(f"note: {note}", file=sys.stderr)
+    return model, tokenizer
 
 
 def read_token_file(path: Path) -> list[int]:
