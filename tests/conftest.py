@@ -38,3 +38,11 @@ def hf_checkpoint_factory(tmp_path_factory: pytest.TempPathFactory) -> Callable[
         return hf_checkpoint(tmp_path_factory, name, config, seed)
 
     return make
+
+
+@pytest.fixture(scope="session", autouse=True)
+def ds4_cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The cache directory (the ``--demo`` model) for this test session, never the user's own."""
+    path = tmp_path_factory.mktemp("ds4-cache")
+    os.environ["DS4_CACHE_DIR"] = str(path)  # subprocesses inherit it
+    return path

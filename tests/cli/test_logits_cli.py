@@ -60,7 +60,7 @@ def test_bad_token_files_are_reported(model_path, tmp_path, content, message):
 
 def test_missing_arguments_and_files(tmp_path):
     result = ds4("logits", "--tokens", "ids.json")
-    assert result.returncode == 2 and "missing -m, --out" in result.stderr
+    assert result.returncode == 2 and "missing --out (or use --demo)" in result.stderr
     (tmp_path / "ids.json").write_text("[1]")
     result = ds4(
         "logits", "-m", str(tmp_path / "nope.gguf"), "--tokens", str(tmp_path / "ids.json"), "--out", "o"

@@ -5,9 +5,9 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeVar
 
 from dwarfstar.cli.main import CommandError
 
@@ -19,46 +19,73 @@ if TYPE_CHECKING:
     from dwarfstar.tokenizer import Tokenizer
 
 DEFAULT_MODEL = Path("ds4flash.gguf")  # `ds4 download` points this link at the model it fetched
+T = TypeVar("T")
 # Bounds the attention score tensors of a long prompt; every chunking gives the same logits.
 PREFILL_CHUNK = 512
 GET_A_MODEL = "get the model with `ds4 download q2-imatrix` (~81 GB; q4-imatrix for 256 GB machines)"
 
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("-m", "--model", type=Path, help=f"GGUF model file (default: ./{DEFAULT_MODEL})")
+    """``-m FILE`` or ``--demo``: which model a command opens."""
+    which = parser.add_mutually_exclusive_group()
+    which.add_argument("-m", "--model", type=Path, help=f"GGUF model file (default: ./{DEFAULT_MODEL})")
+    which.add_argument(
+        "--demo",
+        action="store_true",
+        help="a small random-weight model of the real architecture, built once in the user's cache "
+        "directory: it shows the whole path running, its output is noise",
+    )
 
 
 def model_path(args: argparse.Namespace) -> Path:
-    """The model file the user asked for, or a clear error saying how to get one."""
+    """The model file the user asked for (building the demo if asked), or an error saying how to get one."""
+    if args.demo:
+        from dwarfstar.synthetic import demo_model_path
+
+        try:
+            return demo_model_path()
+        except OSError as err:
+            raise CommandError(f"cannot build the demo model: {err.strerror or err}") from None
     path = args.model or DEFAULT_MODEL
     if path.is_dir():
         raise CommandError(f"{path} is a directory, not a GGUF model file")
     if not path.exists():
         if args.model is None:
-            raise CommandError(f"no model file ./{DEFAULT_MODEL}: {GET_A_MODEL}, or give -m FILE")
+            raise CommandError(f"no model file ./{DEFAULT_MODEL}: {GET_A_MODEL}, give -m FILE, or try --demo")
         raise CommandError(f"{path}: no such model file ({GET_A_MODEL})")
     return path
 
 
-def open_model(path: Path) -> tuple[Model, Tokenizer]:
-    """Memory-map the model and read its embedded tokenizer; a bad file is a ``CommandError``."""
-    from dwarfstar.gguf.reader import GGUFError
-    from dwarfstar.model.config import ConfigError
+def open_model(path: Path, quant_sim: bool | None = None) -> Model:
+    """Memory-map and bind the model; a file that is not a V4 Flash GGUF is a ``CommandError``."""
     from dwarfstar.model.model import Model
-    from dwarfstar.model.weights import WeightsError
+
+    model = _opening(path, lambda: Model.load(path, quant_sim=quant_sim))
+    for note in model.weights.notes:  # e.g. the MTP block it skipped
+        print(f"note: {note}", file=sys.stderr)
+    return model
+
+
+def open_tokenizer(path: Path) -> Tokenizer:
+    """The tokenizer embedded in the model file."""
     from dwarfstar.tokenizer import Tokenizer
 
+    return _opening(path, lambda: Tokenizer.from_gguf(path))
+
+
+def _opening(path: Path, load: Callable[[], T]) -> T:
+    from dwarfstar.gguf.reader import GGUFError
+    from dwarfstar.model.config import ConfigError
+    from dwarfstar.model.weights import WeightsError
+
     try:
-        model, tokenizer = Model.load(path), Tokenizer.from_gguf(path)
+        return load()
     except (GGUFError, ConfigError, WeightsError) as err:
         raise CommandError(str(err)) from None
     except (ValueError, KeyError) as err:
         raise CommandError(f"{path}: not a usable DeepSeek V4 Flash GGUF ({err})") from None
     except OSError as err:
         raise CommandError(f"{path}: cannot read it ({err.strerror or err})") from None
-    for note in model.weights.notes:  # e.g. the MTP block it skipped
-        print(f"note: {note}", file=sys.stderr)
-    return model, tokenizer
 
 
 def read_token_file(path: Path) -> list[int]:

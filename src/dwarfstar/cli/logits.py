@@ -3,41 +3,43 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
+from dwarfstar.cli.common import (
+    PREFILL_CHUNK,
+    add_model_arguments,
+    check_token_ids,
+    model_path,
+    open_model,
+    open_tokenizer,
+    read_token_file,
+)
 from dwarfstar.cli.main import CommandError
-
-DEMO_DIR = Path("demo")
-# Bounds the attention score tensors of a long prompt; every chunking gives the same logits.
-DEFAULT_CHUNK = 512
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "logits",
         help="write the logits [T, vocab] of a token sequence to a .npy file",
-        description="Run the model over a JSON list of token ids and save float32 logits [T, vocab].",
+        description=(
+            "Run the model over a JSON list of token ids and save float32 logits [T, vocab]. "
+            "With --demo, the demo model runs a sample prompt unless --tokens is given."
+        ),
     )
-    p.add_argument("-m", "--model", type=Path, help="GGUF model file")
+    add_model_arguments(p)
     p.add_argument("--tokens", type=Path, help="JSON file with a list of token ids")
-    p.add_argument("--out", type=Path, help="output .npy file")
+    p.add_argument("--out", type=Path, help="output .npy file (with --demo: in the cache directory)")
     p.add_argument(
         "--chunk",
         type=int,
-        default=DEFAULT_CHUNK,
-        help=f"prefill in chunks of N tokens (1 = token by token; default {DEFAULT_CHUNK})",
+        default=PREFILL_CHUNK,
+        help=f"prefill in chunks of N tokens (1 = token by token; default {PREFILL_CHUNK})",
     )
     p.add_argument(
         "--no-quant-sim",
         action="store_true",
         help="do not simulate the official FP8 KV / FP4 indexer rounding (on by default for Flash files)",
-    )
-    p.add_argument(
-        "--demo",
-        action="store_true",
-        help=f"build a small random-weight demo model under {DEMO_DIR}/ and run it on a sample prompt",
     )
     p.set_defaults(func=run)
 
@@ -47,32 +49,25 @@ def run(args: argparse.Namespace) -> int:
     import torch
     from tqdm import tqdm
 
-    from dwarfstar.gguf.reader import GGUFError
-    from dwarfstar.model.config import ConfigError
-    from dwarfstar.model.model import Model
-    from dwarfstar.model.weights import WeightsError
-
-    if args.demo:
-        args = _demo_arguments(args)
-    missing = [
-        flag
-        for flag, value in (("-m", args.model), ("--tokens", args.tokens), ("--out", args.out))
-        if not value
-    ]
-    if missing:
+    missing = [flag for flag, value in (("--tokens", args.tokens), ("--out", args.out)) if not value]
+    if missing and not args.demo:
         raise CommandError(f"missing {', '.join(missing)} (or use --demo)")
     if args.chunk < 1:
         raise CommandError("--chunk must be at least 1")
-    tokens = _read_tokens(args.tokens)
+    tokens = read_token_file(args.tokens) if args.tokens else None
+    path = model_path(args)
+    if args.demo:
+        from dwarfstar.synthetic.demo import cache_dir
+        from dwarfstar.synthetic.models import DEMO_PROMPT
+
+        if tokens is None:
+            tokenizer = open_tokenizer(path)
+            tokens = [tokenizer.bos_id, *tokenizer.encode(DEMO_PROMPT)]
+        args.out = args.out or cache_dir() / "demo-logits.npy"
     if args.out.is_dir():
         raise CommandError(f"--out {args.out} is a directory; give a .npy file name")
-    try:
-        model = Model.load(args.model, quant_sim=False if args.no_quant_sim else None)
-    except (GGUFError, ConfigError, WeightsError) as err:
-        raise CommandError(str(err)) from None
-    bad = [t for t in tokens if not 0 <= t < model.config.vocab_size]
-    if bad:
-        raise CommandError(f"token ids out of range [0, {model.config.vocab_size}): {bad[:5]}")
+    model = open_model(path, quant_sim=False if args.no_quant_sim else None)
+    check_token_ids(tokens, model.config.vocab_size)
 
     # Each chunk's logits go straight to a memory-mapped .npy, renamed into place when complete.
     partial = args.out.with_name(args.out.name + ".part")
@@ -101,28 +96,3 @@ def run(args: argparse.Namespace) -> int:
     if args.demo:
         print("top-5 next tokens after the last position:", last.topk(5).indices.tolist())
     return 0
-
-
-def _read_tokens(path: Path) -> list[int]:
-    try:
-        tokens = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise CommandError(f"{path}: no such file") from None
-    except OSError as err:
-        raise CommandError(f"{path}: cannot read it ({err.strerror or err})") from None
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise CommandError(f"{path}: not valid JSON ({err})") from None
-    if not isinstance(tokens, list) or not tokens or not all(isinstance(t, int) for t in tokens):
-        raise CommandError(f"{path}: expected a non-empty JSON list of integer token ids")
-    return tokens
-
-
-def _demo_arguments(args: argparse.Namespace) -> argparse.Namespace:
-    """Point the command at a demo model and prompt, building them on first use."""
-    from dwarfstar.synthetic.models import ensure_demo
-
-    model, tokens = ensure_demo(DEMO_DIR)
-    args.model = args.model or model
-    args.tokens = args.tokens or tokens
-    args.out = args.out or DEMO_DIR / "logits.npy"
-    return args

@@ -20,6 +20,7 @@ from dwarfstar.cli.common import (
     check_token_ids,
     model_path,
     open_model,
+    open_tokenizer,
     prefill,
     read_token_file,
 )
@@ -70,7 +71,7 @@ def run(args: argparse.Namespace) -> int:
     if args.out is not None and args.out.is_dir():
         raise CommandError(f"--out {args.out} is a directory; give a .json file name")
     path = model_path(args)
-    model, tokenizer = open_model(path)
+    model, tokenizer = open_model(path), open_tokenizer(path)
     if args.tokens is not None:
         ids = read_token_file(args.tokens)
         check_token_ids(ids, model.config.vocab_size)

@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from dwarfstar.cli.common import PREFILL_CHUNK, add_model_arguments, model_path, open_model
+from dwarfstar.cli.common import PREFILL_CHUNK, add_model_arguments, model_path, open_model, open_tokenizer
 from dwarfstar.cli.main import CommandError
 
 if TYPE_CHECKING:
@@ -65,7 +65,8 @@ def run(args: argparse.Namespace) -> int:
         raise CommandError(f"{args.text}: not UTF-8 text") from None
     except OSError as err:
         raise CommandError(f"{args.text}: cannot read it ({err.strerror or err})") from None
-    model, tokenizer = open_model(model_path(args))
+    path = model_path(args)
+    model, tokenizer = open_model(path), open_tokenizer(path)
     tokens = tokenizer.encode(text)[: args.max_tokens]
     if len(tokens) <= args.skip:
         raise CommandError(f"{args.text}: {len(tokens)} tokens, nothing to score after --skip {args.skip}")

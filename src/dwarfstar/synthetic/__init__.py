@@ -1,3 +1,7 @@
 """Random-weight data of the real formats and architecture: valid blocks of every GGML format
-(``blocks``) and whole GGUF models (``models``) for the demo, the benchmarks and the tests.
-Nothing here converts a checkpoint; of the library, only ``ds4 logits --demo`` reaches it."""
+(``blocks``), whole GGUF models (``models``) for the benchmarks and the tests, and the cached
+demo model behind every command's ``--demo`` (``demo``). Nothing here converts a checkpoint."""
+
+from dwarfstar.synthetic.demo import demo_model_path
+
+__all__ = ["demo_model_path"]

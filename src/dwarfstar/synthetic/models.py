@@ -7,7 +7,6 @@ it treats a real file. Values are random but well scaled, so activations stay fi
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -23,7 +22,7 @@ from dwarfstar.gguf.writer import GGUFFileWriter, TensorSpec
 from dwarfstar.model.config import ModelConfig
 from dwarfstar.quant.quantize import QUANTIZABLE_KINDS, quantize
 from dwarfstar.synthetic.blocks import random_blocks
-from dwarfstar.tokenizer import Tokenizer, deepseek_tokenizer_json, gguf_tokenizer_metadata
+from dwarfstar.tokenizer import deepseek_tokenizer_json, gguf_tokenizer_metadata
 
 KindPolicy = Callable[[str, tuple[int, ...]], T]
 
@@ -113,16 +112,3 @@ def write_random_model(
     finally:
         partial.unlink(missing_ok=True)
     return out
-
-
-def ensure_demo(directory: Path) -> tuple[Path, Path]:
-    """The demo model and its prompt's token ids, built on first use."""
-    directory.mkdir(parents=True, exist_ok=True)
-    model, tokens = directory / "demo.gguf", directory / "prompt.json"
-    if not model.exists():
-        print(f"building the demo model {model} (random weights, real tokenizer) ...")
-        write_random_model(model, DEMO_CONFIG, uniform_policy(T.Q8_0), progress=True)
-    if not tokens.exists():
-        ids = [0, *Tokenizer.default().encode(DEMO_PROMPT)]  # BOS, then the prompt
-        tokens.write_text(json.dumps(ids))
-    return model, tokens
