@@ -76,7 +76,7 @@ def run(args: argparse.Namespace) -> int:
         ids = read_token_file(args.tokens)
         check_token_ids(ids, model.config.vocab_size)
     else:
-        ids = tokenizer.encode(_prompt_text(args))
+        ids = _prompt_ids(args, tokenizer)
     if len(ids) >= args.ctx:
         raise CommandError(f"the prompt is {len(ids)} tokens but --ctx is {args.ctx}: raise --ctx")
 
@@ -140,13 +140,15 @@ def _token(tokenizer: Tokenizer, token_id: int) -> dict:
     }
 
 
-def _prompt_text(args: argparse.Namespace) -> str:
-    from dwarfstar.chat.render import render_messages
+def _prompt_ids(args: argparse.Namespace, tokenizer: Tokenizer) -> list[int]:
+    """An already rendered prompt as written; otherwise one user turn, its text never markup."""
+    from dwarfstar.chat.render import render_message_parts
     from dwarfstar.chat.tokens import BOS
 
     if args.prompt.startswith(BOS):
-        return args.prompt
+        return tokenizer.encode(args.prompt)
     messages = [{"role": "user", "content": args.prompt}]
     if args.system:
         messages.insert(0, {"role": "system", "content": args.system})
-    return render_messages(messages, thinking_mode="thinking" if args.think else "chat")
+    mode = "thinking" if args.think else "chat"
+    return tokenizer.encode_parts(render_message_parts(messages, thinking_mode=mode))
