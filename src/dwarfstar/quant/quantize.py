@@ -1,4 +1,6 @@
-"""Quantizers, bit-exact with gguf-py's `gguf.quants.quantize`.
+"""Quantizers: F16, BF16 and Q8_0 bit-exact with gguf-py's `gguf.quants.quantize`; Q2_K, Q4_K and
+IQ2_XXS search for their scales (compiled kernels in `quantizers/`) and take an optional importance
+per column.
 
 They return arrays in the form gguf.GGUFReader gives back and QTensor.from_numpy accepts: typed
 arrays for F32 and F16, uint8 (..., rows, bytes_per_row) for BF16 and the block formats.
@@ -11,6 +13,7 @@ from collections.abc import Callable
 import numpy as np
 from gguf import GGMLQuantizationType
 
+from .quantizers import SEARCHED_KINDS, quantize_rows
 from .tensor import bytes_per_row
 
 Q = GGMLQuantizationType
@@ -51,19 +54,31 @@ _QUANTIZERS: dict[GGMLQuantizationType, Callable[[np.ndarray], np.ndarray]] = {
     Q.BF16: _bf16,
     Q.Q8_0: _q8_0,
 }
-QUANTIZABLE_KINDS = (Q.F32, *_QUANTIZERS)
+QUANTIZABLE_KINDS = (Q.F32, *_QUANTIZERS)  # bit-exact with gguf-py; SEARCHED_KINDS apart
 
 # Values quantized at a time: small enough for the temporaries to stay in cache, which is
 # several times faster than whole-array numpy passes on large matrices.
 _BAND_VALUES = 1 << 17
 
 
-def quantize(values: np.ndarray, kind: GGMLQuantizationType) -> np.ndarray:
-    """float32 values (..., cols) -> stored form of `kind`."""
+def quantize(
+    values: np.ndarray,
+    kind: GGMLQuantizationType,
+    importance: np.ndarray | None = None,
+    threads: int = 1,
+) -> np.ndarray:
+    """float32 values (..., cols) -> stored form of `kind`.
+
+    `importance` (Q2_K, Q4_K, IQ2_XXS only; others ignore it): one weight per column, (cols,), or
+    one vector per matrix of a stack, (..., cols) for values (..., rows, cols). `threads` splits
+    the searched kinds' rows across threads.
+    """
     kind = GGMLQuantizationType(kind)
     values = np.ascontiguousarray(values, dtype=np.float32)
     if kind == Q.F32:
         return values
+    if kind in SEARCHED_KINDS:
+        return _quantize_searched(values, kind, importance, threads)
     quantizer = _QUANTIZERS.get(kind)
     if quantizer is None:
         raise NotImplementedError(f"quantizing to {kind.name} is not supported")
@@ -76,3 +91,18 @@ def quantize(values: np.ndarray, kind: GGMLQuantizationType) -> np.ndarray:
     if kind == Q.F16:
         out = out.view(np.float16)
     return out.reshape(*values.shape[:-1], -1)
+
+
+def _quantize_searched(
+    values: np.ndarray, kind: GGMLQuantizationType, importance: np.ndarray | None, threads: int
+) -> np.ndarray:
+    cols = values.shape[-1]
+    matrices = values.reshape(-1, values.shape[-2] if values.ndim > 1 else 1, cols)
+    if importance is not None:
+        importance = np.asarray(importance, dtype=np.float32)
+        importance = np.broadcast_to(importance.reshape(-1, cols), (matrices.shape[0], cols))
+    out = [
+        quantize_rows(kind, matrix, None if importance is None else importance[i], threads)
+        for i, matrix in enumerate(matrices)
+    ]
+    return np.stack(out).reshape(*values.shape[:-1], -1)

@@ -1,0 +1,86 @@
+"""llama.cpp's own quantizer, through llama-cpp-python: the reference our quantizers are measured against."""
+
+from __future__ import annotations
+
+import ctypes
+from pathlib import Path
+
+import gguf
+import llama_cpp
+import numpy as np
+from gguf import GGMLQuantizationType
+
+
+@llama_cpp.llama_log_callback
+def _quiet(level: int, text: bytes, user_data: ctypes.c_void_p) -> None:
+    """llama.cpp logs every tensor while quantizing; tests do not need it."""
+
+
+llama_cpp.llama_log_set(_quiet, ctypes.c_void_p(0))
+
+
+def llama_quantize(
+    source: Path,
+    out: Path,
+    ftype: int = llama_cpp.LLAMA_FTYPE_MOSTLY_Q8_0,
+    overrides: dict[str, GGMLQuantizationType] | None = None,
+    imatrix: dict[str, np.ndarray] | None = None,
+    threads: int = 1,
+) -> Path:
+    """``llama_model_quantize`` of ``source`` to ``ftype``; ``overrides``: name regex -> type;
+    ``imatrix``: tensor name -> importance (n_expert * cols,) float32."""
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.nthread = threads
+    params.ftype = ftype
+    params.token_embedding_type = gguf.GGMLQuantizationType.F16  # leave the big vocabulary tables alone
+    params.quantize_output_tensor = False
+    keep = []  # the ctypes buffers must outlive the call
+    if overrides:
+        table = (llama_cpp.llama_model_tensor_override * (len(overrides) + 1))()
+        for i, (pattern, kind) in enumerate(overrides.items()):
+            table[i].pattern = pattern.encode()
+            table[i].type = int(kind)
+        table[len(overrides)].pattern = None
+        params.tt_overrides = ctypes.cast(table, type(params.tt_overrides))
+        keep.append(table)
+    if imatrix:
+        entries = (llama_cpp.llama_model_imatrix_data * (len(imatrix) + 1))()
+        for i, (name, values) in enumerate(imatrix.items()):
+            data = np.ascontiguousarray(values, dtype=np.float32).ravel()
+            keep.append(data)
+            entries[i].name = name.encode()
+            entries[i].data = data.ctypes.data_as(ctypes.POINTER(ctypes.c_float))
+            entries[i].size = data.size
+        entries[len(imatrix)].name = None
+        params.imatrix = ctypes.cast(entries, type(params.imatrix))
+        keep.append(entries)
+    status = llama_cpp.llama_model_quantize(str(source).encode(), str(out).encode(), ctypes.byref(params))
+    assert status == 0, f"llama_model_quantize failed on {source}"
+    return out
+
+
+def write_f32_model(path: Path, config: object, expert_values, seed: int = 0) -> Path:  # noqa: ANN001
+    """A random model of ``config`` in float32 (token embedding F16) whose stacked experts hold
+    ``expert_values(shape, rng)``: the source both quantizers read."""
+    from gguf import GGMLQuantizationType as T
+
+    from dwarfstar.convert.converter import gguf_metadata, stored_kind
+    from dwarfstar.convert.hf_config import FP8_BLOCK, CheckpointConfig
+    from dwarfstar.gguf.writer import GGUFFileWriter
+    from dwarfstar.synthetic.models import random_values, tensor_specs
+    from dwarfstar.tokenizer import deepseek_tokenizer_json, gguf_tokenizer_metadata
+
+    def policy(name: str, shape: tuple[int, ...]) -> T:
+        return T.F16 if name == "token_embd.weight" else stored_kind(name, shape, T.F32)
+
+    rng = np.random.default_rng(seed)
+    tokenizer = gguf_tokenizer_metadata(deepseek_tokenizer_json(), vocab_size=config.vocab_size)
+    metadata = gguf_metadata(CheckpointConfig(config, 1 << 20, FP8_BLOCK), path.stem, T.F32, tokenizer)
+    specs = tensor_specs(config, policy)
+    with GGUFFileWriter(path, metadata, specs) as writer:
+        for spec in specs:
+            if "_exps." in spec.name:
+                writer.write_tensor(spec.name, expert_values(spec.shape, rng).astype(np.float32))
+            else:
+                writer.write_tensor(spec.name, random_values(spec, config, rng))
+    return path
