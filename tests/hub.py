@@ -13,7 +13,7 @@ It answers what ``huggingface_hub`` asks for, the way the Hub answers it:
 
 A test can cut a transfer after N bytes (the connection closes mid-body, as a dropped network
 does), hold one there until it calls ``release()``, advertise a different size, and read the
-requests that came in (method, path, Range header).
+requests that came in (method, path, Range and Authorization headers).
 """
 
 from __future__ import annotations
@@ -35,6 +35,7 @@ class Request:
     method: str
     path: str
     range: str | None
+    authorization: str | None = None
 
 
 class Hub:
@@ -117,7 +118,10 @@ def _handler(hub: Hub) -> type[BaseHTTPRequestHandler]:
 
         def _answer(self, body: bool) -> None:
             path = unquote(urlsplit(self.path).path)
-            hub.requests.append(Request(self.command, path, self.headers.get("Range")))
+            headers = self.headers
+            hub.requests.append(
+                Request(self.command, path, headers.get("Range"), headers.get("Authorization"))
+            )
             if match := re.fullmatch(r"/lfs/([0-9a-f]{64})", path):
                 return self._send_blob(match[1], body)
             if match := re.fullmatch(r"/api/models/([^/]+/[^/]+)/tree/([^/]+)(?:/(.*))?", path):

@@ -123,6 +123,18 @@ def test_a_dropped_connection_resumes_within_the_run(hub, tmp_path):
     assert not (tmp_path / "ds4flash.gguf").exists()  # the draft head is not a model to link
 
 
+def test_the_token_goes_to_the_hub_and_never_to_the_cdn(hub, tmp_path):
+    hub.add(REPO, FILES["mtp"], b"draft head")
+    env = environment(hub, tmp_path) | {"HF_TOKEN": "hf_stand_in_token"}
+    result = subprocess.run(
+        [sys.executable, "-c", CODE, "download", "mtp"], capture_output=True, text=True, cwd=tmp_path, env=env
+    )
+    assert result.returncode == 0, result.stderr
+    [head] = [r for r in hub.requests if r.method == "HEAD"]
+    assert head.authorization == "Bearer hf_stand_in_token"
+    assert [r.authorization for r in hub.file_requests()] == [None]
+
+
 def test_a_missing_file_is_a_clear_error_and_leaves_nothing(hub, tmp_path):
     hub.add(REPO, "README.md", b"hello")
     result = ds4_download(hub, tmp_path, "q2")

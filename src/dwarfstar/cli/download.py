@@ -21,6 +21,7 @@ import re
 import shutil
 import sys
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from dwarfstar.cli.common import DEFAULT_MODEL
 from dwarfstar.cli.main import CommandError
@@ -160,8 +161,9 @@ def fetch(
     )
 
     source = f"{repo}/{filename}"
+    url = hf_hub_url(repo, filename, revision=revision)
     try:
-        meta = get_hf_file_metadata(hf_hub_url(repo, filename, revision=revision), token=token)
+        meta = get_hf_file_metadata(url, token=token)
     except GatedRepoError:
         raise CommandError(f"{repo} is gated: accept its terms on the Hub, then set HF_TOKEN") from None
     except RepositoryNotFoundError:
@@ -201,7 +203,9 @@ def fetch(
             )
         if have:
             print(f"resuming {filename} at {have:,} of {meta.size or 0:,} bytes", file=sys.stderr)
-        _fetch_http(meta.location, partial, meta.size, token, filename)
+        # The token goes to the Hub only, never to the CDN a file is redirected to.
+        hub_token = token if _same_origin(url, meta.location) else False
+        _fetch_http(meta.location, partial, meta.size, hub_token, final.name)
     except KeyboardInterrupt:
         _report_partial(partial, meta.size)
         raise
@@ -212,7 +216,7 @@ def fetch(
     return final
 
 
-def _fetch_http(url: str, partial: Path, size: int | None, token: str | None, filename: str) -> None:
+def _fetch_http(url: str, partial: Path, size: int | None, token: str | bool | None, name: str) -> None:
     """Append the missing bytes to ``partial`` (a Range request when some are there already)."""
     from huggingface_hub.file_download import http_get
     from huggingface_hub.utils import build_hf_headers
@@ -224,10 +228,14 @@ def _fetch_http(url: str, partial: Path, size: int | None, token: str | None, fi
             resume_size=out.tell(),
             headers=build_hf_headers(token=token),
             expected_size=size,
-            displayed_filename=filename,
+            displayed_filename=name,
         )
     if size is not None and partial.stat().st_size != size:
         raise OSError(f"got {partial.stat().st_size:,} bytes of {size:,}")
+
+
+def _same_origin(a: str, b: str) -> bool:
+    return urlsplit(a)[:2] == urlsplit(b)[:2]
 
 
 def _check_free_space(directory: Path, needed: int, filename: str) -> None:
