@@ -1,4 +1,8 @@
-"""take_rows, linear and expert_linear agree with dequantizing everything, then indexing/multiplying."""
+"""take_rows, linear and expert_linear agree with dequantizing everything, then indexing/multiplying.
+
+These check the reference path (the registries emptied); test_quant_cpu_kernels.py checks the
+compiled kernels against it.
+"""
 
 import numpy as np
 import pytest
@@ -27,14 +31,20 @@ def random_qtensor(kind, shape, generator) -> QTensor:
     return QTensor.from_numpy(kind, shape, random_blocks(kind, shape, generator))
 
 
+@pytest.fixture(autouse=True, scope="module")
+def reference_kernels():
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(ops, "LINEAR_KERNELS", {})
+        patch.setattr(ops, "EXPERT_KERNELS", {})
+        yield
+
+
 def assert_matmul_close(ours: torch.Tensor, expected: torch.Tensor) -> None:
     torch.testing.assert_close(ours, expected, rtol=1e-5, atol=1e-4)
 
 
-def test_formats_without_a_registered_kernel_take_the_reference_path(monkeypatch):
+def test_formats_without_a_registered_kernel_take_the_reference_path():
     """An empty registry still multiplies every format with a decoder."""
-    monkeypatch.setattr(ops, "LINEAR_KERNELS", {})
-    monkeypatch.setattr(ops, "EXPERT_KERNELS", {})
     generator = np.random.default_rng(0)
     x = torch.from_numpy(generator.standard_normal((2, 256), dtype=np.float32))
     for kind in formats.BLOCK_DECODERS:

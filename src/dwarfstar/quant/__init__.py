@@ -13,9 +13,12 @@ LINEAR_KERNELS and EXPERT_KERNELS, e.g. ("cpu", Q.IQ2_XXS) -> a compiled kernel,
 ("cuda", Q.IQ2_XXS) -> a Triton kernel. A pair with no entry takes the reference path
 (`reference_linear`, `reference_expert_linear`): pure torch, dequantizing bands of rows with the
 decoders in `formats`, so every format with a decoder works on every device without
-registering anything. See docs/model.md, "Kernels".
+registering anything. Importing this package registers the compiled CPU kernels (`quant.cpu`)
+when they are built; DWARFSTAR_KERNELS=reference keeps the reference path. See docs/model.md,
+"Kernels".
 """
 
+from . import cpu
 from .formats import SUPPORTED_KINDS
 from .ops import (
     EXPERT_KERNELS,
@@ -29,6 +32,8 @@ from .ops import (
 )
 from .quantize import quantize
 from .tensor import QTensor, bytes_per_row
+
+cpu.register()
 
 __all__ = [
     "EXPERT_KERNELS",

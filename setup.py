@@ -1,0 +1,24 @@
+"""Builds the compiled CPU kernels; everything else is in pyproject.toml.
+
+The extension is optional: without a working C compiler the package still installs, and
+`dwarfstar.quant` falls back to its pure-torch kernels with a warning.
+"""
+
+import sys
+
+from setuptools import Extension, setup
+
+compile_args = [] if sys.platform == "win32" else ["-O3", "-std=c11", "-pthread"]
+link_args = [] if sys.platform == "win32" else ["-pthread"]
+
+setup(
+    ext_modules=[
+        Extension(
+            "dwarfstar.quant._cpu",
+            sources=["src/dwarfstar/quant/csrc/cpu_kernels.c"],
+            extra_compile_args=compile_args,
+            extra_link_args=link_args,
+            optional=True,
+        )
+    ]
+)

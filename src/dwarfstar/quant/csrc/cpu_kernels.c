@@ -1,0 +1,761 @@
+/* Compiled CPU kernels: matrix products straight from GGML's stored blocks.
+ *
+ * One entry point, `matmul`, covers `quant.linear` (one matrix) and `quant.expert_linear`
+ * (stacked experts, each input row through its k experts). The weights are never expanded as
+ * a whole: one stored row at a time is decoded into a float32 buffer that stays in the L1
+ * cache, then multiplied with every input row that wants it. The decoders compute each value
+ * exactly as the reference decoders in formats.py (same float operations in the same order),
+ * so the only difference from dequantize-then-matmul is the order of the float32 sums.
+ *
+ * Each format has a portable C decoder and an AVX2 one (x86-64, chosen at run time when the
+ * CPU has AVX2, FMA and F16C). Work is spread over a small pool of threads, one item per band
+ * of output rows of one expert; the calling thread works too.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+
+#include <math.h>
+#include <pthread.h>
+#include <stdatomic.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#if defined(__x86_64__) || defined(_M_X64)
+#include <immintrin.h>
+#define HAVE_X86 1
+#endif
+
+/* GGML type numbers (gguf.GGMLQuantizationType). */
+enum { F16 = 1, Q8_0 = 8, Q2_K = 10, Q4_K = 12, IQ2_XXS = 16, BF16 = 30 };
+
+/* ---------------------------------------------------------------- scalar helpers */
+
+static inline float half_to_float(const uint8_t *p) {
+    uint16_t h;
+    memcpy(&h, p, 2);
+    uint32_t sign = (uint32_t)(h & 0x8000) << 16, exponent = (h >> 10) & 0x1F, mantissa = h & 0x3FF;
+    uint32_t bits;
+    float f;
+    if (exponent == 0) { /* zero or subnormal: mantissa * 2^-24 */
+        f = (float)mantissa * 5.9604644775390625e-8f;
+        memcpy(&bits, &f, 4);
+        bits |= sign;
+    } else if (exponent == 31) {
+        bits = sign | 0x7F800000u | (mantissa << 13);
+    } else {
+        bits = sign | ((exponent + 112) << 23) | (mantissa << 13);
+    }
+    memcpy(&f, &bits, 4);
+    return f;
+}
+
+static inline float bf16_to_float(const uint8_t *p) {
+    uint16_t h;
+    memcpy(&h, p, 2);
+    uint32_t bits = (uint32_t)h << 16;
+    float f;
+    memcpy(&f, &bits, 4);
+    return f;
+}
+
+/* Q4_K's 6-bit scale and min of group j from its 12 packed bytes. */
+static inline void q4_k_scale_min(const uint8_t *packed, int j, int *scale, int *minimum) {
+    if (j < 4) {
+        *scale = packed[j] & 63;
+        *minimum = packed[j + 4] & 63;
+    } else {
+        *scale = (packed[j + 4] & 0xF) | ((packed[j - 4] >> 6) << 4);
+        *minimum = (packed[j + 4] >> 4) | ((packed[j] >> 6) << 4);
+    }
+}
+
+/* IQ2_XXS tables: ggml's kgrid_2bit_256 (8 magnitudes of 2 bits per point, standing for 8, 25
+ * and 43), expanded at start-up into 8 bytes per point; and the 128 sign patterns (bit i set =
+ * value i negative, value 7 negative when an odd number of the others are) as float sign bits. */
+static const uint16_t iq2_xxs_grid_codes[256] = {
+    0,     2,     5,     8,     10,    17,    20,    32,    34,    40,    42,    65,    68,    80,
+    88,    97,    100,   128,   130,   138,   162,   257,   260,   272,   277,   320,   388,   408,
+    512,   514,   546,   642,   1025,  1028,  1040,  1057,  1060,  1088,  1090,  1096,  1120,  1153,
+    1156,  1168,  1188,  1280,  1282,  1288,  1312,  1350,  1385,  1408,  1425,  1545,  1552,  1600,
+    1668,  1700,  2048,  2053,  2056,  2068,  2088,  2113,  2116,  2128,  2130,  2184,  2308,  2368,
+    2562,  2580,  4097,  4100,  4112,  4129,  4160,  4192,  4228,  4240,  4245,  4352,  4360,  4384,
+    4432,  4442,  4480,  4644,  4677,  5120,  5128,  5152,  5157,  5193,  5248,  5400,  5474,  5632,
+    5654,  6145,  6148,  6160,  6208,  6273,  6400,  6405,  6560,  6737,  8192,  8194,  8202,  8260,
+    8289,  8320,  8322,  8489,  8520,  8704,  8706,  9217,  9220,  9232,  9280,  9302,  9472,  9537,
+    9572,  9872,  10248, 10272, 10388, 10820, 16385, 16388, 16400, 16408, 16417, 16420, 16448, 16456,
+    16470, 16480, 16513, 16516, 16528, 16640, 16672, 16737, 16768, 16773, 16897, 16912, 16968, 16982,
+    17000, 17408, 17416, 17440, 17536, 17561, 17682, 17700, 17920, 18433, 18436, 18448, 18496, 18501,
+    18688, 18776, 18785, 18818, 19013, 19088, 20480, 20488, 20497, 20505, 20512, 20608, 20616, 20740,
+    20802, 20900, 21137, 21648, 21650, 21770, 22017, 22100, 22528, 22545, 22553, 22628, 22848, 23048,
+    24580, 24592, 24640, 24680, 24832, 24917, 25112, 25184, 25600, 25605, 25872, 25874, 25988, 26690,
+    32768, 32770, 32778, 32833, 32898, 33028, 33048, 33088, 33297, 33793, 33796, 33808, 33813, 33856,
+    33888, 34048, 34118, 34196, 34313, 34368, 34400, 34818, 35076, 35345, 36868, 36880, 36900, 36928,
+    37025, 37142, 37248, 37445, 37888, 37922, 37956, 38225, 39041, 39200, 40962, 41040, 41093, 41225,
+    41472, 42008, 43088, 43268,
+};
+static uint64_t iq2_xxs_grid[256];
+static uint32_t iq2_xxs_sign_bits[128][8]; /* 0 or 0x80000000: xor into a float to negate it */
+
+static void build_tables(void) {
+    static const uint8_t magnitudes[4] = {8, 25, 43, 0};
+    for (int i = 0; i < 256; i++) {
+        uint8_t bytes[8];
+        for (int j = 0; j < 8; j++) bytes[j] = magnitudes[(iq2_xxs_grid_codes[i] >> (2 * j)) & 3];
+        memcpy(&iq2_xxs_grid[i], bytes, 8);
+    }
+    for (int i = 0; i < 128; i++) {
+        int negatives = 0;
+        for (int j = 0; j < 7; j++) {
+            int negative = (i >> j) & 1;
+            negatives += negative;
+            iq2_xxs_sign_bits[i][j] = negative ? 0x80000000u : 0;
+        }
+        iq2_xxs_sign_bits[i][7] = (negatives & 1) ? 0x80000000u : 0;
+    }
+}
+
+/* ---------------------------------------------------------------- portable row decoders */
+
+/* Decode one stored row of `cols` values into out: value = exactly what formats.py computes. */
+typedef void (*DecodeFn)(const uint8_t *w, float *out, int64_t cols);
+
+static void decode_q8_0(const uint8_t *w, float *out, int64_t cols) {
+    for (int64_t b = 0; b < cols / 32; b++, w += 34, out += 32) {
+        float d = half_to_float(w);
+        const int8_t *q = (const int8_t *)(w + 2);
+        for (int i = 0; i < 32; i++) out[i] = (float)q[i] * d;
+    }
+}
+
+static void decode_q2_k(const uint8_t *w, float *out, int64_t cols) {
+    for (int64_t b = 0; b < cols / 256; b++, w += 84, out += 256) {
+        float d = half_to_float(w + 80), dmin = half_to_float(w + 82);
+        for (int c = 0; c < 8; c++) { /* values 32c.. are bits 2(c%4) of bytes 32(c/4).. */
+            const uint8_t *bytes = w + 16 + 32 * (c / 4);
+            int shift = 2 * (c % 4);
+            for (int half_index = 0; half_index < 2; half_index++) {
+                uint8_t packed = w[2 * c + half_index];
+                float scale = d * (float)(packed & 0xF), minimum = dmin * (float)(packed >> 4);
+                for (int j = 16 * half_index; j < 16 * half_index + 16; j++)
+                    out[32 * c + j] = scale * (float)((bytes[j] >> shift) & 3) - minimum;
+            }
+        }
+    }
+}
+
+static void decode_q4_k(const uint8_t *w, float *out, int64_t cols) {
+    for (int64_t b = 0; b < cols / 256; b++, w += 144, out += 256) {
+        float d = half_to_float(w), dmin = half_to_float(w + 2);
+        for (int g = 0; g < 8; g++) { /* group 2k: low nibbles of bytes 32k..; 2k+1: high nibbles */
+            const uint8_t *bytes = w + 16 + 32 * (g / 2);
+            int shift = 4 * (g % 2), scale, minimum;
+            q4_k_scale_min(w + 4, g, &scale, &minimum);
+            float group_scale = d * (float)scale, group_min = dmin * (float)minimum;
+            for (int j = 0; j < 32; j++) out[32 * g + j] = group_scale * (float)((bytes[j] >> shift) & 0xF) - group_min;
+        }
+    }
+}
+
+static void decode_iq2_xxs(const uint8_t *w, float *out, int64_t cols) {
+    for (int64_t b = 0; b < cols / 256; b++, w += 66, out += 256) {
+        float d = half_to_float(w);
+        for (int g = 0; g < 8; g++) {
+            const uint8_t *group = w + 2 + 8 * g;
+            uint32_t aux;
+            memcpy(&aux, group + 4, 4);
+            float scale = d * (0.5f + (float)(aux >> 28)) * 0.25f;
+            for (int l = 0; l < 4; l++) {
+                const uint8_t *grid = (const uint8_t *)&iq2_xxs_grid[group[l]];
+                const uint32_t *signs = iq2_xxs_sign_bits[(aux >> (7 * l)) & 127];
+                for (int i = 0; i < 8; i++) {
+                    float value = (float)grid[i];
+                    uint32_t bits;
+                    memcpy(&bits, &value, 4);
+                    bits ^= signs[i];
+                    memcpy(&value, &bits, 4);
+                    out[32 * g + 8 * l + i] = scale * value;
+                }
+            }
+        }
+    }
+}
+
+static void decode_f16(const uint8_t *w, float *out, int64_t cols) {
+    for (int64_t i = 0; i < cols; i++) out[i] = half_to_float(w + 2 * i);
+}
+
+static void decode_bf16(const uint8_t *w, float *out, int64_t cols) {
+    for (int64_t i = 0; i < cols; i++) out[i] = bf16_to_float(w + 2 * i);
+}
+
+static float dot(const float *a, const float *b, int64_t n) {
+    float sums[8] = {0};
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8)
+        for (int j = 0; j < 8; j++) sums[j] += a[i + j] * b[i + j];
+    float total = 0.0f;
+    for (int j = 0; j < 8; j++) total += sums[j];
+    for (; i < n; i++) total += a[i] * b[i];
+    return total;
+}
+
+/* ---------------------------------------------------------------- AVX2 row decoders */
+
+#ifdef HAVE_X86
+#define AVX2 __attribute__((target("avx2,fma,f16c")))
+
+AVX2 static inline float half(const uint8_t *p) {
+    uint16_t h;
+    memcpy(&h, p, 2);
+    return _cvtsh_ss(h);
+}
+
+/* Eight bytes from p (unsigned) as float32. */
+AVX2 static inline __m256 u8x8_to_float(const uint8_t *p) {
+    return _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)p)));
+}
+
+AVX2 static void decode_q8_0_avx2(const uint8_t *w, float *out, int64_t cols) {
+    for (int64_t b = 0; b < cols / 32; b++, w += 34, out += 32) {
+        __m256 d = _mm256_set1_ps(half(w));
+        for (int i = 0; i < 32; i += 8) {
+            __m256i q = _mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(w + 2 + i)));
+            _mm256_storeu_ps(out + i, _mm256_mul_ps(_mm256_cvtepi32_ps(q), d));
+        }
+    }
+}
+
+AVX2 static void decode_q2_k_avx2(const uint8_t *w, float *out, int64_t cols) {
+    const __m256i mask = _mm256_set1_epi8(3);
+    for (int64_t b = 0; b < cols / 256; b++, w += 84, out += 256) {
+        float d = half(w + 80), dmin = half(w + 82);
+        uint8_t codes[32];
+        for (int c = 0; c < 8; c++) {
+            __m256i bytes = _mm256_loadu_si256((const __m256i *)(w + 16 + 32 * (c / 4)));
+            _mm256_storeu_si256((__m256i *)codes, _mm256_and_si256(_mm256_srli_epi16(bytes, 2 * (c % 4)), mask));
+            for (int half_index = 0; half_index < 2; half_index++) {
+                uint8_t packed = w[2 * c + half_index];
+                __m256 scale = _mm256_set1_ps(d * (float)(packed & 0xF));
+                __m256 minimum = _mm256_set1_ps(dmin * (float)(packed >> 4));
+                for (int j = 16 * half_index; j < 16 * half_index + 16; j += 8)
+                    _mm256_storeu_ps(out + 32 * c + j,
+                                     _mm256_sub_ps(_mm256_mul_ps(scale, u8x8_to_float(codes + j)), minimum));
+            }
+        }
+    }
+}
+
+AVX2 static void decode_q4_k_avx2(const uint8_t *w, float *out, int64_t cols) {
+    const __m256i mask = _mm256_set1_epi8(0xF);
+    for (int64_t b = 0; b < cols / 256; b++, w += 144, out += 256) {
+        float d = half(w), dmin = half(w + 2);
+        uint8_t codes[32];
+        for (int g = 0; g < 8; g++) {
+            __m256i bytes = _mm256_loadu_si256((const __m256i *)(w + 16 + 32 * (g / 2)));
+            _mm256_storeu_si256((__m256i *)codes, _mm256_and_si256(_mm256_srli_epi16(bytes, 4 * (g % 2)), mask));
+            int scale, minimum;
+            q4_k_scale_min(w + 4, g, &scale, &minimum);
+            __m256 group_scale = _mm256_set1_ps(d * (float)scale);
+            __m256 group_min = _mm256_set1_ps(dmin * (float)minimum);
+            for (int j = 0; j < 32; j += 8)
+                _mm256_storeu_ps(out + 32 * g + j,
+                                 _mm256_sub_ps(_mm256_mul_ps(group_scale, u8x8_to_float(codes + j)), group_min));
+        }
+    }
+}
+
+AVX2 static void decode_iq2_xxs_avx2(const uint8_t *w, float *out, int64_t cols) {
+    for (int64_t b = 0; b < cols / 256; b++, w += 66, out += 256) {
+        float d = half(w);
+        for (int g = 0; g < 8; g++) {
+            const uint8_t *group = w + 2 + 8 * g;
+            uint32_t aux;
+            memcpy(&aux, group + 4, 4);
+            __m256 scale = _mm256_set1_ps(d * (0.5f + (float)(aux >> 28)) * 0.25f);
+            for (int l = 0; l < 4; l++) {
+                __m256 grid = u8x8_to_float((const uint8_t *)&iq2_xxs_grid[group[l]]);
+                __m256 signs = _mm256_castsi256_ps(
+                    _mm256_loadu_si256((const __m256i *)iq2_xxs_sign_bits[(aux >> (7 * l)) & 127]));
+                _mm256_storeu_ps(out + 32 * g + 8 * l, _mm256_mul_ps(scale, _mm256_xor_ps(grid, signs)));
+            }
+        }
+    }
+}
+
+AVX2 static void decode_f16_avx2(const uint8_t *w, float *out, int64_t cols) {
+    int64_t i = 0;
+    for (; i + 8 <= cols; i += 8)
+        _mm256_storeu_ps(out + i, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(w + 2 * i))));
+    for (; i < cols; i++) out[i] = half(w + 2 * i);
+}
+
+AVX2 static void decode_bf16_avx2(const uint8_t *w, float *out, int64_t cols) {
+    int64_t i = 0;
+    for (; i + 8 <= cols; i += 8) {
+        __m256i bits = _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)(w + 2 * i)));
+        _mm256_storeu_ps(out + i, _mm256_castsi256_ps(_mm256_slli_epi32(bits, 16)));
+    }
+    for (; i < cols; i++) out[i] = bf16_to_float(w + 2 * i);
+}
+
+AVX2 static float dot_avx2(const float *a, const float *b, int64_t n) {
+    __m256 sum0 = _mm256_setzero_ps(), sum1 = _mm256_setzero_ps();
+    int64_t i = 0;
+    for (; i + 16 <= n; i += 16) {
+        sum0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), sum0);
+        sum1 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i + 8), _mm256_loadu_ps(b + i + 8), sum1);
+    }
+    for (; i + 8 <= n; i += 8) sum0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), sum0);
+    __m256 sum = _mm256_add_ps(sum0, sum1);
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(sum), _mm256_extractf128_ps(sum, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    float total = _mm_cvtss_f32(s);
+    for (; i < n; i++) total += a[i] * b[i];
+    return total;
+}
+
+/* Fused products for a few input rows: decode eight values at a time in registers and
+ * multiply them at once (no buffer). The per-group scales are applied to sums of q * x, and
+ * Q2_K / Q4_K's minimum terms to the input's sums per 16 values (`sum16`), which is the same
+ * sum reordered. */
+typedef float (*FusedFn)(const uint8_t *w, const float *x, const float *sum16, int64_t cols);
+
+AVX2 static inline float hsum(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+
+/* The sum over 16 values: unsigned codes (16 bytes) times x. */
+AVX2 static inline __m256 codes16_times(__m128i codes, const float *x) {
+    __m256 low = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(codes));
+    __m256 high = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(codes, 8)));
+    return _mm256_fmadd_ps(high, _mm256_loadu_ps(x + 8), _mm256_mul_ps(low, _mm256_loadu_ps(x)));
+}
+
+AVX2 static float fused_q8_0_avx2(const uint8_t *w, const float *x, const float *sum16, int64_t cols) {
+    (void)sum16;
+    __m256 acc = _mm256_setzero_ps();
+    for (int64_t b = 0; b < cols / 32; b++, w += 34, x += 32) {
+        __m256 sum = _mm256_setzero_ps();
+        for (int i = 0; i < 32; i += 8) {
+            __m256i q = _mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(w + 2 + i)));
+            sum = _mm256_fmadd_ps(_mm256_cvtepi32_ps(q), _mm256_loadu_ps(x + i), sum);
+        }
+        acc = _mm256_fmadd_ps(sum, _mm256_set1_ps(half(w)), acc);
+    }
+    return hsum(acc);
+}
+
+AVX2 static float fused_q2_k_avx2(const uint8_t *w, const float *x, const float *sum16, int64_t cols) {
+    const __m256i mask = _mm256_set1_epi8(3);
+    float acc = 0.0f;
+    for (int64_t b = 0; b < cols / 256; b++, w += 84, x += 256, sum16 += 16) {
+        __m256 products = _mm256_setzero_ps();
+        for (int c = 0; c < 8; c++) {
+            __m256i bytes = _mm256_loadu_si256((const __m256i *)(w + 16 + 32 * (c / 4)));
+            __m256i codes = _mm256_and_si256(_mm256_srli_epi16(bytes, 2 * (c % 4)), mask);
+            __m256 low = codes16_times(_mm256_castsi256_si128(codes), x + 32 * c);
+            __m256 high = codes16_times(_mm256_extracti128_si256(codes, 1), x + 32 * c + 16);
+            products = _mm256_fmadd_ps(low, _mm256_set1_ps((float)(w[2 * c] & 0xF)), products);
+            products = _mm256_fmadd_ps(high, _mm256_set1_ps((float)(w[2 * c + 1] & 0xF)), products);
+        }
+        float mins = 0.0f;
+        for (int g = 0; g < 16; g++) mins += (float)(w[g] >> 4) * sum16[g];
+        acc += half(w + 80) * hsum(products) - half(w + 82) * mins;
+    }
+    return acc;
+}
+
+AVX2 static float fused_q4_k_avx2(const uint8_t *w, const float *x, const float *sum16, int64_t cols) {
+    const __m256i mask = _mm256_set1_epi8(0xF);
+    float acc = 0.0f;
+    for (int64_t b = 0; b < cols / 256; b++, w += 144, x += 256, sum16 += 16) {
+        __m256 products = _mm256_setzero_ps();
+        float mins = 0.0f;
+        for (int g = 0; g < 8; g++) {
+            __m256i bytes = _mm256_loadu_si256((const __m256i *)(w + 16 + 32 * (g / 2)));
+            __m256i codes = _mm256_and_si256(_mm256_srli_epi16(bytes, 4 * (g % 2)), mask);
+            __m256 sum = _mm256_add_ps(codes16_times(_mm256_castsi256_si128(codes), x + 32 * g),
+                                       codes16_times(_mm256_extracti128_si256(codes, 1), x + 32 * g + 16));
+            int scale, minimum;
+            q4_k_scale_min(w + 4, g, &scale, &minimum);
+            products = _mm256_fmadd_ps(sum, _mm256_set1_ps((float)scale), products);
+            mins += (float)minimum * (sum16[2 * g] + sum16[2 * g + 1]);
+        }
+        acc += half(w) * hsum(products) - half(w + 2) * mins;
+    }
+    return acc;
+}
+
+AVX2 static float fused_iq2_xxs_avx2(const uint8_t *w, const float *x, const float *sum16, int64_t cols) {
+    (void)sum16;
+    __m256 acc = _mm256_setzero_ps();
+    for (int64_t b = 0; b < cols / 256; b++, w += 66, x += 256) {
+        float d = half(w);
+        for (int g = 0; g < 8; g++) {
+            const uint8_t *group = w + 2 + 8 * g;
+            uint32_t aux;
+            memcpy(&aux, group + 4, 4);
+            __m256 sum = _mm256_setzero_ps();
+            for (int l = 0; l < 4; l++) {
+                __m256 grid = u8x8_to_float((const uint8_t *)&iq2_xxs_grid[group[l]]);
+                __m256 signs = _mm256_castsi256_ps(
+                    _mm256_loadu_si256((const __m256i *)iq2_xxs_sign_bits[(aux >> (7 * l)) & 127]));
+                sum = _mm256_fmadd_ps(_mm256_xor_ps(grid, signs), _mm256_loadu_ps(x + 32 * g + 8 * l), sum);
+            }
+            acc = _mm256_fmadd_ps(sum, _mm256_set1_ps(d * (0.5f + (float)(aux >> 28)) * 0.25f), acc);
+        }
+    }
+    return hsum(acc);
+}
+
+AVX2 static float fused_f16_avx2(const uint8_t *w, const float *x, const float *sum16, int64_t cols) {
+    (void)sum16;
+    __m256 acc = _mm256_setzero_ps();
+    int64_t i = 0;
+    for (; i + 8 <= cols; i += 8)
+        acc = _mm256_fmadd_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(w + 2 * i))),
+                              _mm256_loadu_ps(x + i), acc);
+    float total = hsum(acc);
+    for (; i < cols; i++) total += half(w + 2 * i) * x[i];
+    return total;
+}
+
+AVX2 static float fused_bf16_avx2(const uint8_t *w, const float *x, const float *sum16, int64_t cols) {
+    (void)sum16;
+    __m256 acc = _mm256_setzero_ps();
+    int64_t i = 0;
+    for (; i + 8 <= cols; i += 8) {
+        __m256i bits = _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)(w + 2 * i)));
+        acc = _mm256_fmadd_ps(_mm256_castsi256_ps(_mm256_slli_epi32(bits, 16)), _mm256_loadu_ps(x + i), acc);
+    }
+    float total = hsum(acc);
+    for (; i < cols; i++) total += bf16_to_float(w + 2 * i) * x[i];
+    return total;
+}
+#endif
+
+/* ---------------------------------------------------------------- dispatch */
+
+typedef float (*DotFn)(const float *a, const float *b, int64_t n);
+
+typedef struct {
+    int kind;
+    int64_t block;   /* values per block: rows are whole blocks */
+    int needs_sum16; /* the fused product reads the input's sums per 16 values */
+    DecodeFn portable, avx2;
+    FusedFn fused_avx2;
+} Format;
+
+#ifdef HAVE_X86
+#define X86(f) f
+#else
+#define X86(f) NULL
+typedef float (*FusedFn)(const uint8_t *w, const float *x, const float *sum16, int64_t cols);
+#endif
+
+static const Format formats[] = {
+    {Q8_0, 32, 0, decode_q8_0, X86(decode_q8_0_avx2), X86(fused_q8_0_avx2)},
+    {Q2_K, 256, 1, decode_q2_k, X86(decode_q2_k_avx2), X86(fused_q2_k_avx2)},
+    {Q4_K, 256, 1, decode_q4_k, X86(decode_q4_k_avx2), X86(fused_q4_k_avx2)},
+    {IQ2_XXS, 256, 0, decode_iq2_xxs, X86(decode_iq2_xxs_avx2), X86(fused_iq2_xxs_avx2)},
+    {F16, 1, 0, decode_f16, X86(decode_f16_avx2), X86(fused_f16_avx2)},
+    {BF16, 1, 0, decode_bf16, X86(decode_bf16_avx2), X86(fused_bf16_avx2)},
+};
+
+/* Groups with at least this many input rows decode each weight row once into a buffer and
+ * multiply it with all of them; smaller groups use the fused products. */
+#define BUFFERED_ROWS 4
+
+static int use_avx2 = 0;
+
+static const Format *find_format(int kind) {
+    for (size_t i = 0; i < sizeof(formats) / sizeof(formats[0]); i++)
+        if (formats[i].kind == kind) return &formats[i];
+    return NULL;
+}
+
+/* ---------------------------------------------------------------- thread pool */
+
+typedef void (*ItemFn)(void *context, int64_t item);
+
+#define MAX_WORKERS 255
+static struct {
+    pthread_mutex_t lock, calls;
+    pthread_cond_t start, finished;
+    int started, wanted, busy;
+    uint64_t generation;
+    ItemFn fn;
+    void *context;
+    int64_t items;
+    atomic_llong next;
+} pool = {PTHREAD_MUTEX_INITIALIZER, PTHREAD_MUTEX_INITIALIZER, PTHREAD_COND_INITIALIZER,
+          PTHREAD_COND_INITIALIZER};
+
+static void drain(void) {
+    int64_t item;
+    while ((item = atomic_fetch_add(&pool.next, 1)) < pool.items) pool.fn(pool.context, item);
+}
+
+/* The generation each worker was started in: it joins the next one. */
+static uint64_t worker_start[MAX_WORKERS];
+
+static void *worker(void *arg) {
+    int id = (int)(intptr_t)arg;
+    pthread_mutex_lock(&pool.lock);
+    uint64_t seen = worker_start[id];
+    for (;;) {
+        while (pool.generation == seen) pthread_cond_wait(&pool.start, &pool.lock);
+        seen = pool.generation;
+        if (id >= pool.wanted) continue;
+        pthread_mutex_unlock(&pool.lock);
+        drain();
+        pthread_mutex_lock(&pool.lock);
+        if (--pool.busy == 0) pthread_cond_signal(&pool.finished);
+    }
+    return NULL;
+}
+
+/* A forked child has none of the parent's threads: start afresh. */
+static void forget_pool_in_child(void) {
+    pthread_mutex_init(&pool.lock, NULL);
+    pthread_mutex_init(&pool.calls, NULL);
+    pthread_cond_init(&pool.start, NULL);
+    pthread_cond_init(&pool.finished, NULL);
+    pool.started = 0;
+}
+
+/* fn(context, i) for i in [0, items), on `threads` threads including the caller. */
+static void parallel_for(ItemFn fn, void *context, int64_t items, int threads) {
+    int workers = (int)(items < threads ? items : threads) - 1;
+    if (workers > MAX_WORKERS) workers = MAX_WORKERS;
+    if (workers <= 0) {
+        for (int64_t i = 0; i < items; i++) fn(context, i);
+        return;
+    }
+    pthread_mutex_lock(&pool.calls);
+    pthread_mutex_lock(&pool.lock);
+    while (pool.started < workers) {
+        pthread_t thread;
+        worker_start[pool.started] = pool.generation;
+        if (pthread_create(&thread, NULL, worker, (void *)(intptr_t)pool.started) != 0) break;
+        pthread_detach(thread);
+        pool.started++;
+    }
+    if (workers > pool.started) workers = pool.started;
+    pool.fn = fn;
+    pool.context = context;
+    pool.items = items;
+    atomic_store(&pool.next, 0);
+    pool.wanted = workers;
+    pool.busy = workers;
+    pool.generation++;
+    pthread_cond_broadcast(&pool.start);
+    pthread_mutex_unlock(&pool.lock);
+    drain();
+    pthread_mutex_lock(&pool.lock);
+    while (pool.busy > 0) pthread_cond_wait(&pool.finished, &pool.lock);
+    pthread_mutex_unlock(&pool.lock);
+    pthread_mutex_unlock(&pool.calls);
+}
+
+/* ---------------------------------------------------------------- the product */
+
+typedef struct {
+    DecodeFn decode;
+    DotFn dot;
+    FusedFn fused; /* NULL: always decode into a buffer */
+    const float *sum16;
+    const uint8_t *w;
+    int64_t expert_stride, row_stride, rows, cols;
+    const float *x;
+    int64_t x_stride, k;
+    /* pairs (input row i, slot j) = i * k + j, sorted by expert; group g is the pairs
+     * pair_order[group_start[g] .. group_start[g + 1]) of expert group_expert[g] */
+    const int64_t *pair_order, *group_start, *group_expert;
+    int64_t band, bands_per_group;
+    float *out;
+    atomic_int failed;
+} Product;
+
+static void product_item(void *context, int64_t item) {
+    Product *p = context;
+    int64_t g = item / p->bands_per_group, first = (item % p->bands_per_group) * p->band;
+    int64_t last = first + p->band < p->rows ? first + p->band : p->rows;
+    const uint8_t *weights = p->w + p->group_expert[g] * p->expert_stride;
+    int64_t group_first = p->group_start[g], group_last = p->group_start[g + 1];
+    if (p->fused && group_last - group_first < BUFFERED_ROWS) {
+        for (int64_t r = first; r < last; r++) {
+            const uint8_t *row = weights + r * p->row_stride;
+            for (int64_t s = group_first; s < group_last; s++) {
+                int64_t pair = p->pair_order[s], i = pair / p->k;
+                const float *sum16 = p->sum16 ? p->sum16 + i * (p->cols / 16) : NULL;
+                p->out[pair * p->rows + r] = p->fused(row, p->x + i * p->x_stride, sum16, p->cols);
+            }
+        }
+        return;
+    }
+    float *row = malloc(sizeof(float) * (size_t)p->cols);
+    if (row == NULL) {
+        atomic_store(&p->failed, 1);
+        return;
+    }
+    for (int64_t r = first; r < last; r++) {
+        p->decode(weights + r * p->row_stride, row, p->cols);
+        for (int64_t s = p->group_start[g]; s < p->group_start[g + 1]; s++) {
+            int64_t pair = p->pair_order[s];
+            p->out[pair * p->rows + r] = p->dot(row, p->x + (pair / p->k) * p->x_stride, p->cols);
+        }
+    }
+    free(row);
+}
+
+/* matmul(kind, w, expert_stride, row_stride, rows, cols, x, n, x_stride, ids, k, experts, out,
+ *        threads): out (n * k, rows) = for each input row i and slot j, x[i] @ W[ids[i, j]].T.
+ * Addresses are integers (tensor.data_ptr()); ids = 0 means one matrix (k = 1, expert 0). */
+static PyObject *matmul(PyObject *self, PyObject *args) {
+    (void)self;
+    int kind, threads;
+    unsigned long long w, x, ids_address, out;
+    long long expert_stride, row_stride, rows, cols, n, x_stride, k, experts;
+    if (!PyArg_ParseTuple(args, "iKLLLLKLLKLLKi", &kind, &w, &expert_stride, &row_stride, &rows, &cols, &x,
+                          &n, &x_stride, &ids_address, &k, &experts, &out, &threads))
+        return NULL;
+    const Format *format = find_format(kind);
+    if (format == NULL) return PyErr_Format(PyExc_ValueError, "no compiled kernel for GGML type %d", kind);
+    if (cols % format->block != 0)
+        return PyErr_Format(PyExc_ValueError, "%lld columns is not a whole number of blocks", cols);
+    if (k < 1 || experts < 1 || n < 0 || rows < 0) return PyErr_Format(PyExc_ValueError, "bad product shape");
+
+    int64_t pairs = n * k;
+    float *sum16 = NULL; /* the input's sums per 16 values, for the fused Q2_K and Q4_K */
+    const int64_t *ids = (const int64_t *)(uintptr_t)ids_address;
+    int64_t *counts = calloc((size_t)experts + 1, sizeof(int64_t));
+    int64_t *pair_order = malloc(sizeof(int64_t) * (size_t)(pairs ? pairs : 1));
+    int64_t *group_start = malloc(sizeof(int64_t) * (size_t)(experts + 1));
+    int64_t *group_expert = malloc(sizeof(int64_t) * (size_t)experts);
+    if (!counts || !pair_order || !group_start || !group_expert) {
+        PyErr_NoMemory();
+        goto done;
+    }
+    /* Counting sort of the pairs by expert (stable). */
+    for (int64_t s = 0; s < pairs; s++) {
+        int64_t e = ids ? ids[s] : 0;
+        if (e < 0 || e >= experts) {
+            PyErr_Format(PyExc_IndexError, "expert %lld out of range for %lld experts", (long long)e, experts);
+            goto done;
+        }
+        counts[e + 1]++;
+    }
+    int64_t groups = 0;
+    for (int64_t e = 0; e < experts; e++) {
+        if (counts[e + 1] > 0) {
+            group_expert[groups] = e;
+            group_start[groups++] = counts[e];
+        }
+        counts[e + 1] += counts[e];
+    }
+    group_start[groups] = pairs;
+    for (int64_t s = 0; s < pairs; s++) pair_order[counts[ids ? ids[s] : 0]++] = s;
+
+    /* Bands of output rows: enough items to balance the threads, at least 4 rows each. */
+    int64_t target = 8 * (int64_t)(threads > 0 ? threads : 1);
+    int64_t band = (rows * (groups ? groups : 1) + target - 1) / target;
+    if (band < 4) band = 4;
+    if (band > rows) band = rows > 0 ? rows : 1;
+    Product p = {format->portable, dot, NULL, NULL, (const uint8_t *)(uintptr_t)w, expert_stride, row_stride, rows, cols,
+                 (const float *)(uintptr_t)x, x_stride, k, pair_order, group_start, group_expert, band,
+                 (rows + band - 1) / band, (float *)(uintptr_t)out, 0};
+#ifdef HAVE_X86
+    if (use_avx2) {
+        p.decode = format->avx2;
+        p.dot = dot_avx2;
+        p.fused = format->fused_avx2;
+        if (format->needs_sum16) {
+            sum16 = malloc(sizeof(float) * (size_t)(n * (cols / 16) + 1));
+            if (sum16 == NULL) {
+                PyErr_NoMemory();
+                goto done;
+            }
+            for (int64_t i = 0; i < n; i++)
+                for (int64_t j = 0; j < cols / 16; j++) {
+                    float total = 0.0f;
+                    for (int v = 0; v < 16; v++) total += p.x[i * x_stride + 16 * j + v];
+                    sum16[i * (cols / 16) + j] = total;
+                }
+            p.sum16 = sum16;
+        }
+    }
+#endif
+    if (rows > 0) {
+        Py_BEGIN_ALLOW_THREADS;
+        parallel_for(product_item, &p, groups * p.bands_per_group, threads);
+        Py_END_ALLOW_THREADS;
+    }
+    if (atomic_load(&p.failed)) PyErr_NoMemory();
+
+done:
+    free(sum16);
+    free(counts);
+    free(pair_order);
+    free(group_start);
+    free(group_expert);
+    if (PyErr_Occurred()) return NULL;
+    Py_RETURN_NONE;
+}
+
+static PyObject *kinds(PyObject *self, PyObject *unused) {
+    (void)self, (void)unused;
+    PyObject *list = PyList_New(0);
+    for (size_t i = 0; list && i < sizeof(formats) / sizeof(formats[0]); i++) {
+        PyObject *number = PyLong_FromLong(formats[i].kind);
+        if (!number || PyList_Append(list, number) < 0) Py_CLEAR(list);
+        Py_XDECREF(number);
+    }
+    return list;
+}
+
+static PyObject *get_isa(PyObject *self, PyObject *unused) {
+    (void)self, (void)unused;
+    return PyUnicode_FromString(use_avx2 ? "avx2" : "portable");
+}
+
+static int cpu_has_avx2(void) {
+#ifdef HAVE_X86
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
+#else
+    return 0;
+#endif
+}
+
+static PyObject *set_isa(PyObject *self, PyObject *name) {
+    (void)self;
+    const char *isa = PyUnicode_AsUTF8(name);
+    if (isa == NULL) return NULL;
+    if (strcmp(isa, "portable") == 0) use_avx2 = 0;
+    else if (strcmp(isa, "avx2") == 0 && cpu_has_avx2()) use_avx2 = 1;
+    else return PyErr_Format(PyExc_ValueError, "instruction set %s is not available here", isa);
+    Py_RETURN_NONE;
+}
+
+static PyMethodDef methods[] = {
+    {"matmul", matmul, METH_VARARGS, "Matrix product straight from stored blocks (see the source)."},
+    {"kinds", kinds, METH_NOARGS, "GGML type numbers with a compiled kernel."},
+    {"isa", get_isa, METH_NOARGS, "The instruction set in use: 'avx2' or 'portable'."},
+    {"set_isa", set_isa, METH_O, "Choose the instruction set ('avx2' or 'portable'), for tests."},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_cpu", NULL, -1, methods, NULL, NULL, NULL, NULL};
+
+PyMODINIT_FUNC PyInit__cpu(void) {
+    build_tables();
+    use_avx2 = cpu_has_avx2();
+    pthread_atfork(NULL, NULL, forget_pool_in_child);
+    return PyModule_Create(&module);
+}

@@ -1,0 +1,58 @@
+"""The model's logits with the compiled CPU kernels stay within 1e-3 of the reference path.
+
+The model is stored like ds4's 2-bit file at small widths: routed gate/up IQ2_XXS, routed down
+Q2_K, the shared expert Q4_K, the other matrices Q8_0, F16 and BF16, so every compiled format
+and the grouped expert path are on the way.
+"""
+
+import pytest
+import torch
+from gguf import GGMLQuantizationType as T
+
+from dwarfstar.convert.converter import stored_kind
+from dwarfstar.model.config import ModelConfig
+from dwarfstar.model.model import Model
+from dwarfstar.quant import ops
+from dwarfstar.synthetic.models import write_random_model
+
+CONFIG = ModelConfig(
+    n_layer=3, dim=256, n_head=2, head_dim=128, value_dim=128, rope_dim=64, q_lora_rank=256,
+    o_lora_rank=64, o_groups=2, n_expert=8, n_expert_used=3, expert_ff=256, n_hash_layer=1,
+    index_n_head=4, index_head_dim=64, index_topk=8, compress_ratios=(0, 4, 128),
+    swiglu_limit=(10.0,) * 3,
+)  # fmt: skip
+
+
+def two_bit_kind(name: str, shape: tuple[int, ...]) -> T:
+    kind = stored_kind(name, shape, T.Q8_0)
+    if kind != T.Q8_0:  # vectors, position biases, the hash table
+        return kind
+    if name.endswith(("ffn_gate_exps.weight", "ffn_up_exps.weight")):
+        return T.IQ2_XXS
+    if name.endswith("ffn_down_exps.weight"):
+        return T.Q2_K
+    if "shexp" in name:
+        return T.Q4_K
+    if "hc_" in name or "compressor" in name:
+        return T.BF16
+    if "indexer" in name or "gate_inp" in name or name == "token_embd.weight":
+        return T.F16
+    return T.Q8_0
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory) -> Model:
+    path = tmp_path_factory.mktemp("compiled") / "two-bit.gguf"
+    write_random_model(path, CONFIG, two_bit_kind, seed=3)
+    return Model.load(path, quant_sim=False)
+
+
+@pytest.mark.parametrize("chunk", [None, 1])
+def test_logits_match_the_reference_path(model, chunk, monkeypatch):
+    tokens = torch.randint(0, 129280, (24,), generator=torch.Generator().manual_seed(0))
+    compiled = model.prefill(tokens, model.new_session(), chunk)
+    monkeypatch.setattr(ops, "LINEAR_KERNELS", {})
+    monkeypatch.setattr(ops, "EXPERT_KERNELS", {})
+    reference = model.prefill(tokens, model.new_session(), chunk)
+    assert reference.abs().max() > 1  # logits of a real size, so that 1e-3 means something
+    assert (compiled - reference).abs().max() <= 1e-3

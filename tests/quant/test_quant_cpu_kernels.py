@@ -1,0 +1,144 @@
+"""The compiled CPU kernels agree with dequantize-then-matmul, and the fallback works.
+
+The kernels decode each weight exactly as the reference decoders do and sum in float32 in
+another order, so each output is within 1e-5 of sum_j |w_j x_j| (the scale of its rounding
+error) of the reference.
+"""
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from gguf import GGMLQuantizationType as Q
+
+from dwarfstar.quant import (
+    QTensor,
+    _cpu,  # noqa: I001  (fails, not skips, when the extension is not built)
+    cpu,
+    dequantize,
+    expert_linear,
+    linear,
+    ops,
+)
+from dwarfstar.synthetic.blocks import random_blocks
+
+COMPILED = cpu.kinds()
+ISAS = ["portable"] + (["avx2"] if _cpu.isa() == "avx2" else [])
+
+
+@pytest.fixture(params=ISAS)
+def isa(request):
+    best = _cpu.isa()
+    _cpu.set_isa(request.param)
+    yield request.param
+    _cpu.set_isa(best)
+
+
+@pytest.fixture(params=[1, 2], ids=lambda n: f"{n}threads")
+def threads(request):
+    before = torch.get_num_threads()
+    torch.set_num_threads(request.param)
+    yield request.param
+    torch.set_num_threads(before)
+
+
+def random_qtensor(kind, shape, generator) -> QTensor:
+    return QTensor.from_numpy(kind, shape, random_blocks(kind, shape, generator))
+
+
+def assert_within_bound(kind, ours, x, dense):
+    """|ours - x @ dense.T| <= 1e-5 sum_j |x_j w_j| for each output; x (n, cols), dense (rows, cols)."""
+    bound = 1e-5 * (x.abs() @ dense.abs().T)
+    worst = ((ours - x @ dense.T).abs() / bound).max()
+    assert worst <= 1, f"{kind.name}: error {float(worst):.3g} x the bound"
+
+
+def cols_for(kind) -> int:
+    """An odd number of blocks."""
+    return 3 * (256 if kind in (Q.Q2_K, Q.Q4_K, Q.IQ2_XXS) else 32) + (5 if kind in (Q.F16, Q.BF16) else 0)
+
+
+def test_the_compiled_formats_are_registered_for_cpu():
+    assert set(COMPILED) == {Q.Q8_0, Q.Q2_K, Q.Q4_K, Q.IQ2_XXS, Q.F16, Q.BF16}
+    if os.environ.get(cpu.ENVIRONMENT) != "reference":
+        for kind in COMPILED:
+            assert ops.LINEAR_KERNELS["cpu", kind] is cpu.linear
+            assert ops.EXPERT_KERNELS["cpu", kind] is cpu.expert_linear
+
+
+@pytest.mark.parametrize("kind", COMPILED, ids=lambda kind: kind.name)
+@pytest.mark.parametrize("batch", [1, 2, 7, 64])
+def test_linear_agrees_with_dequantize_then_matmul(kind, batch, isa, threads):
+    generator = np.random.default_rng(batch)
+    cols = cols_for(kind)
+    w = random_qtensor(kind, (37, cols), generator)
+    x = torch.from_numpy(generator.standard_normal((batch, cols), dtype=np.float32))
+    ours = cpu.linear(x, w)
+    assert ours.shape == (batch, 37)
+    assert_within_bound(kind, ours, x, dequantize(w))
+
+
+@pytest.mark.parametrize("kind", COMPILED, ids=lambda kind: kind.name)
+def test_linear_takes_non_contiguous_inputs_and_leading_dims(kind):
+    generator = np.random.default_rng(5)
+    cols = cols_for(kind)
+    w = random_qtensor(kind, (9, cols), generator)
+    x = torch.from_numpy(generator.standard_normal((cols, 2, 3), dtype=np.float32)).permute(1, 2, 0)
+    assert not x.is_contiguous()
+    ours = linear(x, w)  # the entry point, through the registry
+    assert ours.shape == (2, 3, 9)
+    assert_within_bound(kind, ours.reshape(6, 9), x.reshape(6, cols), dequantize(w))
+
+
+@pytest.mark.parametrize("kind", COMPILED, ids=lambda kind: kind.name)
+@pytest.mark.parametrize("shared", [True, False], ids=["shared-rows", "row-per-slot"])
+def test_expert_linear_agrees_with_dequantize_then_matmul(kind, shared, isa, threads):
+    """Rows routed to repeated and distinct experts of a stack, with experts nobody uses."""
+    generator = np.random.default_rng(11)
+    cols, experts, k, n = cols_for(kind), 6, 3, 7
+    w = random_qtensor(kind, (experts, 13, cols), generator)
+    ids = torch.from_numpy(generator.integers(0, experts - 1, size=(n, k)))  # the last expert unused
+    ids[0] = torch.tensor([2, 2, 0])
+    x_shape = (n, cols) if shared else (n, k, cols)
+    x = torch.from_numpy(generator.standard_normal(x_shape, dtype=np.float32))
+    ours = expert_linear(x, w, ids)
+    assert ours.shape == (n, k, 13)
+    dense = dequantize(w)
+    rows = x.unsqueeze(1).expand(n, k, cols) if shared else x
+    for i in range(n):
+        for j in range(k):
+            assert_within_bound(kind, ours[i, j : j + 1], rows[i, j : j + 1], dense[ids[i, j]])
+
+
+def test_expert_ids_out_of_range_raise():
+    w = random_qtensor(Q.Q8_0, (2, 4, 64), np.random.default_rng(0))
+    with pytest.raises(IndexError, match="out of range"):
+        cpu.expert_linear(torch.zeros(1, 64), w, torch.tensor([[2]]))
+
+
+def test_missing_extension_warns_once_and_keeps_the_reference(monkeypatch):
+    monkeypatch.setattr(cpu, "_cpu", None)
+    monkeypatch.setattr(ops, "LINEAR_KERNELS", {})
+    monkeypatch.setattr(ops, "EXPERT_KERNELS", {})
+    monkeypatch.delenv(cpu.ENVIRONMENT, raising=False)
+    with pytest.warns(RuntimeWarning, match="pure-torch"):
+        cpu.register()
+    assert ops.LINEAR_KERNELS == {} and ops.EXPERT_KERNELS == {}
+    generator = np.random.default_rng(0)
+    w = random_qtensor(Q.IQ2_XXS, (3, 256), generator)
+    x = torch.from_numpy(generator.standard_normal((2, 256), dtype=np.float32))
+    torch.testing.assert_close(linear(x, w), x @ dequantize(w).T, rtol=1e-5, atol=1e-4)
+
+
+def test_environment_forces_the_reference_path():
+    code = (
+        "from dwarfstar.quant import ops; "
+        "print(sorted(str(key) for key in (*ops.LINEAR_KERNELS, *ops.EXPERT_KERNELS)))"
+    )
+    env = {**os.environ, cpu.ENVIRONMENT: "reference"}
+    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "[]"
+    assert result.stderr == ""  # forcing it is not a warning
