@@ -9,6 +9,9 @@ LLAMA_CPP := llama-cpp-python==0.3.36
 
 .PHONY: run test setup setup-test lint clean
 
+# The compiled CPU kernels: `pip install -e .` builds them once; rebuild when their source changes.
+KERNEL_SOURCES := setup.py $(wildcard src/dwarfstar/quant/csrc/*.c)
+
 $(BIN)/ds4: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
@@ -24,8 +27,12 @@ $(VENV)/.test-deps: $(BIN)/ds4
 		--no-binary llama-cpp-python "$(LLAMA_CPP)"
 	touch $@
 
-setup: $(BIN)/ds4
-setup-test: $(VENV)/.test-deps
+$(VENV)/.kernels: $(BIN)/ds4 $(KERNEL_SOURCES)
+	$(BIN)/python setup.py -q build_ext --inplace
+	touch $@
+
+setup: $(BIN)/ds4 $(VENV)/.kernels
+setup-test: $(VENV)/.test-deps $(VENV)/.kernels
 
 run: setup
 	$(BIN)/ds4 logits --demo
@@ -38,4 +45,4 @@ test: setup-test lint
 	$(BIN)/python -m pytest -q
 
 clean:
-	rm -rf $(VENV) build *.egg-info
+	rm -rf $(VENV) build *.egg-info src/dwarfstar/quant/_cpu.*.so

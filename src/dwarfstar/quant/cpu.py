@@ -80,7 +80,8 @@ def register() -> None:
     if _cpu is None:
         warnings.warn(
             f"dwarfstar: the compiled CPU kernels are not built ({_import_error}); using the much "
-            "slower pure-torch kernels. Reinstall with a C compiler available (pip install -e .).",
+            "slower pure-torch kernels. Build them with a C compiler: `pip install -e .`, or "
+            "`python setup.py build_ext --inplace` in a source tree.",
             RuntimeWarning,
             stacklevel=2,
         )
