@@ -49,6 +49,8 @@ def test_writes_the_logits_of_every_position(model_path, tmp_path):
         ("[0, 1", "not valid JSON"),
         ('{"ids": [1]}', "expected a non-empty JSON list of integer token ids"),
         ("[]", "expected a non-empty JSON list"),
+        ("[0, true]", "expected a non-empty JSON list of integer token ids"),
+        ("[0, 1.5]", "expected a non-empty JSON list of integer token ids"),
         ("[0, 129280]", "token ids out of range"),
     ],
 )

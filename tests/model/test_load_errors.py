@@ -1,19 +1,24 @@
-"""A bad GGUF fails at load with a message that names the problem; nothing half-loads."""
+"""A bad GGUF, bad metadata or bad input fails with a message that names the problem."""
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import subprocess
 import sys
 
 import numpy as np
 import pytest
+import torch
 from gguf import GGMLQuantizationType as T
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from dwarfstar.gguf.names import key
 from dwarfstar.gguf.reader import GGUFError, GGUFFile
 from dwarfstar.gguf.writer import GGUFFileWriter
+from dwarfstar.model import model as model_module
 from dwarfstar.model.config import ConfigError, ModelConfig
 from dwarfstar.model.model import Model
 from dwarfstar.model.weights import WeightsError
@@ -202,3 +207,121 @@ def test_hash_table_with_expert_ids_out_of_range_is_named(good, tmp_path):
 def test_malformed_metadata_is_named(good, short, value, message):
     with pytest.raises(ConfigError, match=message):
         ModelConfig.from_metadata({**good[1], key(short): value})
+
+
+@pytest.mark.parametrize(
+    ("tokens", "message"),
+    [
+        ([0, -1], r"token ids out of range \[0, 129280\): \[-1\]"),
+        ([999999, 5], r"token ids out of range \[0, 129280\): \[999999\]"),
+        ([], "no tokens to process"),
+        (torch.zeros(0, dtype=torch.long), "no tokens to process"),
+        (torch.tensor([1.0, 2.0]), "token ids must be integers, got a tensor of torch.float32"),
+        (torch.tensor([True]), "token ids must be integers, got a tensor of torch.bool"),
+    ],
+)
+def test_forward_refuses_bad_token_ids(good, tokens, message):
+    model = Model.load(good[0])
+    session = model.new_session()
+    with pytest.raises(ValueError, match=message):
+        model.forward(tokens, session)
+    assert session.n_tokens == 0  # nothing was processed
+
+
+def test_prefill_refuses_to_gather_unbounded_logits(good, monkeypatch):
+    model = Model.load(good[0])
+    monkeypatch.setattr(model_module, "MAX_PREFILL_LOGITS", 3 * SMALL.vocab_size)
+    assert model.prefill([0, 1, 2], model.new_session()).shape == (3, SMALL.vocab_size)
+    with pytest.raises(ValueError, match=r"4 x 129280 values exceed 387840; iterate prefill_chunks"):
+        model.prefill([0, 1, 2, 3], model.new_session())
+
+
+FLASH = {"general.architecture": "deepseek4", **SMALL.to_metadata()}
+
+
+@pytest.mark.parametrize(
+    ("short", "value", "message"),
+    [
+        ("rope.dimension_count", 80, r"dimension_count is 80; it must be even .* to 32, the narrower of"),
+        ("rope.dimension_count", 31, "rope.dimension_count is 31; it must be even"),
+        ("attention.sliding_window", 0, "attention.sliding_window is 0; it must be at least 1"),
+        ("attention.indexer.top_k", 0, "attention.indexer.top_k is 0; it must be at least 1"),
+        ("hyper_connection.sinkhorn_iterations", 0, "sinkhorn_iterations is 0; it must be at least 1"),
+        ("attention.layer_norm_rms_epsilon", 0.0, "rms_epsilon is 0.0; it must be a finite number above 0"),
+        ("hyper_connection.epsilon", float("nan"), "epsilon is nan; it must be a finite number above 0"),
+        ("rope.freq_base", -1.0, "freq_base is -1.0; it must be a finite number above 0"),
+        ("expert_used_count", 5, r"expert_used_count is 5; it must be at most deepseek4\.expert_count \(4\)"),
+        ("hash_layer_count", 4, r"hash_layer_count is 4; it must be between 0 and deepseek4\.block_count"),
+        ("attention.indexer.key_length", 48, "key_length is 48; it must be a power of two"),
+        ("block_count", True, "block_count = True is not a valid int"),
+        ("embedding_length", "64", "embedding_length = '64' is not a valid int"),
+        ("expert_weights_norm", 1, "expert_weights_norm = 1 is not a valid bool"),
+        ("swiglu_clamp_exp", [10.0, 0.0, 10.0], "swiglu_clamp_exp holds 0.0; every entry must be"),
+    ],
+)
+def test_metadata_out_of_range_is_refused_with_its_key(short, value, message):
+    with pytest.raises(ConfigError, match=message):
+        ModelConfig.from_metadata({**FLASH, key(short): value})
+
+
+# Independent statement of the ranges the forward pass needs, by metadata key.
+def _acceptable(short: str, value: object, config: ModelConfig) -> bool:
+    floats = {
+        "hyper_connection.epsilon",
+        "attention.layer_norm_rms_epsilon",
+        "rope.freq_base",
+        "rope.scaling.factor",
+        "rope.scaling.yarn_beta_fast",
+        "rope.scaling.yarn_beta_slow",
+        "attention.compress_rope_freq_base",
+        "expert_weights_scale",
+    }
+    if short in floats:
+        return math.isfinite(value) and value > 0
+    if short == "rope.dimension_count":
+        return value % 2 == 0 and 2 <= value <= min(config.head_dim, config.index_head_dim)
+    if short == "rope.scaling.original_context_length":
+        return value >= 0
+    if short == "hash_layer_count":
+        return 0 <= value <= config.n_layer
+    if short == "expert_used_count":
+        return 1 <= value <= config.n_expert
+    if short == "attention.indexer.key_length":
+        return value >= 1 and int(value) & (int(value) - 1) == 0 and value >= config.rope_dim
+    return value >= 1
+
+
+# Keys with checks of their own (one shared K=V head, heads split into groups), left out here.
+STRUCTURAL = {
+    "attention.head_count_kv",
+    "attention.value_length",
+    "attention.key_length",
+    "attention.head_count",
+    "attention.output_group_count",
+    "block_count",
+}
+NUMERIC_KEYS = [
+    full.removeprefix(key(""))
+    for full, value in SMALL.to_metadata().items()
+    if type(value) in (int, float) and full.removeprefix(key("")) not in STRUCTURAL
+]
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    short=st.sampled_from(NUMERIC_KEYS),
+    value=st.one_of(
+        st.integers(-3, 300),
+        st.floats(allow_nan=True, allow_infinity=True),
+        st.sampled_from([0, 1, 2, 16, 64, 2**40]),
+    ),
+)
+def test_any_metadata_value_loads_only_within_range(short, value):
+    """Every value either loads (and is then in range) or is refused with a message naming its key."""
+    metadata = {**FLASH, key(short): value}
+    try:
+        config = ModelConfig.from_metadata(metadata)
+    except ConfigError as err:
+        assert key(short) in str(err)
+        return
+    assert _acceptable(short, value, config), f"{key(short)} = {value!r} loaded"

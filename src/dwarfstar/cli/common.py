@@ -98,7 +98,8 @@ def read_token_file(path: Path) -> list[int]:
         raise CommandError(f"{path}: cannot read it ({err.strerror or err})") from None
     except (UnicodeDecodeError, json.JSONDecodeError) as err:
         raise CommandError(f"{path}: not valid JSON ({err})") from None
-    if not isinstance(tokens, list) or not tokens or not all(isinstance(t, int) for t in tokens):
+    # JSON true/false are Python bools, which are ints: refuse them by type.
+    if not isinstance(tokens, list) or not tokens or not all(type(t) is int for t in tokens):
         raise CommandError(f"{path}: expected a non-empty JSON list of integer token ids")
     return tokens
 

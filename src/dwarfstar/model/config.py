@@ -64,6 +64,39 @@ _KEYS: dict[str, str] = {
 }
 
 
+# Fields that must be at least 1, and floats that must be finite and above 0.
+_POSITIVE_INTS = (
+    "n_layer",
+    "dim",
+    "vocab_size",
+    "n_head",
+    "head_dim",
+    "q_lora_rank",
+    "o_lora_rank",
+    "o_groups",
+    "n_expert",
+    "n_expert_used",
+    "expert_ff",
+    "n_shared_expert",
+    "window",
+    "index_n_head",
+    "index_head_dim",
+    "index_topk",
+    "hc_mult",
+    "hc_sinkhorn_iters",
+)
+_POSITIVE_FLOATS = (
+    "hc_eps",
+    "rms_eps",
+    "rope_base",
+    "rope_factor",
+    "beta_fast",
+    "beta_slow",
+    "compress_rope_base",
+    "routed_scale",
+)
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     """Everything the forward pass needs to know about the model's shape.
@@ -124,10 +157,41 @@ class ModelConfig:
             raise ConfigError(
                 f"{key(SWIGLU_CLAMP_KEY)} has {len(self.swiglu_limit)} entries, expected {self.n_layer}"
             )
+        self._check_ranges()
         if self.n_head % self.o_groups:
             raise ConfigError(f"head count {self.n_head} is not a multiple of {self.o_groups} groups")
         if self.n_head_kv != 1 or self.value_dim != self.head_dim:
             raise ConfigError("DeepSeek V4 has one shared K=V head: head_count_kv must be 1")
+
+    def _check_ranges(self) -> None:
+        """Values the forward pass cannot run with (or would silently compute wrong) are refused."""
+
+        def refuse(name: str, rule: str) -> None:
+            raise ConfigError(f"{key(_KEYS[name])} is {getattr(self, name)!r}; it must be {rule}")
+
+        for name in _POSITIVE_INTS:
+            if getattr(self, name) < 1:
+                refuse(name, "at least 1")
+        for name in _POSITIVE_FLOATS:
+            if not (math.isfinite(getattr(self, name)) and getattr(self, name) > 0):
+                refuse(name, "a finite number above 0")
+        if self.n_expert_used > self.n_expert:
+            refuse("n_expert_used", f"at most {key(_KEYS['n_expert'])} ({self.n_expert})")
+        if not 0 <= self.n_hash_layer <= self.n_layer:
+            refuse("n_hash_layer", f"between 0 and {key(_KEYS['n_layer'])} ({self.n_layer})")
+        widest = min(self.head_dim, self.index_head_dim)
+        if self.rope_dim % 2 or not 2 <= self.rope_dim <= widest:
+            heads = f"{key(_KEYS['head_dim'])} and {key(_KEYS['index_head_dim'])}"
+            refuse("rope_dim", f"even (rope turns pairs), from 2 to {widest}, the narrower of {heads}")
+        if self.index_head_dim & (self.index_head_dim - 1):
+            refuse("index_head_dim", "a power of two (the indexer's Hadamard rotation needs one)")
+        if self.rope_original_context < 0:
+            refuse("rope_original_context", "0 (no YaRN) or more")
+        bad = [v for v in self.swiglu_limit[: self.n_layer] if not (math.isfinite(v) and v > 0)]
+        if bad:
+            raise ConfigError(
+                f"{key(SWIGLU_CLAMP_KEY)} holds {bad[0]!r}; every entry must be a finite number above 0"
+            )
 
     @property
     def nope_dim(self) -> int:
@@ -224,13 +288,12 @@ def load_config(source: str | os.PathLike[str] | GGUFFile | GGUFModel) -> ModelC
 
 
 def _coerce(value: object, kind: type, name: str) -> object:
-    try:
+    """``value`` as ``kind``: a flag must be a bool, a count an integer, a float a number."""
+    if isinstance(value, bool):
         if kind is bool:
-            return bool(value)
-        if kind is int:
-            if isinstance(value, float) and not value.is_integer():
-                raise ValueError
-            return int(value)  # type: ignore[arg-type]
-        return float(value)  # type: ignore[arg-type]
-    except (TypeError, ValueError):
-        raise ConfigError(f"metadata {name} = {value!r} is not a valid {kind.__name__}") from None
+            return value
+    elif kind is int and (isinstance(value, int) or (isinstance(value, float) and value.is_integer())):
+        return int(value)
+    elif kind is float and isinstance(value, int | float):
+        return float(value)
+    raise ConfigError(f"metadata {name} = {value!r} is not a valid {kind.__name__}")

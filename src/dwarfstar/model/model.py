@@ -17,6 +17,10 @@ from dwarfstar.model.rope import layer_rope
 from dwarfstar.model.state import Session
 from dwarfstar.model.weights import Weights, bind
 
+# The most logits ``Model.prefill`` gathers at once (512 MiB of float32: about 1000 tokens of
+# Flash's vocabulary).
+MAX_PREFILL_LOGITS = 1 << 27
+
 
 class Model:
     """The forward pass over bound weights.
@@ -58,7 +62,7 @@ class Model:
         false. The session advances by T tokens.
         """
         c = self.config
-        tokens = torch.as_tensor(tokens, dtype=torch.long).reshape(-1)
+        tokens = self._checked_tokens(tokens)
         positions = torch.arange(session.n_tokens, session.n_tokens + tokens.shape[0])
         x = quant.take_rows(self.weights.embed, tokens)
         streams = x[:, None, :].expand(-1, c.hc_mult, -1)
@@ -79,6 +83,19 @@ class Model:
         )
         return quant.linear(y, self.weights.output)
 
+    def _checked_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
+        """``tokens`` as a flat int64 tensor; a ValueError unless they are integer ids in the vocabulary."""
+        tokens = torch.as_tensor(tokens)
+        if tokens.numel() == 0:
+            raise ValueError("no tokens to process: give at least one token id")
+        if tokens.dtype == torch.bool or tokens.is_floating_point() or tokens.is_complex():
+            raise ValueError(f"token ids must be integers, got a tensor of {tokens.dtype}")
+        tokens = tokens.to(torch.long).reshape(-1)
+        bad = tokens[(tokens < 0) | (tokens >= self.config.vocab_size)]
+        if bad.numel():
+            raise ValueError(f"token ids out of range [0, {self.config.vocab_size}): {bad[:5].tolist()}")
+        return tokens
+
     def prefill_chunks(
         self, tokens: torch.Tensor, session: Session, chunk: int | None = None
     ) -> Iterator[torch.Tensor]:
@@ -89,5 +106,15 @@ class Model:
             yield self.forward(tokens[start : start + step], session)
 
     def prefill(self, tokens: torch.Tensor, session: Session, chunk: int | None = None) -> torch.Tensor:
-        """Logits (T, vocab) for every token, processing the prompt in chunks of ``chunk``."""
+        """Logits (T, vocab) for every token, processing the prompt in chunks of ``chunk``.
+
+        For prompts whose logits would exceed ``MAX_PREFILL_LOGITS`` values it raises a
+        ValueError: iterate ``prefill_chunks`` (or ``forward(..., all_logits=False)``) instead.
+        """
+        n_tokens = torch.as_tensor(tokens).numel()
+        if n_tokens * self.config.vocab_size > MAX_PREFILL_LOGITS:
+            raise ValueError(
+                f"prefill returns the logits of every token: {n_tokens} x {self.config.vocab_size} values "
+                f"exceed {MAX_PREFILL_LOGITS}; iterate prefill_chunks, or forward with all_logits=False"
+            )
         return torch.cat(list(self.prefill_chunks(tokens, session, chunk)))
