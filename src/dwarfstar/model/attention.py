@@ -20,8 +20,10 @@ from dwarfstar.model.rope import Rope
 from dwarfstar.model.state import CompressorState, LayerState
 from dwarfstar.model.weights import Attention, Compressor, Indexer
 
-# Bound on the (queries × heads × keys) score elements materialised at once; longer chunks
-# and contexts are processed in blocks of queries, so memory stays flat with context length.
+# Bound on the elements of one block of queries' attention temporaries: its scores (queries ×
+# heads × keys) and, on ratio-4 layers, the compressed rows gathered for it (queries × top-k ×
+# head_dim, 256 × 512 × 512 at Flash's widths for a whole 256-token block). Longer chunks and
+# contexts are processed in blocks of queries, so memory stays flat with context length.
 _SCORE_BUDGET = 1 << 25
 
 
@@ -120,10 +122,11 @@ def _identity(x: torch.Tensor) -> torch.Tensor:
     return x
 
 
-def _query_block(n_queries: int, heads: int, other_keys: int) -> int:
-    """Largest block of queries whose score tensor (block × heads × keys) fits the budget."""
+def _query_block(n_queries: int, heads: int, other_keys: int, gathered: int) -> int:
+    """Largest block of queries whose scores (block × heads × (block + other_keys)) and gathered
+    rows (block × ``gathered`` values per query) each fit the budget."""
     block = n_queries
-    while block > 1 and block * heads * (block + other_keys) > _SCORE_BUDGET:
+    while block > 1 and block * max(heads * (block + other_keys), gathered) > _SCORE_BUDGET:
         block = (block + 1) // 2
     return block
 
@@ -198,7 +201,8 @@ def attention(
             picks, valid = indexer_select(w.indexer, state.indexer, a, qr, positions, ctx)
 
     compressed_keys = 0 if rows is None else (picks.shape[1] if picks is not None else rows.shape[0])
-    step = _query_block(n_tok, c.n_head, c.window + compressed_keys)
+    gathered = 0 if picks is None else picks.shape[1] * c.head_dim
+    step = _query_block(n_tok, c.n_head, c.window + compressed_keys + 1, gathered)  # + 1: the sink
     out = torch.cat(
         [
             _attend_block(
