@@ -44,7 +44,7 @@ class Hub:
     def __init__(self) -> None:
         self.files: dict[str, dict[str, bytes]] = {}  # repo -> path -> content
         self._blobs: dict[str, bytes] = {}  # sha256 -> content
-        self.advertised_size: dict[str, int] = {}  # path -> size claimed in X-Linked-Size
+        self.advertised_size: dict[str, int] = {}  # path -> size claimed (X-Linked-Size, listings)
         self.requests: list[Request] = []
         self.cuts: list[int] = []  # each GET of file bytes takes the next: stop after that many bytes
         self.hold_after: int | None = None  # the next GET of file bytes pauses after this many bytes
@@ -190,13 +190,14 @@ def _handler(hub: Hub) -> type[BaseHTTPRequestHandler]:
             for name, data in sorted(hub.files[repo].items()):
                 if name.startswith(prefix):
                     sha = hashlib.sha256(data).hexdigest()
+                    size = hub.advertised_size.get(name, len(data))
                     entries.append(
                         {
                             "type": "file",
                             "oid": hashlib.sha1(data).hexdigest(),
-                            "size": len(data),
+                            "size": size,
                             "path": name,
-                            "lfs": {"oid": sha, "size": len(data), "pointerSize": 134},
+                            "lfs": {"oid": sha, "size": size, "pointerSize": 134},
                         }
                     )
             self._send_json(entries)

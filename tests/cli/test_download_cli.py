@@ -169,3 +169,47 @@ def test_a_real_file_under_the_default_name_is_left_alone(hub, tmp_path):
     assert result.returncode == 0, result.stderr
     assert "is a file, not a link" in result.stderr
     assert (tmp_path / "ds4flash.gguf").read_bytes() == b"mine"
+
+
+SHARDED = "someone/Flash-GGUF"
+
+
+def test_a_repo_download_fetches_the_matching_files_and_links_a_split_model(hub, tmp_path):
+    shards = {f"Q2/flash-0000{i}-of-00002.gguf": content(50_000 + i, seed=i) for i in (1, 2)}
+    for name, data in shards.items():
+        hub.add(SHARDED, name, data)
+    hub.add(SHARDED, "Q4/flash-Q4.gguf", b"q4 bytes")
+    hub.add(SHARDED, "README.md", b"read me")
+    result = ds4_download(hub, tmp_path, SHARDED, "--include", "Q2/*")
+    assert result.returncode == 0, result.stderr
+    for name, data in shards.items():
+        assert (tmp_path / "gguf" / name).read_bytes() == data
+    assert not (tmp_path / "gguf" / "Q4").exists() and not (tmp_path / "gguf" / "README.md").exists()
+    link = tmp_path / "ds4flash.gguf"
+    assert link.resolve() == (tmp_path / "gguf" / "Q2" / "flash-00001-of-00002.gguf").resolve()
+
+    every_model = ds4_download(hub, tmp_path, SHARDED, "--dir", "all")  # default: every *.gguf
+    assert every_model.returncode == 0, every_model.stderr
+    assert sorted(p.name for p in (tmp_path / "all").rglob("*.gguf")) == [
+        "flash-00001-of-00002.gguf",
+        "flash-00002-of-00002.gguf",
+        "flash-Q4.gguf",
+    ]
+    assert "open one with -m FILE" in every_model.stderr
+    assert link.resolve().parent == (tmp_path / "gguf" / "Q2").resolve()  # left as it was
+
+
+def test_repo_download_errors(hub, tmp_path):
+    hub.add(SHARDED, "flash.gguf", b"x" * 100)
+    hub.advertised_size["flash.gguf"] = 10**18
+    cases = [
+        ([SHARDED, "--include", "*.safetensors"], "no file of someone/Flash-GGUF matches *.safetensors"),
+        (["nobody/none"], "no repository nobody/none"),
+        ([SHARDED], "needs 1000000000.0 GB more"),
+        (["q3"], "unknown target 'q3'"),
+        (["q2", "--include", "*.gguf"], "--include goes with a repo"),
+    ]
+    for args, message in cases:
+        result = ds4_download(hub, tmp_path, *args)
+        assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr
+    assert hub.file_requests() == []

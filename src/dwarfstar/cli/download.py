@@ -1,5 +1,9 @@
 """``ds4 download``: fetch a published DeepSeek V4 Flash GGUF from Hugging Face, resumably.
 
+``ds4 download q2-imatrix`` (and the other names) fetches one of the files published for
+this model; ``ds4 download OWNER/REPO [--include PATTERN]`` fetches the matching files of any
+repo (a split model's shards, say).
+
 A plain HTTP download goes to ``NAME.<etag>.part`` beside the final file and is renamed when
 complete, so an interrupted run (Ctrl-C, a dropped network) continues where it stopped the
 next time, and no half-written file ever carries the final name. Files the Hub keeps in Xet
@@ -10,6 +14,7 @@ before moving them into place.
 from __future__ import annotations
 
 import argparse
+import fnmatch
 import glob
 import os
 import re
@@ -31,6 +36,7 @@ FILES = {
     "q4": "DeepSeek-V4-Flash-Q4KExperts-F16HC-F16Compressor-F16Indexer-Q8Attn-Q8Shared-Q8Out-chat-v2.gguf",
     "mtp": "DeepSeek-V4-Flash-MTP-Q4K-Q8_0-F32.gguf",
 }
+_SHARD = re.compile(r"-\d{5}-of-\d{5}(?=\.gguf$)")
 SIZES = {"q2-imatrix": "81 GB", "q4-imatrix": "153 GB", "q2": "81 GB", "q4": "153 GB", "mtp": "3.5 GB"}
 
 
@@ -42,11 +48,18 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         description=(
             f"Download a GGUF from the Hugging Face repo {REPO} ({targets}). q2-imatrix suits "
             "96-128 GB of memory, q4-imatrix 256 GB and more; q2 and q4 are the older files, mtp "
-            "the optional draft head. An interrupted download resumes when run again. Honours "
-            "HF_TOKEN and HF_ENDPOINT."
+            "the optional draft head. Or give any repo OWNER/NAME and --include patterns. An "
+            "interrupted download resumes when run again. Honours HF_TOKEN and HF_ENDPOINT."
         ),
     )
-    p.add_argument("target", choices=FILES, help="which file")
+    p.add_argument("target", metavar="TARGET", help=f"{', '.join(FILES)}, or a repo OWNER/NAME")
+    p.add_argument(
+        "--include",
+        action="append",
+        metavar="PATTERN",
+        help="with a repo: fetch the files whose path matches this glob (repeatable; default *.gguf)",
+    )
+    p.add_argument("--revision", default="main", help="with a repo: branch, tag or commit (default main)")
     p.add_argument(
         "--dir",
         type=Path,
@@ -63,11 +76,75 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     directory = args.dir or Path(os.environ.get("DS4_GGUF_DIR") or "gguf")
+    if "/" in args.target:
+        return _run_repo(args, directory)
+    if args.target not in FILES:
+        raise CommandError(
+            f"unknown target {args.target!r}: give one of {', '.join(FILES)}, or a repo OWNER/NAME"
+        )
+    if args.include:
+        raise CommandError(f"--include goes with a repo OWNER/NAME, not with {args.target}")
     path = fetch(REPO, FILES[args.target], directory, token=args.token)
     print(f"{path}: {path.stat().st_size:,} bytes")
     if args.target != "mtp" and not args.no_link:
         _link(DEFAULT_MODEL, path)
     return 0
+
+
+def _run_repo(args: argparse.Namespace, directory: Path) -> int:
+    """Every file of the repo matching ``--include``; link the model when they make exactly one."""
+    files = _matching_files(args.target, args.revision, args.include or ["*.gguf"], args.token)
+    missing = sum(size - _present(directory / name, size) for name, size in files)
+    directory.mkdir(parents=True, exist_ok=True)
+    _check_free_space(directory, missing, f"{len(files)} file(s) of {args.target}")
+    paths = [fetch(args.target, name, directory, args.token, args.revision) for name, _ in files]
+    for path in paths:
+        print(f"{path}: {path.stat().st_size:,} bytes")
+    models = [path for path in paths if path.suffix == ".gguf"]
+    stems = {_SHARD.sub("", path.name) for path in models}
+    if args.no_link or not models:
+        return 0
+    if len(stems) == 1:  # one file, or the shards of one split model (opened from its first)
+        _link(DEFAULT_MODEL, min(models))
+    else:
+        print(f"{len(models)} models downloaded: open one with -m FILE", file=sys.stderr)
+    return 0
+
+
+def _matching_files(
+    repo: str, revision: str, patterns: list[str], token: str | None
+) -> list[tuple[str, int]]:
+    """(path, size) of each file of ``repo`` whose path matches one of ``patterns``."""
+    import httpx2
+    from huggingface_hub import HfApi, constants
+    from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError, RevisionNotFoundError
+
+    try:
+        entries = HfApi(token=token).list_repo_tree(repo, revision=revision, recursive=True)
+        files = [(e.path, e.size) for e in entries if getattr(e, "size", None) is not None]
+    except GatedRepoError:
+        raise CommandError(f"{repo} is gated: accept its terms on the Hub, then set HF_TOKEN") from None
+    except RepositoryNotFoundError:
+        raise CommandError(f"no repository {repo} at {constants.ENDPOINT} (or it needs HF_TOKEN)") from None
+    except RevisionNotFoundError:
+        raise CommandError(f"{repo} has no revision {revision!r}") from None
+    except (httpx2.HTTPError, OSError) as err:
+        raise CommandError(f"cannot reach {constants.ENDPOINT} for {repo}: {_reason(err)}") from None
+    chosen = [(path, size) for path, size in files if any(fnmatch.fnmatchcase(path, p) for p in patterns)]
+    if not chosen:
+        names = ", ".join(path for path, _ in files[:8]) + (", ..." if len(files) > 8 else "")
+        raise CommandError(
+            f"no file of {repo} matches {' or '.join(patterns)} (it has: {names or 'nothing'})"
+        )
+    return chosen
+
+
+def _present(path: Path, size: int) -> int:
+    """Bytes of ``path`` already here: all of a complete file, else those of its partial download."""
+    if path.is_file() and path.stat().st_size == size:
+        return size
+    partials = list(path.parent.glob(f"{glob.escape(path.name)}.*.part")) if path.parent.is_dir() else []
+    return min(size, max((p.stat().st_size for p in partials), default=0))
 
 
 def fetch(
@@ -103,13 +180,13 @@ def fetch(
         print(f"{final} is already complete", file=sys.stderr)
         return final
     try:
-        directory.mkdir(parents=True, exist_ok=True)
+        final.parent.mkdir(parents=True, exist_ok=True)
     except OSError as err:
-        raise CommandError(f"cannot create {directory}: {err.strerror or err}") from None
+        raise CommandError(f"cannot create {final.parent}: {err.strerror or err}") from None
 
     # The etag names the partial file, so bytes of another revision are never resumed into it.
-    partial = directory / f"{filename}.{re.sub(r'[^0-9A-Za-z]', '', meta.etag or 'x')[:16]}.part"
-    for stale in directory.glob(f"{glob.escape(filename)}.*.part"):
+    partial = final.with_name(f"{final.name}.{re.sub(r'[^0-9A-Za-z]', '', meta.etag or 'x')[:16]}.part")
+    for stale in final.parent.glob(f"{glob.escape(final.name)}.*.part"):
         if stale != partial:
             stale.unlink()
     have = partial.stat().st_size if partial.exists() else 0
@@ -117,7 +194,7 @@ def fetch(
         partial.unlink()
         have = 0
     if meta.size is not None:
-        _check_free_space(directory, meta.size - have, filename)
+        _check_free_space(final.parent, meta.size - have, filename)
 
     try:
         if meta.xet_file_data is not None:

@@ -11,7 +11,7 @@ import argparse
 import importlib
 import sys
 
-COMMANDS = ("logits", "logprobs", "perplexity", "convert", "render", "parse", "download")
+COMMANDS = ("logits", "logprobs", "perplexity", "convert", "render", "parse", "download", "bench")
 
 
 class CommandError(Exception):
