@@ -35,8 +35,9 @@ TOKENS = [0, 17, 4242, 99, 128000, 3]
 
 
 def rotating_policy():
-    """Each matrix takes the least used format whose blocks fit its rows, so every format is used
-    and neighbours (a layer's gate and up experts, one tensor in consecutive layers) differ."""
+    """Each matrix (and position bias) takes the least used format whose blocks fit its rows, so
+    every format is used and neighbours (a layer's gate and up experts, one tensor in consecutive
+    layers) differ; vectors rotate through the float formats."""
     uses = dict.fromkeys([T.F16, T.BF16, T.F32, *BLOCK_DECODERS], 0)
     vector_kinds = cycle([T.F16, T.BF16, T.F32])
     chosen: dict[str, T] = {}
@@ -45,8 +46,8 @@ def rotating_policy():
         role = tensor_role(name, len(shape))
         if role == "table":
             return T.I32
-        if role == "vector":
-            return next(vector_kinds)
+        if role == "vector" and len(shape) == 1:
+            return next(vector_kinds)  # the compressors' 2-D position biases may be quantized
         fitting = [kind for kind in uses if shape[-1] % GGML_QUANT_SIZES[kind][0] == 0]
         kind = min(fitting, key=uses.__getitem__)
         uses[kind] += 1
@@ -86,6 +87,7 @@ def test_any_matrix_in_any_format(mixed):
     assert set(chosen.values()) == {T.F16, T.BF16, T.F32, *BLOCK_DECODERS}
     assert chosen["blk.1.ffn_gate_exps.weight"] != chosen["blk.1.ffn_up_exps.weight"]
     assert chosen["blk.1.attn_q_a.weight"] != chosen["blk.2.attn_q_a.weight"]
+    assert chosen["blk.1.attn_compressor_ape.weight"] not in (T.F32, T.F16, T.BF16)
     model = Model.load(path, quant_sim=False)
     torch.testing.assert_close(logits(model), logits(dequantized_twin(model)), rtol=0, atol=1e-4)
 

@@ -101,7 +101,14 @@ class Weights:
     notes: list[str]  # what the file holds that the model does not use, for the user
 
 
-_ALLOWED_KINDS = {"table": {T.I32}, "vector": set(FLOAT_KINDS), "matrix": set(SUPPORTED_KINDS)}
+# Vectors are float; the compressors' position biases, two-dimensional, are quantized by llama.cpp's
+# recipes like any matrix (Q4_K_M stores them in Q5_0): they are dequantized once, at load.
+_ALLOWED_KINDS = {
+    "table": {T.I32},
+    "vector": set(FLOAT_KINDS),
+    "position bias": set(SUPPORTED_KINDS),
+    "matrix": set(SUPPORTED_KINDS),
+}
 
 
 class _Binder:
@@ -125,7 +132,8 @@ class _Binder:
                 f"{self.path}: tensor {name!r} has shape {list(info.shape)[::-1]} (GGUF order), "
                 f"expected {list(shape)[::-1]}"
             )
-        allowed = _ALLOWED_KINDS[tensor_role(name, len(shape))]
+        role = tensor_role(name, len(shape))
+        allowed = _ALLOWED_KINDS["position bias" if role == "vector" and len(shape) > 1 else role]
         if info.kind not in allowed:
             names = ", ".join(sorted(k.name for k in allowed))
             raise WeightsError(
