@@ -1,4 +1,5 @@
-"""OpenAI and Anthropic requests mapped onto the official encoder's conversation form."""
+"""OpenAI chat, Anthropic messages and OpenAI Responses requests mapped onto the official
+encoder's conversation form."""
 
 import json
 from pathlib import Path
@@ -10,7 +11,7 @@ from dwarfstar.chat.request import (
     RequestError,
     from_anthropic,
     from_openai,
-    looks_like_anthropic,
+    from_responses,
     parse_request,
 )
 
@@ -389,17 +390,10 @@ def test_parse_request_rejects_what_is_not_a_json_object(text, message):
         parse_request(text)
 
 
-def test_anthropic_shape_is_detected():
-    assert looks_like_anthropic(anthropic_tool_round_trip())
-    assert not looks_like_anthropic(openai_tool_round_trip())
-    assert looks_like_anthropic({"system": "s", "messages": []})
-
-
 @pytest.mark.parametrize("entry", FIXTURES, ids=[entry["fixture"] for entry in FIXTURES])
 def test_recorded_client_request(entry):
     body = parse_request((CLIENTS / entry["fixture"]).read_bytes())
     anthropic = entry["path"] == "/v1/messages"
-    assert looks_like_anthropic(body) == anthropic
     conversation = from_anthropic(body) if anthropic else from_openai(body)
     prompt = render(conversation)
 
@@ -421,3 +415,146 @@ def test_recorded_client_request(entry):
             last = next(block for block in last["content"] if block["type"] == "tool_result")
         assert prompt.endswith(f"<tool_result>{last['content']}</tool_result>{ASSISTANT}<think>")
         assert "</｜DSML｜tool_calls>" + EOS in prompt
+
+
+def test_an_anthropic_body_without_anthropic_only_fields_keeps_its_tools():
+    body = {
+        "tools": [{"name": "weather", "description": "Weather now.", "input_schema": WEATHER_SCHEMA}],
+        "messages": [{"role": "user", "content": "Weather in Paris?"}],
+    }
+    assert from_anthropic(body).tools == [OPENAI_WEATHER]
+
+
+@pytest.mark.parametrize("mapper", [from_openai, from_anthropic])
+def test_a_trailing_assistant_message_is_continued(mapper):
+    body = {
+        "model": "deepseek-chat",
+        "messages": [{"role": "user", "content": "Count to 3."}, {"role": "assistant", "content": "1, 2,"}],
+    }
+    conversation = mapper(body)
+    assert conversation.continue_final_message
+    assert render(conversation) == f"{BOS}{USER}Count to 3.{ASSISTANT}</think>1, 2,"
+    thinking = render(mapper({**body, "model": "deepseek-reasoner"}))
+    assert thinking == f"{BOS}{USER}Count to 3.{ASSISTANT}<think></think>1, 2,"
+
+
+def test_tool_choice_required_and_named_are_asked_for():
+    other = {"type": "function", "function": {"name": "time", "parameters": {"type": "object"}}}
+    body = {**openai_tool_round_trip(), "tools": [OPENAI_WEATHER, other]}
+    body["messages"] = body["messages"][:2]
+    required = from_openai({**body, "tool_choice": "required"})
+    assert required.tools == [OPENAI_WEATHER, other]
+    assert required.messages[0]["content"].endswith("Answer by calling one or more of the tools above.")
+    named = from_openai({**body, "tool_choice": {"type": "function", "function": {"name": "time"}}})
+    assert named.tools == [other] and named.messages[0]["content"].endswith("the tool time.")
+    anthropic = {
+        "system": "Be brief.",
+        "tools": [{"name": "weather", "input_schema": WEATHER_SCHEMA}],
+        "messages": [{"role": "user", "content": "Weather?"}],
+    }
+    assert (
+        "one or more" in from_anthropic({**anthropic, "tool_choice": {"type": "any"}}).messages[0]["content"]
+    )
+    with pytest.raises(RequestError, match="not among the tools"):
+        from_openai({**body, "tool_choice": {"type": "function", "function": {"name": "nope"}}})
+    with pytest.raises(RequestError, match="tool_choice"):
+        from_openai({**body, "tool_choice": 3})
+
+
+def test_responses_items_become_the_same_conversation_as_chat_messages():
+    responses = {
+        "model": "deepseek-v4-flash",
+        "instructions": "Be brief.",
+        "tools": [
+            {
+                "type": "function",
+                "name": "weather",
+                "description": "Weather now.",
+                "parameters": WEATHER_SCHEMA,
+            },
+            {"type": "web_search"},
+        ],
+        "input": [
+            {
+                "type": "message",
+                "role": "user",
+                "content": [{"type": "input_text", "text": "Weather in Paris?"}],
+            },
+            {
+                "type": "reasoning",
+                "summary": [{"type": "summary_text", "text": "Ask the tool."}],
+                "content": None,
+            },
+            {
+                "type": "function_call",
+                "call_id": "call_1",
+                "name": "weather",
+                "arguments": '{"city": "Paris"}',
+            },
+            {"type": "function_call_output", "call_id": "call_1", "output": "18C"},
+        ],
+    }
+    chat = {
+        "model": "deepseek-v4-flash",
+        "tools": [OPENAI_WEATHER],
+        "messages": [
+            {"role": "system", "content": "Be brief."},
+            {"role": "user", "content": "Weather in Paris?"},
+            {
+                "role": "assistant",
+                "content": "",
+                "reasoning_content": "Ask the tool.",
+                "tool_calls": [
+                    {
+                        "id": "call_1",
+                        "type": "function",
+                        "function": {"name": "weather", "arguments": '{"city": "Paris"}'},
+                    }
+                ],
+            },
+            {"role": "tool", "tool_call_id": "call_1", "content": "18C"},
+        ],
+    }
+    assert from_responses(responses).messages == from_openai(chat).messages
+    assert from_responses({"input": "Hi", "reasoning": {"effort": "none"}}).thinking_mode == "chat"
+    history = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]
+    continued = from_responses({"input": "Again", "instructions": "S"}, history=history)
+    assert continued.messages == [
+        {"role": "system", "content": "S"},
+        *history,
+        {"role": "user", "content": "Again"},
+    ]
+
+
+@pytest.mark.parametrize(
+    "body, message",
+    [
+        ({}, "input: missing"),
+        ({"input": 3}, "input must be a string or an array"),
+        ({"input": [{"type": "item_reference", "id": "x"}]}, "'item_reference' are not supported"),
+        ({"input": [{"type": "message", "role": "tool", "content": "x"}]}, "unknown role 'tool'"),
+        (
+            {"input": [{"type": "function_call", "name": "f", "arguments": "{}"}]},
+            r"input\[0\].call_id: missing",
+        ),
+        ({"input": "x", "reasoning": {"effort": "huge"}}, "reasoning.effort: unknown level"),
+    ],
+)
+def test_responses_errors_name_the_field(body, message):
+    with pytest.raises(RequestError, match=message):
+        from_responses(body)
+
+
+def test_recorded_responses_requests():
+    for entry in json.loads((CLIENTS / "index.json").read_text()):
+        if entry["path"] != "/v1/responses":
+            continue
+        body = parse_request((CLIENTS / entry["fixture"]).read_bytes())
+        conversation = from_responses(body)
+        prompt = render(conversation)
+        assert prompt.startswith(BOS) and prompt.endswith(f"{ASSISTANT}<think>")
+        names = [tool["name"] for tool in body.get("tools", []) if tool["type"] == "function"]
+        assert [tool["function"]["name"] for tool in conversation.tools] == names
+        outputs = [item for item in body["input"] if item.get("type") == "function_call_output"]
+        if outputs:
+            assert prompt.endswith(f"<tool_result>{outputs[-1]['output']}</tool_result>{ASSISTANT}<think>")

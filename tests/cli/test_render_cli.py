@@ -56,7 +56,7 @@ def test_reads_the_request_from_stdin():
     assert result.stdout.decode("utf-8") == OPENAI_PROMPT
 
 
-def test_detects_an_anthropic_request_and_takes_the_flag():
+def test_the_api_flag_decides_how_the_body_is_read():
     body = {
         "model": "m",
         "max_tokens": 10,
@@ -65,15 +65,37 @@ def test_detects_an_anthropic_request_and_takes_the_flag():
         "messages": [{"role": "user", "content": [{"type": "text", "text": "Hi"}]}],
     }
     expected = f"{BOS}Be kind.{USER}Hi{ASSISTANT}<think>"
-    assert ds4_render(stdin=json.dumps(body).encode()).stdout.decode("utf-8") == expected
+    assert ds4_render("--anthropic", stdin=json.dumps(body).encode()).stdout.decode("utf-8") == expected
+    # Read as OpenAI (the default), the top-level system is not a message: never guessed.
+    assert (
+        ds4_render(stdin=json.dumps(body).encode()).stdout.decode("utf-8")
+        == f"{BOS}{USER}Hi{ASSISTANT}<think>"
+    )
 
-    # Without a top-level system nothing marks the body as Anthropic; --anthropic says so.
+    # An Anthropic body whose only Anthropic feature is tools with input_schema keeps its tools.
+    tools = {
+        "tools": [{"name": "weather", "input_schema": {"type": "object"}}],
+        "messages": [{"role": "user", "content": "Hi"}],
+    }
+    result = ds4_render("--api", "anthropic", stdin=json.dumps(tools).encode())
+    assert (
+        result.returncode == 0
+        and '{"name": "weather", "parameters": {"type": "object"}}' in result.stdout.decode()
+    )
+
     body = {"messages": [{"role": "system", "content": "S"}, {"role": "user", "content": "Hi"}]}
     result = ds4_render("--anthropic", stdin=json.dumps(body).encode())
     assert result.stdout.decode("utf-8") == f"{BOS}S{USER}Hi{ASSISTANT}<think>"
     body["messages"][0]["role"] = "developer"
     result = ds4_render("--anthropic", stdin=json.dumps(body).encode())
     assert result.returncode == 2 and b"unknown role 'developer'" in result.stderr
+
+    responses = {
+        "instructions": "S",
+        "input": [{"role": "user", "content": [{"type": "input_text", "text": "Hi"}]}],
+    }
+    result = ds4_render("--api", "responses", stdin=json.dumps(responses).encode())
+    assert result.stdout.decode("utf-8") == f"{BOS}S{USER}Hi{ASSISTANT}<think>"
 
 
 def test_tokens_are_the_reference_tokenizer_ids(tmp_path):

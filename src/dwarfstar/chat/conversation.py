@@ -29,13 +29,16 @@ class Conversation:
 
     ``reasoning_effort`` is ``"max"`` for Think Max; ``"high"`` and ``None`` render the same
     (normal thinking). ``drop_thinking`` strips reasoning from turns before the last user
-    turn (the official default); the API always leaves it on.
+    turn (the official default); the API always leaves it on. ``continue_final_message``
+    makes a trailing assistant message a prefill: the prompt ends inside that message (no end
+    of sentence after it), so the model continues it rather than starting a new turn.
     """
 
     messages: list[Message]
     thinking_mode: ThinkingMode = "thinking"
     reasoning_effort: ReasoningEffort | None = None
     drop_thinking: bool = True
+    continue_final_message: bool = False
 
     @property
     def tools(self) -> list[dict[str, Any]]:

@@ -117,6 +117,7 @@ def render_parts(conversation: Conversation) -> list[Part]:
         thinking_mode=conversation.thinking_mode,
         reasoning_effort=conversation.reasoning_effort,
         drop_thinking=conversation.drop_thinking,
+        continue_final_message=conversation.continue_final_message,
     )
 
 
@@ -141,8 +142,13 @@ def render_message_parts(
     thinking_mode: str = "thinking",
     reasoning_effort: str | None = None,
     drop_thinking: bool = True,
+    continue_final_message: bool = False,
 ) -> list[Part]:
-    """``render_messages`` as parts: adjacent parts of the same kind merged, none empty."""
+    """``render_messages`` as parts: adjacent parts of the same kind merged, none empty.
+
+    ``continue_final_message``: a last assistant turn is left open (no end of sentence), so
+    the prompt ends inside it; its thinking block is closed.
+    """
     if thinking_mode not in ("chat", "thinking"):
         raise ValueError(f"thinking_mode must be 'chat' or 'thinking', not {thinking_mode!r}")
     if reasoning_effort not in REASONING_EFFORTS:
@@ -167,7 +173,11 @@ def render_message_parts(
     if turns and thinking and reasoning_effort == "max":
         parts += _markup(THINK_MAX_PREFIX)
     for index in range(len(turns)):
-        parts += _render_turn(index, turns, thinking, drop, last_user)
+        turn_parts = _render_turn(index, turns, thinking, drop, last_user)
+        if continue_final_message and index == len(turns) - 1 and turns[index]["role"] == "assistant":
+            assert turn_parts[-1] == (EOS, True)
+            turn_parts = turn_parts[:-1]
+        parts += turn_parts
         parts += _markup(_next_turn_opening(index, turns, thinking, drop, last_user))
     merged: list[Part] = []
     for text, is_markup in parts:

@@ -13,7 +13,15 @@ the APIs say more than the prompt format can, the choices are:
 - several text parts of one message join with a blank line, as the official encoder joins
   the blocks of a user turn; a part that is not text (an image) becomes
   ``[Unsupported <type>]``, the official placeholder;
-- ``tool_choice`` none withholds the tools; tools other than functions are left out.
+- ``tool_choice`` none withholds the tools; ``required`` (Anthropic ``any``) and a named
+  function are asked for in the system text (a named function is then the only tool offered);
+  tools other than functions are left out;
+- a trailing assistant message (with no tool calls) is a prefill: the answer continues it
+  (``Conversation.continue_final_message``), as the Anthropic API does;
+- Responses ``input`` items: ``message`` (any role), ``reasoning`` (its text, summary or
+  content, joins the next assistant turn), ``function_call`` (joins the assistant turn
+  before it) and ``function_call_output``; ``previous_response_id`` is resolved by the
+  caller, which passes that response's messages as ``history``.
 
 Thinking: on by default. ``thinking`` (``{"type": "enabled"|"adaptive"|"disabled"}`` or a
 bool), ``think`` (bool) and the effort ``none`` switch it explicitly; with no explicit
@@ -30,7 +38,9 @@ from dwarfstar.chat.conversation import Conversation, Message
 
 EFFORTS = ("none", "minimal", "low", "medium", "high", "xhigh", "max")
 THINKING_TYPES = ("enabled", "adaptive", "disabled")
-ANTHROPIC_ONLY_BLOCKS = ("tool_use", "tool_result", "thinking", "redacted_thinking")
+REQUIRED_TOOL = "Answer by calling one or more of the tools above."
+NAMED_TOOL = "Answer by calling the tool {name}."
+RESPONSES_TEXT_PARTS = ("input_text", "output_text", "text", "summary_text", "reasoning_text")
 
 
 class RequestError(ValueError):
@@ -46,19 +56,6 @@ def parse_request(text: str | bytes) -> dict[str, Any]:
     if not isinstance(body, dict):
         raise RequestError(f"request body must be a JSON object, not {_json_type(body)}")
     return body
-
-
-def looks_like_anthropic(body: dict[str, Any]) -> bool:
-    """True for an Anthropic messages body: a top-level ``system`` or Anthropic-only blocks."""
-    if "system" in body:
-        return True
-    messages = body.get("messages")
-    return isinstance(messages, list) and any(
-        isinstance(block, dict) and block.get("type") in ANTHROPIC_ONLY_BLOCKS
-        for message in messages
-        if isinstance(message, dict) and isinstance(message.get("content"), list)
-        for block in message["content"]
-    )
 
 
 def from_openai(body: dict[str, Any]) -> Conversation:
@@ -86,7 +83,8 @@ def from_openai(body: dict[str, Any]) -> Conversation:
         else:
             raise _unknown_role(role, where, ("system", "developer", "user", "assistant", "tool"))
 
-    tools = [] if body.get("tool_choice") == "none" else _openai_tools(body.get("tools"))
+    tools = _openai_tools(body.get("tools"))
+    tools = _chosen_tools(tools, _openai_tool_choice(body.get("tool_choice")), system_texts)
     response_format = _optional(body, "response_format", dict, "an object")
     if response_format is not None and response_format.get("type") == "text":
         response_format = None
@@ -110,9 +108,8 @@ def from_anthropic(body: dict[str, Any]) -> Conversation:
         else:
             raise _unknown_role(role, where, ("user", "assistant", "system"))
 
-    tool_choice = _optional(body, "tool_choice", dict, "an object")
-    withheld = tool_choice is not None and tool_choice.get("type") == "none"
-    tools = [] if withheld else _anthropic_tools(body.get("tools"))
+    tools = _anthropic_tools(body.get("tools"))
+    tools = _chosen_tools(tools, _anthropic_tool_choice(body.get("tool_choice")), system_texts)
     output_config = _optional(body, "output_config", dict, "an object") or {}
     response_format = _optional(output_config, "format", dict, "an object", "output_config.")
     if "effort" in output_config:
@@ -142,9 +139,177 @@ def _conversation(
             system["response_format"] = response_format
         messages.insert(0, system)
     thinking = _thinking_enabled(body, effort, effort_field)
+    last = messages[-1] if messages else {}
+    prefill = last.get("role") == "assistant" and not last.get("tool_calls")
     if not thinking:
-        return Conversation(messages, thinking_mode="chat")
-    return Conversation(messages, thinking_mode="thinking", reasoning_effort=_effort_level(effort))
+        return Conversation(messages, thinking_mode="chat", continue_final_message=prefill)
+    return Conversation(
+        messages,
+        thinking_mode="thinking",
+        reasoning_effort=_effort_level(effort),
+        continue_final_message=prefill,
+    )
+
+
+def from_responses(body: dict[str, Any], history: list[Message] | None = None) -> Conversation:
+    """Map an OpenAI ``/v1/responses`` body; ``history`` is the conversation of its
+    ``previous_response_id`` (without system messages), which the caller looked up."""
+    instructions = _optional(body, "instructions", str, "a string")
+    system_texts = [instructions] if instructions else []
+    messages: list[Message] = list(history or [])
+    items = body.get("input")
+    if items is None:
+        raise RequestError("input: missing")
+    if isinstance(items, str):
+        items = [{"type": "message", "role": "user", "content": items}]
+    if not isinstance(items, list):
+        raise RequestError(f"input must be a string or an array of items, not {_json_type(items)}")
+    reasoning: list[str] = []  # waits for the assistant turn it belongs to
+    for index, item in enumerate(items):
+        where = f"input[{index}]"
+        if not isinstance(item, dict):
+            raise RequestError(f"{where} must be an object, not {_json_type(item)}")
+        kind = item.get("type", "message")
+        if kind == "message":
+            role = item.get("role")
+            text = _responses_text(item.get("content"), f"{where}.content")
+            if role in ("system", "developer"):
+                system_texts.append(text)
+            elif role == "user":
+                messages.append({"role": "user", "content": text})
+            elif role == "assistant":
+                messages.append(_with_reasoning({"role": "assistant", "content": text}, reasoning))
+            else:
+                raise _unknown_role(role, where, ("system", "developer", "user", "assistant"))
+        elif kind == "reasoning":
+            parts = [*(item.get("summary") or []), *(item.get("content") or [])]
+            reasoning.append(_responses_text(parts, f"{where}.summary"))
+        elif kind == "function_call":
+            call = _tool_call(
+                _string(item, "call_id", where),
+                _string(item, "name", where),
+                _string(item, "arguments", where),
+            )
+            last = messages[-1] if messages else None
+            if last is not None and last["role"] == "assistant" and not reasoning:
+                last.setdefault("tool_calls", []).append(call)
+            else:
+                messages.append(
+                    _with_reasoning({"role": "assistant", "content": "", "tool_calls": [call]}, reasoning)
+                )
+        elif kind == "function_call_output":
+            output = item.get("output")
+            messages.append(
+                {
+                    "role": "tool",
+                    "tool_call_id": _string(item, "call_id", where),
+                    "content": output
+                    if isinstance(output, str)
+                    else _responses_text(output, f"{where}.output"),
+                }
+            )
+        else:
+            raise RequestError(
+                f"{where}.type: input items of type {kind!r} are not supported; "
+                "expected message, reasoning, function_call or function_call_output"
+            )
+    if not messages:
+        raise RequestError("input must hold at least one message")
+    tools = _chosen_tools(
+        _responses_tools(body.get("tools")), _openai_tool_choice(body.get("tool_choice")), system_texts
+    )
+    reasoning_options = _optional(body, "reasoning", dict, "an object") or {}
+    effort = _optional(reasoning_options, "effort", str, "a string", "reasoning.")
+    return _conversation(body, system_texts, messages, tools, None, effort, "reasoning.effort")
+
+
+def _with_reasoning(message: Message, reasoning: list[str]) -> Message:
+    if reasoning:
+        message["reasoning_content"] = "\n\n".join(reasoning)
+        reasoning.clear()
+    return message
+
+
+def _responses_text(content: Any, where: str) -> str:
+    """A Responses message's text: a string, or parts (``input_text``, ``output_text``, ...)."""
+    if content is None or isinstance(content, str):
+        return content or ""
+    if not isinstance(content, list):
+        raise RequestError(
+            f"{where} must be a string or an array of content parts, not {_json_type(content)}"
+        )
+    texts = []
+    for index, part in enumerate(content):
+        part_where = f"{where}[{index}]"
+        if not isinstance(part, dict) or not isinstance(part.get("type"), str):
+            raise RequestError(f"{part_where} must be a content part object with a string 'type'")
+        if part["type"] in RESPONSES_TEXT_PARTS:
+            texts.append(_string(part, "text", part_where))
+        else:
+            texts.append(f"[Unsupported {part['type']}]")
+    return "\n\n".join(texts)
+
+
+def _responses_tools(tools: Any) -> list[dict[str, Any]]:
+    """Responses function tools (flat: name, description, parameters) in the chat shape."""
+    kept = []
+    for index, tool in enumerate(_array(tools, "tools")):
+        where = f"tools[{index}]"
+        if not isinstance(tool, dict):
+            raise RequestError(f"{where} must be an object, not {_json_type(tool)}")
+        if tool.get("type") != "function":
+            continue
+        function: dict[str, Any] = {"name": _string(tool, "name", where)}
+        if tool.get("description") is not None:
+            function["description"] = _string(tool, "description", where)
+        if tool.get("parameters") is not None:
+            function["parameters"] = _optional(tool, "parameters", dict, "an object", f"{where}.")
+        kept.append({"type": "function", "function": function})
+    return kept
+
+
+def _openai_tool_choice(choice: Any) -> str | None:
+    """``none``, ``auto`` or ``required`` as given, a named function as its name."""
+    if choice is None or choice in ("none", "auto", "required"):
+        return choice
+    if isinstance(choice, dict) and choice.get("type") in ("function", "allowed_tools"):
+        if choice["type"] == "allowed_tools":
+            return choice.get("mode", "auto") if choice.get("mode") in ("auto", "required") else "auto"
+        function = choice.get("function")
+        if isinstance(function, dict):  # chat completions
+            return "function:" + _string(function, "name", "tool_choice.function")
+        return "function:" + _string(choice, "name", "tool_choice")  # responses
+    raise RequestError(
+        "tool_choice must be 'none', 'auto', 'required' or {\"type\": \"function\", ...}, "
+        f"not {json.dumps(choice)[:80]}"
+    )
+
+
+def _anthropic_tool_choice(choice: Any) -> str | None:
+    if choice is None:
+        return None
+    if not isinstance(choice, dict) or choice.get("type") not in ("auto", "any", "tool", "none"):
+        raise RequestError("tool_choice.type: expected one of auto, any, tool, none")
+    if choice["type"] == "tool":
+        return "function:" + _string(choice, "name", "tool_choice")
+    return {"any": "required"}.get(choice["type"], choice["type"])
+
+
+def _chosen_tools(
+    tools: list[dict[str, Any]], choice: str | None, system_texts: list[str]
+) -> list[dict[str, Any]]:
+    """The tools ``choice`` leaves offered; a required call is asked for in the system text."""
+    if choice == "none" or not tools:
+        return []
+    if choice == "required":
+        system_texts.append(REQUIRED_TOOL)
+    elif choice is not None and choice.startswith("function:"):
+        name = choice.removeprefix("function:")
+        tools = [tool for tool in tools if tool["function"]["name"] == name]
+        if not tools:
+            raise RequestError(f"tool_choice names the function {name!r}, which is not among the tools")
+        system_texts.append(NAMED_TOOL.format(name=name))
+    return tools
 
 
 def _thinking_enabled(body: dict[str, Any], effort: str | None, effort_field: str) -> bool:

@@ -8,14 +8,10 @@ import sys
 from pathlib import Path
 
 from dwarfstar.chat.render import render_parts
-from dwarfstar.chat.request import (
-    RequestError,
-    from_anthropic,
-    from_openai,
-    looks_like_anthropic,
-    parse_request,
-)
+from dwarfstar.chat.request import RequestError, from_anthropic, from_openai, from_responses, parse_request
 from dwarfstar.cli.main import CommandError
+
+MAPPERS = {"openai": from_openai, "anthropic": from_anthropic, "responses": from_responses}
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -23,16 +19,20 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "render",
         help="print the prompt text (or token ids) for a chat request",
         description=(
-            "Render an OpenAI chat-completions request (or an Anthropic messages request) to the "
-            "exact DeepSeek V4 prompt text, ending where the model starts its answer."
+            "Render an API request body to the exact DeepSeek V4 prompt text, ending where the model "
+            "starts its answer. The body is read as --api says, never guessed from its fields."
         ),
     )
     parser.add_argument("request", nargs="?", type=Path, help="request body as JSON (default: stdin)")
     parser.add_argument(
-        "--anthropic",
-        action="store_true",
-        help="read the body as an Anthropic messages request (detected when it has 'system' "
-        "or tool_use/tool_result/thinking blocks)",
+        "--api",
+        choices=tuple(MAPPERS),
+        default="openai",
+        help="the API the body is for: openai (/v1/chat/completions, the default), anthropic "
+        "(/v1/messages) or responses (/v1/responses)",
+    )
+    parser.add_argument(
+        "--anthropic", dest="api", action="store_const", const="anthropic", help="the same as --api anthropic"
     )
     parser.add_argument("--tokens", action="store_true", help="print the token ids as a JSON list")
     parser.add_argument(
@@ -52,8 +52,7 @@ def run(args: argparse.Namespace) -> int:
     source = args.request or "stdin"
     try:
         body = parse_request(raw)
-        anthropic = args.anthropic or looks_like_anthropic(body)
-        parts = render_parts(from_anthropic(body) if anthropic else from_openai(body))
+        parts = render_parts(MAPPERS[args.api](body))
     except RequestError as err:
         raise CommandError(f"{source}: {err}") from None
 
