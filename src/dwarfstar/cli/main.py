@@ -11,7 +11,7 @@ import argparse
 import importlib
 import sys
 
-COMMANDS = ("logits", "logprobs", "perplexity", "convert", "render", "parse", "download", "bench")
+COMMANDS = ("logits", "logprobs", "perplexity", "convert", "render", "parse", "download", "bench", "serve")
 
 
 class CommandError(Exception):

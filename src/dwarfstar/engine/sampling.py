@@ -139,3 +139,19 @@ class StopMatcher:
         """What is held at the end of generation (it never became a stop string)."""
         text, self._held = self._held, ""
         return "" if self.stopped else text
+
+
+class ScriptedSampler(Sampler):
+    """Chooses the given token ids in order, then ``end_id``: makes any model, even a random one,
+    write a chosen answer while the detokenizer, parser and everything after them run for real.
+
+    Tests of the layers above the model use it (``ds4 serve --allow-scripted-output``).
+    """
+
+    def __init__(self, script: Sequence[int], end_id: int, params: SamplingParams | None = None) -> None:
+        super().__init__(params or SamplingParams(temperature=0))
+        self.script = list(script)
+        self.end_id = end_id
+
+    def sample(self, logits: torch.Tensor, greedy: bool = False) -> int:
+        return self.script.pop(0) if self.script else self.end_id
