@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 from models import tiny_hf_config
 
+from dwarfstar.gguf.writer import GGUFFileWriter
+from dwarfstar.model.config import ModelConfig, load_config
 from dwarfstar.model.model import Model
 
 
@@ -71,12 +75,39 @@ def test_quant_sim_is_off_for_small_models_and_changes_outputs_when_on(gguf_mode
 
 def assert_close_up_to_rounding_flips(chunked: torch.Tensor, full: torch.Tensor) -> None:
     """With the simulation on, chunking changes matmul batch shapes, hence last-bit differences,
-    and a value that sits on an FP8/FP4 rounding boundary can round the other way. So most
-    logits agree to float precision and the rest stay close; exact agreement is only promised
-    (and tested against the references) with the simulation off."""
-    diff = (chunked - full).abs()
-    assert diff.median() <= 1e-4
-    assert diff.mean() <= 1e-2 * full.abs().mean()
+    and a value on an FP8/FP4 rounding boundary can round the other way. Measured
+    (docs/model.md): at most 3.2e-4 of a position's largest logit; the simulation itself moves
+    them by up to 0.7. So every position, not most of them, is held to 2e-3 of its largest logit;
+    exact agreement is only promised (and tested against the references) with the simulation off."""
+    assert chunked.shape == full.shape
+    difference = (chunked - full).abs().amax(dim=-1)
+    allowed = 2e-3 * full.abs().amax(dim=-1)
+    worst = int((difference / allowed).argmax())
+    assert bool((difference <= allowed).all()), (
+        f"position {worst}: logits differ by {float(difference[worst]):.3g}, "
+        f"allowed {float(allowed[worst]):.3g}"
+    )
+
+
+def test_rounding_flip_criterion_catches_corruption_of_a_minority_of_positions():
+    full = torch.randn(140, 1000, generator=torch.Generator().manual_seed(0))
+    flips = full + 1e-4 * torch.randn(140, 1000, generator=torch.Generator().manual_seed(1))
+    assert_close_up_to_rounding_flips(flips, full)
+    corrupted = full.clone()
+    corrupted[:60, :400] *= 1.05  # 40% of positions, 40% of their logits, 5% off
+    with pytest.raises(AssertionError, match="logits differ by"):
+        assert_close_up_to_rounding_flips(corrupted, full)
+
+
+def test_a_file_with_flash_dimensions_turns_the_simulation_on(model, tmp_path):
+    path = tmp_path / "flash-metadata.gguf"
+    with GGUFFileWriter(path, {"general.architecture": "deepseek4", **ModelConfig().to_metadata()}, []):
+        pass
+    config = load_config(path)
+    assert config.is_flash
+    flash = Model(dataclasses.replace(model.weights, config=config))  # the default: quant_sim=None
+    assert flash.quant_sim and all(context.quant_sim for context in flash.contexts)
+    assert not Model(dataclasses.replace(model.weights, config=config), quant_sim=False).quant_sim
 
 
 def test_quant_sim_chunked_agrees_with_full_pass(gguf_model_factory):

@@ -20,7 +20,7 @@ if TYPE_CHECKING:
 
 DEFAULT_MODEL = Path("ds4flash.gguf")  # `ds4 download` points this link at the model it fetched
 T = TypeVar("T")
-# Bounds the attention score tensors of a long prompt; every chunking gives the same logits.
+# Bounds a chunk's activations and logits (docs/model.md says how close chunkings are).
 PREFILL_CHUNK = 512
 GET_A_MODEL = "get the model with `ds4 download q2-imatrix` (~81 GB; q4-imatrix for 256 GB machines)"
 
