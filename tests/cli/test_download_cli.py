@@ -78,6 +78,8 @@ def test_a_run_interrupted_mid_file_resumes_in_the_next_run(hub, tmp_path):
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
+        # A shell without job control starts background jobs with SIGINT ignored; Ctrl-C must work.
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     try:
         assert hub.holding.wait(60), "the download never started"
