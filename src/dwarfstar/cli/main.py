@@ -11,7 +11,18 @@ import argparse
 import importlib
 import sys
 
-COMMANDS = ("logits", "logprobs", "perplexity", "convert", "render", "parse", "download", "bench", "serve")
+COMMANDS = (
+    "chat",
+    "logits",
+    "logprobs",
+    "perplexity",
+    "convert",
+    "render",
+    "parse",
+    "download",
+    "bench",
+    "serve",
+)
 
 
 class CommandError(Exception):
@@ -27,6 +38,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if not argv or argv[0] not in (*COMMANDS, "-h", "--help"):
+        argv = ["chat", *argv]  # `ds4 -p PROMPT` and bare `ds4` chat
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
