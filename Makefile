@@ -1,4 +1,4 @@
-# Two entry points: `make run` (set up, then compute logits on a small demo model) and
+# Two entry points: `make run` (set up, then one chat turn with a small demo model) and
 # `make test` (set up, then lint and run the whole test suite). Both create .venv if needed.
 PYTHON ?= python3
 VENV := .venv
@@ -35,7 +35,7 @@ setup: $(BIN)/ds4 $(VENV)/.kernels
 setup-test: $(VENV)/.test-deps $(VENV)/.kernels
 
 run: setup
-	$(BIN)/ds4 logits --demo
+	$(BIN)/ds4 --demo -p "Hello" -n 16
 
 lint: setup-test
 	$(BIN)/ruff check src tests benchmarks

@@ -19,7 +19,7 @@ import torch
 
 from dwarfstar.chat.conversation import Conversation
 from dwarfstar.chat.parser import Done, OutputParser
-from dwarfstar.chat.render import render
+from dwarfstar.chat.render import Part, render_parts
 from dwarfstar.chat.tokens import THINK_OPEN
 from dwarfstar.engine.events import (
     Event,
@@ -117,20 +117,23 @@ class Engine:
     def prompt(self, source: Conversation | str | Sequence[int]) -> Prompt:
         """A conversation (rendered), raw prompt text, or token ids, as the engine sees it.
 
-        This is the one place chat prompts are tokenized. Raw text is tokenized as written,
-        special tokens included.
+        This is the one place chat prompts are tokenized: special tokens are recognised only in
+        the template's markup, so no message text can inject one. Raw text is tokenized as
+        written, special tokens included.
         """
         if isinstance(source, Conversation):
-            text = render(source)
-        elif isinstance(source, str):
-            text = source
-        else:
+            parts = render_parts(source)
+            return Prompt(
+                text="".join(text for text, _ in parts),
+                tokens_after=lambda offset: self.tokenizer.encode_parts(_parts_after(parts, offset)),
+            )
+        if not isinstance(source, str):
             tokens = [int(t) for t in source]
             bad = [t for t in tokens if not 0 <= t < self.model.config.vocab_size]
             if bad:
                 raise EngineError(f"token ids out of range [0, {self.model.config.vocab_size}): {bad[:5]}")
             return Prompt(text=None, tokens=tokens)
-        return Prompt(text=text, tokens_after=lambda offset: self.tokenizer.encode(text[offset:]))
+        return Prompt(text=source, tokens_after=lambda offset: self.tokenizer.encode(source[offset:]))
 
     def generate(
         self,
@@ -158,6 +161,16 @@ class Engine:
             raise ContextLengthError(len(plan.tokens), self.ctx)
         sampler = sampler or Sampler(sampling or SamplingParams())
         return Generation(self, session, plan, request.text, sampler)
+
+
+def _parts_after(parts: list[Part], offset: int) -> list[Part]:
+    """The rendered parts from character ``offset`` on (the text a session does not hold yet)."""
+    out = []
+    for text, is_markup in parts:
+        if offset < len(text):
+            out.append((text[offset:], is_markup))
+        offset = max(0, offset - len(text))
+    return out
 
 
 class Generation:
