@@ -22,7 +22,7 @@ from fastapi import Request
 from dwarfstar.chat.conversation import Conversation
 from dwarfstar.chat.request import RequestError
 from dwarfstar.engine import ContextLengthError, Engine, EngineError, Generation, SamplingParams
-from dwarfstar.engine.events import Event, Finished
+from dwarfstar.engine.events import Event, Finished, PrefillProgress, TokenSampled
 from dwarfstar.engine.sampling import Sampler, ScriptedSampler
 from dwarfstar.server.worker import END, Failed, Job, Started, Worker
 
@@ -205,20 +205,35 @@ class Run:
     generation: Generation | None = None
     ended: bool = False
 
-    async def next(self) -> Any:
-        """The next queue item, or ``KEEPALIVE`` after ``keepalive_seconds`` of silence."""
+    async def next(self, timeout: float | None = None) -> Any:
+        """The next queue item, or ``KEEPALIVE`` after ``timeout`` (``keepalive_seconds``) of silence."""
         try:
-            return await asyncio.wait_for(self.job.items.get(), self.keepalive_seconds)
+            return await asyncio.wait_for(
+                self.job.items.get(), self.keepalive_seconds if timeout is None else timeout
+            )
         except TimeoutError:
             return KEEPALIVE
 
     async def events(self) -> AsyncIterator[Any]:
-        """Engine events and ``KEEPALIVE`` markers; a failure mid-run is raised as ``ApiError``."""
+        """The events a client sees, with ``KEEPALIVE`` markers after ``keepalive_seconds`` in
+        which none came (prefill progress and raw tokens are not shown, so they do not count).
+        A failure mid-run is raised as ``ApiError``."""
+        loop = asyncio.get_running_loop()
+        quiet_since = loop.time()
         try:
-            while (item := await self.next()) is not END:
+            while True:
+                left = quiet_since + self.keepalive_seconds - loop.time()
+                item = await self.next(max(left, 0.0))
+                if item is END:
+                    break
                 if isinstance(item, Failed):
                     raise _failure(item.error)
-                yield item
+                if item is not KEEPALIVE and not isinstance(item, PrefillProgress | TokenSampled):
+                    quiet_since = loop.time()
+                    yield item
+                elif loop.time() - quiet_since >= self.keepalive_seconds:
+                    quiet_since = loop.time()
+                    yield KEEPALIVE
             self.ended = True
         finally:
             self.close()
