@@ -26,14 +26,17 @@ def llama_quantize(
     overrides: dict[str, GGMLQuantizationType] | None = None,
     imatrix: dict[str, np.ndarray] | None = None,
     threads: int = 1,
+    whole_mix: bool = False,
 ) -> Path:
     """``llama_model_quantize`` of ``source`` to ``ftype``; ``overrides``: name regex -> type;
-    ``imatrix``: tensor name -> importance (n_expert * cols,) float32."""
+    ``imatrix``: tensor name -> importance (n_expert * cols,) float32. Unless ``whole_mix``, the
+    token embedding and output head (large, and not what tests compare) are left as they are."""
     params = llama_cpp.llama_model_quantize_default_params()
     params.nthread = threads
     params.ftype = ftype
-    params.token_embedding_type = gguf.GGMLQuantizationType.F16  # leave the big vocabulary tables alone
-    params.quantize_output_tensor = False
+    if not whole_mix:
+        params.token_embedding_type = gguf.GGMLQuantizationType.F16
+        params.quantize_output_tensor = False
     keep = []  # the ctypes buffers must outlive the call
     if overrides:
         table = (llama_cpp.llama_model_tensor_override * (len(overrides) + 1))()

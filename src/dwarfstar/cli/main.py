@@ -17,6 +17,7 @@ COMMANDS = (
     "logprobs",
     "perplexity",
     "convert",
+    "quantize",
     "render",
     "parse",
     "download",

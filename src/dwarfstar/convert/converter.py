@@ -70,10 +70,17 @@ class Conversion:
 
 
 @dataclass(frozen=True)
-class _Planned:
+class PlannedTensor:
+    """A GGUF tensor to write and where its values come from."""
+
     spec: TensorSpec
-    parts: Callable[[], Iterator[np.ndarray]]  # the stored bytes, in consecutive pieces
+    values: Callable[[], Iterator[np.ndarray]]  # float32 (int32 for the hash table), a matrix at a time
     sources: tuple[str, ...]  # official names read
+
+
+def encode(values: np.ndarray, kind: T) -> np.ndarray:
+    """Values from a plan in their stored form: the hash table as int32, the rest quantized."""
+    return values.astype(np.int32) if kind == T.I32 else quantize(values, kind)
 
 
 def convert_checkpoint(
@@ -113,11 +120,11 @@ def convert_checkpoint(
         tokenizer = gguf_tokenizer_metadata(tokenizer_json, vocab_size=config.model.vocab_size)
         metadata = gguf_metadata(config, name or directory.resolve().name, kind, tokenizer)
         with Checkpoint(directory, config.fp8_block) as checkpoint:
-            plan = plan_tensors(config, checkpoint, kind)
-            skipped = _leftovers(checkpoint, plan)
+            plan = plan_tensors(config, checkpoint, lambda name, shape: stored_kind(name, shape, kind))
+            skipped = leftovers(checkpoint, plan)
             with GGUFFileWriter(partial, metadata, [p.spec for p in plan]) as writer:
                 for item in tqdm(plan, desc=out.name, unit="tensor", disable=not progress):
-                    writer.write_tensor(item.spec.name, item.parts())
+                    writer.write_tensor(item.spec.name, (encode(v, item.spec.kind) for v in item.values()))
         partial.replace(out)
     except (CheckpointConfigError, CheckpointError) as err:
         raise ConvertError(str(err)) from None
@@ -157,13 +164,18 @@ def stored_kind(gguf_name: str, shape: tuple[int, ...], matrix_kind: T) -> T:
     return {"table": T.I32, "vector": T.F32, "matrix": matrix_kind}[tensor_role(gguf_name, len(shape))]
 
 
-def plan_tensors(config: CheckpointConfig, checkpoint: Checkpoint, matrix_kind: T) -> list[_Planned]:
-    """The GGUF tensors in file order, each with where its values come from; shapes checked."""
+def plan_tensors(
+    config: CheckpointConfig, checkpoint: Checkpoint, kind_of: Callable[[str, tuple[int, ...]], T]
+) -> list[PlannedTensor]:
+    """The GGUF tensors in file order, each with where its values come from; shapes checked.
+
+    ``kind_of(gguf_name, shape)`` is the stored kind of each tensor."""
     model = config.model
     plan = []
     shapes = global_shapes(model)
     for t in GLOBAL_TENSORS:
-        plan.append(_single(checkpoint, t.gguf, t.official, shapes[t.gguf], matrix_kind, model.n_expert))
+        kind = kind_of(t.gguf, shapes[t.gguf])
+        plan.append(_single(checkpoint, t.gguf, t.official, shapes[t.gguf], kind, model.n_expert))
     for layer in range(model.n_layer):
         shapes = layer_shapes(model, layer)
         prefix = layer_prefix(layer)
@@ -171,11 +183,12 @@ def plan_tensors(config: CheckpointConfig, checkpoint: Checkpoint, matrix_kind: 
             if t.gguf not in shapes:
                 continue
             shape, gguf_name = shapes[t.gguf], prefix + t.gguf
+            kind = kind_of(gguf_name, shape)
             if t.gguf in EXPERT_TENSORS:
-                plan.append(_experts(checkpoint, gguf_name, layer, t.gguf, t.official, shape, matrix_kind))
+                plan.append(_experts(checkpoint, gguf_name, layer, t.gguf, t.official, shape, kind))
             else:
                 official = f"layers.{layer}.{t.official}"
-                plan.append(_single(checkpoint, gguf_name, official, shape, matrix_kind, model.n_expert))
+                plan.append(_single(checkpoint, gguf_name, official, shape, kind, model.n_expert))
     return plan
 
 
@@ -184,22 +197,18 @@ def _single(
     gguf_name: str,
     official: str,
     shape: tuple[int, ...],
-    matrix_kind: T,
+    kind: T,
     n_expert: int,
-) -> _Planned:
+) -> PlannedTensor:
     _check_shape(checkpoint, official, gguf_name, shape)
-    kind = stored_kind(gguf_name, shape, matrix_kind)
 
-    def parts() -> Iterator[np.ndarray]:
-        values = checkpoint.read(official)
-        if kind == T.I32:
-            if values.numel() and not (int(values.min()) >= 0 and int(values.max()) < n_expert):
-                raise CheckpointError(f"{official} holds expert ids outside 0..{n_expert - 1}")
-            yield values.numpy().astype(np.int32)
-        else:
-            yield quantize(values.numpy(), kind)
+    def values() -> Iterator[np.ndarray]:
+        read = checkpoint.read(official)
+        if kind == T.I32 and read.numel() and not (int(read.min()) >= 0 and int(read.max()) < n_expert):
+            raise CheckpointError(f"{official} holds expert ids outside 0..{n_expert - 1}")
+        yield read.numpy()
 
-    return _Planned(TensorSpec(gguf_name, kind, shape), parts, (official,))
+    return PlannedTensor(TensorSpec(gguf_name, kind, shape), values, (official,))
 
 
 def _experts(
@@ -210,7 +219,7 @@ def _experts(
     official: str,
     shape: tuple[int, ...],
     kind: T,
-) -> _Planned:
+) -> PlannedTensor:
     """A stacked (E, rows, cols) expert tensor: from E official tensors, or transformers' stacked one."""
     n_expert, rows = shape[0], shape[1]
     per_expert = [f"layers.{layer}.{official.format(e=e)}" for e in range(n_expert)]
@@ -221,11 +230,11 @@ def _experts(
         for name in per_expert:
             _check_shape(checkpoint, name, gguf_name, shape[1:])
 
-        def parts() -> Iterator[np.ndarray]:
+        def values() -> Iterator[np.ndarray]:
             for name in per_expert:
-                yield quantize(checkpoint.read(name).numpy(), kind)
+                yield checkpoint.read(name).numpy()
 
-        return _Planned(spec, parts, tuple(per_expert))
+        return PlannedTensor(spec, values, tuple(per_expert))
     if stacked not in checkpoint:
         raise CheckpointError(
             f"{checkpoint.directory}: no tensor {per_expert[0]!r} (nor transformers' {stacked!r}) "
@@ -234,14 +243,14 @@ def _experts(
     full = shape if half is None else (n_expert, 2 * rows, shape[2])
     _check_shape(checkpoint, stacked, gguf_name, full)
 
-    def stacked_parts() -> Iterator[np.ndarray]:
+    def stacked_values() -> Iterator[np.ndarray]:
         for e in range(n_expert):
             values = checkpoint.read(stacked, index=e)
             if half is not None:
                 values = values[half * rows : (half + 1) * rows]
-            yield quantize(values.numpy(), kind)
+            yield values.numpy()
 
-    return _Planned(spec, stacked_parts, (stacked,))
+    return PlannedTensor(spec, stacked_values, (stacked,))
 
 
 def _check_shape(checkpoint: Checkpoint, official: str, gguf_name: str, shape: tuple[int, ...]) -> None:
@@ -255,7 +264,7 @@ def _check_shape(checkpoint: Checkpoint, official: str, gguf_name: str, shape: t
         )
 
 
-def _leftovers(checkpoint: Checkpoint, plan: list[_Planned]) -> list[str]:
+def leftovers(checkpoint: Checkpoint, plan: list[PlannedTensor]) -> list[str]:
     """The MTP tensors, which are skipped; any other tensor not converted is an error."""
     used = {name for item in plan for name in item.sources}
     used |= {scale_name(name) for name in used}
