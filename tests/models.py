@@ -516,3 +516,60 @@ def split_gguf(source: Path, directory: Path, shards: int) -> list[Path]:
     paths = sorted(directory.glob(f"{source.stem}-*-of-*.gguf"))
     assert len(paths) == shards
     return paths
+
+
+def truncate_vocabulary(source: Path, out: Path, n_vocab: int) -> Path:
+    """``source`` with only its first ``n_vocab`` tokens: token list, the merges among them, and the
+    vocabulary-sized tensors (embedding, output, hash table) cut to match. llama.cpp loads it; the
+    small vocabulary makes quantizing and running a model with wide (256) rows quick."""
+    from dwarfstar.gguf.names import key
+    from dwarfstar.gguf.shards import GGUFModel
+    from dwarfstar.gguf.writer import GGUFFileWriter, TensorSpec
+
+    model = GGUFModel(source)
+    metadata = dict(model.metadata)
+    tokens = metadata["tokenizer.ggml.tokens"][:n_vocab]
+    known = set(tokens)
+    metadata["tokenizer.ggml.tokens"] = tokens
+    metadata["tokenizer.ggml.token_type"] = metadata["tokenizer.ggml.token_type"][:n_vocab]
+    metadata["tokenizer.ggml.merges"] = [
+        merge
+        for merge in metadata["tokenizer.ggml.merges"]
+        if merge.replace(" ", "") in known and all(part in known for part in merge.split(" "))
+    ]
+    metadata[key("vocab_size")] = n_vocab
+    tensors = []
+    for name, info in model.tensors.items():
+        cut = name in ("token_embd.weight", "output.weight") or name.endswith("tid2eid.weight")
+        tensors.append(
+            (
+                name,
+                info.kind,
+                (n_vocab, *info.shape[1:]) if cut else info.shape,
+                info.data[:n_vocab] if cut else info.data,
+            )
+        )
+    with GGUFFileWriter(out, metadata, [TensorSpec(*t[:3]) for t in tensors]) as writer:
+        for name, _, _, data in tensors:
+            writer.write_tensor(name, data)
+    return out
+
+
+def dequantized_twin(model):
+    """``model`` (a loaded ``dwarfstar`` Model) with every tensor dequantized to F32, in memory."""
+    from gguf import GGMLQuantizationType
+
+    from dwarfstar import quant
+    from dwarfstar.gguf.reader import TensorInfo
+    from dwarfstar.model.model import Model
+    from dwarfstar.model.weights import bind
+    from dwarfstar.quant.tensor import QTensor
+
+    tensors = {}
+    for name, info in model.file.tensors.items():
+        if info.kind == GGMLQuantizationType.I32:
+            tensors[name] = info
+            continue
+        values = quant.dequantize(QTensor.from_numpy(info.kind, info.shape, info.data)).numpy()
+        tensors[name] = TensorInfo(name, GGMLQuantizationType.F32, info.shape, values)
+    return Model(bind(model.config, tensors), quant_sim=model.quant_sim)

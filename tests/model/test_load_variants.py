@@ -11,16 +11,14 @@ import pytest
 import torch
 from gguf import GGML_QUANT_SIZES
 from gguf import GGMLQuantizationType as T
+from models import dequantized_twin
 
-from dwarfstar import quant
 from dwarfstar.gguf.names import key, tensor_role
-from dwarfstar.gguf.reader import GGUFFile, TensorInfo
+from dwarfstar.gguf.reader import GGUFFile
 from dwarfstar.gguf.writer import GGUFFileWriter
 from dwarfstar.model.config import load_config
 from dwarfstar.model.model import Model
-from dwarfstar.model.weights import bind
 from dwarfstar.quant.formats import BLOCK_DECODERS
-from dwarfstar.quant.tensor import QTensor
 from dwarfstar.synthetic.models import (
     DEMO_CONFIG,
     random_values,
@@ -55,18 +53,6 @@ def rotating_policy():
         return kind
 
     return policy, chosen
-
-
-def dequantized_twin(model: Model) -> Model:
-    """The same model with every tensor dequantized to F32 in memory."""
-    tensors = {}
-    for name, info in model.file.tensors.items():
-        if info.kind == T.I32:
-            tensors[name] = info
-            continue
-        values = quant.dequantize(QTensor.from_numpy(info.kind, info.shape, info.data)).numpy()
-        tensors[name] = TensorInfo(name, T.F32, info.shape, values)
-    return Model(bind(model.config, tensors), quant_sim=False)
 
 
 def logits(model: Model) -> torch.Tensor:
