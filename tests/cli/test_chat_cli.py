@@ -12,6 +12,7 @@ import pytest
 from models import tiny_hf_config
 
 from dwarfstar.chat.conversation import Conversation
+from dwarfstar.chat.render import THINK_MAX_PREFIX
 from dwarfstar.cli.main import main
 from dwarfstar.engine import Engine, SamplingParams
 from dwarfstar.engine.events import ContentDelta
@@ -52,7 +53,7 @@ def test_one_shot_piped_prints_the_answer_only_and_a_seed_repeats(model_path):
 
 def test_piped_chat_extends_the_session_each_turn(model_path, tmp_path):
     (tmp_path / "note.txt").write_text("Rivers: Tiber, Po, Arno.", encoding="utf-8")
-    script = "Hello\n/read note.txt\n/think\nWhy?\n/quit\nnever sent\n"
+    script = "Hello\n/read note.txt\n/think-max\nWhy?\n/quit\nnever sent\n"
     result = ds4("-m", model_path, "--nothink", "-n", "4", "--seed", "3", stdin=script, cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     turns = stats(result.stderr)
@@ -62,8 +63,11 @@ def test_piped_chat_extends_the_session_each_turn(model_path, tmp_path):
     assert r2 == p1 + g1 - 1  # everything held (the last sampled token is fed by the next prompt)
     file_tokens = Tokenizer.from_gguf(model_path).encode("Rivers: Tiber, Po, Arno.")
     assert p2 - r2 > len(file_tokens)  # the file's text was sent, with the turn's markup
-    assert "read note.txt: 24 characters" in result.stderr and "thinking on" in result.stderr
-    assert r3 == 0 < p3  # /think changes the rendered history: read again from the start
+    assert "read note.txt: 24 characters" in result.stderr
+    assert "Think Max needs a context of at least 393216 tokens (-c); thinking normally\nthinking on\n" in (
+        result.stderr
+    )
+    assert r3 == 0 < p3  # thinking changes the rendered history: read again from the start
     assert not ANSI.search(result.stdout + result.stderr)
 
 
@@ -175,3 +179,14 @@ def test_conflicting_options_are_refused(capsys):
         main(["-p", "a", "--prompt-file", "b"])
     assert exit_.value.code == 2
     assert "not allowed with argument" in capsys.readouterr().err
+
+
+def test_think_max_adds_its_prefix_when_the_context_allows(model_path, capsys):
+    def prompt_tokens(*args: str) -> int:
+        assert main(["-m", model_path, "-p", "hi", "-n", "1", "--seed", "1", *args]) == 0
+        return stats(capsys.readouterr().err)[0][0]
+
+    normal = prompt_tokens("--think")
+    prefix = Tokenizer.from_gguf(model_path).encode(THINK_MAX_PREFIX)
+    assert prompt_tokens("--think-max", "-c", "393216") == normal + len(prefix)
+    assert prompt_tokens("--think-max") == normal  # below 393216 tokens: normal thinking, with a note

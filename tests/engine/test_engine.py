@@ -26,7 +26,7 @@ from dwarfstar.engine.events import (
     ToolCallArgumentsDelta,
     ToolCallStart,
 )
-from dwarfstar.engine.sampling import Sampler
+from dwarfstar.engine.sampling import ScriptedSampler
 
 GREEDY = SamplingParams(temperature=0)
 
@@ -45,17 +45,6 @@ def shared(model_path):
 def engine(shared):
     """A fresh engine (empty pool) over the module's loaded model."""
     return Engine(shared.model, shared.tokenizer)
-
-
-class ScriptedSampler(Sampler):
-    """Picks the scripted token ids first, then the argmax: makes a random model say what a test needs."""
-
-    def __init__(self, script: list[int], params: SamplingParams = GREEDY) -> None:
-        super().__init__(params)
-        self.script = list(script)
-
-    def sample(self, logits: torch.Tensor, greedy: bool = False) -> int:
-        return self.script.pop(0) if self.script else super().sample(logits, greedy=True)
 
 
 def run(generation) -> tuple[list, Finished]:
@@ -144,8 +133,8 @@ def test_eos_ends_the_answer_and_is_never_fed(engine):
     tok = engine.tokenizer
     answer = tok.encode("Hi there")
     chat = Chat(engine, thinking="nothink")
-    first = chat.send("Say hi.")
-    events, done = run(_scripted(chat, first, answer + [tok.eos_id, 5, 6]))
+    first = chat.send("Say hi.", sampler=ScriptedSampler(answer + [tok.eos_id, 5, 6], end_id=7))
+    events, done = run(chat.reply(first))
     assert done.reason == "stop" and done.usage.generated_tokens == len(answer) + 1
     assert sampled_ids(events) == answer  # EOS is not a token event
     assert done.message["content"] == "Hi there"
@@ -154,12 +143,6 @@ def test_eos_ends_the_answer_and_is_never_fed(engine):
     second = chat.send("Again.", GREEDY)
     assert second.reused_tokens == len(chat.session.tokens)
     assert second.plan.tokens[second.reused_tokens] == tok.eos_id  # the next turn brings EOS itself
-
-
-def _scripted(chat: Chat, generation, script: list[int]):
-    generation.sampler = ScriptedSampler(script)
-    generation.sampling = generation.sampler.params
-    return chat.reply(generation)
 
 
 def test_a_tool_call_streams_stops_at_its_close_and_the_next_request_reuses_it(engine):
@@ -174,7 +157,7 @@ def test_a_tool_call_streams_stops_at_its_close_and_the_next_request_reuses_it(e
     )
     script = tok.encode(completion) + tok.encode("never sampled")
     conversation = Conversation(messages, thinking_mode="chat")
-    generation = engine.generate(conversation, sampler=ScriptedSampler(script))
+    generation = engine.generate(conversation, sampler=ScriptedSampler(script, end_id=tok.eos_id))
     events, done = run(generation)
     assert done.reason == "tool_calls" and done.text == completion
     starts = [e for e in events if isinstance(e, ToolCallStart)]
@@ -273,13 +256,14 @@ def test_the_context_bounds_the_prompt_and_the_answer(shared):
 
 @pytest.mark.parametrize("mode", ["nothink", "think", "think-max"])
 def test_thinking_modes(engine, mode):
+    tok = engine.tokenizer
     chat = Chat(engine, thinking=mode)
-    generation = chat.send("Why is the sky blue?")
+    script = tok.encode(f"Rayleigh.{THINK_CLOSE}Scattering.")
+    generation = chat.send("Why is the sky blue?", sampler=ScriptedSampler(script, end_id=tok.eos_id))
     prompt = render(chat.conversation())
     assert prompt.endswith(THINK_CLOSE if mode == "nothink" else THINK_OPEN)
     assert (THINK_MAX_PREFIX in prompt) == (mode == "think-max")
-    script = engine.tokenizer.encode(f"Rayleigh.{THINK_CLOSE}Scattering.") + [engine.tokenizer.eos_id]
-    events, done = run(_scripted(chat, generation, script))
+    events, done = run(chat.reply(generation))
     reasoning = "".join(e.text for e in events if isinstance(e, ReasoningDelta))
     content = "".join(e.text for e in events if isinstance(e, ContentDelta))
     if mode == "nothink":  # no reasoning expected: a stray </think> in the content is dropped

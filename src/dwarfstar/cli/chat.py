@@ -32,6 +32,14 @@ GET_A_MODEL = (
 HISTORY_LENGTH = 512
 DIM, RESET = "\x1b[2m", "\x1b[0m"
 
+THINKING_NOTES = {
+    "think": "thinking on",
+    "think-max": "thinking on, maximum effort",
+    "nothink": "thinking off",
+}
+# DeepSeek asks for at least 384K tokens of context for Think Max; ds4 gates it the same way.
+THINK_MAX_MIN_CTX = 393216
+
 HELP = """\
 /help            this list
 /think           think before answering (the default)
@@ -103,7 +111,7 @@ def run(args: argparse.Namespace) -> int:
     prompt = _read_prompt_file(args.prompt_file) if args.prompt_file else args.prompt
     path = model_path(args)
     engine = Engine(open_model(path), open_tokenizer(path), ctx=args.ctx)
-    chat = Chat(engine, system=args.system or None, thinking=args.thinking)
+    chat = Chat(engine, system=args.system or None, thinking=_thinking(args.thinking, args.ctx))
     if prompt is not None:
         return _one_shot(chat, prompt, sampling)
     return _interactive(chat, sampling, path)
@@ -115,6 +123,13 @@ def _option_names(message: str) -> str:
     names |= {"max_tokens": "-n/--tokens", "seed": "--seed"}
     field = message.split(" ", 1)[0]
     return names.get(field, field) + message[len(field) :]
+
+
+def _thinking(choice: str, ctx: int) -> str:
+    if choice == "think-max" and ctx < THINK_MAX_MIN_CTX:
+        _note(f"Think Max needs a context of at least {THINK_MAX_MIN_CTX} tokens (-c); thinking normally")
+        return "think"
+    return choice
 
 
 def _read_prompt_file(path: Path) -> str:
@@ -188,12 +203,8 @@ def _command(chat: Chat, command: str, argument: str) -> str | None:
     if command == "/help":
         _note(HELP)
     elif command in ("/think", "/think-max", "/nothink"):
-        chat.thinking = command[1:]
-        _note(
-            {"think": "thinking on", "think-max": "thinking on, maximum effort", "nothink": "thinking off"}[
-                chat.thinking
-            ]
-        )
+        chat.thinking = _thinking(command[1:], chat.engine.ctx)
+        _note(THINKING_NOTES[chat.thinking])
     elif command == "/system":
         chat.system = argument or None
         _note(f"system prompt: {argument}" if argument else "system prompt cleared")

@@ -14,7 +14,7 @@ from typing import Literal
 from dwarfstar.chat.conversation import Conversation, Message
 from dwarfstar.engine.engine import Engine, Generation
 from dwarfstar.engine.events import Event, Finished
-from dwarfstar.engine.sampling import SamplingParams
+from dwarfstar.engine.sampling import Sampler, SamplingParams
 
 ThinkingChoice = Literal["nothink", "think", "think-max"]
 _MESSAGE_KEYS = ("role", "content", "reasoning_content", "tool_calls")
@@ -38,7 +38,9 @@ class Chat:
             drop_thinking=False,
         )
 
-    def send(self, text: str, sampling: SamplingParams | None = None) -> Generation:
+    def send(
+        self, text: str, sampling: SamplingParams | None = None, sampler: Sampler | None = None
+    ) -> Generation:
         """Plan the answer to a user message (raises ``ContextLengthError`` when it does not fit).
 
         Iterate ``reply(generation)`` to run it; the answer joins the transcript when it
@@ -47,7 +49,7 @@ class Chat:
         """
         user = {"role": "user", "content": text}
         generation = self.engine.generate(
-            self.conversation([*self.messages, user]), sampling, session=self.session
+            self.conversation([*self.messages, user]), sampling, session=self.session, sampler=sampler
         )
         self.messages.append(user)
         return generation
