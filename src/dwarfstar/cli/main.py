@@ -18,6 +18,7 @@ COMMANDS = (
     "perplexity",
     "convert",
     "quantize",
+    "imatrix",
     "render",
     "parse",
     "download",

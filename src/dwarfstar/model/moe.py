@@ -2,12 +2,30 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
+
 import torch
 import torch.nn.functional as F
 
 from dwarfstar import quant
 from dwarfstar.model.config import ModelConfig
 from dwarfstar.model.weights import MoE
+
+# Sees each MoE call's routed-expert inputs: (weights, x (T, D), experts (T, k), down input (T, k, ff)).
+ExpertObserver = Callable[[MoE, torch.Tensor, torch.Tensor, torch.Tensor], None]
+_observer: ContextVar[ExpertObserver | None] = ContextVar("expert_observer", default=None)
+
+
+@contextmanager
+def observing_experts(observer: ExpertObserver) -> Iterator[None]:
+    """Within the block, ``observer`` sees what every routed expert is fed (``ds4 imatrix``)."""
+    token = _observer.set(observer)
+    try:
+        yield
+    finally:
+        _observer.reset(token)
 
 
 def swiglu(gate: torch.Tensor, up: torch.Tensor, limit: float) -> torch.Tensor:
@@ -40,4 +58,7 @@ def moe(w: MoE, x: torch.Tensor, tokens: torch.Tensor, config: ModelConfig, limi
     gate = quant.expert_linear(x, w.gate, experts)  # (T, k, expert width)
     up = quant.expert_linear(x, w.up, experts)
     hidden = swiglu(gate, up, limit) * weights.unsqueeze(-1)
+    observer = _observer.get()
+    if observer is not None:
+        observer(w, x, experts, hidden)
     return shared + quant.expert_linear(hidden, w.down, experts).sum(dim=1)
