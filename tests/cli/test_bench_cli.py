@@ -11,6 +11,7 @@ import pytest
 import torch
 from models import tiny_hf_config
 from PIL import Image
+from terminal import run_with_terminal_stderr
 
 from dwarfstar.cli.bench import COLUMNS, frontiers
 from dwarfstar.model.model import Model
@@ -85,3 +86,12 @@ def test_csv_goes_to_stdout_by_default(model_path):
 def test_bad_settings_are_clear_errors(model_path, tmp_path, args, message):
     result = ds4("bench", "-m", str(model_path), *args, cwd=tmp_path)
     assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr
+
+
+def test_progress_shows_on_a_terminal(model_path, tmp_path):
+    status, stdout, terminal = run_with_terminal_stderr(
+        [sys.executable, "-c", CODE, "bench", "-m", str(model_path), "--ctx-start", "4", "--ctx-max", "4",
+         "--gen-tokens", "1", "--csv", str(tmp_path / "b.csv")]
+    )  # fmt: skip
+    assert status == 0, terminal
+    assert "bench: 100%" in terminal and "5/5" in terminal

@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from hub import Hub
+from terminal import run_with_terminal_stderr
 
 from dwarfstar.cli.download import FILES, REPO
 
@@ -63,6 +64,15 @@ def test_downloads_the_file_and_links_the_default_model(hub, tmp_path):
     again = ds4_download(hub, tmp_path, "q2-imatrix")
     assert again.returncode == 0 and "already complete" in again.stderr
     assert len(hub.file_requests()) == 1  # nothing fetched the second time
+
+
+def test_progress_shows_on_a_terminal(hub, tmp_path):
+    hub.add(REPO, FILES["mtp"], content(200_000))
+    status, _, terminal = run_with_terminal_stderr(
+        [sys.executable, "-c", CODE, "download", "mtp"], cwd=tmp_path, env=environment(hub, tmp_path)
+    )
+    assert status == 0, terminal
+    assert FILES["mtp"][:20] in terminal and "100%" in terminal
 
 
 def test_a_run_interrupted_mid_file_resumes_in_the_next_run(hub, tmp_path):
