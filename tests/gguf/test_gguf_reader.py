@@ -196,7 +196,13 @@ def test_load_config_reads_a_deepseek4_file(tmp_path: Path) -> None:
     # floats exact in float32, the type they are stored with
     eps = 2.0**-20
     config = ModelConfig(
-        n_layer=2, dim=64, hc_eps=eps, rms_eps=eps, compress_ratios=(0, 4), swiglu_limit=(10.0, 7.0)
+        n_layer=2,
+        n_hash_layer=1,  # no more hash-routed layers than layers
+        dim=64,
+        hc_eps=eps,
+        rms_eps=eps,
+        compress_ratios=(0, 4),
+        swiglu_limit=(10.0, 7.0),
     )
     path = write_sample(tmp_path / "m.gguf", config.to_metadata())
     assert load_config(path) == config

@@ -13,9 +13,11 @@ from __future__ import annotations
 
 import collections
 import ctypes
+import json
 import logging
 from pathlib import Path
 
+import gguf
 import llama_cpp
 import numpy as np
 import pytest
@@ -23,8 +25,10 @@ import torch
 from gguf import GGMLQuantizationType as T
 from models import dequantized_twin, split_gguf, tiny_hf_config, truncate_vocabulary
 
+from dwarfstar.cli.main import main
 from dwarfstar.gguf.shards import GGUFModel
 from dwarfstar.model.model import Model
+from dwarfstar.quant import cpu
 
 # Every matrix row a whole number of 256-value blocks, so that the K and IQ formats apply (llama.cpp
 # falls back to other formats for rows that are not); head and indexer dims powers of two for its
@@ -172,3 +176,69 @@ def test_split_into_three_shards_computes_as_the_single_file(f32_model: Path, tm
             model.prefill(torch.tensor(TOKENS), model.new_session()), expected, rtol=0, atol=0
         )
     np.testing.assert_array_equal(llama_cpp_logits(shards[0]), llama_cpp_logits(single))
+
+
+def run_info(capsys, *args: str) -> tuple[int, str, str]:
+    status = main(["info", *args])
+    captured = capsys.readouterr()
+    return status, captured.out, captured.err
+
+
+@pytest.mark.parametrize("recipe", ["Q4_K_M", "mixed"])
+def test_ds4_info(f32_model: Path, recipe: str, capsys) -> None:
+    """Formats, bytes and bytes per token as gguf-py's reader sees the file."""
+    path = quantized(f32_model, recipe)
+    status, out, _ = run_info(capsys, str(path), "--json")
+    assert status == 0
+    report = json.loads(out)
+    tensors = gguf.GGUFReader(path).tensors
+    histogram = collections.defaultdict(lambda: {"tensors": 0, "bytes": 0})
+    per_token = 0
+    for tensor in tensors:
+        histogram[tensor.tensor_type.name]["tensors"] += 1
+        histogram[tensor.tensor_type.name]["bytes"] += int(tensor.n_bytes)
+        rows = int(tensor.shape[-1])  # gguf-py's shape is GGUF's (ne0, ne1, ...)
+        if tensor.name in (
+            "token_embd.weight",
+            "blk.0.ffn_gate_tid2eid.weight",
+            "blk.1.ffn_gate_tid2eid.weight",
+        ):
+            per_token += int(tensor.n_bytes) // rows
+        elif "_exps." in tensor.name:
+            per_token += int(tensor.n_bytes) * 2 // 8  # 2 of 8 experts
+        else:
+            per_token += int(tensor.n_bytes)
+    assert report["formats"] == dict(histogram)
+    assert report["bytes_per_token"] == per_token
+    assert (report["layers"], report["experts"], report["vocabulary"], report["shards"]) == (
+        4,
+        8,
+        N_VOCAB,
+        [str(path)],
+    )
+    compiled = {kind.name for kind in cpu.kinds()}  # the compiled kernels, when built
+    assert set(report["reference_path"]).isdisjoint(compiled)
+    if recipe == "Q4_K_M":  # Q4_K matrices, Q6_K ones (the output), Q5_0 only for position biases
+        assert set(report["reference_path"]) == {"Q4_K", "Q6_K"} - compiled
+    else:
+        assert {"IQ3_S", "TQ2_0", "MXFP4"} <= set(report["reference_path"])
+
+    status, text, _ = run_info(capsys, str(path))
+    assert status == 0 and "per token" in text and "kernels" in text
+    assert all(kind in text for kind in histogram)
+
+
+def test_ds4_info_on_shards(f32_model: Path, tmp_path: Path, capsys) -> None:
+    single = quantized(f32_model, "Q4_K_M")
+    shards = split_gguf(single, tmp_path, 3)
+    whole = json.loads(run_info(capsys, str(single), "--json")[1])
+    split = json.loads(run_info(capsys, str(shards[1]), "--json")[1])
+    assert split["shards"] == [str(p) for p in shards]
+    assert {k: v["tensors"] for k, v in split["formats"].items()} == {
+        k: v["tensors"] for k, v in whole["formats"].items()
+    }
+    assert split["bytes_per_token"] == whole["bytes_per_token"]
+    assert "shards        3: " in run_info(capsys, str(shards[2]))[1]
+    shards[2].unlink()
+    status, _, err = run_info(capsys, str(shards[0]))
+    assert status == 2 and "missing" in err and shards[2].name in err and "Traceback" not in err

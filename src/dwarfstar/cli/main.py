@@ -22,6 +22,7 @@ COMMANDS = (
     "render",
     "parse",
     "download",
+    "info",
     "bench",
     "serve",
 )
