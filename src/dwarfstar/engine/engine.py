@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Generator, Iterator, Sequence
 from pathlib import Path
 
 import torch
@@ -222,39 +222,47 @@ class Generation:
         return logits
 
     def _run(self) -> Iterator[Event]:
-        engine, session, plan = self.engine, self.session, self.plan
-        tokenizer = engine.tokenizer
+        start = time.perf_counter()
+        if not (yield from self._prefill()):
+            yield self._finish("cancelled", [], "", None, start, prefilled=time.perf_counter())
+            return
+        yield from self._decode(start, prefilled=time.perf_counter())
+
+    def _prefill(self) -> Generator[Event, None, bool]:
+        """Bring the session to the prompt, chunk by chunk; False when cancelled on the way."""
+        session, plan, chunk = self.session, self.plan, self.engine.prefill_chunk
         if plan.source == "checkpoint":
             session.restore_checkpoint()
         elif plan.source == "empty":
             session.reset()
-
-        start = time.perf_counter()
         todo = plan.tokens[plan.reused :]
-        for done in range(0, len(todo), engine.prefill_chunk):
-            if self.cancelled:
-                session.text = None
-                yield self._finish("cancelled", [], "", None, start, time.perf_counter())
-                return
-            chunk = todo[done : done + engine.prefill_chunk]
+        if todo:
             session.text = None  # a partial prompt: its text is not tracked
-            self._forward(chunk)
-            yield PrefillProgress(done + len(chunk), len(todo))
+        for done in range(0, len(todo), chunk):
+            if self.cancelled:
+                return False
+            self._forward(todo[done : done + chunk])
+            yield PrefillProgress(min(done + chunk, len(todo)), len(todo))
         session.text = self.text
-        checkpoint = session.checkpoint
-        if checkpoint is None or checkpoint.tokens != session.tokens:
+        if session.checkpoint is None or session.checkpoint.tokens != session.tokens:
             session.save_checkpoint()
-        prefilled = time.perf_counter()
+        return True
 
+    def _decode(self, start: float, prefilled: float) -> Iterator[Event]:
+        """Sample until EOS, a stop string, a closed tool-calls block, the budget or a cancel.
+
+        The last sampled token is fed only if another one follows, and EOS never: the next
+        prompt brings them, so it extends the session exactly.
+        """
+        session, plan, params = self.session, self.plan, self.sampling
+        tokenizer = self.engine.tokenizer
         logits = session.logits
         assert logits is not None
-        thinking = (self.text or tokenizer.decode(plan.tokens[-1:])).endswith(THINK_OPEN)
-        parser = OutputParser(thinking)
+        parser = OutputParser(thinking=(self.text or tokenizer.decode(plan.tokens[-1:])).endswith(THINK_OPEN))
         decoder = StreamDecoder(tokenizer)
-        stops = StopMatcher(self.sampling.stop)
-        room = engine.ctx - len(plan.tokens)
-        budget = room if self.sampling.max_tokens is None else min(room, self.sampling.max_tokens)
-        greedy_dsml = self.sampling.greedy_dsml
+        stops = StopMatcher(params.stop)
+        room = self.engine.ctx - len(plan.tokens)
+        budget = room if params.max_tokens is None else min(room, params.max_tokens)
         sampled: list[int] = []
         pieces: list[str] = []
         reason: FinishReason = "length"
@@ -262,7 +270,7 @@ class Generation:
             if self.cancelled:
                 reason = "cancelled"
                 break
-            token = self.sampler.sample(logits, greedy=greedy_dsml and parser.in_structure)
+            token = self.sampler.sample(logits, greedy=params.greedy_dsml and parser.in_structure)
             sampled.append(token)
             if token == tokenizer.eos_id:
                 reason = "stop"
@@ -271,17 +279,13 @@ class Generation:
             pieces.append(piece)
             yield TokenSampled(token, piece)
             yield from parser.feed(stops.push(piece))
-            if stops.stopped:
-                reason = "stop"
-                break
-            if parser.tool_calls_closed:
-                reason = "tool_calls"
+            if stops.stopped or parser.tool_calls_closed:
+                reason = "stop" if stops.stopped else "tool_calls"
                 break
             if len(sampled) < budget:
                 logits = self._forward([token])
-        tail = decoder.flush()
-        pieces.append(tail)
-        yield from parser.feed(stops.push(tail) + stops.flush())
+        pieces.append(decoder.flush())
+        yield from parser.feed(stops.push(pieces[-1]) + stops.flush())
         *events, done = parser.finish()
         yield from events
         assert isinstance(done, Done)
@@ -305,11 +309,9 @@ class Generation:
         text: str,
         message: dict | None,
         start: float,
-        prefilled: float | None,
+        prefilled: float,
     ) -> Finished:
         end = time.perf_counter()
-        if prefilled is None:
-            prefilled = end
         if message is None:
             message = {"role": "assistant", "content": "", "reasoning_content": "", "tool_calls": []}
         elif reason == "stop" and message["tool_calls"]:
