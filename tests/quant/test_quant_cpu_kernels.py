@@ -92,10 +92,12 @@ def test_linear_takes_non_contiguous_inputs_and_leading_dims(kind):
 
 @pytest.mark.parametrize("kind", COMPILED, ids=lambda kind: kind.name)
 @pytest.mark.parametrize("shared", [True, False], ids=["shared-rows", "row-per-slot"])
-def test_expert_linear_agrees_with_dequantize_then_matmul(kind, shared, isa, threads):
-    """Rows routed to repeated and distinct experts of a stack, with experts nobody uses."""
+@pytest.mark.parametrize("n", [7, 40], ids=lambda n: f"{n}rows")
+def test_expert_linear_agrees_with_dequantize_then_matmul(kind, shared, n, isa, threads):
+    """Rows routed to repeated and distinct experts of a stack, with experts nobody uses; with
+    40 rows some experts get enough of them for the banded GEMM."""
     generator = np.random.default_rng(11)
-    cols, experts, k, n = cols_for(kind), 6, 3, 7
+    cols, experts, k = cols_for(kind), 6, 3
     w = random_qtensor(kind, (experts, 13, cols), generator)
     ids = torch.from_numpy(generator.integers(0, experts - 1, size=(n, k)))  # the last expert unused
     ids[0] = torch.tensor([2, 2, 0])

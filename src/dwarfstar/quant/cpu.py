@@ -15,6 +15,7 @@ import warnings
 import torch
 from gguf import GGMLQuantizationType
 
+from . import formats
 from .ops import EXPERT_KERNELS, LINEAR_KERNELS
 from .tensor import QTensor
 
@@ -39,8 +40,15 @@ def kinds() -> tuple[GGMLQuantizationType, ...]:
     return () if _cpu is None else tuple(GGMLQuantizationType(kind) for kind in _cpu.kinds())
 
 
+GEMM_ROWS = 8
+"""From this many input rows per matrix on, decoding a band of rows at a time (in C) and
+multiplying it with torch's float32 GEMM beats the direct kernels (docs/benchmarks.md)."""
+
+
 def linear(x: torch.Tensor, w: QTensor) -> torch.Tensor:
     """x (n, cols) @ W.T for one matrix W (rows, cols)."""
+    if x.shape[0] >= GEMM_ROWS:
+        return _banded_gemm(x, w)
     rows, cols = w.shape
     x = x.contiguous()
     out = x.new_empty(x.shape[0], rows)
@@ -53,7 +61,30 @@ def linear(x: torch.Tensor, w: QTensor) -> torch.Tensor:
 
 
 def expert_linear(x: torch.Tensor, w: QTensor, ids: torch.Tensor) -> torch.Tensor:
-    """x (n, cols) through experts ids (n, k) of W (experts, rows, cols): (n, k, rows)."""
+    """x (n, cols) through experts ids (n, k) of W (experts, rows, cols): (n, k, rows).
+
+    Experts with at least GEMM_ROWS rows (long prompts) take the banded GEMM, one call each;
+    all the other (row, expert) pairs go through the direct kernel in one call.
+    """
+    if ids.numel() < GEMM_ROWS:
+        return _direct_expert_linear(x, w, ids)
+    n, k = ids.shape
+    flat = ids.flatten()
+    counts = torch.bincount(flat, minlength=w.shape[0])
+    if int(counts.max()) < GEMM_ROWS:
+        return _direct_expert_linear(x, w, ids)
+    out = x.new_empty(n * k, w.shape[1])
+    busy = counts >= GEMM_ROWS
+    for expert in busy.nonzero().flatten().tolist():
+        pairs = (flat == expert).nonzero().flatten()
+        out[pairs] = _banded_gemm(x[pairs // k], w[expert])
+    rest = (~busy[flat]).nonzero().flatten()
+    if len(rest):
+        out[rest] = _direct_expert_linear(x[rest // k], w, flat[rest, None])[:, 0]
+    return out.view(n, k, -1)
+
+
+def _direct_expert_linear(x: torch.Tensor, w: QTensor, ids: torch.Tensor) -> torch.Tensor:
     experts, rows, cols = w.shape
     x, ids = x.contiguous(), ids.contiguous()
     n, k = ids.shape
@@ -64,6 +95,25 @@ def expert_linear(x: torch.Tensor, w: QTensor, ids: torch.Tensor) -> torch.Tenso
         x.data_ptr(), n, cols, ids.data_ptr(), k, experts, out.data_ptr(), torch.get_num_threads(),
     )  # fmt: skip
     return out
+
+
+def _banded_gemm(x: torch.Tensor, w: QTensor) -> torch.Tensor:
+    """x (n, cols) @ W.T: a band of W's rows at a time decoded into a buffer that stays in
+    cache, then one float32 GEMM per band. The decoding (a small part of the work here) runs
+    on one thread: torch's own threads, still spinning after each GEMM, would slow a pool of
+    ours down more than it gains."""
+    rows, cols = w.shape
+    band = max(1, formats.BAND_VALUES // cols)
+    weights = x.new_empty(min(band, rows), cols)
+    out = x.new_empty(rows, x.shape[0])  # transposed: each band's results are contiguous
+    data = w.data
+    stride = _row_stride(data)
+    for start in range(0, rows, band):
+        stop = min(start + band, rows)
+        address = data.data_ptr() + start * stride
+        _cpu.decode(int(w.kind), address, stride, stop - start, cols, weights.data_ptr(), 1)
+        torch.mm(weights[: stop - start], x.T, out=out[start:stop])
+    return out.T.contiguous()
 
 
 def _row_stride(data: torch.Tensor) -> int:

@@ -708,6 +708,44 @@ done:
     Py_RETURN_NONE;
 }
 
+typedef struct {
+    DecodeFn decode;
+    const uint8_t *w;
+    int64_t row_stride, rows, cols, band;
+    float *out;
+} Decoding;
+
+static void decode_item(void *context, int64_t item) {
+    Decoding *d = context;
+    int64_t first = item * d->band, last = first + d->band < d->rows ? first + d->band : d->rows;
+    for (int64_t r = first; r < last; r++) d->decode(d->w + r * d->row_stride, d->out + r * d->cols, d->cols);
+}
+
+/* decode(kind, w, row_stride, rows, cols, out, threads): the float32 values of `rows` stored
+ * rows into out (rows, cols), for products with many input rows (then a float32 GEMM). */
+static PyObject *decode(PyObject *self, PyObject *args) {
+    (void)self;
+    int kind, threads;
+    unsigned long long w, out;
+    long long row_stride, rows, cols;
+    if (!PyArg_ParseTuple(args, "iKLLLKi", &kind, &w, &row_stride, &rows, &cols, &out, &threads)) return NULL;
+    const Format *format = find_format(kind);
+    if (format == NULL) return PyErr_Format(PyExc_ValueError, "no compiled kernel for GGML type %d", kind);
+    if (cols % format->block != 0)
+        return PyErr_Format(PyExc_ValueError, "%lld columns is not a whole number of blocks", cols);
+    int64_t band = (rows + 8 * threads - 1) / (8 * (int64_t)(threads > 0 ? threads : 1));
+    if (band < 1) band = 1;
+    Decoding d = {format->portable, (const uint8_t *)(uintptr_t)w, row_stride, rows, cols, band,
+                  (float *)(uintptr_t)out};
+#ifdef HAVE_X86
+    if (use_avx2) d.decode = format->avx2;
+#endif
+    Py_BEGIN_ALLOW_THREADS;
+    parallel_for(decode_item, &d, (rows + band - 1) / band, threads);
+    Py_END_ALLOW_THREADS;
+    Py_RETURN_NONE;
+}
+
 static PyObject *kinds(PyObject *self, PyObject *unused) {
     (void)self, (void)unused;
     PyObject *list = PyList_New(0);
@@ -745,6 +783,7 @@ static PyObject *set_isa(PyObject *self, PyObject *name) {
 
 static PyMethodDef methods[] = {
     {"matmul", matmul, METH_VARARGS, "Matrix product straight from stored blocks (see the source)."},
+    {"decode", decode, METH_VARARGS, "Stored rows to float32 (see the source)."},
     {"kinds", kinds, METH_NOARGS, "GGML type numbers with a compiled kernel."},
     {"isa", get_isa, METH_NOARGS, "The instruction set in use: 'avx2' or 'portable'."},
     {"set_isa", set_isa, METH_O, "Choose the instruction set ('avx2' or 'portable'), for tests."},
