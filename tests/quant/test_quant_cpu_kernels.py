@@ -23,7 +23,8 @@ except ImportError as error:  # fail, never skip: `make test` builds the extensi
     raise ImportError("the compiled kernels are not built: python setup.py build_ext --inplace") from error
 
 COMPILED = cpu.kinds()
-ISAS = ["portable"] + (["avx2"] if _cpu.isa() == "avx2" else [])
+ISAS = ["portable", "avx2", "avx512"]
+ISAS = ISAS[: ISAS.index(_cpu.isa()) + 1]  # every instruction set up to the best this CPU has
 
 
 @pytest.fixture(params=ISAS)

@@ -7,8 +7,8 @@
  * exactly as the reference decoders in formats.py (same float operations in the same order),
  * so the only difference from dequantize-then-matmul is the order of the float32 sums.
  *
- * Each format has a portable C decoder and an AVX2 one (x86-64, chosen at run time when the
- * CPU has AVX2, FMA and F16C). Work is spread over a small pool of threads, one item per band
+ * Each format has a portable C decoder and an AVX2 one, and fused products for AVX2 and
+ * AVX-512 (x86-64, chosen at run time from what the CPU has). Work is spread over a small pool of threads, one item per band
  * of output rows of one expert; the calling thread works too.
  */
 #define PY_SSIZE_T_CLEAN
@@ -437,6 +437,122 @@ AVX2 static float fused_bf16_avx2(const uint8_t *w, const float *x, const float 
     for (; i < cols; i++) total += bf16_to_float(w + 2 * i) * x[i];
     return total;
 }
+
+/* ---------------------------------------------------------------- AVX-512 fused products */
+
+/* The same fused products, sixteen values per operation (AVX-512F). */
+#define AVX512 __attribute__((target("avx512f,avx2,fma,f16c")))
+
+AVX512 static inline __m512 u8x16_to_float(__m128i bytes) {
+    return _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(bytes));
+}
+
+AVX512 static float fused_q8_0_avx512(const uint8_t *w, const float *x, const float *sum16, int64_t cols) {
+    (void)sum16;
+    __m512 acc = _mm512_setzero_ps();
+    for (int64_t b = 0; b < cols / 32; b++, w += 34, x += 32) {
+        __m512 low = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(w + 2))));
+        __m512 high = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(w + 18))));
+        __m512 sum = _mm512_fmadd_ps(high, _mm512_loadu_ps(x + 16), _mm512_mul_ps(low, _mm512_loadu_ps(x)));
+        acc = _mm512_fmadd_ps(sum, _mm512_set1_ps(half(w)), acc);
+    }
+    return _mm512_reduce_add_ps(acc);
+}
+
+AVX512 static float fused_q2_k_avx512(const uint8_t *w, const float *x, const float *sum16, int64_t cols) {
+    const __m256i mask = _mm256_set1_epi8(3);
+    float acc = 0.0f;
+    for (int64_t b = 0; b < cols / 256; b++, w += 84, x += 256, sum16 += 16) {
+        __m512 products = _mm512_setzero_ps();
+        for (int c = 0; c < 8; c++) {
+            __m256i bytes = _mm256_loadu_si256((const __m256i *)(w + 16 + 32 * (c / 4)));
+            __m256i codes = _mm256_and_si256(_mm256_srli_epi16(bytes, 2 * (c % 4)), mask);
+            __m512 low = _mm512_mul_ps(u8x16_to_float(_mm256_castsi256_si128(codes)), _mm512_loadu_ps(x + 32 * c));
+            __m512 high =
+                _mm512_mul_ps(u8x16_to_float(_mm256_extracti128_si256(codes, 1)), _mm512_loadu_ps(x + 32 * c + 16));
+            products = _mm512_fmadd_ps(low, _mm512_set1_ps((float)(w[2 * c] & 0xF)), products);
+            products = _mm512_fmadd_ps(high, _mm512_set1_ps((float)(w[2 * c + 1] & 0xF)), products);
+        }
+        float mins = 0.0f;
+        for (int g = 0; g < 16; g++) mins += (float)(w[g] >> 4) * sum16[g];
+        acc += half(w + 80) * _mm512_reduce_add_ps(products) - half(w + 82) * mins;
+    }
+    return acc;
+}
+
+AVX512 static float fused_q4_k_avx512(const uint8_t *w, const float *x, const float *sum16, int64_t cols) {
+    const __m256i mask = _mm256_set1_epi8(0xF);
+    float acc = 0.0f;
+    for (int64_t b = 0; b < cols / 256; b++, w += 144, x += 256, sum16 += 16) {
+        __m512 products = _mm512_setzero_ps();
+        float mins = 0.0f;
+        for (int g = 0; g < 8; g++) {
+            __m256i bytes = _mm256_loadu_si256((const __m256i *)(w + 16 + 32 * (g / 2)));
+            __m256i codes = _mm256_and_si256(_mm256_srli_epi16(bytes, 4 * (g % 2)), mask);
+            __m512 low = u8x16_to_float(_mm256_castsi256_si128(codes));
+            __m512 high = u8x16_to_float(_mm256_extracti128_si256(codes, 1));
+            __m512 sum = _mm512_fmadd_ps(high, _mm512_loadu_ps(x + 32 * g + 16),
+                                         _mm512_mul_ps(low, _mm512_loadu_ps(x + 32 * g)));
+            int scale, minimum;
+            q4_k_scale_min(w + 4, g, &scale, &minimum);
+            products = _mm512_fmadd_ps(sum, _mm512_set1_ps((float)scale), products);
+            mins += (float)minimum * (sum16[2 * g] + sum16[2 * g + 1]);
+        }
+        acc += half(w) * _mm512_reduce_add_ps(products) - half(w + 2) * mins;
+    }
+    return acc;
+}
+
+AVX512 static float fused_iq2_xxs_avx512(const uint8_t *w, const float *x, const float *sum16, int64_t cols) {
+    (void)sum16;
+    __m512 acc = _mm512_setzero_ps();
+    for (int64_t b = 0; b < cols / 256; b++, w += 66, x += 256) {
+        float d = half(w);
+        for (int g = 0; g < 8; g++) {
+            const uint8_t *group = w + 2 + 8 * g;
+            uint32_t aux;
+            memcpy(&aux, group + 4, 4);
+            __m512 sum = _mm512_setzero_ps();
+            for (int l = 0; l < 4; l += 2) {
+                __m512 grid = u8x16_to_float(
+                    _mm_set_epi64x((long long)iq2_xxs_grid[group[l + 1]], (long long)iq2_xxs_grid[group[l]]));
+                __m512i signs = _mm512_inserti64x4(
+                    _mm512_castsi256_si512(
+                        _mm256_loadu_si256((const __m256i *)iq2_xxs_sign_bits[(aux >> (7 * l)) & 127])),
+                    _mm256_loadu_si256((const __m256i *)iq2_xxs_sign_bits[(aux >> (7 * l + 7)) & 127]), 1);
+                __m512 values = _mm512_castsi512_ps(_mm512_xor_si512(_mm512_castps_si512(grid), signs));
+                sum = _mm512_fmadd_ps(values, _mm512_loadu_ps(x + 32 * g + 8 * l), sum);
+            }
+            acc = _mm512_fmadd_ps(sum, _mm512_set1_ps(d * (0.5f + (float)(aux >> 28)) * 0.25f), acc);
+        }
+    }
+    return _mm512_reduce_add_ps(acc);
+}
+
+AVX512 static float fused_f16_avx512(const uint8_t *w, const float *x, const float *sum16, int64_t cols) {
+    (void)sum16;
+    __m512 acc = _mm512_setzero_ps();
+    int64_t i = 0;
+    for (; i + 16 <= cols; i += 16)
+        acc = _mm512_fmadd_ps(_mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(w + 2 * i))),
+                              _mm512_loadu_ps(x + i), acc);
+    float total = _mm512_reduce_add_ps(acc);
+    for (; i < cols; i++) total += half(w + 2 * i) * x[i];
+    return total;
+}
+
+AVX512 static float fused_bf16_avx512(const uint8_t *w, const float *x, const float *sum16, int64_t cols) {
+    (void)sum16;
+    __m512 acc = _mm512_setzero_ps();
+    int64_t i = 0;
+    for (; i + 16 <= cols; i += 16) {
+        __m512i bits = _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(w + 2 * i)));
+        acc = _mm512_fmadd_ps(_mm512_castsi512_ps(_mm512_slli_epi32(bits, 16)), _mm512_loadu_ps(x + i), acc);
+    }
+    float total = _mm512_reduce_add_ps(acc);
+    for (; i < cols; i++) total += bf16_to_float(w + 2 * i) * x[i];
+    return total;
+}
 #endif
 
 /* ---------------------------------------------------------------- dispatch */
@@ -448,7 +564,7 @@ typedef struct {
     int64_t block;   /* values per block: rows are whole blocks */
     int needs_sum16; /* the fused product reads the input's sums per 16 values */
     DecodeFn portable, avx2;
-    FusedFn fused_avx2;
+    FusedFn fused_avx2, fused_avx512;
 } Format;
 
 #ifdef HAVE_X86
@@ -459,19 +575,20 @@ typedef float (*FusedFn)(const uint8_t *w, const float *x, const float *sum16, i
 #endif
 
 static const Format formats[] = {
-    {Q8_0, 32, 0, decode_q8_0, X86(decode_q8_0_avx2), X86(fused_q8_0_avx2)},
-    {Q2_K, 256, 1, decode_q2_k, X86(decode_q2_k_avx2), X86(fused_q2_k_avx2)},
-    {Q4_K, 256, 1, decode_q4_k, X86(decode_q4_k_avx2), X86(fused_q4_k_avx2)},
-    {IQ2_XXS, 256, 0, decode_iq2_xxs, X86(decode_iq2_xxs_avx2), X86(fused_iq2_xxs_avx2)},
-    {F16, 1, 0, decode_f16, X86(decode_f16_avx2), X86(fused_f16_avx2)},
-    {BF16, 1, 0, decode_bf16, X86(decode_bf16_avx2), X86(fused_bf16_avx2)},
+    {Q8_0, 32, 0, decode_q8_0, X86(decode_q8_0_avx2), X86(fused_q8_0_avx2), X86(fused_q8_0_avx512)},
+    {Q2_K, 256, 1, decode_q2_k, X86(decode_q2_k_avx2), X86(fused_q2_k_avx2), X86(fused_q2_k_avx512)},
+    {Q4_K, 256, 1, decode_q4_k, X86(decode_q4_k_avx2), X86(fused_q4_k_avx2), X86(fused_q4_k_avx512)},
+    {IQ2_XXS, 256, 0, decode_iq2_xxs, X86(decode_iq2_xxs_avx2), X86(fused_iq2_xxs_avx2), X86(fused_iq2_xxs_avx512)},
+    {F16, 1, 0, decode_f16, X86(decode_f16_avx2), X86(fused_f16_avx2), X86(fused_f16_avx512)},
+    {BF16, 1, 0, decode_bf16, X86(decode_bf16_avx2), X86(fused_bf16_avx2), X86(fused_bf16_avx512)},
 };
 
 /* Groups with at least this many input rows decode each weight row once into a buffer and
  * multiply it with all of them; smaller groups use the fused products. */
 #define BUFFERED_ROWS 4
 
-static int use_avx2 = 0;
+enum { PORTABLE, USE_AVX2, USE_AVX512 };
+static int isa = PORTABLE;
 
 static const Format *find_format(int kind) {
     for (size_t i = 0; i < sizeof(formats) / sizeof(formats[0]); i++)
@@ -671,10 +788,10 @@ static PyObject *matmul(PyObject *self, PyObject *args) {
                  (const float *)(uintptr_t)x, x_stride, k, pair_order, group_start, group_expert, band,
                  (rows + band - 1) / band, (float *)(uintptr_t)out, 0};
 #ifdef HAVE_X86
-    if (use_avx2) {
+    if (isa >= USE_AVX2) {
         p.decode = format->avx2;
         p.dot = dot_avx2;
-        p.fused = format->fused_avx2;
+        p.fused = isa == USE_AVX512 ? format->fused_avx512 : format->fused_avx2;
         if (format->needs_sum16) {
             sum16 = malloc(sizeof(float) * (size_t)(n * (cols / 16) + 1));
             if (sum16 == NULL) {
@@ -738,7 +855,7 @@ static PyObject *decode(PyObject *self, PyObject *args) {
     Decoding d = {format->portable, (const uint8_t *)(uintptr_t)w, row_stride, rows, cols, band,
                   (float *)(uintptr_t)out};
 #ifdef HAVE_X86
-    if (use_avx2) d.decode = format->avx2;
+    if (isa >= USE_AVX2) d.decode = format->avx2;
 #endif
     Py_BEGIN_ALLOW_THREADS;
     parallel_for(decode_item, &d, (rows + band - 1) / band, threads);
@@ -759,25 +876,32 @@ static PyObject *kinds(PyObject *self, PyObject *unused) {
 
 static PyObject *get_isa(PyObject *self, PyObject *unused) {
     (void)self, (void)unused;
-    return PyUnicode_FromString(use_avx2 ? "avx2" : "portable");
+    return PyUnicode_FromString(isa == USE_AVX512 ? "avx512" : isa == USE_AVX2 ? "avx2" : "portable");
 }
 
-static int cpu_has_avx2(void) {
+/* The best instruction set this CPU has. */
+static int best_isa(void) {
 #ifdef HAVE_X86
     __builtin_cpu_init();
-    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
+    if (!(__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c")))
+        return PORTABLE;
+    return __builtin_cpu_supports("avx512f") ? USE_AVX512 : USE_AVX2;
 #else
-    return 0;
+    return PORTABLE;
 #endif
 }
 
 static PyObject *set_isa(PyObject *self, PyObject *name) {
     (void)self;
-    const char *isa = PyUnicode_AsUTF8(name);
-    if (isa == NULL) return NULL;
-    if (strcmp(isa, "portable") == 0) use_avx2 = 0;
-    else if (strcmp(isa, "avx2") == 0 && cpu_has_avx2()) use_avx2 = 1;
-    else return PyErr_Format(PyExc_ValueError, "instruction set %s is not available here", isa);
+    const char *wanted = PyUnicode_AsUTF8(name);
+    if (wanted == NULL) return NULL;
+    int level = strcmp(wanted, "portable") == 0 ? PORTABLE
+                : strcmp(wanted, "avx2") == 0   ? USE_AVX2
+                : strcmp(wanted, "avx512") == 0 ? USE_AVX512
+                                                : -1;
+    if (level < 0 || level > best_isa())
+        return PyErr_Format(PyExc_ValueError, "instruction set %s is not available here", wanted);
+    isa = level;
     Py_RETURN_NONE;
 }
 
@@ -785,8 +909,8 @@ static PyMethodDef methods[] = {
     {"matmul", matmul, METH_VARARGS, "Matrix product straight from stored blocks (see the source)."},
     {"decode", decode, METH_VARARGS, "Stored rows to float32 (see the source)."},
     {"kinds", kinds, METH_NOARGS, "GGML type numbers with a compiled kernel."},
-    {"isa", get_isa, METH_NOARGS, "The instruction set in use: 'avx2' or 'portable'."},
-    {"set_isa", set_isa, METH_O, "Choose the instruction set ('avx2' or 'portable'), for tests."},
+    {"isa", get_isa, METH_NOARGS, "The instruction set in use: 'avx512', 'avx2' or 'portable'."},
+    {"set_isa", set_isa, METH_O, "Choose the instruction set ('avx512', 'avx2', 'portable'), for tests."},
     {NULL, NULL, 0, NULL},
 };
 
@@ -794,7 +918,7 @@ static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_cpu", NULL, -1, met
 
 PyMODINIT_FUNC PyInit__cpu(void) {
     build_tables();
-    use_avx2 = cpu_has_avx2();
+    isa = best_isa();
     pthread_atfork(NULL, NULL, forget_pool_in_child);
     return PyModule_Create(&module);
 }
