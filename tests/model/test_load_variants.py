@@ -4,6 +4,7 @@ llama.cpp's MTP blocks and metadata spellings. Each loads, and computes what its
 from __future__ import annotations
 
 import dataclasses
+import json
 from itertools import cycle
 
 import numpy as np
@@ -13,6 +14,7 @@ from gguf import GGML_QUANT_SIZES
 from gguf import GGMLQuantizationType as T
 from models import dequantized_twin
 
+from dwarfstar.cli.main import main
 from dwarfstar.gguf.names import key, tensor_role
 from dwarfstar.gguf.reader import GGUFFile
 from dwarfstar.gguf.writer import GGUFFileWriter
@@ -80,7 +82,16 @@ def test_any_matrix_in_any_format(mixed):
 
 # ---- llama.cpp's spellings -------------------------------------------------------------------
 
-SMALL = dataclasses.replace(DEMO_CONFIG, n_layer=3, compress_ratios=(0, 4, 128), swiglu_limit=(10.0,) * 3)
+SMALL = dataclasses.replace(
+    DEMO_CONFIG,
+    n_layer=3,
+    dim=64,
+    q_lora_rank=32,
+    o_lora_rank=32,
+    expert_ff=32,
+    compress_ratios=(0, 4, 128),
+    swiglu_limit=(10.0,) * 3,
+)
 
 
 @pytest.fixture(scope="module")
@@ -121,11 +132,36 @@ def test_mtp_block_is_skipped_with_a_note(plain, tmp_path):
         key("attention.compress_ratios"): [0, 4, 128, 0],
         key("swiglu_clamp_exp"): [10.0] * 4,
     }
-    model = Model.load(rewrite(tmp_path / "mtp.gguf", metadata, SMALL, mtp_specs()), quant_sim=False)
+    mtp = rewrite(tmp_path / "mtp.gguf", metadata, SMALL, mtp_specs())
+    model = Model.load(mtp, quant_sim=False)
     assert model.config.n_layer == 3 and model.config.n_mtp_layer == 1
     assert len(model.weights.notes) == 1 and "multi-token-prediction" in model.weights.notes[0]
     assert "blk.3." in model.weights.notes[0]
     torch.testing.assert_close(logits(model), expected, rtol=0, atol=0)
+
+
+def test_the_commands_print_the_note(plain, tmp_path, capsys):
+    metadata = {
+        **plain[1],
+        key("block_count"): 4,
+        key("nextn_predict_layers"): 1,
+        key("attention.compress_ratios"): [0, 4, 128, 0],
+        key("swiglu_clamp_exp"): [10.0] * 4,
+    }
+    mtp = rewrite(tmp_path / "mtp.gguf", metadata, SMALL, mtp_specs())
+    (tmp_path / "ids.json").write_text(json.dumps(TOKENS))
+    args = [
+        "logits",
+        "-m",
+        str(mtp),
+        "--tokens",
+        str(tmp_path / "ids.json"),
+        "--out",
+        str(tmp_path / "l.npy"),
+    ]
+    assert main(args) == 0
+    assert f"note: skipped {len(mtp_specs())} multi-token-prediction (MTP) tensors" in capsys.readouterr().err
+    np.testing.assert_array_equal(np.load(tmp_path / "l.npy"), plain[2].numpy())
 
 
 def test_mtp_key_without_mtp_tensors_counts_no_mtp_block(plain, tmp_path):
