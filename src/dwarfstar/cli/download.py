@@ -95,7 +95,10 @@ def _run_repo(args: argparse.Namespace, directory: Path) -> int:
     """Every file of the repo matching ``--include``; link the model when they make exactly one."""
     files = _matching_files(args.target, args.revision, args.include or ["*.gguf"], args.token)
     missing = sum(size - _present(directory / name, size) for name, size in files)
-    directory.mkdir(parents=True, exist_ok=True)
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise CommandError(f"cannot create {directory}: {err.strerror or err}") from None
     _check_free_space(directory, missing, f"{len(files)} file(s) of {args.target}")
     paths = [fetch(args.target, name, directory, args.token, args.revision) for name, _ in files]
     for path in paths:
