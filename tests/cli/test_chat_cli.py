@@ -71,14 +71,27 @@ def test_piped_chat_extends_the_session_each_turn(model_path, tmp_path):
     assert not ANSI.search(result.stdout + result.stderr)
 
 
-def spawn(model_path: str, tmp_path, *args: str) -> pexpect.spawn:
+def spawn(model_path: str, tmp_path, *args: str, banner: bool = True) -> pexpect.spawn:
     env = {**os.environ, "TERM": "dumb", "DS4_HISTORY": str(tmp_path / "history")}
     child = pexpect.spawn(
         sys.executable, ["-c", CODE, "-m", model_path, *args], env=env, cwd=str(tmp_path), encoding="utf-8"
     )
     child.timeout = 120
-    child.expect("/help for commands")
+    if banner:
+        child.expect("/help for commands")
     return child
+
+
+def test_one_shot_on_a_terminal_dims_the_reasoning_and_ctrl_c_stops_it(model_path, tmp_path):
+    child = spawn(model_path, tmp_path, "-p", "Think it over.", "-n", "2000", "--seed", "2", banner=False)
+    child.expect("prefill[^\n]*\n")
+    child.expect_exact("\x1b[2m")  # the reasoning, dimmed
+    child.sendintr()
+    (_, _, generated), _ = next_stats(child)
+    child.expect_exact("[cancelled]")
+    child.expect(pexpect.EOF)
+    child.close()
+    assert child.exitstatus == 130 and 1 <= generated < 2000
 
 
 def ask(child: pexpect.spawn, line: str) -> None:
