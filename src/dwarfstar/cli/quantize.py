@@ -75,7 +75,7 @@ def run(args: argparse.Namespace) -> int:
             progress=sys.stderr.isatty(),
             on_plan=lambda plan: print(
                 f"{args.source} -> {args.output}: {len(plan.tensors)} tensors, recipe {args.recipe}, "
-                f"expected size {plan.nbytes / 2**30:.2f} GiB",
+                f"expected size {human_size(plan.file_nbytes)}",
                 file=sys.stderr,
             ),
         )
@@ -87,11 +87,15 @@ def run(args: argparse.Namespace) -> int:
         print_report(result)
     size = result.path.stat().st_size
     print(
-        f"wrote {result.path} ({result.tensors} tensors, {size / 2**30:.2f} GiB, "
+        f"wrote {result.path} ({result.tensors} tensors, {human_size(size)}, "
         f"{result.bits_per_weight:.3f} bits per weight, peak memory {result.peak_rss / 2**20:.0f} MiB)",
         file=sys.stderr,
     )
     return 0
+
+
+def human_size(nbytes: int) -> str:
+    return f"{nbytes / 2**30:.2f} GiB" if nbytes >= 2**30 else f"{nbytes / 2**20:.1f} MiB"
 
 
 def print_report(result: object) -> None:

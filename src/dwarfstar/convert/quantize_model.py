@@ -88,7 +88,22 @@ class Plan:
 
     @property
     def nbytes(self) -> int:
+        """Bytes of tensor data (each tensor padded to the alignment)."""
         return sum(-(-t.spec.nbytes // 32) * 32 for t in self.tensors)
+
+    @property
+    def file_nbytes(self) -> int:
+        """The expected file size: the tensors, the tensor directory and the metadata (the vocabulary)."""
+        directory = sum(len(t.spec.name) + 48 for t in self.tensors)
+        return self.nbytes + directory + sum(len(k) + 12 + _value_nbytes(v) for k, v in self.metadata.items())
+
+
+def _value_nbytes(value: object) -> int:
+    if isinstance(value, str):
+        return 8 + len(value.encode())
+    if isinstance(value, list | tuple):
+        return 12 + sum(_value_nbytes(v) for v in value)
+    return 8
 
 
 def plan_quantization(
