@@ -556,20 +556,23 @@ def truncate_vocabulary(source: Path, out: Path, n_vocab: int) -> Path:
 
 
 def dequantized_twin(model):
-    """``model`` (a loaded ``dwarfstar`` Model) with every tensor dequantized to F32, in memory."""
+    """``model`` (a loaded ``dwarfstar`` Model) with every tensor dequantized to F32, in memory.
+
+    The values are decoded by gguf-py, not by our own decoders, so that comparing the two models
+    checks our decoding as well as the quantized products."""
+    import gguf
+    import numpy as np
     from gguf import GGMLQuantizationType
 
-    from dwarfstar import quant
     from dwarfstar.gguf.reader import TensorInfo
     from dwarfstar.model.model import Model
     from dwarfstar.model.weights import bind
-    from dwarfstar.quant.tensor import QTensor
 
     tensors = {}
     for name, info in model.file.tensors.items():
         if info.kind == GGMLQuantizationType.I32:
             tensors[name] = info
             continue
-        values = quant.dequantize(QTensor.from_numpy(info.kind, info.shape, info.data)).numpy()
-        tensors[name] = TensorInfo(name, GGMLQuantizationType.F32, info.shape, values)
+        values = np.ascontiguousarray(gguf.quants.dequantize(info.data, info.kind), dtype=np.float32)
+        tensors[name] = TensorInfo(name, GGMLQuantizationType.F32, info.shape, values.reshape(info.shape))
     return Model(bind(model.config, tensors), quant_sim=model.quant_sim)

@@ -20,11 +20,11 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
-import llama_cpp
 import numpy as np
 import pytest
 import torch
 from models import CSA, HCA, SLIDING, tiny_hf_config
+from quant.llama_reference import llama_cpp_logits
 
 from dwarfstar.model.model import Model
 
@@ -36,26 +36,6 @@ WINDOW_ONLY, INDEXED, LONG = 3, 130, 600  # no compressed rows; 32 ratio-4 rows;
 def tokens(length: int) -> list[int]:
     ids = torch.randint(0, CONFIG.vocab_size, (length,), generator=torch.Generator().manual_seed(length))
     return ids.tolist()
-
-
-def llama_cpp_logits(path: Path, ids: list[int], batch: int) -> np.ndarray:
-    """All positions' logits from llama.cpp, fed ``batch`` tokens per decode call, computing in f32."""
-    llm = llama_cpp.Llama(
-        model_path=str(path),
-        n_ctx=len(ids),
-        n_batch=batch,
-        n_ubatch=batch,
-        logits_all=True,
-        type_k=llama_cpp.GGML_TYPE_F32,
-        type_v=llama_cpp.GGML_TYPE_F32,
-        flash_attn=False,
-        n_threads=2,
-        n_threads_batch=2,
-        verbose=False,
-    )
-    assert llm.n_vocab() == CONFIG.vocab_size
-    llm.eval(ids)
-    return np.array(llm.scores[: len(ids)])
 
 
 @pytest.fixture(scope="module")

