@@ -127,9 +127,11 @@ def test_q4_differs_only_in_the_experts(source: Path, workdir: Path, capsys: pyt
 
 
 def test_llama_cpp_reads_our_q2_as_we_do(q2: Path, source: Path, workdir: Path) -> None:
-    """llama.cpp quantizes activations (Q8_K for these blocks, Q8_0 / F16 for the rest) where we
-    compute in float32, so the engines agree only to that rounding: on our q2 file no worse than
-    on the same model in Q8_0, whose blocks are trivially decoded alike."""
+    """llama.cpp decodes our blocks bit for bit as we do (tests/quant), but its CPU matmuls round
+    the activations (to Q8_K for these blocks, Q8_0 / F16 for the rest) where we compute in
+    float32: logits differ by up to ~0.3-0.5 on this random model for Q8_0 files and q2 files
+    alike, so a 1e-3 bound cannot hold. The engines must agree on our q2 file no worse than on
+    the same model in Q8_0."""
     q8 = quantize(source, workdir / "q8.gguf", "--recipe", "q8")
     q2_gap = mean_kl(llama_logits(q2), our_logits(q2))
     q8_gap = mean_kl(llama_logits(q8), our_logits(q8))

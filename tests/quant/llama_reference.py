@@ -63,6 +63,34 @@ def llama_quantize(
     return out
 
 
+_TO_FLOAT = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64)
+
+
+class _TypeTraits(ctypes.Structure):
+    """ggml's ``struct ggml_type_traits`` (ggml.h), up to the decoder."""
+
+    _fields_ = [
+        ("type_name", ctypes.c_char_p),
+        ("blck_size", ctypes.c_int64),
+        ("blck_size_interleave", ctypes.c_int64),
+        ("type_size", ctypes.c_size_t),
+        ("is_quantized", ctypes.c_bool),
+        ("to_float", _TO_FLOAT),
+    ]
+
+
+def llama_dequantize(kind: GGMLQuantizationType, stored: np.ndarray, count: int) -> np.ndarray:
+    """``count`` float32 values decoded from stored blocks by ggml's own ``to_float`` for ``kind``."""
+    lib = ctypes.CDLL(str(Path(llama_cpp.__file__).parent / "lib" / "libggml-base.so"))
+    lib.ggml_get_type_traits.restype = ctypes.POINTER(_TypeTraits)
+    traits = lib.ggml_get_type_traits(int(kind)).contents
+    assert (traits.blck_size, traits.type_size) == gguf.GGML_QUANT_SIZES[kind], "ggml.h layout changed"
+    blocks = np.ascontiguousarray(stored)
+    out = np.empty(count, dtype=np.float32)
+    traits.to_float(blocks.ctypes.data, out.ctypes.data, count)
+    return out
+
+
 def write_f32_model(path: Path, config: object, expert_values, seed: int = 0) -> Path:  # noqa: ANN001
     """A random model of ``config`` in float32 (token embedding F16) whose stacked experts hold
     ``expert_values(shape, rng)``: the source both quantizers read."""

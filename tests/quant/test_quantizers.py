@@ -17,7 +17,7 @@ import gguf
 import numpy as np
 import pytest
 from gguf import GGMLQuantizationType as Q
-from llama_reference import llama_quantize, write_f32_model
+from llama_reference import llama_dequantize, llama_quantize, write_f32_model
 
 from dwarfstar.gguf.reader import GGUFFile
 from dwarfstar.quant import QTensor, dequantize, quantize
@@ -43,7 +43,7 @@ def decoded(stored: np.ndarray, kind: Q, shape: tuple[int, ...]) -> np.ndarray:
 
 @KINDS
 @pytest.mark.parametrize("weighted", [False, True])
-def test_blocks_decode_with_gguf_py_and_with_ours(kind: Q, weighted: bool) -> None:
+def test_blocks_decode_with_gguf_py_llama_cpp_and_ours(kind: Q, weighted: bool) -> None:
     rng = np.random.default_rng(0)
     values = rng.standard_normal((2, 3, 512), dtype=np.float32)
     importance = rng.uniform(0.1, 2.0, (2, 512)).astype(np.float32) if weighted else None
@@ -54,6 +54,8 @@ def test_blocks_decode_with_gguf_py_and_with_ours(kind: Q, weighted: bool) -> No
     assert relative < {Q.Q2_K: 0.35, Q.Q4_K: 0.09, Q.IQ2_XXS: 0.4}[kind]
     ours = dequantize(QTensor.from_numpy(kind, values.shape, stored)).numpy()
     np.testing.assert_array_equal(ours, theirs)
+    llama = llama_dequantize(kind, stored, values.size).reshape(values.shape)
+    np.testing.assert_array_equal(llama, theirs)
 
 
 @KINDS
