@@ -203,3 +203,11 @@ def test_think_max_adds_its_prefix_when_the_context_allows(model_path, capsys):
     prefix = Tokenizer.from_gguf(model_path).encode(THINK_MAX_PREFIX)
     assert prompt_tokens("--think-max", "-c", "393216") == normal + len(prefix)
     assert prompt_tokens("--think-max") == normal  # below 393216 tokens: normal thinking, with a note
+
+
+def test_an_already_rendered_prompt_is_sent_as_written(model_path, capsys):
+    rendered = "<｜begin▁of▁sentence｜><｜User｜>Hi<｜Assistant｜></think>"
+    assert main(["-m", model_path, "-p", rendered, "-n", "2", "--seed", "1"]) == 0
+    tokens = Tokenizer.from_gguf(model_path).encode(rendered)
+    assert len(tokens) == 5  # BOS, User, "Hi", Assistant, </think>: no template around it
+    assert stats(capsys.readouterr().err) == [(5, 0, 2)]
