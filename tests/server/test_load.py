@@ -1,5 +1,5 @@
 """Sixteen concurrent streaming clients, some leaving mid-answer; keep-alive comments during a long
-prefill. Against a live ``ds4 serve`` with a short keep-alive interval."""
+prefill; the trace file. Against a live ``ds4 serve`` with a short keep-alive interval."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import time
 import httpx
 import pytest
 from conftest import sse_events
+from test_openai_api import CALL
 
 from dwarfstar.tokenizer import Tokenizer
 
@@ -18,8 +19,13 @@ LEAVING = {3, 7, 11, 15}
 
 
 @pytest.fixture(scope="module")
-def server(serve):
-    return serve("--keepalive", "0.3")
+def trace(tmp_path_factory):
+    return tmp_path_factory.mktemp("trace") / "trace.jsonl"
+
+
+@pytest.fixture(scope="module")
+def server(serve, trace):
+    return serve("--keepalive", "0.3", "--trace", str(trace))
 
 
 def answer(i: int) -> str:
@@ -103,3 +109,21 @@ def test_keepalive_comments_during_a_long_prefill(server):
     first_content = raw.index(b'"content":"ok"')
     assert b": keep-alive\n\n" in raw[:first_content]
     assert json.loads(sse_events(raw)[-2][1])["choices"][0]["finish_reason"] == "stop"
+
+
+def test_the_trace_has_one_record_per_answer(server, trace):
+    body = {
+        "model": "deepseek-chat",
+        "messages": [{"role": "user", "content": "Trace me"}],
+        "tools": [{"type": "function", "function": {"name": "weather", "parameters": {"type": "object"}}}],
+    }
+    response = httpx.post(server.url + "/v1/chat/completions", json=body, headers=server.script(CALL))
+    call = response.json()["choices"][0]["message"]["tool_calls"][0]
+    record = json.loads(trace.read_text().splitlines()[-1])
+    assert record["api"] == "chat.completions" and record["request"] == body
+    assert record["prompt"].endswith("Trace me<｜Assistant｜></think>")
+    assert record["generated_text"] == CALL and record["tool_calls"] == [call]
+    assert record["reuse"]["source"] in ("empty", "live", "checkpoint")
+    assert record["prompt_tokens"] == response.json()["usage"]["prompt_tokens"]
+    assert record["prefill_seconds"] >= 0 and record["decode_seconds"] > 0
+    assert len(trace.read_text().splitlines()) >= CLIENTS + 2  # every answer, cancelled ones too

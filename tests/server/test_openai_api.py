@@ -29,7 +29,7 @@ WEATHER = {
     },
 }
 TOKENIZER = Tokenizer.default()
-CALL = (
+CALL = (  # a call to weather(city="Paris"), exactly as the model writes it
     f'\n\n{TOOL_CALLS_OPEN}\n{INVOKE_OPEN} name="weather">\n{PARAMETER_OPEN} name="city" string="true">Paris'
     f"{PARAMETER_CLOSE}\n{INVOKE_CLOSE}\n{TOOL_CALLS_CLOSE}"
 )

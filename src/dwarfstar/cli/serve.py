@@ -79,6 +79,11 @@ def run(args: argparse.Namespace) -> int:
         raise CommandError(f"--port must be in 0..65535, not {args.port}")
     if args.max_body_mb <= 0 or args.keepalive <= 0:
         raise CommandError("--max-body-mb and --keepalive must be positive")
+    if args.api_key is None and not _loopback(args.host):
+        print(
+            f"warning: serving on {args.host} without --api-key: anyone who can reach it can use the model",
+            file=sys.stderr,
+        )
     path = model_path(args)
 
     import uvicorn
@@ -104,11 +109,6 @@ def run(args: argparse.Namespace) -> int:
         allow_scripted_output=args.allow_scripted_output,
     )
     app = create_app(service, api_key=args.api_key, cors=args.cors, max_body_mb=args.max_body_mb)
-    if args.api_key is None and not _loopback(args.host):
-        print(
-            f"warning: serving on {args.host} without --api-key: anyone who can reach it can use the model",
-            file=sys.stderr,
-        )
     config = uvicorn.Config(
         app, host=args.host, port=args.port, log_level="warning", timeout_graceful_shutdown=5
     )

@@ -9,6 +9,7 @@ them (``thinking`` with a closing ``signature_delta``, ``text``, ``tool_use`` wi
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import AsyncIterator
 from typing import Any
@@ -68,7 +69,8 @@ async def count_tokens(service: Service, body: dict[str, Any]) -> Any:
     """The prompt's size as the engine would tokenize it (no session is touched)."""
     check_model(body.get("model"))
     prompt = service.engine.prompt(_conversation(body))
-    return JSONResponse({"input_tokens": len(prompt.all_tokens())})
+    tokens = await asyncio.to_thread(prompt.all_tokens)  # a long prompt must not hold up the event loop
+    return JSONResponse({"input_tokens": len(tokens)})
 
 
 async def messages(service: Service, request: Request, body: dict[str, Any]) -> Any:

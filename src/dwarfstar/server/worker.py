@@ -87,6 +87,7 @@ class Worker:
         self.engine = engine
         self.totals = Totals()
         self.busy = False
+        self._current: Job | None = None
         self._queue: queue.Queue[Job | None] = queue.Queue()
         self._trace: TextIO | None = trace.open("a", encoding="utf-8", buffering=1) if trace else None
         self._thread = threading.Thread(target=self._run, name="ds4-inference", daemon=True)
@@ -101,6 +102,17 @@ class Worker:
         self._queue.put(job)
 
     def close(self) -> None:
+        """Stop: the running answer at its next token, the queued ones before they start."""
+        while True:
+            try:
+                job = self._queue.get_nowait()
+            except queue.Empty:
+                break
+            if job is not None:
+                job.cancel()
+                job.put(END)
+        if self._current is not None:
+            self._current.cancel()
         self._queue.put(None)
         self._thread.join(timeout=30)
         if self._trace is not None:
@@ -111,11 +123,11 @@ class Worker:
             if job.cancelled:
                 job.put(END)
                 continue
-            self.busy = True
+            self.busy, self._current = True, job
             try:
                 self._serve(job)
             finally:
-                self.busy = False
+                self.busy, self._current = False, None
                 job.generation = None
                 job.put(END)
 
