@@ -16,7 +16,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, TextIO
 
-from dwarfstar.cli.common import model_path, open_model, open_tokenizer
+from dwarfstar.cli.common import add_model_arguments, model_path, open_model, open_tokenizer
 from dwarfstar.cli.main import CommandError
 
 if TYPE_CHECKING:
@@ -24,11 +24,6 @@ if TYPE_CHECKING:
     from dwarfstar.engine.chat import Chat
     from dwarfstar.engine.events import Event, Usage
 
-DEFAULT_MODEL = Path("ds4flash.gguf")
-DEFAULT_CTX = 32768
-GET_A_MODEL = (
-    "get the model with `ds4 download q2-imatrix` (~81 GB), or try the small random demo with --demo"
-)
 HISTORY_LENGTH = 512
 DIM, RESET = "\x1b[2m", "\x1b[0m"
 
@@ -59,10 +54,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         help="talk to the model (the default command: `ds4 -p PROMPT`, or `ds4` for a conversation)",
         description="One answer with -p, or an interactive multi-turn chat without it.",
     )
-    p.add_argument("-m", "--model", type=Path, help=f"GGUF model file (default: ./{DEFAULT_MODEL})")
-    p.add_argument(
-        "--demo", action="store_true", help="use the small random-weight demo model (answers are noise)"
-    )
+    add_model_arguments(p)
     source = p.add_mutually_exclusive_group()
     source.add_argument("-p", "--prompt", help="answer this prompt and exit")
     source.add_argument("--prompt-file", type=Path, help="answer the text of this file and exit")
@@ -80,7 +72,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "-n", "--tokens", type=int, default=None, help="most tokens per answer (default: the context)"
     )
-    p.add_argument("-c", "--ctx", type=int, default=DEFAULT_CTX, help=f"context size (default {DEFAULT_CTX})")
+    p.add_argument("-c", "--ctx", type=int, help="context size in tokens (default 32768)")
     p.add_argument("--temp", type=float, default=1.0, help="temperature (0 = greedy; default 1.0)")
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling (default 1.0: off)")
     p.add_argument("--top-k", type=int, default=0, help="keep the K most likely tokens (default 0: off)")
@@ -106,12 +98,12 @@ def run(args: argparse.Namespace) -> int:
         )
     except ValueError as err:
         raise CommandError(_option_names(str(err))) from None
-    if args.ctx < 2:
+    if args.ctx is not None and args.ctx < 2:
         raise CommandError(f"--ctx must be at least 2, not {args.ctx}")
     prompt = _read_prompt_file(args.prompt_file) if args.prompt_file else args.prompt
     path = model_path(args)
-    engine = Engine(open_model(path), open_tokenizer(path), ctx=args.ctx)
-    chat = Chat(engine, system=args.system or None, thinking=_thinking(args.thinking, args.ctx))
+    engine = Engine(open_model(path), open_tokenizer(path), **({"ctx": args.ctx} if args.ctx else {}))
+    chat = Chat(engine, system=args.system or None, thinking=_thinking(args.thinking, engine.ctx))
     if prompt is not None:
         return _one_shot(chat, prompt, sampling)
     return _interactive(chat, sampling, path)
