@@ -3,7 +3,7 @@
 The model has Flash's real dimensions (hidden 4096, 64 heads of 512, 256 experts of 2048 with 6
 used, indexer 64 x 128 with top-k 512, vocabulary 129280) but only two layers, ratio 4 then
 ratio 128, no hash routing, random weights and ds4's "IQ2XXS-w2Q2K-AProjQ8-SExpQ8-OutQ8" type
-mix (architecture.md §13.2). It is written once, about 5.6 GB, into --dir.
+mix (docs/architecture.md §13.2). It is written once, about 5.6 GB, into --dir.
 
 Each engine runs in its own subprocess, so peak RSS is that engine's own, on the same prompt
 of random token ids: load time, prefill of --prompt tokens (last logits only), then --decode

@@ -62,3 +62,11 @@ def test_model_commands_run_the_demo_and_leave_the_working_directory_alone(tmp_p
 def test_demo_and_a_model_file_exclude_each_other(tmp_path):
     result = ds4("logprobs", "--demo", "-m", "x.gguf", "--prompt", "Hi", cwd=tmp_path)
     assert result.returncode == 2 and "not allowed with argument" in result.stderr
+
+
+def test_building_the_demo_prints_nothing_when_stderr_is_not_a_terminal(monkeypatch, tmp_path, capfd):
+    monkeypatch.setenv("DS4_CACHE_DIR", str(tmp_path))
+    path = demo_model_path()
+    assert path.parent == tmp_path and path.exists()
+    captured = capfd.readouterr()
+    assert captured.err == "" and captured.out == ""  # no note, no progress bar in a log

@@ -161,6 +161,16 @@ def test_bad_requests_exit_2_with_a_message(body, message):
     assert message in result.stderr
 
 
+def test_the_request_comes_from_a_path_from_dash_or_from_stdin(tmp_path):
+    request = write_json(tmp_path / "request.json", OPENAI_REQUEST)
+    from_path = ds4_render(str(request))
+    assert from_path.returncode == 0 and from_path.stdout.decode("utf-8") == OPENAI_PROMPT
+    body = json.dumps(OPENAI_REQUEST).encode()
+    assert ds4_render("-", stdin=body).stdout == from_path.stdout == ds4_render(stdin=body).stdout
+    help_text = " ".join(ds4_render("--help").stdout.decode().split())
+    assert "file holding the request body" in help_text and "'-' or nothing reads it" in help_text
+
+
 def test_missing_files_exit_2(tmp_path):
     result = ds4_render(str(tmp_path / "nope.json"))
     assert result.returncode == 2 and b"cannot read" in result.stderr

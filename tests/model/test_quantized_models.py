@@ -48,7 +48,7 @@ CONFIG = ModelConfig(
 )  # fmt: skip
 TOKENS = 140  # 35 ratio-4 rows (all of them picked) and one ratio-128 row
 
-# ds4's "IQ2XXS-w2Q2K-AProjQ8-SExpQ8-OutQ8" file (architecture.md §13.2): routed gate/up
+# ds4's "IQ2XXS-w2Q2K-AProjQ8-SExpQ8-OutQ8" file (docs/architecture.md §13.2): routed gate/up
 # IQ2_XXS, routed down Q2_K, hyper-connections, compressors and indexer F16, the rest Q8_0; the
 # source already holds the F16 embedding and router and the Q8_0 output, which llama.cpp keeps.
 Q2_MIX = {

@@ -1,6 +1,6 @@
 """The quantisation simulation against an independent reference of the official rounding.
 
-The reference is written from ../shared/docs/architecture.md §5.2-5.3 and DeepSeek's
+The reference is written from docs/architecture.md §5.2-5.3 and DeepSeek's
 inference code with numpy alone: the power-of-two scale from the float32 bits of
 amax·(1/top), E4M3 and E2M1 rounding by ml_dtypes' float8_e4m3fn and float4_e2m1fn casts
 (round to nearest, ties to even), and the Hadamard rotation as the Sylvester butterfly. It is

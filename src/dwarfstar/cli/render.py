@@ -23,7 +23,13 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
             "starts its answer. The body is read as --api says, never guessed from its fields."
         ),
     )
-    parser.add_argument("request", nargs="?", type=Path, help="request body as JSON (default: stdin)")
+    parser.add_argument(
+        "request",
+        nargs="?",
+        default="-",
+        metavar="REQUEST.json",
+        help="file holding the request body (JSON); '-' or nothing reads it from standard input",
+    )
     parser.add_argument(
         "--api",
         choices=tuple(MAPPERS),
@@ -42,14 +48,14 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.request is None:
-        raw = sys.stdin.buffer.read()
+    if args.request == "-":
+        raw, source = sys.stdin.buffer.read(), "stdin"
     else:
         try:
-            raw = args.request.read_bytes()
+            raw = Path(args.request).read_bytes()
         except OSError as err:
             raise CommandError(f"cannot read {args.request}: {err.strerror}") from None
-    source = args.request or "stdin"
+        source = args.request
     try:
         body = parse_request(raw)
         parts = render_parts(MAPPERS[args.api](body))
