@@ -40,13 +40,13 @@ def stats(stderr: str) -> list[tuple[int, int, int]]:
 
 def test_one_shot_piped_prints_the_answer_only_and_a_seed_repeats(model_path):
     args = ("-m", model_path, "-p", "Hello", "--nothink", "-n", "6", "--seed", "7")
-    first, second = ds4(*args), ds4(*args)
+    first = ds4(*args)
     assert first.returncode == 0, first.stderr
     engine = Engine.open(model_path)
     conversation = Conversation([{"role": "user", "content": "Hello"}], thinking_mode="chat")
     events = list(engine.generate(conversation, SamplingParams(seed=7, max_tokens=6)))
     answer = "".join(e.text for e in events if isinstance(e, ContentDelta))
-    assert first.stdout == second.stdout == answer + "\n"
+    assert first.stdout == answer + "\n"  # the seed gives the same answer in another process
     assert not ANSI.search(first.stdout + first.stderr)  # no colours, no bars when piped
     assert stats(first.stderr) == [(events[-1].usage.prompt_tokens, 0, 6)]
 

@@ -289,25 +289,26 @@ def test_interleaved_conversations_each_keep_their_session(shared):
 
 
 def test_seeded_generation_repeats_across_processes(model_path, shared):
+    prompt = "<｜begin▁of▁sentence｜>Once upon a time"
     code = (
         "import sys; from dwarfstar.engine import Engine, SamplingParams;"
         "from dwarfstar.engine.events import TokenSampled;"
         "e = Engine.open(sys.argv[1]);"
-        "g = e.generate('<｜begin▁of▁sentence｜>Once upon a time', SamplingParams(seed=42, max_tokens=8));"
+        "g = e.generate(sys.argv[2], SamplingParams(seed=42, max_tokens=8));"
         "print([ev.id for ev in g if isinstance(ev, TokenSampled)])"
     )
-    runs = [
-        subprocess.run(
-            [sys.executable, "-c", code, str(model_path)], capture_output=True, text=True, check=True
-        )
-        for _ in "ab"
-    ]
-    engine = Engine(shared.model, shared.tokenizer)
-    generation = engine.generate(
-        "<｜begin▁of▁sentence｜>Once upon a time", SamplingParams(seed=42, max_tokens=8)
+    elsewhere = subprocess.run(
+        [sys.executable, "-c", code, str(model_path), prompt], capture_output=True, text=True, check=True
     )
-    here = sampled_ids(list(generation))
-    assert len(here) == 8
-    assert runs[0].stdout == runs[1].stdout == f"{here}\n"
-    other = engine.generate("<｜begin▁of▁sentence｜>Once upon a time", SamplingParams(seed=43, max_tokens=8))
-    assert sampled_ids(list(other)) != here
+    runs = [
+        sampled_ids(
+            list(
+                Engine(shared.model, shared.tokenizer).generate(
+                    prompt, SamplingParams(seed=seed, max_tokens=8)
+                )
+            )
+        )
+        for seed in (42, 42, 43)
+    ]
+    assert len(runs[0]) == 8 and runs[0] == runs[1] != runs[2]
+    assert elsewhere.stdout == f"{runs[0]}\n"
