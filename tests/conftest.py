@@ -16,6 +16,10 @@ sys.path.insert(0, str(Path(__file__).parent))
 # operations (ten times slower on two busy cores). Subprocesses inherit it through the env.
 os.environ["OMP_NUM_THREADS"] = "1"
 torch.set_num_threads(1)
+# Without CUDA the Triton kernels run in Triton's interpreter on the CPU (tests/quant/
+# test_triton_kernels.py). Triton reads this when it is first imported, which `models` may do.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from models import converted_gguf, hf_checkpoint  # noqa: E402
 

@@ -14,11 +14,13 @@ LINEAR_KERNELS and EXPERT_KERNELS, e.g. ("cpu", Q.IQ2_XXS) -> a compiled kernel,
 (`reference_linear`, `reference_expert_linear`): pure torch, dequantizing bands of rows with the
 decoders in `formats`, so every format with a decoder works on every device without
 registering anything. Importing this package registers the compiled CPU kernels (`quant.cpu`)
-when they are built; DWARFSTAR_KERNELS=reference keeps the reference path. See docs/model.md,
+when they are built, and the Triton kernels for CUDA tensors (`quant.triton`, imported on
+first use); DWARFSTAR_KERNELS=reference keeps the reference path. See docs/model.md,
 "Kernels".
 """
 
 from . import cpu
+from . import triton as triton_kernels
 from .formats import SUPPORTED_KINDS
 from .ops import (
     EXPERT_KERNELS,
@@ -34,6 +36,7 @@ from .quantize import quantize
 from .tensor import QTensor, bytes_per_row
 
 cpu.register()
+triton_kernels.register()
 
 __all__ = [
     "EXPERT_KERNELS",
