@@ -12,15 +12,14 @@ import json
 from pathlib import Path
 
 import pytest
+from chat_data import OFFICIAL_CASES, RENDER_VECTORS, official_case
 
 from dwarfstar.chat.render import render_message_parts, render_parts
 from dwarfstar.chat.request import from_anthropic, from_openai, parse_request
 from dwarfstar.tokenizer import Tokenizer
 
 DATA = Path(__file__).parent / "data"
-VECTORS = [
-    json.loads(line) for line in (DATA / "chat/render_vectors.jsonl").read_text(encoding="utf-8").splitlines()
-]
+VECTORS = RENDER_VECTORS
 CLIENTS = [
     entry
     for entry in json.loads((DATA / "clients/index.json").read_text(encoding="utf-8"))
@@ -83,17 +82,9 @@ def test_parts_are_the_prompt_and_tokenize_like_the_whole_text(tokenizer, vector
     assert all(a[1] != b[1] for a, b in itertools.pairwise(parts))  # adjacent parts of one kind merge
 
 
-@pytest.mark.parametrize(
-    "case, thinking_mode", [(1, "thinking"), (2, "thinking"), (3, "thinking"), (4, "chat")]
-)
+@pytest.mark.parametrize("case, thinking_mode", OFFICIAL_CASES)
 def test_official_cases_tokenize_like_the_whole_text(tokenizer, case, thinking_mode):
-    data = json.loads((DATA / f"chat/official/test_input_{case}.json").read_text(encoding="utf-8"))
-    if isinstance(data, dict):
-        messages = data["messages"]
-        messages[0]["tools"] = data["tools"]
-    else:
-        messages = data
-    expected = (DATA / f"chat/official/test_output_{case}.txt").read_text(encoding="utf-8")
+    messages, expected = official_case(case)
     parts = render_message_parts(messages, thinking_mode=thinking_mode)
     assert joined(parts) == expected
     assert tokenizer.encode_parts(parts) == tokenizer.encode(expected)

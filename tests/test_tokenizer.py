@@ -5,6 +5,7 @@ from pathlib import Path
 
 import gguf
 import pytest
+from chat_data import RENDER_VECTORS
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from tokenizers import Tokenizer as ReferenceTokenizer
@@ -18,7 +19,6 @@ from dwarfstar.tokenizer import (
     gguf_tokenizer_metadata,
 )
 
-CHAT_DATA = Path(__file__).parent / "data/chat"
 VOCAB_SIZE = 129280  # DeepSeek V4 Flash's embedding rows
 KEYS = gguf.Keys.Tokenizer
 NORMAL, CONTROL = gguf.TokenType.NORMAL, gguf.TokenType.CONTROL
@@ -180,13 +180,8 @@ def test_prompt_markers_are_single_tokens(tokenizer, reference):
 # --- ids identical to the reference --------------------------------------------------------------
 
 
-def render_vectors() -> list[str]:
-    lines = (CHAT_DATA / "render_vectors.jsonl").read_text(encoding="utf-8").splitlines()
-    return [json.loads(line)["expected"] for line in lines]
-
-
 def test_rendered_prompts_match_reference(tokenizer, reference):
-    prompts = render_vectors()
+    prompts = [vector["expected"] for vector in RENDER_VECTORS]
     assert len(prompts) == 80
     for prompt in prompts:
         ids = tokenizer.encode(prompt)

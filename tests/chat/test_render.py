@@ -2,19 +2,16 @@
 
 import copy
 import json
-from pathlib import Path
 
 import pytest
+from chat_data import OFFICIAL_CASES, RENDER_VECTORS, official_case
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from dwarfstar.chat.conversation import Conversation
 from dwarfstar.chat.render import THINK_MAX_PREFIX, render, render_messages
 
-DATA = Path(__file__).parents[1] / "data/chat"
-VECTORS = [
-    json.loads(line) for line in (DATA / "render_vectors.jsonl").read_text(encoding="utf-8").splitlines()
-]
+VECTORS = RENDER_VECTORS
 
 BOS = "<｜begin▁of▁sentence｜>"
 EOS = "<｜end▁of▁sentence｜>"
@@ -39,19 +36,9 @@ def test_reference_vector(vector):
     assert vector["messages"] == messages  # the caller's messages are left as they were
 
 
-# DeepSeek's own encoder tests: cases 1-3 in thinking mode, case 4 (a quick-instruction task) in chat
-# mode. Case 1 keeps its tools beside the messages; the official test puts them on the system message.
-@pytest.mark.parametrize(
-    "case, thinking_mode", [(1, "thinking"), (2, "thinking"), (3, "thinking"), (4, "chat")]
-)
+@pytest.mark.parametrize("case, thinking_mode", OFFICIAL_CASES)
 def test_official_encoder_case(case, thinking_mode):
-    data = json.loads((DATA / f"official/test_input_{case}.json").read_text(encoding="utf-8"))
-    if isinstance(data, dict):
-        messages = data["messages"]
-        messages[0]["tools"] = data["tools"]
-    else:
-        messages = data
-    expected = (DATA / f"official/test_output_{case}.txt").read_text(encoding="utf-8")
+    messages, expected = official_case(case)
     assert render_messages(messages, thinking_mode=thinking_mode) == expected
 
 

@@ -13,34 +13,9 @@ from hypothesis import strategies as st
 from dwarfstar.quant import SUPPORTED_KINDS, QTensor, bytes_per_row, dequantize, formats
 from dwarfstar.quant.formats import parity_signs
 from dwarfstar.quant.tensor import is_block_kind
-from dwarfstar.synthetic.blocks import random_blocks
+from dwarfstar.synthetic.blocks import HALF_SCALE_OFFSETS, random_blocks
 
 BLOCK_KINDS = [kind for kind in SUPPORTED_KINDS if is_block_kind(kind)]
-
-# Where each block keeps its fp16 scales (read from ggml's block structs, independently of the code
-# under test). IQ1_M, MXFP4 and NVFP4 store their scales otherwise and are tested on their own.
-HALF_SCALE_OFFSETS = {
-    Q.Q4_0: (0,),
-    Q.Q4_1: (0, 2),
-    Q.Q5_0: (0,),
-    Q.Q5_1: (0, 2),
-    Q.Q8_0: (0,),
-    Q.Q2_K: (80, 82),
-    Q.Q3_K: (108,),
-    Q.Q4_K: (0, 2),
-    Q.Q5_K: (0, 2),
-    Q.Q6_K: (208,),
-    Q.TQ1_0: (52,),
-    Q.TQ2_0: (64,),
-    Q.IQ1_S: (0,),
-    Q.IQ2_XXS: (0,),
-    Q.IQ2_XS: (0,),
-    Q.IQ2_S: (0,),
-    Q.IQ3_XXS: (0,),
-    Q.IQ3_S: (0,),
-    Q.IQ4_NL: (0,),
-    Q.IQ4_XS: (0,),
-}
 
 
 @st.composite
@@ -122,6 +97,7 @@ def assert_finite_rows_like_gguf(kind: Q, stored: np.ndarray) -> None:
     assert_bits_equal(ours[torch.from_numpy(finite)], expected[finite])
 
 
+# IQ1_M, MXFP4 and NVFP4 keep their scales otherwise and are tested on their own.
 @pytest.mark.parametrize("kind", list(HALF_SCALE_OFFSETS), ids=lambda kind: kind.name)
 def test_extreme_scales_dequantize_like_gguf(kind):
     """Subnormal, tiny and huge fp16 scales: every exponent, in every scale of the block."""

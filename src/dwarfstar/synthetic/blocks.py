@@ -14,8 +14,9 @@ from dwarfstar.quant.tensor import bytes_per_row, is_block_kind, storage_shape
 
 Q = GGMLQuantizationType
 
-# Byte offsets of the fp16 scales in each block of the block formats that have them.
-_HALF_SCALE_OFFSETS = {
+# Byte offsets of the fp16 scales in each block of the block formats that have them (from ggml's
+# block structs; the dequantization tests set extreme scales through this table too).
+HALF_SCALE_OFFSETS = {
     Q.Q4_0: (0,),
     Q.Q4_1: (0, 2),
     Q.Q5_0: (0,),
@@ -69,8 +70,8 @@ def random_blocks(
         for nibble, offset in enumerate(_IQ1_M_SCALE_WORDS):
             high = blocks[..., offset + 1] & 0x0F
             blocks[..., offset + 1] = high | (((bits >> (4 * nibble)) & 0xF) << 4).astype(np.uint8)
-    elif kind in _HALF_SCALE_OFFSETS:
-        for offset in _HALF_SCALE_OFFSETS[kind]:
+    elif kind in HALF_SCALE_OFFSETS:
+        for offset in HALF_SCALE_OFFSETS[kind]:
             blocks[..., offset : offset + 2] = _random_scales(blocks_shape[:-1], generator, top)
     else:
         raise NotImplementedError(f"random data for {kind.name} is not supported")
