@@ -93,5 +93,5 @@ def test_query_blocks_for_long_contexts_match_transformers(setup, monkeypatch, n
 
     model, ids, reference = setup(name, LONG)
     monkeypatch.setattr(attention, "_SCORE_BUDGET", 20_000)
-    assert attention._query_block(LONG, model.config.n_head, model.config.window) < 64
+    assert attention._query_block(LONG, model.config.n_head, model.config.window, 0) < 64
     assert max_error(model, ids, reference, chunk) <= TOLERANCE

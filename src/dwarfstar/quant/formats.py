@@ -132,15 +132,19 @@ def _signed_grid_table(kind: GGMLQuantizationType) -> torch.Tensor:
 
 @cache
 def _grid_table(kind: GGMLQuantizationType) -> torch.Tensor:
+    """The codebook of ``kind``, one packed row per grid point."""
     return _packed(grid(kind))
 
 
 @cache
 def _sign_table(parity: bool) -> torch.Tensor:
+    """Sign patterns by 7-bit parity index (``parity``) or by sign byte, one packed row each."""
     return _packed(parity_signs() if parity else sign_bits())
 
 
-def _signed_points(kind: GGMLQuantizationType, points: torch.Tensor, signs: torch.Tensor, parity: bool):
+def _signed_points(
+    kind: GGMLQuantizationType, points: torch.Tensor, signs: torch.Tensor, parity: bool
+) -> torch.Tensor:
     """Grid points `points` (n, m) with sign patterns `signs` (indices or sign bytes, one per 8
     values): int8 (n, values). A sign flip never rounds, so signing first is exact."""
     width = grid(kind).shape[1]
