@@ -107,9 +107,9 @@ def _value_nbytes(value: object) -> int:
 
 
 def plan_quantization(
-    source: Path, mix: TensorMix, imatrix: Imatrix | None, imatrix_name: str | None, stack: object
+    source: Path, mix: TensorMix, imatrix: Imatrix | None, imatrix_name: str | None, stack: ExitStack
 ) -> Plan:
-    """The plan for a checkpoint directory or a GGUF file (shards allowed); ``stack`` an ExitStack."""
+    """The plan for a checkpoint directory or a GGUF file (shards allowed); ``stack`` keeps files open."""
     if source.is_dir():
         metadata, tensors, notes = _checkpoint_plan(source, mix, stack)
     elif source.is_file():
@@ -135,7 +135,7 @@ def plan_quantization(
 
 
 def _checkpoint_plan(
-    directory: Path, mix: TensorMix, stack: object
+    directory: Path, mix: TensorMix, stack: ExitStack
 ) -> tuple[dict, list[PlannedTensor], list[str]]:
     try:
         config = read_checkpoint_config(directory / "config.json")
@@ -243,6 +243,13 @@ def _encoded(
 ) -> Iterator[np.ndarray]:
     """The stored bytes of one tensor, a matrix at a time; its error added to ``reports`` if given."""
     kind = item.spec.kind
+    shape = item.spec.shape
+    if importance is not None and (
+        importance.shape[-1] != shape[-1] or importance.shape[0] not in (1, shape[0])
+    ):
+        raise QuantizeError(
+            f"imatrix entry for {item.spec.name} has shape {importance.shape}, not for {shape}"
+        )
     use = importance if kind in SEARCHED_KINDS else None
     squared = weights = power = 0.0
     count = 0
@@ -251,13 +258,7 @@ def _encoded(
     for values in item.values():
         index = row // rows_per_matrix  # the expert these rows belong to (0 for a 2-D tensor)
         row += values.shape[0] if values.ndim > 1 else 1
-        matrix_importance = None
-        if use is not None:
-            if use.shape[-1] != values.shape[-1] or use.shape[0] not in (1, item.spec.shape[0]):
-                raise QuantizeError(
-                    f"imatrix entry for {item.spec.name} has shape {use.shape}, not for {item.spec.shape}"
-                )
-            matrix_importance = use[index if use.shape[0] > 1 else 0]
+        matrix_importance = None if use is None else use[index if use.shape[0] > 1 else 0]
         stored = (
             values.astype(np.int32) if kind == T.I32 else quantize(values, kind, matrix_importance, threads)
         )

@@ -117,7 +117,10 @@ def quantize_q4_k(
                         xs, weight, 15, -0.9, 0.05, 36, False, levels[32 * j :], trial
                     )
                 else:
-                    rms = math.sqrt((xs * xs).sum() / 32)
+                    sum_x2 = 0.0
+                    for i in range(32):
+                        sum_x2 += xs[i] * xs[i]
+                    rms = math.sqrt(sum_x2 / 32)
                     for i in range(32):
                         weight[i] = rms + abs(xs[i])
                     scales[j], offsets[j] = fit_affine(
