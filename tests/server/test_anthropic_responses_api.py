@@ -114,6 +114,27 @@ def test_messages_prefill_continues_the_answer(claude, server):
     assert message.content[0].text == " 3."
 
 
+def test_messages_stop_sequence_is_reported(claude, server):
+    message = claude.messages.create(
+        model="deepseek-v4-flash",
+        max_tokens=50,
+        thinking={"type": "disabled"},
+        stop_sequences=["END", " three"],
+        messages=[{"role": "user", "content": "Count"}],
+        extra_headers=server.script("one two three four"),
+    )
+    assert message.content[0].text == "one two"
+    assert (message.stop_reason, message.stop_sequence) == ("stop_sequence", " three")
+    capped = claude.messages.create(
+        model="deepseek-v4-flash",
+        max_tokens=1,
+        thinking={"type": "disabled"},
+        messages=[{"role": "user", "content": "Count"}],
+        extra_headers=server.script("one two three four"),
+    )
+    assert capped.stop_reason == "max_tokens" and capped.usage.output_tokens == 1
+
+
 def test_messages_stream_bytes_with_a_tool_call(server):
     body = {
         "model": "deepseek-v4-flash",

@@ -14,7 +14,9 @@ ORIGIN = "https://app.example"
 
 @pytest.fixture(scope="module")
 def server(serve):
-    return serve("--api-key", KEY, "--ctx", "64", "--max-body-mb", "0.002", "--cors", ORIGIN)
+    return serve(
+        "--api-key", KEY, "--ctx", "64", "--max-body-mb", "0.002", "--cors", ORIGIN, "--alias", "my-model"
+    )
 
 
 @pytest.fixture(scope="module")
@@ -94,6 +96,8 @@ def test_unknown_model_and_endpoint_are_404(http):
     anthropic_error(http.post("/v1/messages", json={**MESSAGES, "model": "claude-x"}), 404, "not_found_error")
     assert openai_error(http.get("/v1/models/gpt-9"), 404)["code"] == "model_not_found"
     assert "no endpoint" in openai_error(http.get("/v1/nothing"), 404)["message"]
+    assert http.get("/v1/models/my-model").json()["id"] == "deepseek-v4-flash"  # --alias
+    assert "my-model" in http.get("/v1/models").json()["data"][0]["aliases"]
 
 
 def test_context_exceeded_gives_both_sizes(http):

@@ -35,6 +35,14 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         help="the most tokens one answer may have (default: the context)",
     )
     parser.add_argument(
+        "--alias",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="another model name to answer to (besides deepseek-v4-flash, deepseek-chat and "
+        "deepseek-reasoner); repeatable",
+    )
+    parser.add_argument(
         "--api-key", metavar="KEY", help="require this key (Authorization: Bearer or x-api-key)"
     )
     parser.add_argument(
@@ -107,6 +115,7 @@ def run(args: argparse.Namespace) -> int:
         max_tokens=args.max_tokens,
         keepalive_seconds=args.keepalive,
         allow_scripted_output=args.allow_scripted_output,
+        aliases=tuple(args.alias),
     )
     app = create_app(service, api_key=args.api_key, cors=args.cors, max_body_mb=args.max_body_mb)
     config = uvicorn.Config(

@@ -67,14 +67,14 @@ def _conversation(body: dict[str, Any]) -> Any:
 
 async def count_tokens(service: Service, body: dict[str, Any]) -> Any:
     """The prompt's size as the engine would tokenize it (no session is touched)."""
-    check_model(body.get("model"))
+    check_model(service, body.get("model"))
     prompt = service.engine.prompt(_conversation(body))
     tokens = await asyncio.to_thread(prompt.all_tokens)  # a long prompt must not hold up the event loop
     return JSONResponse({"input_tokens": len(tokens)})
 
 
 async def messages(service: Service, request: Request, body: dict[str, Any]) -> Any:
-    model = check_model(body.get("model"))
+    model = check_model(service, body.get("model"))
     conversation = _conversation(body)
     stops = body.get("stop_sequences")
     params = sampling(service, body, body.get("max_tokens"), stops)

@@ -26,7 +26,7 @@ from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from dwarfstar.server import anthropic, openai, responses
-from dwarfstar.server.common import CREATED, MODEL_ALIASES, MODEL_ID, ApiError, Service
+from dwarfstar.server.common import CREATED, MODEL_ID, ApiError, Service
 from dwarfstar.server.schemas import (
     ChatCompletionRequest,
     CompletionRequest,
@@ -148,7 +148,7 @@ def create_app(
             "owned_by": "dwarfstar",
             "context_length": ctx,
             "max_model_len": ctx,
-            "aliases": list(MODEL_ALIASES),
+            "aliases": list(service.model_names[1:]),
         }
 
     @app.get("/v1/models", summary="The model this server runs")
@@ -157,7 +157,7 @@ def create_app(
 
     @app.get("/v1/models/{model_id}", summary="One model")
     async def get_model(model_id: str) -> dict[str, Any]:
-        if model_id not in (MODEL_ID, *MODEL_ALIASES):
+        if model_id not in service.model_names:
             raise ApiError(
                 404,
                 f"model {model_id!r} does not exist; this server runs {MODEL_ID!r}",

@@ -60,6 +60,11 @@ class Service:
     allow_scripted_output: bool = False
     responses: dict[str, list[dict[str, Any]]] = field(default_factory=dict)  # id -> conversation
     max_stored_responses: int = 256
+    aliases: tuple[str, ...] = ()  # more names the model answers to (ds4 serve --alias)
+
+    @property
+    def model_names(self) -> tuple[str, ...]:
+        return (MODEL_ID, *MODEL_ALIASES, *self.aliases)
 
     def remember_response(self, response_id: str, messages: list[dict[str, Any]]) -> None:
         """Keep a response's conversation for ``previous_response_id``, the oldest dropped first."""
@@ -76,15 +81,15 @@ def now() -> int:
     return int(time.time())
 
 
-def check_model(model: Any) -> str:
+def check_model(service: Service, model: Any) -> str:
     """The model name to echo back; an unknown one is a 404."""
     if model is None:
         return MODEL_ID
-    if model not in (MODEL_ID, *MODEL_ALIASES):
+    if model not in service.model_names:
         raise ApiError(
             404,
             f"model {model!r} does not exist; this server runs {MODEL_ID!r} "
-            f"(also answers to {', '.join(MODEL_ALIASES)})",
+            f"(also answers to {', '.join(service.model_names[1:])}; ds4 serve --alias NAME adds names)",
             code="model_not_found",
             param="model",
         )

@@ -60,7 +60,7 @@ def _unsupported(body: dict[str, Any]) -> None:
 
 
 async def chat_completions(service: Service, request: Request, body: dict[str, Any]) -> Any:
-    model = check_model(body.get("model"))
+    model = check_model(service, body.get("model"))
     _unsupported(body)
     with mapping_errors():
         conversation = from_openai(body)
@@ -162,7 +162,7 @@ def _prompt(body: dict[str, Any]) -> str | list[int]:
 
 async def completions(service: Service, request: Request, body: dict[str, Any]) -> Any:
     """A raw prompt, tokenized as written (special tokens included), answered as text."""
-    model = check_model(body.get("model"))
+    model = check_model(service, body.get("model"))
     _unsupported(body)
     if body.get("echo"):
         raise ApiError(400, "echo: echoing the prompt is not supported", param="echo")

@@ -60,7 +60,7 @@ def usage(usage: Usage) -> dict[str, Any]:
 
 
 async def responses(service: Service, request: Request, body: dict[str, Any]) -> Any:
-    model = check_model(body.get("model"))
+    model = check_model(service, body.get("model"))
     history = None
     previous = body.get("previous_response_id")
     if previous is not None:
