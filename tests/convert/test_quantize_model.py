@@ -239,3 +239,17 @@ def mean_kl(reference: np.ndarray, other: np.ndarray) -> float:
     p = torch.log_softmax(torch.tensor(reference, dtype=torch.float64), dim=-1)
     q = torch.log_softmax(torch.tensor(other, dtype=torch.float64), dim=-1)
     return float((p.exp() * (p - q)).sum(dim=-1).mean())
+
+
+def test_requantizes_an_8_bit_gguf(source: Path, q2: Path, workdir: Path) -> None:
+    """A Q8_0 / F16 file (the q8 recipe) requantized to q2 is nearly as good as q2 from float32."""
+    q8 = workdir / "q8.gguf"
+    if not q8.exists():
+        quantize(source, q8, "--recipe", "q8")
+    again = quantize(q8, workdir / "q2-from-q8.gguf", "--recipe", "q2")
+    for name, info in GGUFFile(again).tensors.items():
+        assert info.kind == expected_type(name, "q2"), name
+    reference = our_logits(source)
+    direct, requantized = mean_kl(reference, our_logits(q2)), mean_kl(reference, our_logits(again))
+    print(f"KL from f32: q2 {direct:.4f}, q2 from q8 {requantized:.4f}")
+    assert requantized <= 1.2 * direct
