@@ -20,6 +20,7 @@ from dwarfstar.gguf.reader import GGUFFile
 from dwarfstar.gguf.writer import GGUFFileWriter
 from dwarfstar.model.config import load_config
 from dwarfstar.model.model import Model
+from dwarfstar.model.weights import WeightsError
 from dwarfstar.quant.formats import BLOCK_DECODERS
 from dwarfstar.synthetic.models import (
     DEMO_CONFIG,
@@ -189,3 +190,10 @@ def test_llama_cpp_metadata_spellings(plain, tmp_path):
     model = Model.load(rewrite(tmp_path / "spellings.gguf", metadata, SMALL), quant_sim=False)
     assert model.config == load_config(path)
     torch.testing.assert_close(logits(model), expected, rtol=0, atol=0)
+
+
+def test_a_block_past_block_count_is_no_mtp_block_without_the_key(plain, tmp_path):
+    """Without nextn_predict_layers, blk.3.* in a 3-layer file belongs to nothing: an error naming it."""
+    path = rewrite(tmp_path / "extra-block.gguf", plain[1], SMALL, mtp_specs())
+    with pytest.raises(WeightsError, match=r"27 tensor\(s\) that are no part of .*'blk\.3\."):
+        Model.load(path)

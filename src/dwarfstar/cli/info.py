@@ -59,7 +59,7 @@ def describe(path: Path) -> dict:
         stored = formats[info.kind.name]
         stored["tensors"] += 1
         stored["bytes"] += info.data.nbytes
-        if is_mtp_tensor(name, config.n_layer):
+        if is_mtp_tensor(name, config.n_layer, config.n_mtp_layer):
             skipped += 1
             continue
         role = tensor_role(name, len(info.shape))

@@ -253,13 +253,14 @@ def layer_prefix(layer: int) -> str:
     return f"blk.{layer}."
 
 
-def is_mtp_tensor(gguf_name: str, n_layer: int) -> bool:
-    """Whether a tensor belongs to a multi-token-prediction block: llama.cpp's ``blk.N.*`` past the
-    ``n_layer`` main layers, or ds4's ``mtp.0.*`` (its separate MTP file)."""
+def is_mtp_tensor(gguf_name: str, n_layer: int, n_mtp_layer: int) -> bool:
+    """Whether a tensor belongs to a multi-token-prediction block: llama.cpp's ``blk.N.*`` for the
+    ``n_mtp_layer`` blocks after the ``n_layer`` main layers, or ds4's ``mtp.0.*`` (its separate
+    MTP file)."""
     if gguf_name.startswith("mtp."):
         return True
     parts = gguf_name.split(".", 2)
-    return parts[0] == "blk" and parts[1].isdigit() and int(parts[1]) >= n_layer
+    return parts[0] == "blk" and parts[1].isdigit() and n_layer <= int(parts[1]) < n_layer + n_mtp_layer
 
 
 def layer_tensor_present(t: TensorName, ratio: int, hash_routed: bool) -> bool:

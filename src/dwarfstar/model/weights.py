@@ -172,8 +172,8 @@ def bind(config: ModelConfig, tensors: dict, path: str = "model") -> Weights:
         notes=[],
     )
     unbound = [name for name in tensors if name not in b.bound]
-    mtp = [name for name in unbound if is_mtp_tensor(name, config.n_layer)]
-    unknown = [name for name in unbound if name not in mtp]
+    mtp = [name for name in unbound if is_mtp_tensor(name, config.n_layer, config.n_mtp_layer)]
+    unknown = [name for name in unbound if not is_mtp_tensor(name, config.n_layer, config.n_mtp_layer)]
     if unknown:
         listed = ", ".join(repr(name) for name in unknown[:5]) + (", ..." if len(unknown) > 5 else "")
         raise WeightsError(
