@@ -3,7 +3,8 @@
 Decodes a few tokens after a short prompt and times, inside each step, the calls to the
 `quant` entry points (`linear`, `expert_linear`, `take_rows`); the rest of the step is the
 small torch operations around them (hyper-connections, norms, rope, attention, compressors,
-indexer, routing). Prints both per token and per layer.
+indexer, routing). Prints both per token and per layer, in wall time, and the step's CPU time
+(on a busy machine the wall time also counts waiting for a CPU).
 
     python benchmarks/profile_decode.py MODEL.gguf [--prompt 64] [--decode 8] [--threads 2]
 """
@@ -55,10 +56,11 @@ def main() -> None:
     spent: dict[str, float] = defaultdict(float)
     for name in ENTRY_POINTS:
         setattr(quant, name, timed(spent, name, getattr(quant, name)))
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     for token in tokens[args.prompt + 1 :]:
         model.forward(token.view(1), session, all_logits=False)
     total = (time.perf_counter() - start) / args.decode * 1e3
+    cpu = (time.process_time() - cpu_start) / args.decode * 1e3
     per_token = {name: seconds / args.decode * 1e3 for name, seconds in spent.items()}
     matrices = sum(per_token.values())
     rest = total - matrices
@@ -71,6 +73,7 @@ def main() -> None:
     print(f"{'all matrix products':28} {matrices:9.2f} {matrices / layers:9.2f}")
     print(f"{'everything else':28} {rest:9.2f} {rest / layers:9.2f}")
     print(f"{'decode step':28} {total:9.2f} {total / layers:9.2f}")
+    print(f"{'decode step, CPU time':28} {cpu:9.2f} {cpu / layers:9.2f}  (all threads; wall time above)")
     print("(ms/layer divides by the layer count; the output head and embedding are in the first rows)")
 
 
