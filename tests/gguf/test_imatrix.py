@@ -72,3 +72,24 @@ def test_not_an_imatrix(tmp_path: Path) -> None:
     path.write_text("hello")
     with pytest.raises(ImatrixError, match="not an imatrix"):
         read_imatrix(path)
+
+
+def test_reads_a_file_laid_out_as_llama_imatrix_writes_it(tmp_path: Path) -> None:
+    """Written by gguf-py with llama-imatrix's keys only (no general.architecture)."""
+    path = tmp_path / "llama-imatrix.gguf"
+    writer = gguf.GGUFWriter(path, arch="unused")
+    for kv in writer.kv_data:
+        kv.pop("general.architecture", None)
+    writer.add_string("general.type", "imatrix")
+    writer.add_array("imatrix.datasets", ["wiki.train.raw"])
+    writer.add_uint32("imatrix.chunk_count", 5)
+    writer.add_uint32("imatrix.chunk_size", 512)
+    writer.add_tensor("blk.0.ffn_down_exps.weight.in_sum2", np.full((4, 256), 3.0, dtype=np.float32))
+    writer.add_tensor("blk.0.ffn_down_exps.weight.counts", np.array([[3], [0], [1], [2]], dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    read = read_imatrix(path)
+    assert read.datasets == ["wiki.train.raw"] and read.chunk_count == 5 and read.chunk_size == 512
+    np.testing.assert_allclose(read.importance("blk.0.ffn_down_exps.weight")[:, 0], [1.0, 1.0, 3.0, 1.5])
