@@ -69,16 +69,23 @@ def server_model(gguf_model_factory) -> Path:
     return gguf_model_factory("mixed", tiny_hf_config())
 
 
+@pytest.fixture(scope="session")
+def small_server_model(gguf_model_factory) -> Path:
+    """Two layers (sliding window, then ratio 4): half the prefill time, for the long client prompts."""
+    return gguf_model_factory("two-layers", tiny_hf_config(num_hidden_layers=2))
+
+
 @pytest.fixture(scope="module")
 def serve(server_model, tmp_path_factory) -> Iterator:
-    """``serve(*args) -> Server``: started once per module for each set of arguments."""
-    started: dict[tuple[str, ...], Server] = {}
+    """``serve(*args, model=None) -> Server``: started once per module for each set of arguments."""
+    started: dict[tuple, Server] = {}
 
-    def make(*args: str) -> Server:
-        if args not in started:
+    def make(*args: str, model: Path | None = None) -> Server:
+        key = (*args, model)
+        if key not in started:
             log = tmp_path_factory.mktemp("serve") / "server.log"
-            started[args] = start_server(server_model, log, "--allow-scripted-output", *args)
-        return started[args]
+            started[key] = start_server(model or server_model, log, "--allow-scripted-output", *args)
+        return started[key]
 
     yield make
     for server in started.values():

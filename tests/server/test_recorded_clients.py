@@ -25,8 +25,8 @@ ENTRIES = json.loads((CLIENTS / "index.json").read_text())
 
 
 @pytest.fixture(scope="module")
-def server(serve):
-    return serve("--ctx", "40000")
+def server(serve, small_server_model):
+    return serve("--ctx", "40000", model=small_server_model)
 
 
 def first_tool(path: str, body: dict) -> tuple[str, str] | None:
