@@ -127,3 +127,22 @@ def test_the_trace_has_one_record_per_answer(server, trace):
     assert record["prompt_tokens"] == response.json()["usage"]["prompt_tokens"]
     assert record["prefill_seconds"] >= 0 and record["decode_seconds"] > 0
     assert len(trace.read_text().splitlines()) >= CLIENTS + 2  # every answer, cancelled ones too
+
+
+def test_a_client_that_gives_up_on_a_plain_request_cancels_it(server):
+    before = metrics(server)
+    body = {"model": "deepseek-chat", "messages": [{"role": "user", "content": "Write a lot"}]}
+    long_answer = " ".join(f"word{k}" for k in range(400))  # about a thousand tokens: many seconds
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(
+            server.url + "/v1/chat/completions", json=body, headers=server.script(long_answer), timeout=1.0
+        )
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        after = metrics(server)
+        if after["ds4_generations_cancelled_total"] > before["ds4_generations_cancelled_total"]:
+            break
+        time.sleep(0.1)
+    assert after["ds4_generations_cancelled_total"] == before["ds4_generations_cancelled_total"] + 1
+    generated = after["ds4_generated_tokens_total"] - before["ds4_generated_tokens_total"]
+    assert generated < len(Tokenizer.default().encode(long_answer)) / 2
