@@ -13,7 +13,7 @@ import contextlib
 import json
 import secrets
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -96,10 +96,6 @@ def check_model(service: Service, model: Any) -> str:
     return model
 
 
-def request_error(err: RequestError | ValueError) -> ApiError:
-    return ApiError(400, str(err))
-
-
 def sampling(
     service: Service,
     body: dict[str, Any],
@@ -135,8 +131,14 @@ def sampler(service: Service, request: Request, params: SamplingParams) -> Sampl
     script = request.headers.get(SCRIPT_HEADER)
     if script is None or not service.allow_scripted_output:
         return None
+    try:
+        text = json.loads(script)
+    except ValueError:
+        text = None
+    if not isinstance(text, str):
+        raise ApiError(400, f"{SCRIPT_HEADER} must be a JSON string")
     tokenizer = service.engine.tokenizer
-    return ScriptedSampler(tokenizer.encode(json.loads(script)), tokenizer.eos_id, params)
+    return ScriptedSampler(tokenizer.encode(text), tokenizer.eos_id, params)
 
 
 async def start(
@@ -282,7 +284,4 @@ def mapping_errors() -> Any:
     try:
         yield
     except (RequestError, ValueError) as err:
-        raise request_error(err) from None
-
-
-Streamer = Callable[[Run], AsyncIterator[bytes]]
+        raise ApiError(400, str(err)) from None
