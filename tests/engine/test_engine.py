@@ -204,6 +204,24 @@ def test_stop_strings_split_across_tokens_are_cut_and_regenerating_reuses_the_pr
     assert done.usage.generated_tokens == k + 2  # stopped at the token that completed the stop
 
 
+def test_the_checkpoint_shares_the_state_and_regenerating_gives_the_same_answer(engine):
+    conversation = Conversation([user("Count to twenty.")], thinking_mode="chat")
+    first = engine.generate(conversation, SamplingParams(temperature=0, max_tokens=8))
+    _, first_done = run(first)
+    session = first.session
+    pairs = [
+        (live.compressor, kept.compressor)
+        for live, kept in zip(session.state.layers, session.checkpoint.state.layers, strict=True)
+        if live.compressor is not None and len(live.compressor.row_buffer) > 0
+    ]
+    assert pairs
+    assert all(live.rows.data_ptr() == kept.rows.data_ptr() for live, kept in pairs)  # no copy taken
+    again = engine.generate(conversation, SamplingParams(temperature=0, max_tokens=8))
+    assert again.plan.source == "checkpoint"
+    _, again_done = run(again)
+    assert again_done.text == first_done.text  # the checkpoint was not changed by the first answer
+
+
 def test_cancel_from_another_thread_stops_between_tokens_and_keeps_what_was_written(engine):
     chat = Chat(engine, thinking="nothink")
     generation = chat.send("Count to a hundred.", SamplingParams(temperature=0, max_tokens=50))

@@ -77,12 +77,12 @@ def session_at(model: Model, n_tokens: int):
     g = torch.Generator().manual_seed(0)
     session = model.new_session()
     for i, state in enumerate(session.layers):
-        state.raw = torch.randn(c.window - 1, c.head_dim, generator=g)
+        state.window.append(torch.randn(c.window - 1, c.head_dim, generator=g))
         ratio = c.ratio(i)
         if ratio:
-            state.compressor.rows = torch.randn(n_tokens // ratio, c.head_dim, generator=g)
+            state.compressor.append_rows(torch.randn(n_tokens // ratio, c.head_dim, generator=g))
         if ratio == 4:
-            state.indexer.rows = torch.randn(n_tokens // ratio, c.index_head_dim, generator=g)
+            state.indexer.append_rows(torch.randn(n_tokens // ratio, c.index_head_dim, generator=g))
     session.n_tokens = n_tokens
     return session
 

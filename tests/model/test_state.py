@@ -11,6 +11,7 @@ from models import tiny_hf_config
 from dwarfstar.gguf.writer import GGUFFileWriter
 from dwarfstar.model.config import ModelConfig, load_config
 from dwarfstar.model.model import Model
+from dwarfstar.model.state import RowBuffer, Session
 
 
 @pytest.fixture(scope="module")
@@ -119,12 +120,74 @@ def test_quant_sim_chunked_agrees_with_full_pass(gguf_model_factory):
 
 
 def test_state_keeps_no_chunk_buffers_alive(model):
-    """Retained rows are their own tensors, not views that pin a whole chunk's buffers."""
+    """Retained rows are the state's own storage, not views that pin a whole chunk's buffers:
+    frontier tensors own exactly their bytes, buffers at most a constant times what they hold."""
     session = model.new_session()
     model.prefill(ids(301), session)
     for layer in session.layers:
-        for t in layer.tensors():
-            assert t.untyped_storage().nbytes() == t.numel() * t.element_size()
+        buffers = [layer.window] + [p.row_buffer for p in (layer.compressor, layer.indexer) if p is not None]
+        for buffer in buffers:
+            stored = buffer.view().untyped_storage().nbytes() // (4 * buffer.view().shape[1])
+            assert stored == buffer.capacity <= 4 * max(len(buffer), RowBuffer.MIN_CAPACITY)
+        for part in (layer.compressor, layer.indexer):
+            for t in part.tensors()[1:] if part is not None else []:
+                assert t.untyped_storage().nbytes() == t.numel() * t.element_size()
+
+
+def test_appending_100k_rows_is_amortised_constant_even_with_a_snapshot_per_turn():
+    buffer = RowBuffer(8)
+    snapshots = []
+    for i in range(100_000):
+        buffer.append(torch.full((1, 8), float(i)))
+        if i % 1000 == 0:  # the engine keeps a checkpoint at every turn boundary
+            snapshots = [buffer.share()]
+    assert len(buffer) == 100_000 and buffer.capacity < 2 * 100_000 + RowBuffer.MIN_CAPACITY
+    # doubling: each row is moved about once, and a snapshot never makes the live buffer copy
+    assert buffer.rows_copied <= 2 * 100_000
+    assert torch.equal(buffer.view()[:, 0], torch.arange(100_000, dtype=torch.float32))
+    assert torch.equal(snapshots[0].view()[:, 0], torch.arange(99_001, dtype=torch.float32))
+
+
+def test_a_sliding_window_of_100k_appends_stays_small_and_copies_a_constant_per_row():
+    window = RowBuffer(4)
+    for i in range(100_000):
+        window.append(torch.full((1, 4), float(i)))
+        window.keep_last(127)
+    assert torch.equal(window.view()[:, 0], torch.arange(100_000 - 127, 100_000, dtype=torch.float32))
+    assert window.capacity <= 4 * 127
+    assert window.rows_copied <= 2 * 100_000
+
+
+def test_shared_buffers_copy_on_write():
+    first = RowBuffer.of(torch.zeros(5, 2))
+    second = first.share()
+    assert second.view().data_ptr() == first.view().data_ptr()  # sharing copies nothing
+    first.append(torch.ones(1, 2))  # past the other's end: in place
+    assert first.rows_copied == 0 and len(second) == 5
+    second.append(torch.full((2, 2), 2.0))  # where the first's row lies: copies first
+    assert second.rows_copied == 5
+    assert torch.equal(first.view()[5:], torch.ones(1, 2))
+    assert torch.equal(second.view()[5:], torch.full((2, 2), 2.0))
+
+
+def test_a_snapshot_copies_no_rows_and_a_restored_session_continues_in_place(model):
+    session = model.new_session()
+    model.prefill(ids(300), session)
+    snapshot = session.snapshot()
+    pairs = zip(session.layers, snapshot.layers, strict=True)
+    assert all(a.compressor.rows.data_ptr() == b.compressor.rows.data_ptr() for a, b in pairs if a.compressor)
+    model.forward(ids(3, seed=5), session)
+    session.restore(snapshot)
+    model.forward(ids(1, seed=6), session)
+    copied = sum(p.row_buffer.rows_copied for layer in session.layers for p in (layer.compressor,) if p)
+    assert copied == 0  # the abandoned continuation is gone, so nothing else holds those rows
+
+
+def test_state_buffers_live_on_the_session_device(model):
+    session = Session.new(model.config, device="meta")
+    assert {t.device.type for layer in session.layers for t in layer.tensors()} == {"meta"}
+    session.layers[1].compressor.append_rows(torch.empty(3, model.config.head_dim, device="meta"))
+    assert session.layers[1].compressor.rows.device.type == "meta"
 
 
 def test_quant_sim_at_flash_head_widths(tmp_path):

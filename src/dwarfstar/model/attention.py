@@ -81,7 +81,7 @@ def compress(
     first_window = state.rows.shape[0]
     window_starts = (torch.arange(n_windows) + first_window) * m
     rows = finish(ctx.rope.apply(rows, window_starts))
-    state.rows = torch.cat((state.rows, rows))
+    state.append_rows(rows)
 
 
 def indexer_select(
@@ -188,9 +188,10 @@ def attention(
         kv = quantsim.kv_round(kv, c.nope_dim)
 
     # Raw window: cached rows then the chunk's own; query p sees positions (p - window, p].
-    raw = torch.cat((state.raw, kv))
-    raw_start = int(positions[0]) - state.raw.shape[0]  # position of raw[0]
-    state.raw = raw[-(c.window - 1) :].clone() if c.window > 1 else raw[:0]
+    raw_start = int(positions[0]) - len(state.window)  # position of raw[0]
+    state.window.append(kv)
+    raw = state.window.view()
+    state.window.keep_last(c.window - 1)
 
     rows = picks = valid = None
     if w.compressor is not None:
