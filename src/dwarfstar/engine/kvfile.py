@@ -1,0 +1,285 @@
+"""Snapshot files: a session's decode state on disk, restored bit-exactly and memory-mapped.
+
+Layout (little-endian; ``docs/kv-cache.md`` is the reference):
+
+- a 28-byte prefix: magic ``DS4KVSNP``, format version (u32), header length (u32), payload
+  length (u64), CRC-32 of header and payload (u32);
+- the header: UTF-8 JSON, padded with spaces to a multiple of 64 bytes: the model identity,
+  the token count, the rendered text, caller metadata (``extra``) and the table of tensors
+  (name, dtype, shape, offset into the payload);
+- the payload: the tensors' bytes, each at a 64-byte aligned offset: the token ids, the
+  next-token logits, then per layer the window, and the compressor and indexer rows and
+  frontier.
+
+Files are written to a temporary name in the same directory, flushed, fsynced and renamed, so
+a crash never leaves a half file under a real name. Reading checks size, magic, version,
+checksum, model identity and structure; any mismatch is a ``KVFileError``, never a crash.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import mmap
+import os
+import struct
+import time
+import uuid
+import weakref
+import zlib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from dwarfstar.model.model import Model
+from dwarfstar.model.state import CompressorState, RowBuffer, Session
+
+MAGIC = b"DS4KVSNP"
+VERSION = 1
+_PREFIX = struct.Struct("<8sIIQI")
+_ALIGN = 64
+_FRONTIER = ("pending_kv", "pending_gate", "previous_kv", "previous_gate")
+_IDENTITIES: weakref.WeakKeyDictionary[Model, dict] = weakref.WeakKeyDictionary()
+
+
+class KVFileError(ValueError):
+    """A snapshot file that cannot be used: truncated, corrupt, another model or format version."""
+
+
+@dataclass
+class Snapshot:
+    """What a snapshot file holds: the state after ``tokens``, their text when known, the
+    next-token logits, and the caller's metadata (JSON values)."""
+
+    state: Session
+    tokens: list[int]
+    text: str | None
+    logits: torch.Tensor
+    extra: dict = field(default_factory=dict)
+
+
+def model_identity(model: Model) -> dict:
+    """What a snapshot is valid for: the architecture, the quantisation-simulation switch and a
+    fingerprint of the weights (each tensor's name, type, shape and first bytes)."""
+    if model not in _IDENTITIES:
+        digest = hashlib.sha256()
+        file = getattr(model, "file", None)
+        for name, info in sorted(file.tensors.items()) if file is not None else []:
+            head = info.data.reshape(-1)[:64].tobytes()
+            digest.update(f"{name}:{info.kind.name}:{info.shape}:".encode() + head)
+        _IDENTITIES[model] = {
+            "architecture": model.config.to_metadata(),
+            "quant_sim": bool(model.quant_sim),
+            "weights": digest.hexdigest(),
+        }
+    return _IDENTITIES[model]
+
+
+def state_tensors(state: Session) -> list[tuple[str, torch.Tensor]]:
+    out = []
+    for i, layer in enumerate(state.layers):
+        out.append((f"layers.{i}.window", layer.raw))
+        for part_name in ("compressor", "indexer"):
+            part = getattr(layer, part_name)
+            if part is None:
+                continue
+            out.append((f"layers.{i}.{part_name}.rows", part.rows))
+            out += [
+                (f"layers.{i}.{part_name}.{f}", getattr(part, f))
+                for f in _FRONTIER
+                if getattr(part, f) is not None
+            ]
+    return out
+
+
+def _padded(n: int) -> int:
+    return -(-n // _ALIGN) * _ALIGN
+
+
+def write(path: str | os.PathLike[str], snapshot: Snapshot, model: Model) -> int:
+    """Write ``snapshot`` atomically to ``path``; returns the file's size in bytes.
+
+    An ``OSError`` (a full disk, say) leaves no file behind, under the real name or another.
+    """
+    path = Path(path)
+    tensors = [
+        ("tokens", torch.tensor(snapshot.tokens, dtype=torch.int32)),
+        ("logits", snapshot.logits.detach().reshape(-1)),
+        *state_tensors(snapshot.state),
+    ]
+    table, offset = [], 0
+    for name, t in tensors:
+        table.append(
+            {
+                "name": name,
+                "dtype": str(t.dtype).removeprefix("torch."),
+                "shape": list(t.shape),
+                "offset": offset,
+            }
+        )
+        offset = _padded(offset + t.numel() * t.element_size())
+    header = {
+        "model": model_identity(model),
+        "n_tokens": len(snapshot.tokens),
+        "text": snapshot.text,
+        "created": time.time(),
+        "extra": snapshot.extra,
+        "tensors": table,
+    }
+    header_bytes = json.dumps(header, ensure_ascii=False).encode()
+    header_bytes += b" " * (_padded(_PREFIX.size + len(header_bytes)) - _PREFIX.size - len(header_bytes))
+    payload_size = offset
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        with open(temporary, "wb") as f:
+            f.write(_PREFIX.pack(MAGIC, VERSION, len(header_bytes), payload_size, 0))
+            f.write(header_bytes)
+            crc = zlib.crc32(header_bytes)
+            written = 0
+            for entry, (_, t) in zip(table, tensors, strict=True):
+                gap = bytes(entry["offset"] - written)
+                data = memoryview(t.contiguous().cpu().reshape(-1).view(torch.uint8).numpy())
+                f.write(gap)
+                f.write(data)
+                crc = zlib.crc32(data, zlib.crc32(gap, crc))
+                written = entry["offset"] + len(data)
+            tail = bytes(payload_size - written)
+            f.write(tail)
+            crc = zlib.crc32(tail, crc)
+            f.seek(0)
+            f.write(_PREFIX.pack(MAGIC, VERSION, len(header_bytes), payload_size, crc))
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        temporary.unlink(missing_ok=True)
+        raise
+    _fsync_directory(path.parent)
+    return _PREFIX.size + len(header_bytes) + payload_size
+
+
+def _fsync_directory(directory: Path) -> None:
+    """Make the rename itself durable (best effort where directories cannot be opened)."""
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def read_header(path: str | os.PathLike[str]) -> dict:
+    """The header of a snapshot file (no checksum check: for listing a directory)."""
+    with open(path, "rb") as f:
+        prefix = f.read(_PREFIX.size)
+        magic, version, header_size, _, _ = _unpack_prefix(prefix)
+        data = f.read(header_size)
+    if len(data) != header_size:
+        raise KVFileError("truncated: the header is cut short")
+    return _parse_header(data)
+
+
+def _unpack_prefix(prefix: bytes) -> tuple[bytes, int, int, int, int]:
+    if len(prefix) < _PREFIX.size:
+        raise KVFileError("truncated: shorter than the fixed prefix")
+    magic, version, header_size, payload_size, crc = _PREFIX.unpack_from(prefix)
+    if magic != MAGIC:
+        raise KVFileError("not a dwarfstar snapshot file (bad magic)")
+    if version != VERSION:
+        raise KVFileError(f"format version {version}; this dwarfstar reads version {VERSION}")
+    return magic, version, header_size, payload_size, crc
+
+
+def _parse_header(data: bytes) -> dict:
+    try:
+        header = json.loads(data.decode())
+    except (UnicodeDecodeError, ValueError) as err:
+        raise KVFileError(f"corrupt header ({err})") from None
+    if not isinstance(header, dict):
+        raise KVFileError("corrupt header (not an object)")
+    return header
+
+
+def read(path: str | os.PathLike[str], model: Model, device: torch.device | str = "cpu") -> Snapshot:
+    """Load a snapshot for ``model``, memory-mapped: the rows stay in the file's pages until
+    the session first appends to them. ``KVFileError`` says why a file cannot be used."""
+    try:
+        with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            if size < _PREFIX.size:
+                raise KVFileError("truncated: shorter than the fixed prefix")
+            mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+    except OSError as err:
+        raise KVFileError(f"cannot read it ({err.strerror or err})") from None
+    _, _, header_size, payload_size, crc = _unpack_prefix(mapped[: _PREFIX.size])
+    expected = _PREFIX.size + header_size + payload_size
+    if size != expected:
+        raise KVFileError(f"truncated or padded: {size} bytes, the prefix announces {expected}")
+    if zlib.crc32(memoryview(mapped)[_PREFIX.size :]) != crc:
+        raise KVFileError("corrupt: the checksum does not match")
+    header = _parse_header(mapped[_PREFIX.size : _PREFIX.size + header_size])
+    if header.get("model") != model_identity(model):
+        raise KVFileError(
+            "written for another model (architecture, weights or quantisation simulation differ)"
+        )
+    try:
+        return _snapshot(header, mapped, _PREFIX.size + header_size, model, torch.device(device))
+    except (KeyError, TypeError, ValueError, RuntimeError, AttributeError) as err:
+        raise KVFileError(f"inconsistent contents ({err})") from None
+
+
+def _snapshot(header: dict, mapped: mmap.mmap, base: int, model: Model, device: torch.device) -> Snapshot:
+    tensors = {}
+    for entry in header["tensors"]:
+        dtype = getattr(torch, entry["dtype"])
+        if not isinstance(dtype, torch.dtype):
+            raise ValueError(f"unknown dtype {entry['dtype']!r}")
+        count = 1
+        for n in entry["shape"]:
+            count *= int(n)
+        start = base + int(entry["offset"])
+        if count and start + count * dtype.itemsize > len(mapped):
+            raise ValueError(f"tensor {entry['name']} runs past the end of the file")
+        flat = (
+            torch.frombuffer(mapped, dtype=dtype, count=count, offset=start)
+            if count
+            else torch.empty(0, dtype=dtype)
+        )
+        tensors[entry["name"]] = flat.reshape(entry["shape"])
+    config = model.config
+    tokens = tensors.pop("tokens").tolist()
+    logits = tensors.pop("logits").to(device, copy=True)
+    if len(tokens) != header["n_tokens"] or logits.shape != (config.vocab_size,):
+        raise ValueError("the token count or the logits' size does not match the header")
+    state = Session.new(config, device)
+    for i, layer in enumerate(state.layers):
+        layer.window = _adopted(tensors.pop(f"layers.{i}.window"), config.head_dim, device)
+        for part_name in ("compressor", "indexer"):
+            part: CompressorState | None = getattr(layer, part_name)
+            if part is None:
+                continue
+            part.row_buffer = _adopted(
+                tensors.pop(f"layers.{i}.{part_name}.rows"), part.rows.shape[1], device
+            )
+            for f in _FRONTIER:
+                value = tensors.pop(f"layers.{i}.{part_name}.{f}", None)
+                setattr(part, f, None if value is None else value.to(device, copy=True))
+            if part.pending_kv is None or part.pending_gate is None:
+                raise ValueError(f"layer {i} {part_name}: the frontier is missing")
+    if tensors:
+        raise ValueError(f"unexpected tensors {sorted(tensors)[:3]}")
+    state.n_tokens = len(tokens)
+    extra = header.get("extra") or {}
+    return Snapshot(state, tokens, header.get("text"), logits, extra if isinstance(extra, dict) else {})
+
+
+def _adopted(rows: torch.Tensor, width: int, device: torch.device) -> RowBuffer:
+    """A buffer over ``rows`` (mapped pages on the CPU; copied to another device)."""
+    if rows.dim() != 2 or rows.shape[1] != width:
+        raise ValueError(f"rows of shape {tuple(rows.shape)}, expected width {width}")
+    return RowBuffer.adopt(rows if device.type == "cpu" else rows.to(device))
