@@ -67,8 +67,8 @@ def compress(
         first_kv = kv[..., :d]
         first_gate = gate[..., :d]
         if state.previous_kv is None:
-            prev_kv = torch.zeros(1, m, d)
-            prev_gate = torch.full((1, m, d), float("-inf"))
+            prev_kv = kv.new_zeros(1, m, d)
+            prev_gate = gate.new_full((1, m, d), float("-inf"))
         else:
             prev_kv, prev_gate = state.previous_kv[None], state.previous_gate[None]
         slots_kv = torch.cat((torch.cat((prev_kv, first_kv[:-1])), kv[..., d:]), dim=1)
@@ -79,7 +79,7 @@ def compress(
     pooled = (slots_kv * torch.softmax(slots_gate, dim=1)).sum(dim=1)
     rows = rms_norm(pooled, comp.norm, ctx.config.rms_eps)
     first_window = state.rows.shape[0]
-    window_starts = (torch.arange(n_windows) + first_window) * m
+    window_starts = torch.arange(first_window, first_window + n_windows, device=rows.device) * m
     rows = finish(ctx.rope.apply(rows, window_starts))
     state.append_rows(rows)
 
@@ -112,7 +112,7 @@ def indexer_select(
         block = slice(start, start + step)
         scores = torch.einsum("thd,wd->thw", q[block], keys).relu()
         scores = torch.einsum("thw,th->tw", scores, weights[block])
-        future = torch.arange(keys.shape[0])[None, :] >= visible[block, None]
+        future = torch.arange(keys.shape[0], device=keys.device)[None, :] >= visible[block, None]
         picks.append(scores.masked_fill(future, float("-inf")).topk(k, dim=-1).indices)
     indices = torch.cat(picks)
     return indices, indices < visible[:, None]
@@ -136,6 +136,7 @@ def _attend_block(
     ctx: LayerContext,
     q: torch.Tensor,
     positions: torch.Tensor,
+    first: int,
     raw: torch.Tensor,
     raw_start: int,
     rows: torch.Tensor | None,
@@ -144,14 +145,16 @@ def _attend_block(
 ) -> torch.Tensor:
     """Softmax attention with sinks for a block of consecutive queries (B, H, D) -> (B, H, D).
 
-    Keys: the raw rows of each query's window, and the compressed rows it may see (all
-    complete windows for HCA, its indexer's valid picks for CSA).
+    ``first`` is the first query's position (a host int, so the keys are sliced without reading
+    ``positions`` back from the device). Keys: the raw rows of each query's window, and the
+    compressed rows it may see (all complete windows for HCA, its indexer's valid picks for CSA).
     """
     c = ctx.config
-    first, last = int(positions[0]), int(positions[-1])
+    last = first + q.shape[0] - 1
     lo = max(0, first - c.window + 1 - raw_start)
     keys = raw[lo : last + 1 - raw_start]
-    delta = positions[:, None] - (raw_start + lo + torch.arange(keys.shape[0]))[None, :]
+    key_positions = torch.arange(raw_start + lo, raw_start + lo + keys.shape[0], device=keys.device)
+    delta = positions[:, None] - key_positions[None, :]
     seen = (delta >= 0) & (delta < c.window)
     scale = c.head_dim**-0.5
     parts = [torch.einsum("thd,kd->thk", q, keys).masked_fill(~seen[:, None, :], float("-inf")) * scale]
@@ -160,7 +163,10 @@ def _attend_block(
         scores = torch.einsum("thd,tkd->thk", q, chosen)
         parts.append(scores.masked_fill(~valid[:, None, :], float("-inf")) * scale)
     elif rows is not None:  # HCA
-        visible = torch.arange(rows.shape[0])[None, :] < ((positions + 1) // w.compressor.ratio)[:, None]
+        visible = (
+            torch.arange(rows.shape[0], device=rows.device)[None, :]
+            < ((positions + 1) // w.compressor.ratio)[:, None]
+        )
         scores = torch.einsum("thd,wd->thw", q, rows)
         parts.append(scores.masked_fill(~visible[:, None, :], float("-inf")) * scale)
     sinks = w.sinks[None, :, None].expand(q.shape[0], -1, 1)
@@ -175,9 +181,18 @@ def _attend_block(
 
 
 def attention(
-    w: Attention, a: torch.Tensor, positions: torch.Tensor, state: LayerState, ctx: LayerContext
+    w: Attention,
+    a: torch.Tensor,
+    positions: torch.Tensor,
+    first: int,
+    state: LayerState,
+    ctx: LayerContext,
 ) -> torch.Tensor:
-    """Attention output (T, D) for a chunk of normed inputs ``a`` (T, D); updates ``state``."""
+    """Attention output (T, D) for a chunk of normed inputs ``a`` (T, D); updates ``state``.
+
+    ``positions`` (T,) are ``first``, ``first + 1``, ... on the model's device; ``first`` also
+    comes as a host int so that nothing is read back from the device.
+    """
     c = ctx.config
     n_tok = a.shape[0]
     qr = rms_norm(quant.linear(a, w.q_a), w.q_norm, c.rms_eps)
@@ -188,7 +203,7 @@ def attention(
         kv = quantsim.kv_round(kv, c.nope_dim)
 
     # Raw window: cached rows then the chunk's own; query p sees positions (p - window, p].
-    raw_start = int(positions[0]) - len(state.window)  # position of raw[0]
+    raw_start = first - len(state.window)  # position of raw[0]
     state.window.append(kv)
     raw = state.window.view()
     state.window.keep_last(c.window - 1)
@@ -211,6 +226,7 @@ def attention(
                 ctx,
                 q[s : s + step],
                 positions[s : s + step],
+                first + s,
                 raw,
                 raw_start,
                 rows,

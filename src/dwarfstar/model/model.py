@@ -10,6 +10,7 @@ import torch
 from dwarfstar import quant
 from dwarfstar.model.attention import LayerContext, attention
 from dwarfstar.model.config import load_config
+from dwarfstar.model.device import resolve_device, upload
 from dwarfstar.model.hyper import hc_head, hc_post, hc_pre
 from dwarfstar.model.moe import moe
 from dwarfstar.model.norm import rms_norm
@@ -28,31 +29,41 @@ class Model:
     ``quant_sim`` rounds stored KV rows and indexer vectors the way DeepSeek's own inference
     does (see ``quantsim``); by default it is on for the real Flash model and off for small
     models, which are compared with references that do not simulate it.
+
+    Every tensor of the weights, the sessions and the forward pass lives on ``device`` (that of
+    the weights given); a decode step reads nothing back to the host.
     """
 
     def __init__(self, weights: Weights, quant_sim: bool | None = None) -> None:
         self.weights = weights
         self.config = weights.config
+        self.device = weights.norm.device
         self.quant_sim = self.config.is_flash if quant_sim is None else quant_sim
         self.contexts = [
-            LayerContext(self.config, layer_rope(self.config, self.config.ratio(i)), self.quant_sim)
+            LayerContext(
+                self.config, layer_rope(self.config, self.config.ratio(i)).to(self.device), self.quant_sim
+            )
             for i in range(self.config.n_layer)
         ]
 
     @classmethod
-    def load(cls, path: str | Path, quant_sim: bool | None = None) -> Model:
+    def load(
+        cls, path: str | Path, quant_sim: bool | None = None, device: str | torch.device | None = "cpu"
+    ) -> Model:
         """Memory-map a GGUF file (or every shard of a split one) and bind its tensors; nothing
-        is dequantized here."""
+        is dequantized here. On another ``device`` (None: the best available) the weights are
+        uploaded once; a DeviceError when they do not fit."""
         from dwarfstar.gguf.shards import GGUFModel
 
+        target = resolve_device(device)
         file = GGUFModel(path)
         config = load_config(file)
-        model = cls(bind(config, file.tensors, str(path)), quant_sim)
+        model = cls(upload(bind(config, file.tensors, str(path)), target), quant_sim)
         model.file = file  # keeps the mapping alive as long as the model
         return model
 
     def new_session(self) -> Session:
-        return Session.new(self.config)
+        return Session.new(self.config, self.device)
 
     @torch.inference_mode()
     def forward(self, tokens: torch.Tensor, session: Session, all_logits: bool = True) -> torch.Tensor:
@@ -62,14 +73,15 @@ class Model:
         false. The session advances by T tokens.
         """
         c = self.config
-        tokens = self._checked_tokens(tokens)
-        positions = torch.arange(session.n_tokens, session.n_tokens + tokens.shape[0])
+        tokens = self._checked_tokens(tokens).to(self.device)
+        first = session.n_tokens
+        positions = torch.arange(first, first + tokens.shape[0], device=self.device)
         x = quant.take_rows(self.weights.embed, tokens)
         streams = x[:, None, :].expand(-1, c.hc_mult, -1)
         for i, (layer, state) in enumerate(zip(self.weights.layers, session.layers, strict=True)):
             a, post, comb = hc_pre(streams, layer.attn_hc, c.rms_eps, c.hc_eps, c.hc_sinkhorn_iters)
             out = attention(
-                layer.attn, rms_norm(a, layer.attn_norm, c.rms_eps), positions, state, self.contexts[i]
+                layer.attn, rms_norm(a, layer.attn_norm, c.rms_eps), positions, first, state, self.contexts[i]
             )
             streams = hc_post(out, streams, post, comb)
             a, post, comb = hc_pre(streams, layer.ffn_hc, c.rms_eps, c.hc_eps, c.hc_sinkhorn_iters)
@@ -84,13 +96,18 @@ class Model:
         return quant.linear(y, self.weights.output)
 
     def _checked_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
-        """``tokens`` as a flat int64 tensor; a ValueError unless they are integer ids in the vocabulary."""
+        """``tokens`` as a flat int64 tensor; a ValueError unless they are integer ids in the vocabulary.
+
+        The check runs where the ids come from (the host, normally): ids already on the model's
+        device are checked without reading them back, by the device's own bounds checks."""
         tokens = torch.as_tensor(tokens)
         if tokens.numel() == 0:
             raise ValueError("no tokens to process: give at least one token id")
         if tokens.dtype == torch.bool or tokens.is_floating_point() or tokens.is_complex():
             raise ValueError(f"token ids must be integers, got a tensor of {tokens.dtype}")
         tokens = tokens.to(torch.long).reshape(-1)
+        if tokens.device.type != "cpu":
+            return tokens
         bad = tokens[(tokens < 0) | (tokens >= self.config.vocab_size)]
         if bad.numel():
             raise ValueError(f"token ids out of range [0, {self.config.vocab_size}): {bad[:5].tolist()}")

@@ -8,13 +8,14 @@ official ones; references that do not simulate it are compared with the simulati
 
 from __future__ import annotations
 
+from functools import cache
+
 import torch
 
 from dwarfstar.quant.formats import E2M1_VALUES
 
 FP8_MAX = 448.0
 FP4_MAX = 6.0
-_FP4_VALUES = torch.tensor(E2M1_VALUES[:8])  # the non-negative codes
 
 
 def _pow2_scale(amax: torch.Tensor, top: float) -> torch.Tensor:
@@ -24,7 +25,8 @@ def _pow2_scale(amax: torch.Tensor, top: float) -> torch.Tensor:
     ``frexp`` gives ratio = m·2^e with m in [0.5, 1): the ceiling is e, or e - 1 when the
     ratio is exactly a power of two (m = 0.5); no float log2 rounding is involved.
     """
-    mantissa, exponent = torch.frexp(amax * torch.tensor(1.0 / top, dtype=amax.dtype))
+    reciprocal = torch.tensor(1.0 / top, dtype=amax.dtype, device=amax.device)
+    mantissa, exponent = torch.frexp(amax * reciprocal)
     return torch.ldexp(torch.ones_like(amax), exponent - (mantissa == 0.5).to(exponent.dtype))
 
 
@@ -44,9 +46,15 @@ def fp8_round(x: torch.Tensor, block: int = 64) -> torch.Tensor:
     return out[..., : x.shape[-1]] if pad else out
 
 
+@cache
+def _fp4_values(device: torch.device) -> torch.Tensor:
+    """The non-negative E2M1 codes' values, on ``device`` (made once per device)."""
+    return torch.tensor(E2M1_VALUES[:8], device=device)
+
+
 def _e2m1(x: torch.Tensor) -> torch.Tensor:
     """Nearest E2M1 value (0, .5, 1, 1.5, 2, 3, 4, 6 with sign), ties to the even code."""
-    values = _FP4_VALUES.to(x.device)
+    values = _fp4_values(x.device)
     mag = x.abs()
     hi = torch.bucketize(mag, values).clamp(max=len(values) - 1)
     lo = (hi - 1).clamp(min=0)

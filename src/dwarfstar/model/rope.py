@@ -48,6 +48,9 @@ class Rope:
     def __init__(self, freqs: torch.Tensor) -> None:
         self.freqs = freqs
 
+    def to(self, device: torch.device | str) -> Rope:
+        return Rope(self.freqs.to(device))
+
     def cos_sin(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         angles = positions.to(torch.float32)[:, None] * self.freqs[None, :]
         return angles.cos(), angles.sin()

@@ -1,0 +1,109 @@
+"""Where the model runs: choosing a device and uploading the bound weights to it once.
+
+The GGUF file stays memory-mapped on the host. On the CPU the weights are used in place; on an
+accelerator every tensor is copied to device memory once, at load, and the forward pass then
+creates every tensor on that device (tests/model/test_device.py checks it).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+
+import torch
+from tqdm import tqdm
+
+from dwarfstar.quant.tensor import QTensor
+
+DEVICES = ("cpu", "cuda", "mps")
+
+
+class DeviceError(ValueError):
+    """The device asked for is not available, or the model does not fit in its memory."""
+
+
+def best_device() -> str:
+    """CUDA when there is a GPU, else Apple's Metal (mps), else the CPU."""
+    if torch.cuda.is_available():
+        return "cuda"
+    if torch.backends.mps.is_available():
+        return "mps"
+    return "cpu"
+
+
+def resolve_device(name: str | torch.device | None) -> torch.device:
+    """The device named (``cpu``, ``cuda``, ``cuda:1``, ``mps``, ``meta``), or the best available."""
+    device = torch.device(best_device() if name is None else name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise DeviceError("--device cuda: this torch sees no CUDA GPU (is it a CUDA build of torch?)")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise DeviceError("--device mps: Apple's Metal backend is not available on this machine")
+    if device.type not in (*DEVICES, "meta"):
+        raise DeviceError(f"unknown device {name!r}: choose one of {', '.join(DEVICES)}")
+    return device
+
+
+def device_memory(device: torch.device) -> int | None:
+    """Bytes the model may occupy on ``device``: free memory on a GPU; None where unbounded."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    if device.type == "mps":
+        return torch.mps.recommended_max_memory() - torch.mps.current_allocated_memory()
+    return None
+
+
+def _leaves(tree: object) -> list[torch.Tensor | QTensor]:
+    """Every tensor in a tree of dataclasses and lists (the bound weights)."""
+    if isinstance(tree, torch.Tensor | QTensor):
+        return [tree]
+    if isinstance(tree, list | tuple):
+        return [leaf for item in tree for leaf in _leaves(item)]
+    if dataclasses.is_dataclass(tree):
+        return [leaf for f in dataclasses.fields(tree) for leaf in _leaves(getattr(tree, f.name))]
+    return []
+
+
+def _moved(tree: object, move) -> object:
+    if isinstance(tree, torch.Tensor):
+        return move(tree)
+    if isinstance(tree, QTensor):
+        return QTensor(tree.kind, tree.shape, move(tree.data))
+    if isinstance(tree, list):
+        return [_moved(item, move) for item in tree]
+    if dataclasses.is_dataclass(tree) and not isinstance(tree, type):
+        changes = {f.name: _moved(getattr(tree, f.name), move) for f in dataclasses.fields(tree)}
+        return dataclasses.replace(tree, **changes)
+    return tree
+
+
+def nbytes(tree: object) -> int:
+    return sum(
+        leaf.nbytes if isinstance(leaf, QTensor) else leaf.numel() * leaf.element_size()
+        for leaf in _leaves(tree)
+    )
+
+
+def upload(tree: object, device: torch.device, progress: bool | None = None):
+    """A copy of ``tree`` (the bound weights) with every tensor on ``device``.
+
+    On the CPU nothing is copied (the weights stay views of the mapped file). Elsewhere the
+    total must fit the device's memory, or a DeviceError says by how much it does not
+    (streaming layers from the host is not supported yet). A progress bar on a terminal.
+    """
+    if device.type == "cpu":
+        return tree
+    total = nbytes(tree)
+    room = device_memory(device)
+    if room is not None and total > room:
+        raise DeviceError(
+            f"the model's weights take {total / 2**30:.1f} GiB, {device} has {room / 2**30:.1f} GiB free: "
+            "use a smaller file (e.g. the q2 recipe) or --device cpu"
+        )
+    show = sys.stderr.isatty() if progress is None else progress
+    with tqdm(total=total, unit="B", unit_scale=True, desc=f"to {device}", disable=not show) as bar:
+
+        def move(t: torch.Tensor) -> torch.Tensor:
+            bar.update(t.numel() * t.element_size())
+            return t.to(device)
+
+        return _moved(tree, move)
