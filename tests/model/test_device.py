@@ -9,6 +9,9 @@ The matrix products get shape-only kernels for `meta`, standing in for a device'
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import pytest
 import torch
 from models import tiny_hf_config
@@ -106,3 +109,27 @@ def test_unavailable_devices_are_named():
     with pytest.raises(DeviceError, match="unknown device"):
         devices.resolve_device("xla")
     assert devices.resolve_device(None).type == devices.best_device()
+
+
+def test_the_cli_names_a_missing_device(path, tmp_path):
+    missing = "cuda" if not torch.cuda.is_available() else "mps"
+    (tmp_path / "ids.json").write_text("[1, 2]")
+    code = "import sys; from dwarfstar.cli.main import main; sys.exit(main())"
+    args = [
+        "logits",
+        "-m",
+        str(path),
+        "--tokens",
+        str(tmp_path / "ids.json"),
+        "--out",
+        str(tmp_path / "o.npy"),
+    ]
+    result = subprocess.run(
+        [sys.executable, "-c", code, *args, "--device", missing], capture_output=True, text=True
+    )
+    assert result.returncode == 2 and f"--device {missing}" in result.stderr, result.stderr
+    assert "Traceback" not in result.stderr
+    ok = subprocess.run(
+        [sys.executable, "-c", code, *args, "--device", "cpu"], capture_output=True, text=True
+    )
+    assert ok.returncode == 0, ok.stderr

@@ -76,7 +76,7 @@ def run(args: argparse.Namespace) -> int:
         raise CommandError(f"--plot {args.plot}: give a .png file name")
     text = _read_text(args.text)
     path = model_path(args)
-    model, tokenizer = open_model(path), open_tokenizer(path)
+    model, tokenizer = open_model(path, device=args.device), open_tokenizer(path)
     tokens = [tokenizer.bos_id, *tokenizer.encode(text)]
     if args.ctx_max > len(tokens):
         source = args.text or BENCH_TEXT

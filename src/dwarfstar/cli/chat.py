@@ -102,7 +102,9 @@ def run(args: argparse.Namespace) -> int:
         raise CommandError(f"--ctx must be at least 2, not {args.ctx}")
     prompt = _read_prompt_file(args.prompt_file) if args.prompt_file else args.prompt
     path = model_path(args)
-    engine = Engine(open_model(path), open_tokenizer(path), **({"ctx": args.ctx} if args.ctx else {}))
+    engine = Engine(
+        open_model(path, device=args.device), open_tokenizer(path), **({"ctx": args.ctx} if args.ctx else {})
+    )
     chat = Chat(engine, system=args.system or None, thinking=_thinking(args.thinking, engine.ctx))
     if prompt is not None:
         return _one_shot(chat, prompt, sampling)

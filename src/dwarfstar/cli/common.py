@@ -25,8 +25,8 @@ PREFILL_CHUNK = 512
 GET_A_MODEL = "get the model with `ds4 download q2-imatrix` (~81 GB; q4-imatrix for 256 GB machines)"
 
 
-def add_model_arguments(parser: argparse.ArgumentParser) -> None:
-    """``-m FILE`` or ``--demo``: which model a command opens."""
+def add_model_arguments(parser: argparse.ArgumentParser, device: bool = True) -> None:
+    """``-m FILE`` or ``--demo``: which model a command opens; ``--device``: where it runs."""
     which = parser.add_mutually_exclusive_group()
     which.add_argument("-m", "--model", type=Path, help=f"GGUF model file (default: ./{DEFAULT_MODEL})")
     which.add_argument(
@@ -35,6 +35,13 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
         help="a small random-weight model of the real architecture, built once in the user's cache "
         "directory: it shows the whole path running, its output is noise",
     )
+    if device:
+        parser.add_argument(
+            "--device",
+            choices=("cpu", "cuda", "mps"),
+            help="where the model runs (default: the best available: cuda, then mps, then cpu); the "
+            "weights are copied there once at load",
+        )
 
 
 def model_path(args: argparse.Namespace) -> Path:
@@ -56,11 +63,12 @@ def model_path(args: argparse.Namespace) -> Path:
     return path
 
 
-def open_model(path: Path, quant_sim: bool | None = None) -> Model:
-    """Memory-map and bind the model; a file that is not a V4 Flash GGUF is a ``CommandError``."""
+def open_model(path: Path, quant_sim: bool | None = None, device: str | None = None) -> Model:
+    """Memory-map and bind the model, on ``device`` (None: the best available); a file that is
+    not a V4 Flash GGUF, or a device that cannot hold it, is a ``CommandError``."""
     from dwarfstar.model.model import Model
 
-    model = _opening(path, lambda: Model.load(path, quant_sim=quant_sim))
+    model = _opening(path, lambda: Model.load(path, quant_sim=quant_sim, device=device))
     for note in model.weights.notes:  # e.g. the MTP block it skipped
         print(f"note: {note}", file=sys.stderr)
     return model
@@ -76,11 +84,12 @@ def open_tokenizer(path: Path) -> Tokenizer:
 def _opening(path: Path, load: Callable[[], T]) -> T:
     from dwarfstar.gguf.reader import GGUFError
     from dwarfstar.model.config import ConfigError
+    from dwarfstar.model.device import DeviceError
     from dwarfstar.model.weights import WeightsError
 
     try:
         return load()
-    except (GGUFError, ConfigError, WeightsError) as err:
+    except (GGUFError, ConfigError, WeightsError, DeviceError) as err:
         raise CommandError(str(err)) from None
     except (ValueError, KeyError) as err:
         raise CommandError(f"{path}: not a usable DeepSeek V4 Flash GGUF ({err})") from None

@@ -76,7 +76,7 @@ def run(args: argparse.Namespace) -> int:
     except ImatrixError as err:
         raise CommandError(str(err)) from None
     path = model_path(args)
-    model, tokenizer = open_model(path), open_tokenizer(path)
+    model, tokenizer = open_model(path, device=args.device), open_tokenizer(path)
     tokens = tokenizer.encode(text)
     per_chunk = args.ctx - 1  # after each chunk's BOS
     starts = list(range(0, len(tokens), per_chunk))[: args.chunks]

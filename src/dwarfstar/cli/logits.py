@@ -66,7 +66,7 @@ def run(args: argparse.Namespace) -> int:
         args.out = args.out or cache_dir() / "demo-logits.npy"
     if args.out.is_dir():
         raise CommandError(f"--out {args.out} is a directory; give a .npy file name")
-    model = open_model(path, quant_sim=False if args.no_quant_sim else None)
+    model = open_model(path, quant_sim=False if args.no_quant_sim else None, device=args.device)
     check_token_ids(tokens, model.config.vocab_size)
 
     # Each chunk's logits go straight to a memory-mapped .npy, renamed into place when complete.
@@ -78,7 +78,7 @@ def run(args: argparse.Namespace) -> int:
         chunks = model.prefill_chunks(torch.tensor(tokens), model.new_session(), args.chunk)
         with tqdm(total=len(tokens), desc="prefill", unit="tok", disable=not sys.stderr.isatty()) as bar:
             for logits in chunks:
-                out[done : done + logits.shape[0]] = logits.numpy()
+                out[done : done + logits.shape[0]] = logits.cpu().numpy()
                 done += logits.shape[0]
                 bar.update(logits.shape[0])
         out.flush()

@@ -71,7 +71,7 @@ def run(args: argparse.Namespace) -> int:
     if args.out is not None and args.out.is_dir():
         raise CommandError(f"--out {args.out} is a directory; give a .json file name")
     path = model_path(args)
-    model, tokenizer = open_model(path), open_tokenizer(path)
+    model, tokenizer = open_model(path, device=args.device), open_tokenizer(path)
     if args.tokens is not None:
         ids = read_token_file(args.tokens)
         check_token_ids(ids, model.config.vocab_size)

@@ -66,7 +66,7 @@ def run(args: argparse.Namespace) -> int:
     except OSError as err:
         raise CommandError(f"{args.text}: cannot read it ({err.strerror or err})") from None
     path = model_path(args)
-    model, tokenizer = open_model(path), open_tokenizer(path)
+    model, tokenizer = open_model(path, device=args.device), open_tokenizer(path)
     tokens = tokenizer.encode(text)[: args.max_tokens]
     if len(tokens) <= args.skip:
         raise CommandError(f"{args.text}: {len(tokens)} tokens, nothing to score after --skip {args.skip}")

@@ -35,13 +35,11 @@ class ExpertStatistics:
         prefix = layer_prefix(self._layers[id(w)])
         k = experts.shape[1]
         routed = experts.reshape(-1)
-        counts = torch.bincount(routed, minlength=self.n_expert).numpy()
+        counts = torch.bincount(routed, minlength=self.n_expert).cpu().numpy()
         inputs = x.double().square().repeat_interleave(k, dim=0)  # one row per (token, expert) pair
-        squares = torch.zeros(self.n_expert, x.shape[-1], dtype=torch.float64).index_add_(0, routed, inputs)
+        squares = x.new_zeros(self.n_expert, x.shape[-1], dtype=torch.float64).index_add_(0, routed, inputs)
         for name in ("ffn_gate_exps.weight", "ffn_up_exps.weight"):
-            self.imatrix.add(prefix + name, squares.numpy(), counts)
+            self.imatrix.add(prefix + name, squares.cpu().numpy(), counts)
         hidden = down_input.double().square().reshape(-1, down_input.shape[-1])
-        squares = torch.zeros(self.n_expert, hidden.shape[-1], dtype=torch.float64).index_add_(
-            0, routed, hidden
-        )
-        self.imatrix.add(prefix + "ffn_down_exps.weight", squares.numpy(), np.asarray(counts))
+        squares = hidden.new_zeros(self.n_expert, hidden.shape[-1]).index_add_(0, routed, hidden)
+        self.imatrix.add(prefix + "ffn_down_exps.weight", squares.cpu().numpy(), np.asarray(counts))

@@ -139,6 +139,8 @@ class _Binder:
             raise WeightsError(
                 f"{self.path}: tensor {name!r} has type {info.kind.name}, expected one of {names}"
             )
+        if isinstance(info.data, torch.Tensor):  # made in torch, e.g. on a GPU (benchmarks/gpu_check.py)
+            return QTensor(info.kind, tuple(info.shape), info.data)
         return QTensor.from_numpy(info.kind, tuple(info.shape), info.data)
 
     def dense(self, name: str, shape: tuple[int, ...], *, optional: bool = False) -> torch.Tensor | None:
@@ -154,7 +156,10 @@ class _Binder:
 
 
 def bind(config: ModelConfig, tensors: dict, path: str = "model") -> Weights:
-    """Bind the file's tensors (``name -> TensorInfo`` with kind, shape, data) to the model."""
+    """Bind the file's tensors (``name -> TensorInfo`` with kind, shape, data) to the model.
+
+    ``data`` is what gguf's reader gives (a numpy view of the mapped file) or a torch tensor in
+    QTensor's storage layout."""
     b = _Binder(tensors, path, config.n_expert)
     g = global_shapes(config)
     layers = [_bind_layer(b, config, i) for i in range(config.n_layer)]
