@@ -22,7 +22,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
             "(Claude Code, Codex CLI, opencode, pi and the official SDKs work unchanged)."
         ),
     )
-    add_model_arguments(parser, device=False)  # the engine runs on the CPU for now
+    add_model_arguments(parser)
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
     parser.add_argument("--port", type=int, default=8000, help="port (default: 8000; 0 picks a free one)")
     parser.add_argument(
@@ -102,7 +102,7 @@ def run(args: argparse.Namespace) -> int:
     from dwarfstar.server.worker import Worker
 
     try:
-        engine = Engine.open(path, ctx=args.ctx)
+        engine = Engine.open(path, ctx=args.ctx, device=args.device)
     except EngineError as err:
         raise CommandError(str(err)) from None
     try:

@@ -56,8 +56,8 @@ class ContextLengthError(EngineError):
 class Engine:
     """A loaded model ready to answer; owns the live sessions (``self.sessions``).
 
-    ``ctx`` caps prompt plus answer, per session. ``device`` is where the model runs; only
-    ``"cpu"`` is supported today.
+    ``ctx`` caps prompt plus answer, per session. The engine runs where the model's weights are
+    (``model.device``; ``Engine.open(..., device=...)`` loads them there).
     """
 
     def __init__(
@@ -68,10 +68,7 @@ class Engine:
         ctx: int = DEFAULT_CTX,
         prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
         max_sessions: int = 1,
-        device: str = "cpu",
     ) -> None:
-        if device != "cpu":
-            raise EngineError(f"device {device!r} is not supported yet; use 'cpu'")
         if ctx < 2:
             raise EngineError(f"the context must hold at least 2 tokens, not {ctx}")
         if prefill_chunk < 1:
@@ -80,18 +77,27 @@ class Engine:
         self.tokenizer = tokenizer
         self.ctx = ctx
         self.prefill_chunk = prefill_chunk
-        self.device = torch.device(device)
+        self.device = model.device
         self.sessions = SessionPool(model, max_sessions)
 
     @classmethod
-    def open(cls, path: str | Path, *, quant_sim: bool | None = None, **options: object) -> Engine:
-        """Load a GGUF file (memory-mapped) and its embedded tokenizer.
+    def open(
+        cls,
+        path: str | Path,
+        *,
+        quant_sim: bool | None = None,
+        device: str | torch.device | None = "cpu",
+        **options: object,
+    ) -> Engine:
+        """Load a GGUF file (memory-mapped) and its embedded tokenizer, the weights on ``device``
+        (None: the best available; see docs/gpu.md).
 
         Raises ``EngineError`` with a message a user can act on when the file is missing or is
         not a DeepSeek V4 Flash GGUF.
         """
         from dwarfstar.gguf.reader import GGUFError
         from dwarfstar.model.config import ConfigError
+        from dwarfstar.model.device import DeviceError
         from dwarfstar.model.weights import WeightsError
 
         path = Path(path)
@@ -100,9 +106,9 @@ class Engine:
         if path.is_dir():
             raise EngineError(f"{path} is a directory, not a GGUF model file")
         try:
-            model = Model.load(path, quant_sim=quant_sim)
+            model = Model.load(path, quant_sim=quant_sim, device=device)
             tokenizer = Tokenizer.from_gguf(path)
-        except (GGUFError, ConfigError, WeightsError) as err:
+        except (GGUFError, ConfigError, WeightsError, DeviceError) as err:
             raise EngineError(str(err)) from None
         except (ValueError, KeyError) as err:
             raise EngineError(f"{path}: not a usable DeepSeek V4 GGUF ({err})") from None
