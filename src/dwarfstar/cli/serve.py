@@ -11,6 +11,11 @@ from dwarfstar.cli.common import add_model_arguments, model_path
 from dwarfstar.cli.main import CommandError
 
 DEFAULT_CTX = 32768
+DEFAULT_KV_RAM_MB = 4096
+DEFAULT_KV_DISK_SPACE_MB = 16384
+DEFAULT_KV_MIN_TOKENS = 512
+# Live sessions are bounded by --kv-ram-mb; this caps their number too.
+MAX_LIVE_SESSIONS = 64
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -64,6 +69,33 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         metavar="SECONDS",
         help="SSE keep-alive comment interval (default: 5)",
     )
+    parser.add_argument(
+        "--kv-ram-mb",
+        type=float,
+        default=DEFAULT_KV_RAM_MB,
+        metavar="MB",
+        help=f"memory for live sessions, least recently used evicted (default: {DEFAULT_KV_RAM_MB})",
+    )
+    parser.add_argument(
+        "--kv-disk-dir",
+        type=Path,
+        metavar="DIR",
+        help="keep session snapshots in DIR: conversations survive restarts and evictions",
+    )
+    parser.add_argument(
+        "--kv-disk-space-mb",
+        type=float,
+        default=DEFAULT_KV_DISK_SPACE_MB,
+        metavar="MB",
+        help=f"the most the snapshots in --kv-disk-dir may take (default: {DEFAULT_KV_DISK_SPACE_MB})",
+    )
+    parser.add_argument(
+        "--kv-min-tokens",
+        type=int,
+        default=DEFAULT_KV_MIN_TOKENS,
+        metavar="N",
+        help=f"save prompts of at least N new tokens to disk (default: {DEFAULT_KV_MIN_TOKENS})",
+    )
     # Tests make a random-weight model write a chosen answer (the x-ds4-script header).
     parser.add_argument("--allow-scripted-output", action="store_true", help=argparse.SUPPRESS)
     parser.set_defaults(func=run)
@@ -85,6 +117,10 @@ def run(args: argparse.Namespace) -> int:
         raise CommandError(f"--max-tokens must be at least 1, not {args.max_tokens}")
     if not 0 <= args.port < 65536:
         raise CommandError(f"--port must be in 0..65535, not {args.port}")
+    if args.kv_ram_mb <= 0 or args.kv_disk_space_mb <= 0:
+        raise CommandError("--kv-ram-mb and --kv-disk-space-mb must be positive")
+    if args.kv_min_tokens < 1:
+        raise CommandError(f"--kv-min-tokens must be at least 1, not {args.kv_min_tokens}")
     if args.max_body_mb <= 0 or args.keepalive <= 0:
         raise CommandError("--max-body-mb and --keepalive must be positive")
     if args.api_key is None and not _loopback(args.host):
@@ -102,7 +138,16 @@ def run(args: argparse.Namespace) -> int:
     from dwarfstar.server.worker import Worker
 
     try:
-        engine = Engine.open(path, ctx=args.ctx, device=args.device)
+        engine = Engine.open(
+            path,
+            ctx=args.ctx,
+            device=args.device,
+            max_sessions=MAX_LIVE_SESSIONS,
+            kv_ram_mb=args.kv_ram_mb,
+            kv_disk_dir=args.kv_disk_dir,
+            kv_disk_space_mb=args.kv_disk_space_mb,
+            kv_min_tokens=args.kv_min_tokens,
+        )
     except EngineError as err:
         raise CommandError(str(err)) from None
     try:

@@ -21,6 +21,7 @@ from dwarfstar.chat.conversation import Conversation
 from dwarfstar.chat.parser import Done, OutputParser
 from dwarfstar.chat.render import Part, render_parts
 from dwarfstar.chat.tokens import THINK_OPEN
+from dwarfstar.engine.diskcache import DiskCache
 from dwarfstar.engine.events import (
     Event,
     Finished,
@@ -37,6 +38,9 @@ from dwarfstar.tokenizer import StreamDecoder, Tokenizer
 DEFAULT_CTX = 32768
 # Bounds the attention score tensors of a long prompt; every chunking gives the same tokens.
 DEFAULT_PREFILL_CHUNK = 512
+DEFAULT_KV_DISK_SPACE_MB = 16384
+# Prompts shorter than this are cheap to read again: not worth a file.
+DEFAULT_KV_MIN_TOKENS = 512
 
 
 class EngineError(ValueError):
@@ -68,6 +72,10 @@ class Engine:
         ctx: int = DEFAULT_CTX,
         prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
         max_sessions: int = 1,
+        kv_ram_mb: float | None = None,
+        kv_disk_dir: str | Path | None = None,
+        kv_disk_space_mb: float = DEFAULT_KV_DISK_SPACE_MB,
+        kv_min_tokens: int = DEFAULT_KV_MIN_TOKENS,
     ) -> None:
         if ctx < 2:
             raise EngineError(f"the context must hold at least 2 tokens, not {ctx}")
@@ -78,7 +86,20 @@ class Engine:
         self.ctx = ctx
         self.prefill_chunk = prefill_chunk
         self.device = model.device
-        self.sessions = SessionPool(model, max_sessions)
+        if kv_ram_mb is not None and kv_ram_mb <= 0:
+            raise EngineError(f"the KV RAM budget must be positive, not {kv_ram_mb} MB")
+        if kv_disk_space_mb <= 0 or kv_min_tokens < 1:
+            raise EngineError("the KV disk space must be positive and the minimum tokens at least 1")
+        disk = None
+        if kv_disk_dir is not None:
+            try:
+                disk = DiskCache(kv_disk_dir, model, int(kv_disk_space_mb * 2**20), kv_min_tokens)
+            except OSError as err:
+                raise EngineError(
+                    f"cannot use {kv_disk_dir} as the KV cache: {err.strerror or err}"
+                ) from None
+        ram = None if kv_ram_mb is None else int(kv_ram_mb * 2**20)
+        self.sessions = SessionPool(model, max_sessions, ram, disk)
 
     @classmethod
     def open(
@@ -115,6 +136,10 @@ class Engine:
         except OSError as err:
             raise EngineError(f"{path}: cannot read it ({err.strerror or err})") from None
         return cls(model, tokenizer, **options)
+
+    def close(self) -> None:
+        """Save the live sessions to the disk cache, if there is one (a clean shutdown)."""
+        self.sessions.close()
 
     def new_session(self) -> LiveSession:
         """A session outside the pool, for a caller that keeps its own conversation (the CLI chat)."""
@@ -252,6 +277,8 @@ class Generation:
         session.text = self.text
         if session.checkpoint is None or session.checkpoint.tokens != session.tokens:
             session.save_checkpoint()
+        if session in self.engine.sessions.sessions:
+            self.engine.sessions.prompt_read(session, len(todo))
         return True
 
     def _decode(self, start: float, prefilled: float) -> Iterator[Event]:

@@ -13,8 +13,9 @@ taken at the end of its latest prompt (before generation). That covers regenerat
 answer, a stop string (the state holds tokens after the stop), a tool call the client sends
 back re-serialized and an interrupted turn. Otherwise the prompt is prefilled from zero.
 
-``SessionPool`` is the one place that picks, among the live sessions, the one with the
-longest reusable prefix (least recently used evicted when full); a disk cache plugs in there.
+``SessionPool`` is the one place that picks, among the live sessions and the disk cache, the
+one with the longest reusable prefix. Live sessions are kept up to a count and a RAM budget,
+least recently used evicted first (to the disk cache when there is one).
 """
 
 from __future__ import annotations
@@ -25,8 +26,9 @@ from typing import Literal
 
 import torch
 
+from dwarfstar.engine.diskcache import DiskCache
+from dwarfstar.engine.kvfile import Snapshot
 from dwarfstar.model.model import Model
-from dwarfstar.model.state import Session
 
 
 @dataclass
@@ -48,12 +50,8 @@ class Prompt:
         return self.tokens
 
 
-@dataclass
-class Checkpoint:
-    state: Session
-    tokens: list[int]
-    text: str | None
-    logits: torch.Tensor
+# The state at the end of a prompt, with its tokens, text and next-token logits.
+Checkpoint = Snapshot
 
 
 @dataclass
@@ -83,6 +81,25 @@ class LiveSession:
     def save_checkpoint(self) -> None:
         assert self.logits is not None
         self.checkpoint = Checkpoint(self.state.snapshot(), list(self.tokens), self.text, self.logits)
+
+    def as_snapshot(self) -> Snapshot | None:
+        """What is worth keeping of this session: its state when whole (its next-token logits
+        known), else its checkpoint."""
+        if self.tokens and self.logits is not None:
+            return Snapshot(self.state.snapshot(), list(self.tokens), self.text, self.logits)
+        return self.checkpoint
+
+    def adopt(self, snapshot: Snapshot) -> None:
+        """Continue from ``snapshot`` (loaded from disk): it becomes the state and the checkpoint."""
+        self.state = snapshot.state
+        self.tokens, self.text, self.logits = list(snapshot.tokens), snapshot.text, snapshot.logits
+        self.save_checkpoint()
+
+    @property
+    def nbytes(self) -> int:
+        """Memory held: the state (its checkpoint shares the rows) and the logits kept."""
+        logits = 0 if self.logits is None else self.logits.numel() * self.logits.element_size()
+        return self.state.nbytes + 2 * logits
 
     def restore_checkpoint(self) -> None:
         assert self.checkpoint is not None
@@ -116,33 +133,92 @@ class LiveSession:
 
 
 class SessionPool:
-    """Up to ``max_sessions`` live sessions, most recently used last."""
+    """Up to ``max_sessions`` live sessions in ``ram_bytes``, most recently used last, and an
+    optional disk cache behind them."""
 
-    def __init__(self, model: Model, max_sessions: int = 1) -> None:
+    def __init__(
+        self,
+        model: Model,
+        max_sessions: int = 1,
+        ram_bytes: int | None = None,
+        disk: DiskCache | None = None,
+    ) -> None:
         if max_sessions < 1:
             raise ValueError(f"max_sessions must be at least 1, not {max_sessions}")
         self.model = model
         self.max_sessions = max_sessions
+        self.ram_bytes = ram_bytes
+        self.disk = disk
         self.sessions: list[LiveSession] = []
 
     def acquire(self, prompt: Prompt) -> tuple[LiveSession, Plan]:
         """The session with the longest reusable prefix for ``prompt``, and how to use it.
 
-        A prompt that reuses nothing gets a new session while there is room, else the least
-        recently used one.
+        A saved snapshot that holds more of the prompt than any live session is loaded. A
+        prompt that reuses nothing gets a new session while there is room, else the least
+        recently used one (saved to disk first).
         """
         best: tuple[LiveSession, Plan] | None = None
         for session in self.sessions:
             plan = session.plan(prompt)
             if best is None or plan.reused > best[1].reused:
                 best = (session, plan)
-        if best is None or (best[1].reused == 0 and len(self.sessions) < self.max_sessions):
-            session = LiveSession(self.model)
+        loaded = self._load(prompt, 0 if best is None else best[1].reused)
+        if loaded is not None:
+            session = self._free_session()
+            session.adopt(loaded)
+            best = (session, session.plan(prompt))
+        elif best is None or best[1].reused == 0:
+            session = self._free_session()
             best = (session, Plan("empty", prompt.all_tokens(), 0))
-        elif best[1].reused == 0:
-            best = (self.sessions[0], best[1])
         session = best[0]
         if session in self.sessions:
             self.sessions.remove(session)
         self.sessions.append(session)
+        self._fit()
         return best
+
+    def _load(self, prompt: Prompt, live_reuse: int) -> Snapshot | None:
+        """A snapshot from disk holding more of ``prompt`` than ``live_reuse`` tokens."""
+        if self.disk is None:
+            return None
+        # Matching by tokens needs the whole prompt tokenized: done when no live session holds
+        # a part of it (a cold prompt is tokenized anyway), or when a live plan did it already.
+        tokens = prompt.all_tokens() if live_reuse == 0 or prompt.tokens is not None else None
+        entry = self.disk.lookup(prompt.text, tokens)
+        if entry is None or entry.n_tokens <= live_reuse:
+            return None
+        return self.disk.load(entry, prompt.text, tokens)
+
+    def _free_session(self) -> LiveSession:
+        """A new session while there is room, else the least recently used one, emptied."""
+        if len(self.sessions) < self.max_sessions:
+            return LiveSession(self.model)
+        session = self.sessions[0]
+        self.save(session, "evict")
+        session.reset()
+        session.checkpoint = None
+        return session
+
+    def _fit(self) -> None:
+        """Evict least recently used sessions (to disk) until the rest fit the RAM budget; the
+        most recent one always stays."""
+        if self.ram_bytes is None:
+            return
+        while len(self.sessions) > 1 and sum(s.nbytes for s in self.sessions) > self.ram_bytes:
+            self.save(self.sessions.pop(0), "evict")
+
+    def prompt_read(self, session: LiveSession, computed: int) -> None:
+        """After a prompt's prefill: a long one (``computed`` tokens read) is saved to disk."""
+        if self.disk is not None and computed >= self.disk.min_tokens and session.checkpoint is not None:
+            self.disk.save(session.checkpoint, "prompt")
+        self._fit()
+
+    def save(self, session: LiveSession, reason: str) -> None:
+        if self.disk is not None and (snapshot := session.as_snapshot()) is not None:
+            self.disk.save(snapshot, reason)
+
+    def close(self) -> None:
+        """At shutdown: every live session to disk."""
+        for session in self.sessions:
+            self.save(session, "shutdown")

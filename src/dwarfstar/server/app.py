@@ -112,6 +112,7 @@ def create_app(
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         yield
         service.worker.close()
+        service.engine.close()  # the worker has stopped: the live sessions go to the disk cache
 
     app = FastAPI(
         title="DwarfStar",

@@ -1,0 +1,174 @@
+"""Live sessions and the disk cache: restarts, interleaved conversations, bad files, budgets."""
+
+from __future__ import annotations
+
+import errno
+import logging
+from importlib.resources import files
+
+import pytest
+import torch
+from models import tiny_hf_config
+
+from dwarfstar.chat.conversation import Conversation
+from dwarfstar.engine import Engine, SamplingParams
+from dwarfstar.engine import kvfile as kvfile_module
+from dwarfstar.engine.diskcache import DiskCache, text_key
+from dwarfstar.engine.events import Finished
+from dwarfstar.engine.kvfile import Snapshot
+from dwarfstar.model.model import Model
+
+GREEDY = SamplingParams(temperature=0, max_tokens=4)
+
+
+@pytest.fixture(scope="module")
+def model_path(gguf_model_factory):
+    return gguf_model_factory("mixed", tiny_hf_config())
+
+
+@pytest.fixture(scope="module")
+def shared(model_path):
+    return Engine.open(model_path)
+
+
+def run(generation) -> Finished:
+    events = list(generation)
+    assert isinstance(events[-1], Finished)
+    return events[-1]
+
+
+def user(text: str) -> dict:
+    return {"role": "user", "content": text}
+
+
+def assistant(done: Finished) -> dict:
+    return {"role": "assistant", "content": done.message["content"]}
+
+
+def test_a_restarted_engine_continues_a_2000_token_conversation_without_reading_it_again(
+    shared, model_path, tmp_path
+):
+    poem = files("dwarfstar").joinpath("data", "paradise_lost.txt").read_text(encoding="utf-8")
+    messages = [user("Summarise this:\n" + poem[:9000])]
+    first = Engine(shared.model, shared.tokenizer, kv_disk_dir=tmp_path)
+    opening = first.generate(Conversation(messages, thinking_mode="chat"), GREEDY)
+    assert opening.prompt_tokens >= 2000
+    done = run(opening)
+    first.close()  # a clean shutdown saves the live session
+
+    messages += [assistant(done), user("And in one word?")]
+    follow_up = Conversation(messages, thinking_mode="chat")
+    restarted = Engine(Model.load(model_path), shared.tokenizer, kv_disk_dir=tmp_path)
+    resumed = restarted.generate(follow_up, GREEDY)
+    uninterrupted = first.generate(follow_up, GREEDY)
+    assert resumed.plan.tokens == uninterrupted.plan.tokens
+    # nothing already read is read again: only the new turn's tokens are computed
+    assert resumed.reused_tokens == uninterrupted.reused_tokens > opening.prompt_tokens
+    resumed_done, uninterrupted_done = run(resumed), run(uninterrupted)
+    assert resumed_done.usage.computed_tokens == uninterrupted_done.usage.computed_tokens < 40
+    assert torch.equal(resumed.session.checkpoint.logits, uninterrupted.session.checkpoint.logits)
+    assert resumed_done.text == uninterrupted_done.text
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"max_sessions": 3},  # all three live
+        {"max_sessions": 1, "kv_min_tokens": 8},  # one live, the others on disk
+        {"max_sessions": 3, "kv_ram_mb": 1e-3, "kv_min_tokens": 8},  # a RAM budget for one
+    ],
+    ids=["live", "disk-by-count", "disk-by-ram"],
+)
+def test_an_agent_and_two_subagents_taking_turns_each_reuse_their_own_prefix(shared, tmp_path, options):
+    disk = {"kv_disk_dir": tmp_path} if "kv_min_tokens" in options else {}
+    engine = Engine(shared.model, shared.tokenizer, **options, **disk)
+    conversations = [
+        [user("You are the main agent. Plan the work.")],
+        [user("Sub-agent one: read the parser.")],
+        [user("Sub-agent two: read the tests, all of them.")],
+    ]
+    held = [0, 0, 0]
+    for turn in range(3):
+        for i, messages in enumerate(conversations):
+            generation = engine.generate(Conversation(messages, thinking_mode="chat"), GREEDY)
+            assert generation.reused_tokens == held[i]  # everything it had, nothing of the others
+            done = run(generation)
+            held[i] = len(generation.session.tokens)
+            messages += [assistant(done), user(f"Go on, step {turn}.")]
+    if disk:
+        assert len(list(tmp_path.glob("*.kv"))) >= 3
+
+
+def snapshot_of(model: Model, text: str, n: int, seed: int) -> Snapshot:
+    tokens = torch.randint(0, model.config.vocab_size, (n,), generator=torch.Generator().manual_seed(seed))
+    state = model.new_session()
+    logits = model.forward(tokens, state, all_logits=False)[0]
+    return Snapshot(state, tokens.tolist(), text, logits)
+
+
+def test_bad_files_are_skipped_with_a_warning_and_removed(shared, tmp_path, caplog):
+    cache = DiskCache(tmp_path, shared.model, 1 << 30, min_tokens=4)
+    assert cache.save(snapshot_of(shared.model, "hello world", 20, 0), "test")
+    good = tmp_path / (text_key("hello world") + ".kv")
+    truncated = tmp_path / (text_key("hello") + ".kv")
+    truncated.write_bytes(good.read_bytes()[:100])
+    stray = tmp_path / "notes.txt"
+    stray.write_text("not a cache file")
+    with caplog.at_level(logging.WARNING):
+        entry = cache.lookup("hello world, and more", None)
+    assert entry is not None and entry.path == good
+    assert not truncated.exists() and stray.exists()  # only files with cache names are touched
+    assert any("truncated" in record.message for record in caplog.records)
+
+    corrupt = bytearray(good.read_bytes())
+    corrupt[-10] ^= 0xFF
+    good.write_bytes(bytes(corrupt))
+    with caplog.at_level(logging.WARNING):
+        assert cache.load(cache.lookup("hello world, and more", None), "hello world, and more", None) is None
+    assert not good.exists() and any("checksum" in record.message for record in caplog.records)
+
+
+def test_the_disk_budget_is_never_exceeded(shared, tmp_path):
+    size = kvfile_module.write(
+        tmp_path / "probe", snapshot_of(shared.model, "conversation 0", 40, 0), shared.model
+    )
+    (tmp_path / "probe").unlink()
+    budget = int(3.5 * size)
+    cache = DiskCache(tmp_path, shared.model, budget, min_tokens=4)
+    for i in range(8):
+        assert cache.save(snapshot_of(shared.model, f"conversation {i}", 40, i), "test")
+        assert sum(p.stat().st_size for p in tmp_path.glob("*.kv")) <= budget
+    assert len(list(tmp_path.glob("*.kv"))) == 3
+    assert cache.lookup("conversation 7 goes on", None) is not None  # the newest stays
+
+
+def test_a_full_disk_stops_saving_but_not_serving(shared, tmp_path, monkeypatch, caplog):
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(kvfile_module, "write", full)
+    engine = Engine(shared.model, shared.tokenizer, kv_disk_dir=tmp_path, kv_min_tokens=4)
+    with caplog.at_level(logging.WARNING):
+        done = run(
+            engine.generate(Conversation([user("Hi there, how are you?")], thinking_mode="chat"), GREEDY)
+        )
+    assert done.reason in ("length", "stop")
+    assert engine.sessions.disk is not None and not engine.sessions.disk.saving
+    assert any("full" in record.message for record in caplog.records)
+    engine.close()  # saving has stopped: no second attempt, no error
+
+
+def test_two_engines_share_one_directory(shared, tmp_path):
+    a = Engine(shared.model, shared.tokenizer, kv_disk_dir=tmp_path, kv_min_tokens=4)
+    b = Engine(shared.model, shared.tokenizer, kv_disk_dir=tmp_path, kv_min_tokens=4)
+    messages = [user("A question both servers will see, with a few more words.")]
+    done = run(a.generate(Conversation(messages, thinking_mode="chat"), GREEDY))
+    a.close()
+    messages += [assistant(done), user("Again?")]
+    generation = b.generate(Conversation(messages, thinking_mode="chat"), GREEDY)
+    assert generation.reused_tokens > 0  # b continues what a saved
+    run(generation)
+    b.close()
+    a.close()  # the same names again: rewritten atomically, still loadable
+    for path in tmp_path.glob("*.kv"):
+        assert kvfile_module.read(path, shared.model).tokens

@@ -1,0 +1,51 @@
+"""``ds4 serve --kv-disk-dir``: a server stopped and started again resumes a long conversation."""
+
+from __future__ import annotations
+
+from importlib.resources import files
+
+import httpx
+from conftest import start_server, stop_server
+
+
+def ask(server, messages: list[dict]) -> dict:
+    body = {"model": "deepseek-chat", "messages": messages, "max_tokens": 4, "temperature": 0}
+    response = httpx.post(server.url + "/v1/chat/completions", json=body, timeout=600)
+    assert response.status_code == 200, response.text
+    return response.json()
+
+
+def test_a_restarted_server_continues_a_2000_token_conversation_without_reading_it_again(
+    server_model, tmp_path
+):
+    poem = files("dwarfstar").joinpath("data", "paradise_lost.txt").read_text(encoding="utf-8")
+    messages = [{"role": "user", "content": "Summarise this:\n" + poem[:9000]}]
+    kv = tmp_path / "kv"
+    steady = start_server(server_model, tmp_path / "steady.log")  # never stopped: the reference
+    try:
+        first = start_server(server_model, tmp_path / "first.log", "--kv-disk-dir", str(kv))
+        try:
+            reference, opening = ask(steady, messages), ask(first, messages)
+        finally:
+            stop_server(first)  # a clean shutdown saves the live session
+        assert opening["usage"]["prompt_tokens"] >= 2000
+        assert opening["choices"][0]["message"] == reference["choices"][0]["message"]
+        assert list(kv.glob("*.kv"))
+
+        messages += [
+            {"role": "assistant", "content": opening["choices"][0]["message"]["content"]},
+            {"role": "user", "content": "And in one word?"},
+        ]
+        restarted = start_server(server_model, tmp_path / "restarted.log", "--kv-disk-dir", str(kv))
+        try:
+            resumed = ask(restarted, messages)
+        finally:
+            stop_server(restarted)
+        uninterrupted = ask(steady, messages)
+    finally:
+        stop_server(steady)
+    assert resumed["usage"] == uninterrupted["usage"]  # the same tokens reused, the same computed
+    reused = resumed["usage"]["prompt_tokens_details"]["cached_tokens"]
+    assert reused > opening["usage"]["prompt_tokens"]
+    assert resumed["usage"]["prompt_tokens"] - reused < 40  # only the new turn is read
+    assert resumed["choices"][0]["message"] == uninterrupted["choices"][0]["message"]
