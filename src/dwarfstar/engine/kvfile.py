@@ -205,9 +205,10 @@ def _parse_header(data: bytes) -> dict:
     return header
 
 
-def read(path: str | os.PathLike[str], model: Model, device: torch.device | str = "cpu") -> Snapshot:
+def read(path: str | os.PathLike[str], model: Model, device: torch.device | str | None = None) -> Snapshot:
     """Load a snapshot for ``model``, memory-mapped: the rows stay in the file's pages until
-    the session first appends to them. ``KVFileError`` says why a file cannot be used."""
+    the session first appends to them (on another ``device``, the model's by default, they are
+    copied there). ``KVFileError`` says why a file cannot be used."""
     try:
         with open(path, "rb") as f:
             size = os.fstat(f.fileno()).st_size
@@ -228,7 +229,8 @@ def read(path: str | os.PathLike[str], model: Model, device: torch.device | str 
             "written for another model (architecture, weights or quantisation simulation differ)"
         )
     try:
-        return _snapshot(header, mapped, _PREFIX.size + header_size, model, torch.device(device))
+        target = model.device if device is None else torch.device(device)
+        return _snapshot(header, mapped, _PREFIX.size + header_size, model, target)
     except (KeyError, TypeError, ValueError, RuntimeError, AttributeError) as err:
         raise KVFileError(f"inconsistent contents ({err})") from None
 
