@@ -25,6 +25,7 @@ COMMANDS = (
     "info",
     "bench",
     "serve",
+    "kv",
 )
 
 

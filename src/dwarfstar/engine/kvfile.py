@@ -205,10 +205,33 @@ def _parse_header(data: bytes) -> dict:
     return header
 
 
+def verify(path: str | os.PathLike[str]) -> dict:
+    """The header of a whole, uncorrupted snapshot file (size and checksum checked; written for
+    which model is not): ``KVFileError`` otherwise."""
+    mapped, header, _ = _checked(path)
+    del mapped
+    return header
+
+
 def read(path: str | os.PathLike[str], model: Model, device: torch.device | str | None = None) -> Snapshot:
     """Load a snapshot for ``model``, memory-mapped: the rows stay in the file's pages until
     the session first appends to them (on another ``device``, the model's by default, they are
     copied there). ``KVFileError`` says why a file cannot be used."""
+    mapped, header, base = _checked(path)
+    if header.get("model") != model_identity(model):
+        raise KVFileError(
+            "written for another model (architecture, weights or quantisation simulation differ)"
+        )
+    try:
+        target = model.device if device is None else torch.device(device)
+        return _snapshot(header, mapped, base, model, target)
+    except (KeyError, TypeError, ValueError, RuntimeError, AttributeError) as err:
+        raise KVFileError(f"inconsistent contents ({err})") from None
+
+
+def _checked(path: str | os.PathLike[str]) -> tuple[mmap.mmap, dict, int]:
+    """The file mapped (privately), its header, and where its payload starts, once its size and
+    checksum are right."""
     try:
         with open(path, "rb") as f:
             size = os.fstat(f.fileno()).st_size
@@ -224,15 +247,7 @@ def read(path: str | os.PathLike[str], model: Model, device: torch.device | str 
     if zlib.crc32(memoryview(mapped)[_PREFIX.size :]) != crc:
         raise KVFileError("corrupt: the checksum does not match")
     header = _parse_header(mapped[_PREFIX.size : _PREFIX.size + header_size])
-    if header.get("model") != model_identity(model):
-        raise KVFileError(
-            "written for another model (architecture, weights or quantisation simulation differ)"
-        )
-    try:
-        target = model.device if device is None else torch.device(device)
-        return _snapshot(header, mapped, _PREFIX.size + header_size, model, target)
-    except (KeyError, TypeError, ValueError, RuntimeError, AttributeError) as err:
-        raise KVFileError(f"inconsistent contents ({err})") from None
+    return mapped, header, _PREFIX.size + header_size
 
 
 def _snapshot(header: dict, mapped: mmap.mmap, base: int, model: Model, device: torch.device) -> Snapshot:
