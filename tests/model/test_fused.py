@@ -29,3 +29,16 @@ def test_rms_norm_matches_torch(weighted):
     w = weight if weighted else None
     ours = fused.rms_norm(x.to(DEVICE), None if w is None else w.to(DEVICE), 1e-6).cpu()
     torch.testing.assert_close(ours, rms_norm(x, w, 1e-6), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("inverse", [False, True])
+def test_rope_matches_torch(inverse):
+    from dwarfstar.model.config import ModelConfig
+    from dwarfstar.model.rope import layer_rope
+
+    rope = layer_rope(ModelConfig(), 4)  # YaRN frequencies, 32 pairs
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(3, 2, 96, generator=g)
+    positions = torch.tensor([0, 17, 4000])
+    ours = fused.rope(x.to(DEVICE), positions.to(DEVICE), rope.freqs.to(DEVICE), inverse).cpu()
+    torch.testing.assert_close(ours, rope.apply(x, positions, inverse), rtol=1e-5, atol=1e-5)

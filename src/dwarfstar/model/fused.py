@@ -3,7 +3,8 @@
 At batch 1 these operations move a few kilobytes each, so their cost is the number of launches:
 the hyper-connections' Sinkhorn projection (20 iterations of two normalisations, twice per
 layer) is about 80 launches in torch and one here; an RMSNorm is five launches in torch and
-one here. `hyper.sinkhorn` and `norm.rms_norm` call these for CUDA tensors. They compute what
+one here; a rope rotation is about ten in torch. `hyper.sinkhorn`, `norm.rms_norm` and
+`rope.Rope.apply` call these for CUDA tensors. They compute what
 the torch versions compute, up to float32 rounding (exp and reductions in another order;
 tests/model/test_fused.py runs them in Triton's interpreter).
 """
@@ -62,5 +63,42 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.
     _rms_norm_kernel[(flat.shape[0],)](
         flat, flat if weight is None else weight, out, width, eps,
         HAS_WEIGHT=weight is not None, BLOCK=block, num_warps=4 if block <= 2048 else 16,
+    )  # fmt: skip
+    return out.view(x.shape)
+
+
+@triton.jit
+def _rope_kernel(
+    x_ptr, positions_ptr, freqs_ptr, out_ptr, width, rows_per_token, sign,
+    PAIRS: tl.constexpr, BLOCK: tl.constexpr,
+):  # fmt: skip
+    """One row per program: its first values copied, its last 2·PAIRS rotated in interleaved pairs
+    (each output written once: two stores to one address from one program are not ordered)."""
+    row = tl.program_id(0).to(tl.int64)
+    base = row * width
+    columns = tl.arange(0, BLOCK)
+    kept = columns < width - 2 * PAIRS
+    tl.store(out_ptr + base + columns, tl.load(x_ptr + base + columns, mask=kept), mask=kept)
+    position = tl.load(positions_ptr + row // rows_per_token).to(tl.float32)
+    k = tl.arange(0, PAIRS)
+    angle = position * tl.load(freqs_ptr + k)
+    cos = tl.cos(angle)
+    sin = sign * tl.sin(angle)
+    even_at = base + width - 2 * PAIRS + 2 * k
+    even = tl.load(x_ptr + even_at)
+    odd = tl.load(x_ptr + even_at + 1)
+    tl.store(out_ptr + even_at, even * cos - odd * sin)
+    tl.store(out_ptr + even_at + 1, even * sin + odd * cos)
+
+
+def rope(x: torch.Tensor, positions: torch.Tensor, freqs: torch.Tensor, inverse: bool) -> torch.Tensor:
+    """`Rope.apply` for float32 x (T, ..., D) at positions (T,), one launch."""
+    width = x.shape[-1]
+    flat = x.contiguous().view(-1, width)
+    out = torch.empty_like(flat)
+    rows_per_token = flat.shape[0] // x.shape[0]
+    _rope_kernel[(flat.shape[0],)](
+        flat, positions.contiguous(), freqs, out, width, rows_per_token, -1.0 if inverse else 1.0,
+        PAIRS=freqs.shape[0], BLOCK=triton.next_power_of_2(width),
     )  # fmt: skip
     return out.view(x.shape)
