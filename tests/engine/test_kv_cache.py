@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import json
 import logging
 from importlib.resources import files
 
@@ -11,11 +12,13 @@ import torch
 from models import tiny_hf_config
 
 from dwarfstar.chat.conversation import Conversation
+from dwarfstar.chat.tokens import DSML
 from dwarfstar.engine import Engine, SamplingParams
 from dwarfstar.engine import kvfile as kvfile_module
 from dwarfstar.engine.diskcache import DiskCache, text_key
 from dwarfstar.engine.events import Finished
 from dwarfstar.engine.kvfile import Snapshot
+from dwarfstar.engine.sampling import ScriptedSampler
 from dwarfstar.model.model import Model
 
 GREEDY = SamplingParams(temperature=0, max_tokens=4)
@@ -172,3 +175,47 @@ def test_two_engines_share_one_directory(shared, tmp_path):
     a.close()  # the same names again: rewritten atomically, still loadable
     for path in tmp_path.glob("*.kv"):
         assert kvfile_module.read(path, shared.model).tokens
+
+
+def test_a_client_that_reserializes_tool_call_arguments_still_hits_the_cache(shared, tmp_path):
+    tok = shared.tokenizer
+    tools = [{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}]
+    messages = [{"role": "system", "content": "", "tools": tools}, user("Weather in Rome?")]
+    completion = (
+        f'Checking.\n\n<{DSML}tool_calls>\n<{DSML}invoke name="get_weather">\n'
+        f'<{DSML}parameter name="city" string="true">Rome</{DSML}parameter>\n'
+        f'<{DSML}parameter name="days" string="false">2</{DSML}parameter>\n'
+        f"</{DSML}invoke>\n</{DSML}tool_calls>"
+    )
+    script = tok.encode(completion) + tok.encode("never sampled")
+    opening = Conversation(messages, thinking_mode="chat")
+
+    def answered(engine: Engine) -> tuple[dict, int]:
+        done = run(engine.generate(opening, sampler=ScriptedSampler(script, end_id=tok.eos_id)))
+        return done.message["tool_calls"][0], len(engine.sessions.sessions[0].tokens)
+
+    def sent_back(call: dict, call_id: str) -> Conversation:
+        arguments = json.dumps({"days": 2, "city": "Rome"}, indent=1)  # keys re-ordered, re-spaced
+        returned = {**call, "id": call_id, "function": {**call["function"], "arguments": arguments}}
+        return Conversation(
+            messages
+            + [{"role": "assistant", "content": "Checking.", "tool_calls": [returned]}]
+            + [{"role": "tool", "tool_call_id": call_id, "content": "sunny"}],
+            thinking_mode="chat",
+        )
+
+    control = Engine(shared.model, shared.tokenizer)
+    call, held = answered(control)
+    unknown = control.generate(sent_back(call, "call_unknown"), GREEDY)  # no replay: the answer is lost
+    assert unknown.plan.source == "checkpoint" and unknown.reused_tokens < held
+
+    engine = Engine(shared.model, shared.tokenizer, kv_disk_dir=tmp_path, kv_min_tokens=4)
+    call, held = answered(engine)
+    known = engine.generate(sent_back(call, call["id"]), GREEDY)  # replayed as written: all reused
+    assert known.plan.source == "live" and known.reused_tokens == held
+    run(known)
+    engine.close()
+
+    restarted = Engine(shared.model, shared.tokenizer, kv_disk_dir=tmp_path, kv_min_tokens=4)
+    again = restarted.generate(sent_back(call, call["id"]), GREEDY)  # the map came back from disk
+    assert again.reused_tokens >= held

@@ -15,7 +15,7 @@ text from a request can never open a turn, close thinking or end the sequence.
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from dwarfstar.chat.conversation import Conversation, Message
@@ -110,14 +110,19 @@ def render(conversation: Conversation) -> str:
     return "".join(text for text, _ in render_parts(conversation))
 
 
-def render_parts(conversation: Conversation) -> list[Part]:
-    """The prompt of ``render`` as consecutive ``(text, is_markup)`` parts, for the tokenizer."""
+def render_parts(conversation: Conversation, replay: Mapping[str, str] | None = None) -> list[Part]:
+    """The prompt of ``render`` as consecutive ``(text, is_markup)`` parts, for the tokenizer.
+
+    ``replay`` maps tool-call ids to the exact ``invoke`` text the model wrote for them: a call
+    sent back with a known id is rendered as written, whatever its arguments' serialization.
+    """
     return render_message_parts(
         conversation.messages,
         thinking_mode=conversation.thinking_mode,
         reasoning_effort=conversation.reasoning_effort,
         drop_thinking=conversation.drop_thinking,
         continue_final_message=conversation.continue_final_message,
+        replay=replay,
     )
 
 
@@ -143,6 +148,7 @@ def render_message_parts(
     reasoning_effort: str | None = None,
     drop_thinking: bool = True,
     continue_final_message: bool = False,
+    replay: Mapping[str, str] | None = None,
 ) -> list[Part]:
     """``render_messages`` as parts: adjacent parts of the same kind merged, none empty.
 
@@ -173,7 +179,7 @@ def render_message_parts(
     if turns and thinking and reasoning_effort == "max":
         parts += _markup(THINK_MAX_PREFIX)
     for index in range(len(turns)):
-        turn_parts = _render_turn(index, turns, thinking, drop, last_user)
+        turn_parts = _render_turn(index, turns, thinking, drop, last_user, replay or {})
         if continue_final_message and index == len(turns) - 1 and turns[index]["role"] == "assistant":
             assert turn_parts[-1] == (EOS, True)
             turn_parts = turn_parts[:-1]
@@ -265,7 +271,12 @@ def _last_user_index(turns: Sequence[Message]) -> int:
 
 
 def _render_turn(
-    index: int, turns: Sequence[Message], thinking: bool, drop: bool, last_user: int
+    index: int,
+    turns: Sequence[Message],
+    thinking: bool,
+    drop: bool,
+    last_user: int,
+    replay: Mapping[str, str],
 ) -> list[Part]:
     turn = turns[index]
     role = turn["role"]
@@ -286,7 +297,15 @@ def _render_turn(
         parts += _text(turn.get("reasoning_content") or "") + _markup(THINK_CLOSE)
     parts += _text(turn.get("content") or "")
     if turn.get("tool_calls"):
-        invokes = _joined([_render_tool_call(call["function"]) for call in turn["tool_calls"]], "\n")
+        invokes = _joined(
+            [
+                _markup(replay[call["id"]])
+                if call.get("id") in replay
+                else _render_tool_call(call["function"])
+                for call in turn["tool_calls"]
+            ],
+            "\n",
+        )
         parts += _markup(f"\n\n{TOOL_CALLS_OPEN}\n") + invokes + _markup(f"\n{TOOL_CALLS_CLOSE}")
     return parts + _markup(EOS)
 

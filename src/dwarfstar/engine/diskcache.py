@@ -21,7 +21,7 @@ import os
 import re
 import time
 from array import array
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from dwarfstar.engine import kvfile
@@ -45,6 +45,7 @@ class Entry:
     token_key: str | None  # SHA-1 of its token ids (int32 little-endian)
     size: int
     last_used: float  # the file's modification time: set when written and on each hit
+    tool_calls: dict[str, str] = field(default_factory=dict)  # call id -> the text the model wrote
 
 
 def text_key(text: str) -> str:
@@ -99,6 +100,7 @@ class DiskCache:
                     extra.get("token_key"),
                     stat.st_size,
                     stat.st_mtime,
+                    _tool_calls(extra.get("tool_calls")),
                 )
             except FileNotFoundError:
                 continue
@@ -108,6 +110,13 @@ class DiskCache:
             found[item.name] = (version, entry)
         self._known = found
         return [entry for _, entry in found.values()]
+
+    def tool_calls(self) -> dict[str, str]:
+        """The tool-call texts the files carry (a more recently used file's win)."""
+        texts: dict[str, str] = {}
+        for entry in sorted(self.entries(), key=lambda e: e.last_used):
+            texts.update(entry.tool_calls)
+        return texts
 
     def lookup(self, text: str | None, tokens: list[int] | None) -> Entry | None:
         """The file holding the longest prefix of a prompt (the most tokens): of its text, or
@@ -217,3 +226,9 @@ def _estimated_size(snapshot: Snapshot) -> int:
     payload += 4 * len(snapshot.tokens) + snapshot.logits.numel() * snapshot.logits.element_size() + 128
     header = 160 * (len(tensors) + 2) + 6 * len((snapshot.text or "").encode()) + (16 << 10)
     return payload + header
+
+
+def _tool_calls(value: object) -> dict[str, str]:
+    if not isinstance(value, dict):
+        return {}
+    return {k: v for k, v in value.items() if isinstance(k, str) and isinstance(v, str)}

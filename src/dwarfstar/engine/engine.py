@@ -10,6 +10,7 @@ from any thread and takes effect before the next prefill chunk or token.
 
 from __future__ import annotations
 
+import re
 import threading
 import time
 from collections.abc import Generator, Iterator, Sequence
@@ -20,7 +21,7 @@ import torch
 from dwarfstar.chat.conversation import Conversation
 from dwarfstar.chat.parser import Done, OutputParser
 from dwarfstar.chat.render import Part, render_parts
-from dwarfstar.chat.tokens import THINK_OPEN
+from dwarfstar.chat.tokens import INVOKE_CLOSE, INVOKE_OPEN, THINK_OPEN, TOOL_CALLS_OPEN
 from dwarfstar.engine.diskcache import DiskCache
 from dwarfstar.engine.events import (
     Event,
@@ -38,6 +39,7 @@ from dwarfstar.tokenizer import StreamDecoder, Tokenizer
 DEFAULT_CTX = 32768
 # Bounds the attention score tensors of a long prompt; every chunking gives the same tokens.
 DEFAULT_PREFILL_CHUNK = 512
+_INVOKE = re.compile(re.escape(INVOKE_OPEN) + ".*?" + re.escape(INVOKE_CLOSE), re.S)
 DEFAULT_KV_DISK_SPACE_MB = 16384
 # Prompts shorter than this are cheap to read again: not worth a file.
 DEFAULT_KV_MIN_TOKENS = 512
@@ -153,7 +155,7 @@ class Engine:
         written, special tokens included.
         """
         if isinstance(source, Conversation):
-            parts = render_parts(source)
+            parts = render_parts(source, replay=self.sessions.replay())
             return Prompt(
                 text="".join(text for text, _ in parts),
                 tokens_after=lambda offset: self.tokenizer.encode_parts(_parts_after(parts, offset)),
@@ -335,6 +337,14 @@ class Generation:
         except UnicodeDecodeError:
             return None
 
+    def _remember_tool_calls(self, text: str, calls: list[dict]) -> None:
+        """Map each call's id to the ``invoke`` text the model wrote for it (when they pair up)."""
+        block = text.find(TOOL_CALLS_OPEN)
+        invokes = _INVOKE.findall(text[block:]) if block >= 0 else []
+        if len(invokes) == len(calls):
+            written = {call["id"]: invoke for call, invoke in zip(calls, invokes, strict=True)}
+            self.engine.sessions.remember_tool_calls(self.session, written)
+
     def _finish(
         self,
         reason: FinishReason,
@@ -349,6 +359,8 @@ class Generation:
             message = {"role": "assistant", "content": "", "reasoning_content": "", "tool_calls": []}
         elif reason == "stop" and message["tool_calls"]:
             reason = "tool_calls"
+        if message["tool_calls"]:
+            self._remember_tool_calls(text, message["tool_calls"])
         usage = Usage(
             prompt_tokens=len(self.plan.tokens),
             reused_tokens=self.plan.reused,

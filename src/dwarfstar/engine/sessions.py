@@ -20,6 +20,7 @@ least recently used evicted first (to the disk cache when there is one).
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
@@ -50,6 +51,9 @@ class Prompt:
         return self.tokens
 
 
+MAX_TOOL_CALLS = 4096
+MAX_SESSION_TOOL_CALLS = 256
+
 # The state at the end of a prompt, with its tokens, text and next-token logits.
 Checkpoint = Snapshot
 
@@ -77,6 +81,8 @@ class LiveSession:
         self.tokens: list[int] = []
         self.text: str | None = ""
         self.logits: torch.Tensor | None = None  # next-token logits after ``tokens``
+        # The exact ``invoke`` text of the tool calls written in this session, by call id.
+        self.tool_calls: dict[str, str] = {}
 
     def save_checkpoint(self) -> None:
         assert self.logits is not None
@@ -93,6 +99,8 @@ class LiveSession:
         """Continue from ``snapshot`` (loaded from disk): it becomes the state and the checkpoint."""
         self.state = snapshot.state
         self.tokens, self.text, self.logits = list(snapshot.tokens), snapshot.text, snapshot.logits
+        calls = snapshot.extra.get("tool_calls")
+        self.tool_calls = {str(k): str(v) for k, v in calls.items()} if isinstance(calls, dict) else {}
         self.save_checkpoint()
 
     @property
@@ -150,6 +158,7 @@ class SessionPool:
         self.ram_bytes = ram_bytes
         self.disk = disk
         self.sessions: list[LiveSession] = []
+        self.tool_calls: OrderedDict[str, str] = OrderedDict()  # the most recent last
 
     def acquire(self, prompt: Prompt) -> tuple[LiveSession, Plan]:
         """The session with the longest reusable prefix for ``prompt``, and how to use it.
@@ -211,12 +220,37 @@ class SessionPool:
     def prompt_read(self, session: LiveSession, computed: int) -> None:
         """After a prompt's prefill: a long one (``computed`` tokens read) is saved to disk."""
         if self.disk is not None and computed >= self.disk.min_tokens and session.checkpoint is not None:
-            self.disk.save(session.checkpoint, "prompt")
+            self._save(session, session.checkpoint, "prompt")
         self._fit()
 
     def save(self, session: LiveSession, reason: str) -> None:
         if self.disk is not None and (snapshot := session.as_snapshot()) is not None:
-            self.disk.save(snapshot, reason)
+            self._save(session, snapshot, reason)
+
+    def _save(self, session: LiveSession, snapshot: Snapshot, reason: str) -> None:
+        assert self.disk is not None
+        snapshot.extra = {**snapshot.extra, "tool_calls": dict(session.tool_calls)}
+        self.disk.save(snapshot, reason)
+
+    def remember_tool_calls(self, session: LiveSession, calls: dict[str, str]) -> None:
+        """Keep the exact text of tool calls the model wrote, so that a client sending them back
+        in another serialization still renders the prompt the session holds (bounded: the
+        most recent ``MAX_TOOL_CALLS`` here, ``MAX_SESSION_TOOL_CALLS`` per session)."""
+        for call_id, text in calls.items():
+            self.tool_calls[call_id] = text
+            self.tool_calls.move_to_end(call_id)
+            session.tool_calls.pop(call_id, None)
+            session.tool_calls[call_id] = text
+        while len(self.tool_calls) > MAX_TOOL_CALLS:
+            self.tool_calls.popitem(last=False)
+        for call_id in list(session.tool_calls)[: max(0, len(session.tool_calls) - MAX_SESSION_TOOL_CALLS)]:
+            del session.tool_calls[call_id]
+
+    def replay(self) -> dict[str, str]:
+        """Tool-call id -> the text the model wrote: from the disk cache's files, then this process."""
+        texts = self.disk.tool_calls() if self.disk is not None else {}
+        texts.update(self.tool_calls)
+        return texts
 
     def close(self) -> None:
         """At shutdown: every live session to disk."""
