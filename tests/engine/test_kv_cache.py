@@ -219,3 +219,45 @@ def test_a_client_that_reserializes_tool_call_arguments_still_hits_the_cache(sha
     restarted = Engine(shared.model, shared.tokenizer, kv_disk_dir=tmp_path, kv_min_tokens=4)
     again = restarted.generate(sent_back(call, call["id"]), GREEDY)  # the map came back from disk
     assert again.reused_tokens >= held
+
+
+def test_a_saved_chat_loads_into_another_engine_and_continues_with_no_prefill(shared, model_path, tmp_path):
+    from dwarfstar.engine.chat import Chat
+
+    chat = Chat(Engine(shared.model, shared.tokenizer), system="Be brief.", thinking="nothink")
+    run(chat.reply(chat.send("Name three rivers.", GREEDY)))
+    with pytest.raises(ValueError, match="nothing to save"):
+        Chat(chat.engine).save(tmp_path / "empty.kv")
+    chat.save(tmp_path / "rivers.kv")
+    held = len(chat.session.tokens)
+    uninterrupted = chat.send("And three lakes?", GREEDY)
+
+    elsewhere = Chat(Engine(Model.load(model_path), shared.tokenizer))
+    elsewhere.load(tmp_path / "rivers.kv")
+    assert (elsewhere.system, elsewhere.thinking) == ("Be brief.", "nothink")
+    assert elsewhere.messages == chat.messages[:-1]
+    resumed = elsewhere.send("And three lakes?", GREEDY)
+    assert resumed.reused_tokens == uninterrupted.reused_tokens == held
+    assert resumed.plan.tokens == uninterrupted.plan.tokens
+    assert run(elsewhere.reply(resumed)).text == run(chat.reply(uninterrupted)).text
+
+
+def test_chat_commands_save_load_and_list_sessions(shared, tmp_path, monkeypatch, capsys):
+    from dwarfstar.cli.chat import _command
+    from dwarfstar.engine.chat import Chat
+
+    monkeypatch.setenv("DS4_SESSIONS_DIR", str(tmp_path))
+    chat = Chat(Engine(shared.model, shared.tokenizer), thinking="nothink")
+    run(chat.reply(chat.send("Hello there.", GREEDY)))
+    _command(chat, "/save", "greeting")
+    _command(chat, "/save", "../escape")
+    other = Chat(Engine(shared.model, shared.tokenizer))
+    _command(other, "/load", "greeting")
+    _command(other, "/load", "missing")
+    _command(other, "/sessions", "")
+    notes = capsys.readouterr().err
+    assert "saved greeting" in notes and "usage: /save NAME" in notes
+    assert "loaded greeting: 2 messages" in notes and "no saved conversation 'missing'" in notes
+    assert "greeting: 2 messages" in notes
+    assert other.messages == chat.messages and other.session.tokens == chat.session.tokens
+    assert [p.name for p in tmp_path.iterdir()] == ["greeting.kv"]

@@ -10,8 +10,10 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
+import re
 import signal
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, TextIO
@@ -32,6 +34,7 @@ THINKING_NOTES = {
     "think-max": "thinking on, maximum effort",
     "nothink": "thinking off",
 }
+SESSION_NAME = re.compile(r"[A-Za-z0-9._-]{1,100}")
 # DeepSeek asks for at least 384K tokens of context for Think Max; ds4 gates it the same way.
 THINK_MAX_MIN_CTX = 393216
 
@@ -44,6 +47,9 @@ HELP = """\
 /read FILE       send a file's text as the next message
 /ctx N           set the context size to N tokens
 /clear           start a new conversation
+/save NAME       keep this conversation (its decode state too) under NAME
+/load NAME       continue a saved conversation, with no prefill
+/sessions        list the saved conversations
 /quit            leave (also /exit, Ctrl-D)
 Ctrl-C stops an answer and keeps what was written."""
 
@@ -222,9 +228,60 @@ def _command(chat: Chat, command: str, argument: str) -> str | None:
     elif command == "/clear":
         chat.clear()
         _note("conversation cleared")
+    elif command in ("/save", "/load"):
+        _save_or_load(chat, command, argument)
+    elif command == "/sessions":
+        _list_sessions()
     else:
         _note(f"unknown command {command}; /help lists them")
     return None
+
+
+def sessions_dir() -> Path:
+    """Where /save keeps conversations: ``DS4_SESSIONS_DIR``, else the user's data folder."""
+    override = os.environ.get("DS4_SESSIONS_DIR")
+    if override:
+        return Path(override)
+    import platformdirs
+
+    return platformdirs.user_data_path("dwarfstar", appauthor=False) / "sessions"
+
+
+def _save_or_load(chat: Chat, command: str, name: str) -> None:
+    if not SESSION_NAME.fullmatch(name):
+        _note(f"usage: {command} NAME (letters, digits, '.', '_', '-')")
+        return
+    path = sessions_dir() / f"{name}.kv"
+    try:
+        if command == "/save":
+            path.parent.mkdir(parents=True, exist_ok=True)
+            size = chat.save(path)
+            _note(f"saved {name}: {len(chat.session.tokens)} tokens, {size / 2**20:.1f} MiB ({path})")
+        elif not path.exists():
+            _note(f"no saved conversation {name!r}; /sessions lists them")
+        else:
+            chat.load(path)
+            _note(f"loaded {name}: {len(chat.messages)} messages, {len(chat.session.tokens)} tokens")
+    except (OSError, ValueError) as err:  # a KVFileError is a ValueError
+        _note(f"error: cannot {command[1:]} {name}: {getattr(err, 'strerror', None) or err}")
+
+
+def _list_sessions() -> None:
+    from dwarfstar.engine.kvfile import KVFileError, read_header
+
+    paths = sorted(sessions_dir().glob("*.kv")) if sessions_dir().is_dir() else []
+    if not paths:
+        _note("no saved conversations (/save NAME keeps one)")
+    for path in paths:
+        try:
+            header = read_header(path)
+        except (KVFileError, OSError) as err:
+            _note(f"{path.stem}: unusable ({err})")
+            continue
+        chat = (header.get("extra") or {}).get("chat") or {}
+        saved = time.strftime("%Y-%m-%d %H:%M", time.localtime(path.stat().st_mtime))
+        messages = len(chat.get("messages") or [])
+        _note(f"{path.stem}: {messages} messages, {header.get('n_tokens')} tokens, {saved}")
 
 
 class Printer:
