@@ -261,3 +261,47 @@ def test_chat_commands_save_load_and_list_sessions(shared, tmp_path, monkeypatch
     assert "greeting: 2 messages" in notes
     assert other.messages == chat.messages and other.session.tokens == chat.session.tokens
     assert [p.name for p in tmp_path.iterdir()] == ["greeting.kv"]
+
+
+def test_an_anthropic_client_sending_a_tool_use_back_with_reordered_input_hits_the_cache(shared):
+    from dwarfstar.chat.request import from_anthropic
+
+    tok = shared.tokenizer
+    tools = [{"name": "get_weather", "description": "", "input_schema": {"type": "object"}}]
+    question = {"role": "user", "content": "Weather in Rome?"}
+    body = {"model": "deepseek-chat", "max_tokens": 8, "tools": tools, "messages": [question]}
+    body["thinking"] = {"type": "disabled"}
+    completion = (
+        f'Checking.\n\n<{DSML}tool_calls>\n<{DSML}invoke name="get_weather">\n'
+        f'<{DSML}parameter name="city" string="true">Rome</{DSML}parameter>\n'
+        f'<{DSML}parameter name="days" string="false">2.0</{DSML}parameter>\n'
+        f"</{DSML}invoke>\n</{DSML}tool_calls>"
+    )
+    engine = Engine(shared.model, shared.tokenizer)
+    script = tok.encode(completion) + tok.encode("never sampled")
+    done = run(engine.generate(from_anthropic(body), sampler=ScriptedSampler(script, end_id=tok.eos_id)))
+    held = len(engine.sessions.sessions[0].tokens)
+    tool_use_id = "toolu_" + done.message["tool_calls"][0]["id"].removeprefix(
+        "call_"
+    )  # as the server sends it
+    body["messages"] = [
+        question,
+        {
+            "role": "assistant",
+            "content": [
+                {"type": "text", "text": "Checking."},
+                {
+                    "type": "tool_use",
+                    "id": tool_use_id,
+                    "name": "get_weather",
+                    "input": {"days": 2.0, "city": "Rome"},
+                },
+            ],
+        },
+        {
+            "role": "user",
+            "content": [{"type": "tool_result", "tool_use_id": tool_use_id, "content": "sunny"}],
+        },
+    ]
+    follow_up = engine.generate(from_anthropic(body), GREEDY)
+    assert follow_up.plan.source == "live" and follow_up.reused_tokens == held

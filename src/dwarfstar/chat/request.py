@@ -451,7 +451,7 @@ def _anthropic_user(content: Any, where: str) -> list[Message]:
             messages.append(
                 {
                     "role": "tool",
-                    "tool_call_id": _string(block, "tool_use_id", block_where),
+                    "tool_call_id": _engine_call_id(_string(block, "tool_use_id", block_where)),
                     "content": _text(block.get("content"), f"{block_where}.content"),
                 }
             )
@@ -460,6 +460,12 @@ def _anthropic_user(content: Any, where: str) -> list[Message]:
     if texts:
         messages.append({"role": "user", "content": "\n\n".join(texts)})
     return messages
+
+
+def _engine_call_id(tool_use_id: str) -> str:
+    """The engine's ``call_…`` id of a ``toolu_…`` id the server handed out (the inverse of
+    ``server.anthropic.tool_id``), so the engine finds the exact text of the call it wrote."""
+    return "call_" + tool_use_id.removeprefix("toolu_") if tool_use_id.startswith("toolu_") else tool_use_id
 
 
 def _anthropic_assistant(content: Any, where: str) -> Message:
@@ -481,7 +487,7 @@ def _anthropic_assistant(content: Any, where: str) -> Message:
                 raise RequestError(f"{block_where}.input: missing or not an object")
             calls.append(
                 _tool_call(
-                    _string(block, "id", block_where),
+                    _engine_call_id(_string(block, "id", block_where)),
                     _string(block, "name", block_where),
                     json.dumps(arguments, ensure_ascii=False),
                 )
