@@ -305,3 +305,24 @@ def test_an_anthropic_client_sending_a_tool_use_back_with_reordered_input_hits_t
     ]
     follow_up = engine.generate(from_anthropic(body), GREEDY)
     assert follow_up.plan.source == "live" and follow_up.reused_tokens == held
+
+
+def test_a_long_prefill_cut_short_resumes_from_its_last_saved_frontier(shared, model_path, tmp_path):
+    poem = files("dwarfstar").joinpath("data", "paradise_lost.txt").read_text(encoding="utf-8")
+    conversation = Conversation([user(poem[:3000])], thinking_mode="chat")
+    options = {"kv_disk_dir": tmp_path, "kv_save_interval": 128, "prefill_chunk": 64, "kv_min_tokens": 64}
+    engine = Engine(shared.model, shared.tokenizer, **options)
+    generation = engine.generate(conversation, GREEDY)
+    assert generation.prompt_tokens > 600
+    for event in generation:  # a crash after the ninth chunk: nothing else is saved
+        if getattr(event, "done", 0) >= 9 * 64:
+            generation.cancel()
+    saved = sorted(kvfile_module.read_header(p)["n_tokens"] for p in tmp_path.glob("*.kv"))
+    assert saved == [128, 256, 384, 512]  # every multiple of the interval crossed, mid-prompt
+
+    restarted = Engine(Model.load(model_path), shared.tokenizer, **options)
+    resumed = restarted.generate(conversation, GREEDY)
+    assert resumed.reused_tokens == 512
+    uninterrupted = Engine(shared.model, shared.tokenizer, prefill_chunk=64).generate(conversation, GREEDY)
+    assert run(resumed).text == run(uninterrupted).text
+    assert torch.equal(resumed.session.checkpoint.logits, uninterrupted.session.checkpoint.logits)

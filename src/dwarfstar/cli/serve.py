@@ -14,6 +14,7 @@ DEFAULT_CTX = 32768
 DEFAULT_KV_RAM_MB = 4096
 DEFAULT_KV_DISK_SPACE_MB = 16384
 DEFAULT_KV_MIN_TOKENS = 512
+DEFAULT_KV_SAVE_INTERVAL = 16384
 # Live sessions are bounded by --kv-ram-mb; this caps their number too.
 MAX_LIVE_SESSIONS = 64
 
@@ -96,6 +97,13 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         metavar="N",
         help=f"save prompts of at least N new tokens to disk (default: {DEFAULT_KV_MIN_TOKENS})",
     )
+    parser.add_argument(
+        "--kv-save-interval",
+        type=int,
+        default=DEFAULT_KV_SAVE_INTERVAL,
+        metavar="N",
+        help=f"save a long prefill to --kv-disk-dir every N tokens (default: {DEFAULT_KV_SAVE_INTERVAL})",
+    )
     # Tests make a random-weight model write a chosen answer (the x-ds4-script header).
     parser.add_argument("--allow-scripted-output", action="store_true", help=argparse.SUPPRESS)
     parser.set_defaults(func=run)
@@ -119,6 +127,8 @@ def run(args: argparse.Namespace) -> int:
         raise CommandError(f"--port must be in 0..65535, not {args.port}")
     if args.kv_ram_mb <= 0 or args.kv_disk_space_mb <= 0:
         raise CommandError("--kv-ram-mb and --kv-disk-space-mb must be positive")
+    if args.kv_save_interval < 1:
+        raise CommandError(f"--kv-save-interval must be at least 1, not {args.kv_save_interval}")
     if args.kv_min_tokens < 1:
         raise CommandError(f"--kv-min-tokens must be at least 1, not {args.kv_min_tokens}")
     if args.max_body_mb <= 0 or args.keepalive <= 0:
@@ -147,6 +157,7 @@ def run(args: argparse.Namespace) -> int:
             kv_disk_dir=args.kv_disk_dir,
             kv_disk_space_mb=args.kv_disk_space_mb,
             kv_min_tokens=args.kv_min_tokens,
+            kv_save_interval=args.kv_save_interval,
         )
     except EngineError as err:
         raise CommandError(str(err)) from None

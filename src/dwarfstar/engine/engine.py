@@ -78,6 +78,7 @@ class Engine:
         kv_disk_dir: str | Path | None = None,
         kv_disk_space_mb: float = DEFAULT_KV_DISK_SPACE_MB,
         kv_min_tokens: int = DEFAULT_KV_MIN_TOKENS,
+        kv_save_interval: int | None = None,
     ) -> None:
         if ctx < 2:
             raise EngineError(f"the context must hold at least 2 tokens, not {ctx}")
@@ -100,8 +101,10 @@ class Engine:
                 raise EngineError(
                     f"cannot use {kv_disk_dir} as the KV cache: {err.strerror or err}"
                 ) from None
+        if kv_save_interval is not None and kv_save_interval < 1:
+            raise EngineError(f"the KV save interval must be at least 1 token, not {kv_save_interval}")
         ram = None if kv_ram_mb is None else int(kv_ram_mb * 2**20)
-        self.sessions = SessionPool(model, max_sessions, ram, disk)
+        self.sessions = SessionPool(model, max_sessions, ram, disk, kv_save_interval)
 
     @classmethod
     def open(
@@ -275,6 +278,8 @@ class Generation:
             if self.cancelled:
                 return False
             self._forward(todo[done : done + chunk])
+            if done + chunk < len(todo) and session in self.engine.sessions.sessions:
+                self.engine.sessions.prefill_frontier(session)
             yield PrefillProgress(min(done + chunk, len(todo)), len(todo))
         session.text = self.text
         if session.checkpoint is None or session.checkpoint.tokens != session.tokens:

@@ -83,6 +83,7 @@ class LiveSession:
         self.logits: torch.Tensor | None = None  # next-token logits after ``tokens``
         # The exact ``invoke`` text of the tool calls written in this session, by call id.
         self.tool_calls: dict[str, str] = {}
+        self.frontier_saved = 0  # tokens held at the last mid-prefill save
 
     def save_checkpoint(self) -> None:
         assert self.logits is not None
@@ -101,6 +102,7 @@ class LiveSession:
         self.tokens, self.text, self.logits = list(snapshot.tokens), snapshot.text, snapshot.logits
         calls = snapshot.extra.get("tool_calls")
         self.tool_calls = {str(k): str(v) for k, v in calls.items()} if isinstance(calls, dict) else {}
+        self.frontier_saved = len(self.tokens)
         self.save_checkpoint()
 
     @property
@@ -114,6 +116,7 @@ class LiveSession:
         cp = self.checkpoint
         self.state.restore(cp.state)
         self.tokens, self.text, self.logits = list(cp.tokens), cp.text, cp.logits
+        self.frontier_saved = len(self.tokens)
 
     def rollback(self) -> None:
         """After a forward pass was interrupted (its state is half written): the checkpoint, or empty."""
@@ -150,6 +153,7 @@ class SessionPool:
         max_sessions: int = 1,
         ram_bytes: int | None = None,
         disk: DiskCache | None = None,
+        save_interval: int | None = None,
     ) -> None:
         if max_sessions < 1:
             raise ValueError(f"max_sessions must be at least 1, not {max_sessions}")
@@ -157,6 +161,7 @@ class SessionPool:
         self.max_sessions = max_sessions
         self.ram_bytes = ram_bytes
         self.disk = disk
+        self.save_interval = save_interval  # during a long prefill, save every this many tokens
         self.sessions: list[LiveSession] = []
         self.tool_calls: OrderedDict[str, str] = OrderedDict()  # the most recent last
 
@@ -222,6 +227,18 @@ class SessionPool:
         if self.disk is not None and computed >= self.disk.min_tokens and session.checkpoint is not None:
             self._save(session, session.checkpoint, "prompt")
         self._fit()
+
+    def prefill_frontier(self, session: LiveSession) -> None:
+        """Mid-prefill: each time the session crosses a multiple of ``save_interval`` tokens, its
+        state goes to disk (named by its tokens), so a prefill cut short (a crash, a restart)
+        resumes from there."""
+        interval = self.save_interval
+        if self.disk is None or not interval or session.logits is None:
+            return
+        if len(session.tokens) // interval > session.frontier_saved // interval:
+            snapshot = Snapshot(session.state.snapshot(), list(session.tokens), None, session.logits)
+            self._save(session, snapshot, "prefill")
+            session.frontier_saved = len(session.tokens)
 
     def save(self, session: LiveSession, reason: str) -> None:
         if self.disk is not None and (snapshot := session.as_snapshot()) is not None:
