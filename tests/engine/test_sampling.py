@@ -143,11 +143,23 @@ def cut(pieces: list[str], stops: list[str]) -> tuple[str, bool]:
     cuts=st.lists(st.integers(0, 40), max_size=10),
 )
 def test_stop_strings_cut_at_the_first_match_however_the_text_is_split(text, stops, cuts):
+    """Generation ends with the first piece after which some stop string has appeared; the text
+    is cut where the earliest stop string seen by then starts (a longer stop string that began
+    earlier but would complete only later never gets the chance, as in OpenAI's and vLLM's)."""
     bounds = sorted({0, len(text), *(c for c in cuts if c <= len(text))})
     pieces = [text[a:b] for a, b in zip(bounds, bounds[1:], strict=False)]
-    hits = [i for i in (text.find(s) for s in stops) if i >= 0]
-    want = text[: min(hits)] if hits else text
-    assert cut(pieces, stops) == (want, bool(hits))
+    want, stopped = text, False
+    for end in bounds[1:]:
+        hits = [i for i in (text[:end].find(s) for s in stops if s) if i >= 0]
+        if hits:
+            want, stopped = text[: min(hits)], True
+            break
+    assert cut(pieces, stops) == (want, stopped)
+
+
+def test_a_stop_string_that_completes_first_wins_over_a_longer_one_that_began_earlier():
+    assert cut(["YX", "X"], ["X", "YXX"]) == ("Y", True)
+    assert cut(["YXX"], ["X", "YXX"]) == ("", True)
 
 
 def test_held_back_text_is_released_when_it_cannot_be_a_stop():

@@ -9,6 +9,7 @@ keeps the reference path. DWARFSTAR_KERNELS=reference forces the reference path.
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import warnings
 
@@ -21,11 +22,14 @@ from .tensor import QTensor
 
 try:
     from . import _cpu
-except ImportError as error:  # not built: the reference path stays
+except ImportError as error:  # not built, or built for another Python: the reference path stays
     _cpu = None
-    _import_error: ImportError | None = error
+    # A missing module reads as a "circular import" inside a package still initialising: say
+    # plainly that it is not built, and quote the error only when a built module failed to load.
+    built = importlib.util.find_spec(f"{__package__}._cpu") is not None
+    _import_problem = f"failed to load ({error})" if built else "are not built"
 else:
-    _import_error = None
+    _import_problem = ""
 
 ENVIRONMENT = "DWARFSTAR_KERNELS"
 """`reference` forces the pure-torch kernels; unset (or `compiled`) uses the compiled ones."""
@@ -129,7 +133,7 @@ def register() -> None:
         return
     if _cpu is None:
         warnings.warn(
-            f"dwarfstar: the compiled CPU kernels are not built ({_import_error}); using the much "
+            f"dwarfstar: the compiled CPU kernels {_import_problem}; using the much "
             "slower pure-torch kernels. Build them with a C compiler: `pip install -e .`, or "
             "`python setup.py build_ext --inplace` in a source tree.",
             RuntimeWarning,
