@@ -1,4 +1,5 @@
-"""``ds4 serve --kv-disk-dir``: a server stopped and started again resumes a long conversation."""
+"""``ds4 serve`` sessions: a server restarted with ``--kv-disk-dir`` resumes a long conversation, and
+interleaved conversations each keep their own prefix."""
 
 from __future__ import annotations
 
@@ -49,3 +50,24 @@ def test_a_restarted_server_continues_a_2000_token_conversation_without_reading_
     assert reused > opening["usage"]["prompt_tokens"]
     assert resumed["usage"]["prompt_tokens"] - reused < 40  # only the new turn is read
     assert resumed["choices"][0]["message"] == uninterrupted["choices"][0]["message"]
+
+
+def test_an_agent_and_two_subagents_taking_turns_each_reuse_their_own_prefix(serve):
+    server = serve()  # the defaults: live sessions up to --kv-ram-mb
+    conversations = [
+        [{"role": "user", "content": "You are the main agent. Plan the work."}],
+        [{"role": "user", "content": "Sub-agent one: read the parser."}],
+        [{"role": "user", "content": "Sub-agent two: read the tests, all of them."}],
+    ]
+    previous = [0, 0, 0]
+    for turn in range(3):
+        for i, messages in enumerate(conversations):
+            answer = ask(server, messages)
+            usage = answer["usage"]
+            if turn:  # all of its own last prompt and answer, whatever the others did meanwhile
+                assert usage["prompt_tokens_details"]["cached_tokens"] >= previous[i]
+            previous[i] = usage["prompt_tokens"]
+            messages += [
+                {"role": "assistant", "content": answer["choices"][0]["message"]["content"]},
+                {"role": "user", "content": f"Go on, step {turn}."},
+            ]
