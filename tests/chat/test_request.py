@@ -438,23 +438,34 @@ def test_a_trailing_assistant_message_is_continued(mapper):
     assert thinking == f"{BOS}{USER}Count to 3.{ASSISTANT}<think></think>1, 2,"
 
 
-def test_tool_choice_required_and_named_are_asked_for():
+def test_tool_choice_required_and_named_are_asked_for_and_forced():
     other = {"type": "function", "function": {"name": "time", "parameters": {"type": "object"}}}
     body = {**openai_tool_round_trip(), "tools": [OPENAI_WEATHER, other]}
     body["messages"] = body["messages"][:2]
     required = from_openai({**body, "tool_choice": "required"})
     assert required.tools == [OPENAI_WEATHER, other]
     assert required.messages[0]["content"].endswith("Answer by calling one or more of the tools above.")
+    assert required.forced_tool_call is True
     named = from_openai({**body, "tool_choice": {"type": "function", "function": {"name": "time"}}})
     assert named.tools == [other] and named.messages[0]["content"].endswith("the tool time.")
+    assert named.forced_tool_call == "time"
+    assert from_openai({**body, "tool_choice": "auto"}).forced_tool_call is False
+    assert from_openai({**body, "tool_choice": "none"}).forced_tool_call is False
+    assert from_openai({**body, "tools": [], "tool_choice": "required"}).forced_tool_call is False
+    responses = {"input": "Time?", "tools": [{"type": "function", "name": "time"}]}
+    assert (
+        from_responses({**responses, "tool_choice": {"type": "function", "name": "time"}}).forced_tool_call
+        == "time"
+    )
     anthropic = {
         "system": "Be brief.",
         "tools": [{"name": "weather", "input_schema": WEATHER_SCHEMA}],
         "messages": [{"role": "user", "content": "Weather?"}],
     }
-    assert (
-        "one or more" in from_anthropic({**anthropic, "tool_choice": {"type": "any"}}).messages[0]["content"]
-    )
+    any_tool = from_anthropic({**anthropic, "tool_choice": {"type": "any"}})
+    assert "one or more" in any_tool.messages[0]["content"] and any_tool.forced_tool_call is True
+    named = from_anthropic({**anthropic, "tool_choice": {"type": "tool", "name": "weather"}})
+    assert named.forced_tool_call == "weather"
     with pytest.raises(RequestError, match="not among the tools"):
         from_openai({**body, "tool_choice": {"type": "function", "function": {"name": "nope"}}})
     with pytest.raises(RequestError, match="tool_choice"):

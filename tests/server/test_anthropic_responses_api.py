@@ -10,7 +10,7 @@ import httpx
 import openai
 import pytest
 from conftest import sse_events
-from test_openai_api import CALL
+from test_openai_api import AFTER_NAME, CALL, OPENING
 
 WEATHER = {
     "name": "weather",
@@ -89,6 +89,32 @@ def test_messages_tool_round_trip_reads_the_cache(claude, server):
     assert second.content[-1].text == "It is 18C."
     assert second.usage.cache_read_input_tokens > first.usage.input_tokens
     assert second.usage.input_tokens > 0  # the tool result was prefilled
+
+
+def test_messages_tool_choice_any_and_tool_are_binding(claude, server):
+    clock = {"name": "time", "input_schema": {"type": "object"}}
+    request = {"model": "deepseek-v4-flash", "max_tokens": 200, "tools": [WEATHER, clock]}
+    message = claude.messages.create(
+        **request,
+        messages=[{"role": "user", "content": "Weather in Paris?"}],
+        thinking={"type": "disabled"},
+        tool_choice={"type": "any"},
+        extra_headers=server.script(CALL.removeprefix(OPENING)),
+    )
+    assert message.stop_reason == "tool_use"
+    assert [(b.type, b.name, b.input) for b in message.content] == [
+        ("tool_use", "weather", {"city": "Paris"})
+    ]
+    message = claude.messages.create(
+        **request,
+        messages=[{"role": "user", "content": "Weather in Paris?"}],
+        tool_choice={"type": "tool", "name": "weather"},
+        extra_headers=server.script("Look it up.</think>" + AFTER_NAME),
+    )
+    thinking, call = message.content
+    assert (thinking.type, thinking.thinking) == ("thinking", "Look it up.")
+    assert (call.type, call.name, call.input) == ("tool_use", "weather", {"city": "Paris"})
+    assert message.stop_reason == "tool_use"
 
 
 def test_messages_stream_with_the_sdk(claude, server):

@@ -131,6 +131,49 @@ def test_streamed_tool_call_name_first_then_arguments(client, server):
     assert json.loads(arguments) == {"city": "Paris"}
 
 
+TIME = {"type": "function", "function": {"name": "time", "parameters": {"type": "object"}}}
+OPENING = f"\n\n{TOOL_CALLS_OPEN}\n"
+AFTER_NAME = CALL.split('name="weather">\n', 1)[1]  # the call after its name: what a named choice leaves
+
+
+def test_tool_choice_required_and_named_are_binding(client, server):
+    tools = [WEATHER, TIME]
+    # The script leaves out the block's opening: with tool_choice auto that is no call at all.
+    free = client.chat.completions.create(
+        model="deepseek-chat",
+        messages=user("Weather?"),
+        tools=tools,
+        tool_choice="auto",
+        extra_headers=server.script(CALL.removeprefix(OPENING)),
+    )
+    assert free.choices[0].finish_reason == "stop" and not free.choices[0].message.tool_calls
+    required = client.chat.completions.create(
+        model="deepseek-chat",
+        messages=user("Weather?"),
+        tools=tools,
+        tool_choice="required",
+        extra_headers=server.script(CALL.removeprefix(OPENING)),
+    )
+    assert required.choices[0].finish_reason == "tool_calls"
+    (call,) = required.choices[0].message.tool_calls
+    assert (call.function.name, json.loads(call.function.arguments)) == ("weather", {"city": "Paris"})
+    # Named, thinking on, streamed: the model reasons, then the call of that function opens.
+    stream = client.chat.completions.create(
+        model="deepseek-v4-flash",
+        messages=user("Weather?"),
+        tools=tools,
+        tool_choice={"type": "function", "function": {"name": "weather"}},
+        stream=True,
+        extra_headers=server.script("Look it up.</think>" + AFTER_NAME),
+    )
+    chunks = [c for c in stream if c.choices]
+    reasoning = "".join(c.choices[0].delta.model_extra.get("reasoning_content") or "" for c in chunks)
+    calls = [c.choices[0].delta.tool_calls[0] for c in chunks if c.choices[0].delta.tool_calls]
+    assert reasoning == "Look it up." and calls[0].function.name == "weather"
+    assert json.loads("".join(call.function.arguments or "" for call in calls)) == {"city": "Paris"}
+    assert chunks[-1].choices[0].finish_reason == "tool_calls"
+
+
 def test_trailing_assistant_message_is_continued(client, server):
     answer = client.chat.completions.create(
         model="deepseek-chat",

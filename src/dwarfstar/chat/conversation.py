@@ -32,6 +32,9 @@ class Conversation:
     turn (the official default); the API always leaves it on. ``continue_final_message``
     makes a trailing assistant message a prefill: the prompt ends inside that message (no end
     of sentence after it), so the model continues it rather than starting a new turn.
+    ``forced_tool_call`` makes the answer a tool call (``tool_choice`` required or a named
+    function): True, a call of any offered tool; a name, a call of that function. The engine
+    writes the opening of the call itself when the answer proper begins.
     """
 
     messages: list[Message]
@@ -39,6 +42,7 @@ class Conversation:
     reasoning_effort: ReasoningEffort | None = None
     drop_thinking: bool = True
     continue_final_message: bool = False
+    forced_tool_call: bool | str = False
 
     @property
     def tools(self) -> list[dict[str, Any]]:

@@ -250,6 +250,12 @@ class OutputParser:
         return False
 
     @property
+    def in_answer_text(self) -> bool:
+        """True in the answer's free text: past the reasoning and outside any DSML tag (where
+        the engine writes a forced tool call's opening)."""
+        return self._state is _State.CONTENT
+
+    @property
     def tool_calls_closed(self) -> bool:
         """True once a well-formed tool-calls block is closed: the answer is complete."""
         return self._state is _State.AFTER

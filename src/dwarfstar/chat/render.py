@@ -306,7 +306,7 @@ def _render_turn(
             ],
             "\n",
         )
-        parts += _markup(f"\n\n{TOOL_CALLS_OPEN}\n") + invokes + _markup(f"\n{TOOL_CALLS_CLOSE}")
+        parts += tool_calls_opening() + invokes + _markup(f"\n{TOOL_CALLS_CLOSE}")
     return parts + _markup(EOS)
 
 
@@ -370,13 +370,19 @@ def _render_tool_call(function: dict[str, Any]) -> list[Part]:
         + _markup(PARAMETER_CLOSE)
         for key, value in arguments.items()
     ]
-    return (
-        _markup(f'{INVOKE_OPEN} name="')
-        + _text(str(function["name"]))
-        + _markup('">\n')
-        + _joined(parameters, "\n")
-        + _markup(f"\n{INVOKE_CLOSE}")
-    )
+    return _invoke_opening(str(function["name"])) + _joined(parameters, "\n") + _markup(f"\n{INVOKE_CLOSE}")
+
+
+def tool_calls_opening(name: str | None = None) -> list[Part]:
+    """How an answer's tool-calls block opens, through the first call's name when ``name`` is
+    given: spelled as history renders it, so a forced call (``Conversation.forced_tool_call``)
+    is written exactly as the model would write it."""
+    opening = _markup(f"\n\n{TOOL_CALLS_OPEN}\n")
+    return opening if name is None else opening + _invoke_opening(name)
+
+
+def _invoke_opening(name: str) -> list[Part]:
+    return _markup(f'{INVOKE_OPEN} name="') + _text(name) + _markup('">\n')
 
 
 def _to_json(value: Any) -> str:

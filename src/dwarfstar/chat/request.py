@@ -14,8 +14,9 @@ the APIs say more than the prompt format can, the choices are:
   the blocks of a user turn; a part that is not text (an image) becomes
   ``[Unsupported <type>]``, the official placeholder;
 - ``tool_choice`` none withholds the tools; ``required`` (Anthropic ``any``) and a named
-  function are asked for in the system text (a named function is then the only tool offered);
-  tools other than functions are left out;
+  function are binding: ``Conversation.forced_tool_call`` makes the engine open the call
+  itself, and the system text asks for it too (a named function is then the only tool
+  offered); tools other than functions are left out;
 - a trailing assistant message (with no tool calls) is a prefill: the answer continues it
   (``Conversation.continue_final_message``), as the Anthropic API does;
 - Responses ``input`` items: ``message`` (any role), ``reasoning`` (its text, summary or
@@ -83,13 +84,16 @@ def from_openai(body: dict[str, Any]) -> Conversation:
         else:
             raise _unknown_role(role, where, ("system", "developer", "user", "assistant", "tool"))
 
-    tools = _openai_tools(body.get("tools"))
-    tools = _chosen_tools(tools, _openai_tool_choice(body.get("tool_choice")), system_texts)
+    tools, forced = _chosen_tools(
+        _openai_tools(body.get("tools")), _openai_tool_choice(body.get("tool_choice")), system_texts
+    )
     response_format = _optional(body, "response_format", dict, "an object")
     if response_format is not None and response_format.get("type") == "text":
         response_format = None
     effort = _optional(body, "reasoning_effort", str, "a string")
-    return _conversation(body, system_texts, messages, tools, response_format, effort, "reasoning_effort")
+    return _conversation(
+        body, system_texts, messages, (tools, forced), response_format, effort, "reasoning_effort"
+    )
 
 
 def from_anthropic(body: dict[str, Any]) -> Conversation:
@@ -108,8 +112,9 @@ def from_anthropic(body: dict[str, Any]) -> Conversation:
         else:
             raise _unknown_role(role, where, ("user", "assistant", "system"))
 
-    tools = _anthropic_tools(body.get("tools"))
-    tools = _chosen_tools(tools, _anthropic_tool_choice(body.get("tool_choice")), system_texts)
+    tools, forced = _chosen_tools(
+        _anthropic_tools(body.get("tools")), _anthropic_tool_choice(body.get("tool_choice")), system_texts
+    )
     output_config = _optional(body, "output_config", dict, "an object") or {}
     response_format = _optional(output_config, "format", dict, "an object", "output_config.")
     if "effort" in output_config:
@@ -118,18 +123,19 @@ def from_anthropic(body: dict[str, Any]) -> Conversation:
     else:
         effort = _optional(body, "reasoning_effort", str, "a string")
         effort_field = "reasoning_effort"
-    return _conversation(body, system_texts, messages, tools, response_format, effort, effort_field)
+    return _conversation(body, system_texts, messages, (tools, forced), response_format, effort, effort_field)
 
 
 def _conversation(
     body: dict[str, Any],
     system_texts: list[str],
     messages: list[Message],
-    tools: list[dict[str, Any]],
+    chosen_tools: tuple[list[dict[str, Any]], bool | str],
     response_format: dict[str, Any] | None,
     effort: str | None,
     effort_field: str,
 ) -> Conversation:
+    tools, forced_tool_call = chosen_tools
     system_texts = [text for text in system_texts if text]
     if system_texts or tools or response_format:
         system: Message = {"role": "system", "content": "\n\n".join(system_texts)}
@@ -142,12 +148,15 @@ def _conversation(
     last = messages[-1] if messages else {}
     prefill = last.get("role") == "assistant" and not last.get("tool_calls")
     if not thinking:
-        return Conversation(messages, thinking_mode="chat", continue_final_message=prefill)
+        return Conversation(
+            messages, thinking_mode="chat", continue_final_message=prefill, forced_tool_call=forced_tool_call
+        )
     return Conversation(
         messages,
         thinking_mode="thinking",
         reasoning_effort=_effort_level(effort),
         continue_final_message=prefill,
+        forced_tool_call=forced_tool_call,
     )
 
 
@@ -215,12 +224,12 @@ def from_responses(body: dict[str, Any], history: list[Message] | None = None) -
             )
     if not messages:
         raise RequestError("input must hold at least one message")
-    tools = _chosen_tools(
+    tools, forced = _chosen_tools(
         _responses_tools(body.get("tools")), _openai_tool_choice(body.get("tool_choice")), system_texts
     )
     reasoning_options = _optional(body, "reasoning", dict, "an object") or {}
     effort = _optional(reasoning_options, "effort", str, "a string", "reasoning.")
-    return _conversation(body, system_texts, messages, tools, None, effort, "reasoning.effort")
+    return _conversation(body, system_texts, messages, (tools, forced), None, effort, "reasoning.effort")
 
 
 def _with_reasoning(message: Message, reasoning: list[str]) -> Message:
@@ -297,19 +306,22 @@ def _anthropic_tool_choice(choice: Any) -> str | None:
 
 def _chosen_tools(
     tools: list[dict[str, Any]], choice: str | None, system_texts: list[str]
-) -> list[dict[str, Any]]:
-    """The tools ``choice`` leaves offered; a required call is asked for in the system text."""
+) -> tuple[list[dict[str, Any]], bool | str]:
+    """The tools ``choice`` leaves offered, and the call it forces (``forced_tool_call``); a
+    required call is also asked for in the system text."""
     if choice == "none" or not tools:
-        return []
+        return [], False
     if choice == "required":
         system_texts.append(REQUIRED_TOOL)
-    elif choice is not None and choice.startswith("function:"):
+        return tools, True
+    if choice is not None and choice.startswith("function:"):
         name = choice.removeprefix("function:")
         tools = [tool for tool in tools if tool["function"]["name"] == name]
         if not tools:
             raise RequestError(f"tool_choice names the function {name!r}, which is not among the tools")
         system_texts.append(NAMED_TOOL.format(name=name))
-    return tools
+        return tools, name
+    return tools, False
 
 
 def _thinking_enabled(body: dict[str, Any], effort: str | None, effort_field: str) -> bool:

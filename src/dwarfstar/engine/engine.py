@@ -20,7 +20,7 @@ import torch
 
 from dwarfstar.chat.conversation import Conversation
 from dwarfstar.chat.parser import Done, OutputParser
-from dwarfstar.chat.render import Part, render_parts
+from dwarfstar.chat.render import Part, render_parts, tool_calls_opening
 from dwarfstar.chat.tokens import INVOKE_CLOSE, INVOKE_OPEN, THINK_OPEN, TOOL_CALLS_OPEN
 from dwarfstar.engine.diskcache import DiskCache
 from dwarfstar.engine.events import (
@@ -182,10 +182,14 @@ class Engine:
         """Plan the answer to ``prompt``; iterate the result to run it.
 
         The session is ``session`` if given, else the pool's best match. ``sampler`` replaces
-        the one ``sampling`` would make (tests script the model's choices with it). Raises
+        the one ``sampling`` would make (tests script the model's choices with it). A
+        conversation's ``forced_tool_call`` is binding: when the answer proper begins (after
+        ``</think>``, or at once in chat mode) the engine writes the opening of the tool-calls
+        block (and of the named call) as sampled tokens, then sampling goes on. Raises
         ``ContextLengthError`` (before touching any state) when the prompt leaves no room for
         an answer. Usage counts are known at once: ``prompt_tokens`` and ``reused_tokens``.
         """
+        forced = self._forced_tool_call(prompt) if isinstance(prompt, Conversation) else []
         request = prompt if isinstance(prompt, Prompt) else self.prompt(prompt)
         if session is None:
             session, plan = self.sessions.acquire(request)
@@ -196,7 +200,18 @@ class Engine:
         if len(plan.tokens) >= self.ctx:
             raise ContextLengthError(len(plan.tokens), self.ctx)
         sampler = sampler or Sampler(sampling or SamplingParams())
-        return Generation(self, session, plan, request.text, sampler)
+        return Generation(self, session, plan, request.text, sampler, forced)
+
+    def _forced_tool_call(self, conversation: Conversation) -> list[int]:
+        """The tokens that open the call ``conversation.forced_tool_call`` asks for ([]: none),
+        tokenized as the model writes them (the DSML markers are special tokens)."""
+        choice = conversation.forced_tool_call
+        names = [tool["function"]["name"] for tool in conversation.tools]
+        if choice is False or not names:
+            return []
+        if choice is not True and choice not in names:
+            raise EngineError(f"the forced tool call names {choice!r}, which is not among the tools")
+        return self.tokenizer.encode_parts(tool_calls_opening(None if choice is True else choice))
 
 
 def _parts_after(parts: list[Part], offset: int) -> list[Part]:
@@ -213,7 +228,13 @@ class Generation:
     """One answer being produced: iterate it (once) for its events; ``cancel()`` from anywhere."""
 
     def __init__(
-        self, engine: Engine, session: LiveSession, plan: Plan, text: str | None, sampler: Sampler
+        self,
+        engine: Engine,
+        session: LiveSession,
+        plan: Plan,
+        text: str | None,
+        sampler: Sampler,
+        forced_tool_call: Sequence[int] = (),
     ) -> None:
         self.engine = engine
         self.session = session
@@ -221,6 +242,7 @@ class Generation:
         self.text = text
         self.sampler = sampler
         self.sampling = sampler.params
+        self.forced_tool_call = list(forced_tool_call)  # written when the answer proper begins
         self.prompt_tokens = len(plan.tokens)
         self.reused_tokens = plan.reused
         self.finished: Finished | None = None
@@ -292,7 +314,9 @@ class Generation:
         """Sample until EOS, a stop string, a closed tool-calls block, the budget or a cancel.
 
         The last sampled token is fed only if another one follows, and EOS never: the next
-        prompt brings them, so it extends the session exactly.
+        prompt brings them, so it extends the session exactly. A forced tool call's tokens take
+        the place of samples once the parser is in the answer's text; they run through the
+        detokenizer, parser and session like sampled ones.
         """
         session, plan, params = self.session, self.plan, self.sampling
         tokenizer = self.engine.tokenizer
@@ -306,11 +330,17 @@ class Generation:
         sampled: list[int] = []
         pieces: list[str] = []
         reason: FinishReason = "length"
+        to_force, forcing = list(self.forced_tool_call), []
         while len(sampled) < budget:
             if self.cancelled:
                 reason = "cancelled"
                 break
-            token = self.sampler.sample(logits, greedy=params.greedy_dsml and parser.in_structure)
+            if to_force and parser.in_answer_text:
+                to_force, forcing = [], to_force
+            if forcing:
+                token = forcing.pop(0)
+            else:
+                token = self.sampler.sample(logits, greedy=params.greedy_dsml and parser.in_structure)
             sampled.append(token)
             if token == tokenizer.eos_id:
                 reason = "stop"
