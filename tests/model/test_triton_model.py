@@ -1,7 +1,8 @@
 """The Triton kernels inside the model: a small model in ds4's q2 recipe gives the same logits
 through them as through the compiled CPU kernels.
 
-The kernels are registered for CPU tensors here and run in Triton's interpreter (tests/
+On a CUDA machine the model runs on the GPU through the kernels registered for CUDA tensors.
+Elsewhere the kernels are registered for CPU tensors and run in Triton's interpreter (tests/
 conftest.py sets TRITON_INTERPRET=1 without CUDA), so this exercises, as a GPU would, the
 registry lookup, the grouped expert path (routed experts sharing one input row; one row per
 slot for the down projections and the attention's output groups) and the dequantize-then-GEMM
@@ -51,11 +52,13 @@ def run(model: Model) -> torch.Tensor:
 
 
 def test_triton_kernels_in_the_model_match_the_cpu_kernels(path, monkeypatch):
-    model = Model.load(path, quant_sim=False)
-    expected = run(model)
-    for kind in quant.triton_kernels.KINDS:
-        monkeypatch.setitem(quant.LINEAR_KERNELS, ("cpu", kind), triton_kernels.linear)
-        monkeypatch.setitem(quant.EXPERT_KERNELS, ("cpu", kind), triton_kernels.expert_linear)
-    ours = run(model)
+    expected = run(Model.load(path, quant_sim=False))
+    if torch.cuda.is_available():  # compiled Triton can only read device memory
+        ours = run(Model.load(path, quant_sim=False, device="cuda")).cpu()
+    else:
+        for kind in quant.triton_kernels.KINDS:
+            monkeypatch.setitem(quant.LINEAR_KERNELS, ("cpu", kind), triton_kernels.linear)
+            monkeypatch.setitem(quant.EXPERT_KERNELS, ("cpu", kind), triton_kernels.expert_linear)
+        ours = run(Model.load(path, quant_sim=False))
     scale = expected.abs().max()
     assert (ours - expected).abs().max() <= 1e-4 * scale
