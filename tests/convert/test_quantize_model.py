@@ -25,7 +25,7 @@ from dwarfstar.model.model import Model
 from dwarfstar.synthetic.models import DEMO_CONFIG
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "quant"))
-from llama_reference import llama_quantize, write_f32_model  # noqa: E402
+from llama_reference import llama_cpp_logits, llama_quantize, write_f32_model  # noqa: E402
 
 CONFIG = dataclasses.replace(DEMO_CONFIG, n_expert=4, expert_ff=256)
 
@@ -212,21 +212,7 @@ def test_errors_exit_2(source: Path, workdir: Path, capsys: pytest.CaptureFixtur
 
 
 def llama_logits(path: Path) -> np.ndarray:
-    llm = llama_cpp.Llama(
-        model_path=str(path),
-        n_ctx=len(TOKENS),
-        n_batch=len(TOKENS),
-        n_ubatch=len(TOKENS),
-        logits_all=True,
-        type_k=llama_cpp.GGML_TYPE_F32,
-        type_v=llama_cpp.GGML_TYPE_F32,
-        flash_attn=False,
-        n_threads=2,
-        n_threads_batch=2,
-        verbose=False,
-    )
-    llm.eval(TOKENS)
-    return np.array(llm.scores[: len(TOKENS)])
+    return llama_cpp_logits(path, TOKENS, batch=len(TOKENS))
 
 
 def our_logits(path: Path) -> np.ndarray:

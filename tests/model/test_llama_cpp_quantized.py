@@ -24,6 +24,7 @@ import pytest
 import torch
 from gguf import GGMLQuantizationType as T
 from models import dequantized_twin, split_gguf, tiny_hf_config, truncate_vocabulary
+from quant import llama_reference
 
 from dwarfstar.cli.main import main
 from dwarfstar.gguf.shards import GGUFModel
@@ -119,21 +120,7 @@ def quantized(f32_model: Path, recipe: str) -> Path:
 
 
 def llama_cpp_logits(path: Path) -> np.ndarray:
-    llm = llama_cpp.Llama(
-        model_path=str(path),
-        n_ctx=len(TOKENS),
-        n_batch=len(TOKENS),
-        n_ubatch=len(TOKENS),
-        logits_all=True,
-        type_k=llama_cpp.GGML_TYPE_F32,
-        type_v=llama_cpp.GGML_TYPE_F32,
-        flash_attn=False,
-        n_threads=2,
-        n_threads_batch=2,
-        verbose=False,
-    )
-    llm.eval(TOKENS)
-    return np.array(llm.scores[: len(TOKENS)])
+    return llama_reference.llama_cpp_logits(path, TOKENS, batch=len(TOKENS))
 
 
 @pytest.mark.parametrize("recipe", list(RECIPES))

@@ -18,7 +18,14 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, TextIO
 
-from dwarfstar.cli.common import PREFILL_CHUNK, add_model_arguments, model_path, open_model, open_tokenizer
+from dwarfstar.cli.common import (
+    PREFILL_CHUNK,
+    add_model_arguments,
+    model_path,
+    open_model,
+    open_tokenizer,
+    read_text_file,
+)
 from dwarfstar.cli.main import CommandError
 
 if TYPE_CHECKING:
@@ -169,14 +176,7 @@ def _read_text(path: Path | None) -> str:
         from importlib.resources import files
 
         return files("dwarfstar").joinpath("data", BENCH_TEXT).read_text(encoding="utf-8")
-    try:
-        return path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise CommandError(f"{path}: no such file") from None
-    except UnicodeDecodeError:
-        raise CommandError(f"{path}: not UTF-8 text") from None
-    except OSError as err:
-        raise CommandError(f"{path}: cannot read it ({err.strerror or err})") from None
+    return read_text_file(path)
 
 
 class _output:

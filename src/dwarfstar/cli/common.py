@@ -97,6 +97,18 @@ def _opening(path: Path, load: Callable[[], T]) -> T:
         raise CommandError(f"{path}: cannot read it ({err.strerror or err})") from None
 
 
+def read_text_file(path: Path) -> str:
+    """A UTF-8 text file the user named, or a clear error."""
+    try:
+        return path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise CommandError(f"{path}: no such file") from None
+    except UnicodeDecodeError:
+        raise CommandError(f"{path}: not UTF-8 text") from None
+    except OSError as err:
+        raise CommandError(f"{path}: cannot read it ({err.strerror or err})") from None
+
+
 def read_token_file(path: Path) -> list[int]:
     """A JSON file holding a non-empty list of token ids."""
     try:

@@ -12,7 +12,14 @@ import argparse
 import sys
 from pathlib import Path
 
-from dwarfstar.cli.common import PREFILL_CHUNK, add_model_arguments, model_path, open_model, open_tokenizer
+from dwarfstar.cli.common import (
+    PREFILL_CHUNK,
+    add_model_arguments,
+    model_path,
+    open_model,
+    open_tokenizer,
+    read_text_file,
+)
 from dwarfstar.cli.main import CommandError
 
 DEFAULT_CTX = 512
@@ -57,12 +64,7 @@ def run(args: argparse.Namespace) -> int:
         raise CommandError("--ctx must be at least 2")
     if args.chunks is not None and args.chunks < 1:
         raise CommandError("--chunks must be at least 1")
-    try:
-        text = args.text.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise CommandError(f"{args.text}: no such file") from None
-    except UnicodeDecodeError:
-        raise CommandError(f"{args.text}: not UTF-8 text") from None
+    text = read_text_file(args.text)
     if not args.output.parent.is_dir():
         raise CommandError(f"{args.output.parent}: no such directory for the output file")
     imatrix = Imatrix()

@@ -15,7 +15,14 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from dwarfstar.cli.common import PREFILL_CHUNK, add_model_arguments, model_path, open_model, open_tokenizer
+from dwarfstar.cli.common import (
+    PREFILL_CHUNK,
+    add_model_arguments,
+    model_path,
+    open_model,
+    open_tokenizer,
+    read_text_file,
+)
 from dwarfstar.cli.main import CommandError
 
 if TYPE_CHECKING:
@@ -57,14 +64,7 @@ def run(args: argparse.Namespace) -> int:
         raise CommandError("--chunk must be at least 1")
     if args.max_tokens is not None and args.max_tokens < 1:
         raise CommandError("-n must be at least 1")
-    try:
-        text = args.text.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise CommandError(f"{args.text}: no such file") from None
-    except UnicodeDecodeError:
-        raise CommandError(f"{args.text}: not UTF-8 text") from None
-    except OSError as err:
-        raise CommandError(f"{args.text}: cannot read it ({err.strerror or err})") from None
+    text = read_text_file(args.text)
     path = model_path(args)
     model, tokenizer = open_model(path, device=args.device), open_tokenizer(path)
     tokens = tokenizer.encode(text)[: args.max_tokens]

@@ -30,6 +30,7 @@ from dwarfstar.engine.events import (
 from dwarfstar.server.common import (
     KEEPALIVE,
     KEEPALIVE_COMMENT,
+    SSE_HEADERS,
     ApiError,
     Run,
     Service,
@@ -41,7 +42,6 @@ from dwarfstar.server.common import (
     start,
     stop_sequence,
 )
-from dwarfstar.server.openai import SSE_HEADERS
 
 STOP_REASONS = {"stop": "end_turn", "length": "max_tokens", "tool_calls": "tool_use", "cancelled": "end_turn"}
 

@@ -268,6 +268,7 @@ def sse(data: Any, event: str | None = None) -> bytes:
 
 
 KEEPALIVE_COMMENT = b": keep-alive\n\n"
+SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}  # no proxy buffers a stream
 
 
 def stop_sequence(finished: Finished, stops: list[str] | None) -> str | None:

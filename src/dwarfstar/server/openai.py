@@ -27,6 +27,7 @@ from dwarfstar.engine.events import (
 from dwarfstar.server.common import (
     KEEPALIVE,
     KEEPALIVE_COMMENT,
+    SSE_HEADERS,
     ApiError,
     Run,
     Service,
@@ -39,7 +40,6 @@ from dwarfstar.server.common import (
     start,
 )
 
-SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 FINISH_REASONS = {"stop": "stop", "length": "length", "tool_calls": "tool_calls", "cancelled": "stop"}
 
 

@@ -35,6 +35,7 @@ from dwarfstar.engine.events import (
 from dwarfstar.server.common import (
     KEEPALIVE,
     KEEPALIVE_COMMENT,
+    SSE_HEADERS,
     ApiError,
     Run,
     Service,
@@ -46,7 +47,6 @@ from dwarfstar.server.common import (
     sse,
     start,
 )
-from dwarfstar.server.openai import SSE_HEADERS
 
 
 def usage(usage: Usage) -> dict[str, Any]:
