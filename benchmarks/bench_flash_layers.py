@@ -5,6 +5,10 @@ used, indexer 64 x 128 with top-k 512, vocabulary 129280) but only two layers, r
 ratio 128, no hash routing, random weights and ds4's "IQ2XXS-w2Q2K-AProjQ8-SExpQ8-OutQ8" type
 mix (docs/architecture.md §13.2). It is written once, about 5.6 GB, into --dir.
 
+A 2-layer file's bytes are mostly the Q8_0 output head, so `--layers 2 4` also runs a 4-layer
+file (ratios 4, 128, 4, 128; about 9.6 GB) and reports what one more layer costs each engine
+(the difference of the two runs, halved) and the projection to the real model's 43 layers.
+
 Each engine runs in its own subprocess, so peak RSS is that engine's own, on the same prompt
 of random token ids: load time, prefill of --prompt tokens (last logits only), then --decode
 tokens one at a time. The run also streams a large buffer to measure the machine's memory
@@ -12,6 +16,7 @@ read bandwidth, and counts the bytes of weights one decoded token touches, which
 give a floor on decode time per token.
 
     python benchmarks/bench_flash_layers.py [--dir bench-models] [--prompt 512] [--decode 16]
+                                            [--layers 2 [4]]
 """
 
 from __future__ import annotations
@@ -30,8 +35,7 @@ from gguf import GGMLQuantizationType as T
 from dwarfstar.model.config import ModelConfig
 
 THREADS = 2
-CONFIG = ModelConfig(n_layer=2, n_hash_layer=0, compress_ratios=(4, 128), swiglu_limit=(10.0, 10.0))
-MODEL_NAME = "flash-2layers-iq2xxs-q2k.gguf"
+REAL_LAYERS = 43
 ROUTED = ("ffn_gate_exps.weight", "ffn_up_exps.weight", "ffn_down_exps.weight")
 # ds4 keeps these matrices in F16 (the rest of the matrices are Q8_0, vectors F32).
 F16_MATRICES = ("token_embd.", "hc_", "compressor", "indexer", "ffn_gate_inp.")
@@ -50,14 +54,21 @@ def ds4_kind(name: str, shape: tuple[int, ...]) -> T:
     return T.Q8_0
 
 
-def build_model(directory: Path) -> Path:
+def flash_layers(layers: int) -> ModelConfig:
+    """Flash at its real widths with `layers` layers, compression ratios 4 and 128 in turn."""
+    ratios = tuple(4 if i % 2 == 0 else 128 for i in range(layers))
+    return ModelConfig(n_layer=layers, n_hash_layer=0, compress_ratios=ratios, swiglu_limit=(10.0,) * layers)
+
+
+def build_model(directory: Path, layers: int) -> Path:
     from dwarfstar.synthetic.models import write_random_model
 
-    path = directory / MODEL_NAME
+    path = directory / f"flash-{layers}layers-iq2xxs-q2k.gguf"
     if not path.exists():
         directory.mkdir(parents=True, exist_ok=True)
-        print(f"building {path} (random weights, about 5.6 GB; once) ...", file=sys.stderr)
-        write_random_model(path, CONFIG, ds4_kind, seed=0, progress=True)
+        size = 1.4 + 2.1 * layers
+        print(f"building {path} (random weights, about {size:.1f} GB; once) ...", file=sys.stderr)
+        write_random_model(path, flash_layers(layers), ds4_kind, seed=0, progress=True)
     return path
 
 
@@ -69,14 +80,15 @@ def decode_bytes(path: Path) -> tuple[int, int]:
     """
     from dwarfstar.gguf.reader import GGUFFile
 
+    config = flash_layers(2)  # the widths, expert counts and vocabulary of every file here
     tensors = GGUFFile(path).tensors.values()
     total = sum(t.data.nbytes for t in tensors)
     used = 0.0
     for t in tensors:
         if t.name.endswith(ROUTED):
-            used += t.data.nbytes * CONFIG.n_expert_used / CONFIG.n_expert
+            used += t.data.nbytes * config.n_expert_used / config.n_expert
         elif t.name == "token_embd.weight":
-            used += t.data.nbytes / CONFIG.vocab_size
+            used += t.data.nbytes / config.vocab_size
         else:
             used += t.data.nbytes
     return total, int(used)
@@ -97,7 +109,7 @@ def read_bandwidth() -> float:
 
 
 def prompt_tokens(length: int) -> list[int]:
-    return np.random.default_rng(1).integers(2, CONFIG.vocab_size, length).tolist()
+    return np.random.default_rng(1).integers(2, flash_layers(2).vocab_size, length).tolist()
 
 
 def run_ours(path: Path, prompt: list[int], decode: list[int]) -> dict[str, float]:
@@ -161,11 +173,44 @@ def measure(engine: str, path: Path, n_prompt: int, n_decode: int) -> dict[str, 
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
+def report(path: Path, results: dict[str, dict[str, float]], n_prompt: int, n_decode: int) -> None:
+    total, per_token = decode_bytes(path)
+    print(f"model: {path} ({total / 2**30:.2f} GiB of tensors), {THREADS} threads")
+    print(f"prompt {n_prompt} tokens, then {n_decode} decoded one at a time")
+    ours, theirs = results["dwarfstar"], results["llama.cpp"]
+    print(f"\n{'':16}{'dwarfstar':>12}{'llama.cpp':>12}{'us/llama.cpp':>14}")
+    for figure in ours:
+        print(f"{figure:16}{ours[figure]:12.3f}{theirs[figure]:12.3f}{ours[figure] / theirs[figure]:14.3f}")
+    print("(tok/s: higher is better; load time and peak RSS: lower is better)")
+    print(f"weights read per decoded token: {per_token / 2**20:.1f} MiB")
+
+
+def report_per_layer(runs: dict[int, dict[str, dict[str, float]]]) -> None:
+    """What one more layer costs each engine, and the projection to the real model's depth."""
+    few, many = sorted(runs)
+    print(f"\nper layer, from the {few}- and {many}-layer files; projected to {REAL_LAYERS} layers")
+    print(f"{'':28}{'dwarfstar':>12}{'llama.cpp':>12}{'us/llama.cpp':>14}")
+    for figure, unit in (("decode tok/s", "decode"), ("prefill tok/s", "prefill")):
+        per_layer, projected = {}, {}
+        for engine in ENGINES:
+            ms_few, ms_many = (1e3 / runs[n][engine][figure] for n in (few, many))
+            per_layer[engine] = (ms_many - ms_few) / (many - few)
+            projected[engine] = 1e3 / (ms_few + (REAL_LAYERS - few) * per_layer[engine])
+        ours, theirs = per_layer["dwarfstar"], per_layer["llama.cpp"]
+        print(f"{unit + ' ms/token per layer':28}{ours:12.2f}{theirs:12.2f}{ours / theirs:14.3f}")
+        ours, theirs = projected["dwarfstar"], projected["llama.cpp"]
+        print(f"{unit + f' tok/s at {REAL_LAYERS} layers':28}{ours:12.3f}{theirs:12.3f}{ours / theirs:14.3f}")
+    print("(ms per layer: lower is better; tok/s: higher is better)")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--dir", type=Path, default=Path("bench-models"), help="where the model is cached")
     parser.add_argument("--prompt", type=int, default=512, help="prompt length (tokens)")
     parser.add_argument("--decode", type=int, default=16, help="tokens decoded after the prompt")
+    parser.add_argument(
+        "--layers", type=int, nargs="+", default=[2], help="layer counts: one, or two for the per-layer cost"
+    )
     parser.add_argument("--engine", choices=ENGINES, help=argparse.SUPPRESS)  # the subprocesses
     parser.add_argument("--model", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -176,22 +221,22 @@ def main() -> None:
         print(json.dumps(figures))
         return
 
-    path = build_model(args.dir)
-    total, per_token = decode_bytes(path)
+    if len(args.layers) > 2 or len(set(args.layers)) != len(args.layers):
+        parser.error("--layers takes one layer count, or two different ones")
+    paths = {layers: build_model(args.dir, layers) for layers in args.layers}
     bandwidth = read_bandwidth()
-    results = {engine: measure(engine, path, args.prompt, args.decode) for engine in ENGINES}
-
-    print(f"model: {path} ({total / 2**30:.2f} GiB of tensors), {THREADS} threads")
-    print(f"prompt {args.prompt} tokens, then {args.decode} decoded one at a time")
-    ours, theirs = results["dwarfstar"], results["llama.cpp"]
-    print(f"\n{'':16}{'dwarfstar':>12}{'llama.cpp':>12}{'us/llama.cpp':>14}")
-    for figure in ours:
-        print(f"{figure:16}{ours[figure]:12.3f}{theirs[figure]:12.3f}{ours[figure] / theirs[figure]:14.3f}")
-    print("(tok/s: higher is better; load time and peak RSS: lower is better)")
+    runs = {}
+    for layers, path in paths.items():
+        runs[layers] = {engine: measure(engine, path, args.prompt, args.decode) for engine in ENGINES}
+        report(path, runs[layers], args.prompt, args.decode)
+        print()
+    per_token = decode_bytes(paths[min(paths)])[1]
     floor = per_token / bandwidth
-    print(f"\nweights read per decoded token: {per_token / 2**20:.1f} MiB")
     print(f"memory read bandwidth ({THREADS} threads, streaming sum): {bandwidth / 2**30:.2f} GiB/s")
-    print(f"decode floor from bandwidth: {floor * 1e3:.1f} ms/token = {1 / floor:.1f} tok/s at most")
+    smallest = min(paths)
+    print(f"decode floor, {smallest} layers: {floor * 1e3:.1f} ms/token = {1 / floor:.1f} tok/s at most")
+    if len(runs) == 2:
+        report_per_layer(runs)
 
 
 if __name__ == "__main__":
