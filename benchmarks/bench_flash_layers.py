@@ -32,26 +32,17 @@ from pathlib import Path
 import numpy as np
 from gguf import GGMLQuantizationType as T
 
+from dwarfstar.convert.recipe import recipe_kind
 from dwarfstar.model.config import ModelConfig
 
 THREADS = 2
 REAL_LAYERS = 43
 ROUTED = ("ffn_gate_exps.weight", "ffn_up_exps.weight", "ffn_down_exps.weight")
-# ds4 keeps these matrices in F16 (the rest of the matrices are Q8_0, vectors F32).
-F16_MATRICES = ("token_embd.", "hc_", "compressor", "indexer", "ffn_gate_inp.")
 
 
 def ds4_kind(name: str, shape: tuple[int, ...]) -> T:
     """The stored type ds4's 2-bit Flash file gives each tensor."""
-    if name.endswith(("ffn_gate_exps.weight", "ffn_up_exps.weight")):
-        return T.IQ2_XXS
-    if name.endswith("ffn_down_exps.weight"):
-        return T.Q2_K
-    if len(shape) == 1:
-        return T.F32
-    if any(part in name for part in F16_MATRICES):
-        return T.F16
-    return T.Q8_0
+    return recipe_kind("q2", name, shape)
 
 
 def flash_layers(layers: int) -> ModelConfig:
