@@ -6,6 +6,10 @@
 1. Kernel agreement: each Triton kernel (matrix × vector, × small batch, grouped experts,
    dequantize) against the reference path on the GPU, within 1e-5 of Σ|w·x| (the scale of a
    float32 sum's rounding; the decoded weights themselves must be bit-identical).
+1b. Kernel timings: the matrix × vector kernel before (`gpu_kernels_before.py`) and now, per
+   format on real Flash shapes (device µs per launch, weight bytes read per second, cold L2),
+   and a few alternative tile shapes of the new one (each checked against the reference); the
+   fastest per format is used for the model below (`--no-tune`: the defaults).
 2. A full-size synthetic DeepSeek V4 Flash (43 layers, real widths) in ds4's q2 recipe
    (IQ2_XXS gate/up, Q2_K down, Q8_0 attention/shared/head, F16 embedding/mixers/router, F32
    vectors), random valid blocks generated directly in device memory: no file.
@@ -13,6 +17,9 @@
    token reads, the device's measured copy bandwidth and the fraction of the bandwidth floor
    (bytes per token / bandwidth) reached. Goals (issue 11): ≥ 50% of the floor in decode,
    ≥ 5,000 tokens/s prefill on an H200-class GPU.
+4. One decode step captured in a CUDA graph and replayed (the same step at the same position
+   each time: what a step costs without launch overhead), its logits compared with the same
+   step run eagerly. A failed capture is reported; the eager figures stand.
 
 `--layers`, `--context`, `--prefill`, `--decode` shrink it for a dry run (`--device cpu`).
 """
@@ -23,6 +30,7 @@ import argparse
 import json
 import sys
 import time
+from functools import partial
 from types import SimpleNamespace
 
 import numpy as np
@@ -87,6 +95,113 @@ def _ratio(ours: torch.Tensor, x: torch.Tensor, dense: torch.Tensor) -> float:
     return float(((ours.double().cpu() - x64 @ w64.T).abs() / bound).max())
 
 
+KERNEL_CASES = (  # (format, what, stored shape, how inputs meet the weights)
+    (T.Q8_0, "attn_output_b", (4096, 8192), "matrix"),
+    (T.Q8_0, "attn_q_a", (1024, 4096), "matrix"),
+    (T.Q8_0, "output head", (129280, 4096), "matrix"),
+    (T.F16, "attn_compressor_kv", (1024, 4096), "matrix"),
+    (T.BF16, "a matrix", (1024, 4096), "matrix"),
+    (T.Q4_K, "a matrix", (4096, 4096), "matrix"),
+    (T.IQ2_XXS, "ffn_gate_exps, 6 of", (256, 2048, 4096), "shared"),  # one token's input, 6 experts
+    (T.Q2_K, "ffn_down_exps, 6 of", (256, 4096, 2048), "slots"),  # one input row per expert
+)
+
+
+def device_seconds(device: torch.device, run, repeats: int = 15) -> float:
+    """Best device time of `run()` over `repeats`, each after 256 MiB written (a cold L2, and a
+    busy GPU while the host launches `run`)."""
+    flush = torch.empty(1 << 26, dtype=torch.int32, device=device)
+    events = []
+    for _ in range(repeats):
+        flush.zero_()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        run()
+        end.record()
+        events.append((start, end))
+    synchronize(device)
+    return min(start.elapsed_time(end) for start, end in events) / 1000
+
+
+def candidate_configs(code: int) -> list:
+    from dwarfstar.quant.triton.kernels import MATVEC_CONFIGS, MatvecConfig
+
+    base = MATVEC_CONFIGS[code]
+    b = base.blocks
+    shapes = [(base.rows, b, base.warps), (4, b, 4), (16, b, 4), (8, 2 * b, 4), (16, 2 * b, 8), (32, b, 8),
+              (4, b, 2), (8, max(1, b // 2), 4)]  # fmt: skip
+    return list(dict.fromkeys(MatvecConfig(*shape) for shape in shapes))
+
+
+def kernel_timings(device: torch.device, tune_seconds: float, tune: bool) -> dict[str, dict]:
+    """Old and new matrix × vector kernels on each case of KERNEL_CASES; with `tune`, the fastest
+    correct tile shape per format replaces the default in `kernels.MATVEC_CONFIGS`."""
+    from gpu_kernels_before import old_matvec
+
+    from dwarfstar.quant.triton import kernels
+
+    generator = torch.Generator(device=device).manual_seed(1)
+    deadline = time.perf_counter() + tune_seconds
+    results: dict[str, dict] = {}
+    totals: dict[int, dict] = {}  # format code -> config -> [seconds per case]
+    for kind, what, shape, mode in KERNEL_CASES:
+        code = kernels.FORMAT_CODES[kind]
+        w = QTensor(kind, shape, random_tensor(kind, shape, device, generator))
+        rows, cols = shape[-2:]
+        ids, divisor, matrices = None, 1, 1
+        x = torch.randn(1, cols, device=device, generator=generator)
+        if mode != "matrix":
+            ids = torch.randperm(shape[0], device=device, generator=generator)[:6]
+            matrices = 6
+            if mode == "shared":
+                divisor = 6
+            else:
+                x = torch.randn(6, cols, device=device, generator=generator)
+        chosen = [w[int(e)] for e in ids.tolist()] if ids is not None else [w]
+        dense = torch.stack([kernels.dequantize(m) for m in chosen]).double()  # bit-exact decode
+        x64 = x.double().expand(matrices, -1) if mode == "shared" else x.double()
+        exact = torch.einsum("prc,pc->pr", dense, x64)
+        bound = 1e-5 * torch.einsum("prc,pc->pr", dense.abs(), x64.abs()) + 1e-30
+        nbytes = matrices * rows * w.data.stride(-2) * w.data.element_size()
+        old = device_seconds(device, partial(old_matvec, x, w, ids, divisor))
+        label = f"{kind.name} {what} {'x'.join(map(str, shape[-2:]))}"
+        case = {"bytes": nbytes, "old_s": old, "configs": {}}
+        for config in candidate_configs(code):
+            if config != kernels.MATVEC_CONFIGS[code] and time.perf_counter() > deadline:
+                break
+            try:
+                out = kernels.matvec(x, w, ids, divisor, config)
+                ratio = float(((out.double() - exact).abs() / bound).max())
+                seconds = device_seconds(device, partial(kernels.matvec, x, w, ids, divisor, config))
+            except Exception as error:  # a tile shape the compiler refuses: report, try the next
+                print(f"  {label} {config}: {type(error).__name__}: {error}", flush=True)
+                continue
+            key = f"rows={config.rows} blocks={config.blocks} warps={config.warps}"
+            case["configs"][key] = {"seconds": seconds, "error_over_bound": ratio}
+            if ratio <= 1:
+                totals.setdefault(code, {}).setdefault(config, []).append(seconds)
+        default = case["configs"].get(
+            "rows={0.rows} blocks={0.blocks} warps={0.warps}".format(kernels.MATVEC_CONFIGS[code]), {}
+        )
+        new = default.get("seconds", float("nan"))
+        best_key = min(case["configs"], key=lambda k: case["configs"][k]["seconds"], default="none")
+        best = case["configs"].get(best_key, {}).get("seconds", float("nan"))
+        print(f"{label:44} {nbytes / 1e6:7.1f} MB  old {old * 1e6:7.1f} µs {nbytes / old / 1e12:5.2f} TB/s"
+              f"  new {new * 1e6:7.1f} µs {nbytes / new / 1e12:5.2f} TB/s (error/bound "
+              f"{default.get('error_over_bound', float('nan')):.3f})  best {best * 1e6:7.1f} µs "
+              f"{nbytes / best / 1e12:5.2f} TB/s {best_key}", flush=True)  # fmt: skip
+        results[label] = case
+    for code, by_config in totals.items():
+        cases = max(len(t) for t in by_config.values())
+        complete = {c: sum(t) for c, t in by_config.items() if len(t) == cases}
+        fastest = min(complete, key=complete.get)
+        name = next(k.name for k, v in kernels.FORMAT_CODES.items() if v == code)
+        print(f"  {name}: default {kernels.MATVEC_CONFIGS[code]}, fastest {fastest}", flush=True)
+        if tune:
+            kernels.MATVEC_CONFIGS[code] = fastest
+    return results
+
+
 def random_tensor(kind: T, shape: tuple[int, ...], device: torch.device, generator: torch.Generator):
     """Random valid stored data made on `device`: random bytes with fp16 scales in ±[1e-3, 1e-2]."""
     if kind == T.I32:
@@ -135,6 +250,23 @@ def copy_bandwidth(device: torch.device) -> float:
     return 2 * source.numel() * 4 / best
 
 
+def graph_decode(model: Model, session, token: torch.Tensor, steps: int) -> tuple[float, float]:
+    """One decode step captured in a CUDA graph, replayed `steps` times (the same step at the
+    same position: the state's host counters advanced once, at capture): ms per replay, and the
+    largest difference of its logits from the same step run eagerly, over their largest value."""
+    device = token.device
+    before = session.snapshot()
+    static = token.clone()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        logits = model.forward(static, session, all_logits=False)
+    graph.replay()
+    eager = model.forward(static, before, all_logits=False)
+    difference = float((logits - eager).abs().max() / eager.abs().max())
+    seconds = timed(device, lambda: [graph.replay() for _ in range(steps)])
+    return 1000 * seconds / steps, difference
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cuda")
@@ -143,7 +275,10 @@ def main() -> int:
     parser.add_argument("--context", type=int, default=1024, help="context before the timed decode")
     parser.add_argument("--decode", type=int, default=64, help="decode steps timed")
     parser.add_argument("--chunk", type=int, default=2048, help="prefill chunk")
-    parser.add_argument("--skip-kernels", action="store_true")
+    parser.add_argument("--skip-kernels", action="store_true", help="no kernel agreement, timings or tuning")
+    parser.add_argument("--tune-seconds", type=float, default=75, help="time for trying tile shapes")
+    parser.add_argument("--no-tune", action="store_true", help="the model runs the default tile shapes")
+    parser.add_argument("--no-graph", action="store_true", help="no CUDA graph capture")
     parser.add_argument("--json", help="also write the figures to this file")
     args = parser.parse_args()
     device = torch.device(args.device)
@@ -158,6 +293,9 @@ def main() -> int:
         if max(agreement.values()) > 1:
             print("FAIL: a kernel disagrees with the reference path", file=sys.stderr)
             return 1
+        if device.type == "cuda":
+            print("matrix × vector kernels, device time per launch (weight bytes / time), old vs new:")
+            figures["kernel_timings"] = kernel_timings(device, args.tune_seconds, not args.no_tune)
 
     config = ModelConfig()
     if args.layers != config.n_layer:
@@ -205,6 +343,19 @@ def main() -> int:
     print(f"decode at {args.context} context: {ms:.2f} ms/token ({1000 / ms:.1f} tokens/s); "
           f"{per_token / 1e9:.2f} GB/token at {bandwidth / 1e12:.2f} TB/s measured copy bandwidth: "
           f"floor {floor_ms:.2f} ms, {100 * floor_ms / ms:.1f}% of it reached", flush=True)  # fmt: skip
+    if device.type == "cuda" and not args.no_graph:
+        try:
+            graph_ms, difference = graph_decode(model, session, token, args.decode)
+        except Exception as error:  # reported, not fatal: the eager figures above stand
+            figures["graph_error"] = f"{type(error).__name__}: {error}"
+            print(f"CUDA graph capture of a decode step failed: {figures['graph_error']}", flush=True)
+        else:
+            figures |= {"graph_ms_per_step": graph_ms, "graph_logits_difference": difference,
+                        "graph_fraction_of_floor": floor_ms / graph_ms}  # fmt: skip
+            print(f"CUDA graph: one decode step replayed {args.decode} times: {graph_ms:.2f} ms/step "
+                  f"(eager {ms:.2f} ms/token), {100 * floor_ms / graph_ms:.1f}% of the floor; logits "
+                  f"differ from the eager step's by {difference:.2g} of the largest", flush=True)  # fmt: skip
+    figures["seconds"] = time.perf_counter() - start
     print(f"total {figures['seconds']:.0f} s")
     if args.json:
         with open(args.json, "w") as out:

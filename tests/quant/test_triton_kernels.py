@@ -54,7 +54,19 @@ def test_matrix_times_vectors(kind):
     assert_within_bound(kernels.linear(x, w), x, dense)
 
 
-@pytest.mark.parametrize("kind", [Q.IQ2_XXS, Q.Q2_K], ids=lambda k: k.name)
+@pytest.mark.parametrize("kind", KINDS, ids=lambda k: k.name)
+def test_split_products_and_partial_tiles(kind):
+    """Rows in partial tiles of 8, the blocks of each row in 3 ranges (split-K) summed after the
+    launch, 2 blocks per step: 5 blocks per row leave a partial step and a short last range."""
+    cols = 5 * (64 if kind in (Q.F16, Q.BF16) else 32 if kind == Q.Q8_0 else 256)
+    w = random_qtensor(kind, (20, cols), seed=9)
+    dense = dequantize(QTensor(w.kind, w.shape, w.data.cpu()))
+    x = torch.randn(2, cols, generator=torch.Generator().manual_seed(10)).to(DEVICE)
+    out = kernels.matvec(x, w, config=kernels.MatvecConfig(rows=8, blocks=2), split=3)
+    assert_within_bound(out, x, dense)
+
+
+@pytest.mark.parametrize("kind", [Q.IQ2_XXS, Q.Q2_K, Q.Q8_0], ids=lambda k: k.name)
 def test_grouped_experts_one_launch(kind):
     """A token's experts (shared input row) and one row per slot (the down projection)."""
     w = random_qtensor(kind, (4, 8, 256), seed=4)

@@ -21,12 +21,13 @@ FP4_MAX = 6.0
 def _pow2_scale(amax: torch.Tensor, top: float) -> torch.Tensor:
     """The power-of-two ("ue8m0") scale 2^ceil(log2(amax / top)), from the exponent bits.
 
-    Like the official kernel, the ratio is ``amax`` times the float32 reciprocal of ``top``.
+    Like the official kernel, the ratio is ``amax`` times the float32 reciprocal of ``top`` (a
+    Python scalar: torch rounds it to ``amax``'s float32, with no tensor copied from the host,
+    which a CUDA graph capture would refuse).
     ``frexp`` gives ratio = m·2^e with m in [0.5, 1): the ceiling is e, or e - 1 when the
     ratio is exactly a power of two (m = 0.5); no float log2 rounding is involved.
     """
-    reciprocal = torch.tensor(1.0 / top, dtype=amax.dtype, device=amax.device)
-    mantissa, exponent = torch.frexp(amax * reciprocal)
+    mantissa, exponent = torch.frexp(amax * (1.0 / top))
     return torch.ldexp(torch.ones_like(amax), exponent - (mantissa == 0.5).to(exponent.dtype))
 
 

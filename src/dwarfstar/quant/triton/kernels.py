@@ -1,22 +1,26 @@
 """Triton kernels that multiply straight from the stored GGML blocks (imported only on first use).
 
-One matrix × vector kernel serves every format: a program owns BLOCK_ROWS rows of one matrix
-and one input row, walks the rows' blocks, decodes a (BLOCK_ROWS, values per block) tile in
-registers and accumulates its products with the input. The same kernel does the grouped expert
-product: program column p reads its expert id from `ids` and its input row p // x_divisor, so a
-token's routed experts (or the attention's head groups) take one launch. A second kernel
-decodes whole blocks into float32, for the products of many rows (prefill), which then go
-through the vendor GEMM.
+`matvec_kernel` serves every format for one to a few input rows (decode): a program owns ROWS
+output rows of one matrix and one input row, and walks a range of each row's blocks (split-K
+where rows are few), BLOCKS whole blocks per step. A block's bytes are contiguous, so each load
+is a run of bytes the warp reads together; the block's scales are read once per block (not per
+value), and its sums are factored the way the format is built (Σ code·x per sub-block times its
+scale, minus min · Σ x). The same kernel does the grouped expert product: program column p
+reads its expert id from `ids` and its input row p // x_divisor, so a token's routed experts
+(or the attention's head groups) take one launch, with no host synchronisation.
 
-The decoders follow `dwarfstar.quant.formats` (ggml's layouts and float operation order), so
-a decoded value is bit-identical to the reference path's; the products differ from it only by
-the order of the float32 sums. Set TRITON_INTERPRET=1 before importing this module to run the
-kernels on the CPU (the tests do).
+`dequantize_kernel` decodes whole blocks to float32 with `_decode_tile`, value by value: the
+reference for the decoders (bit-identical to `dwarfstar.quant.formats`, ggml's layouts and
+float operation order) and the decode before the vendor GEMM of many rows (prefill).
+
+The products differ from the reference path only by the order of the float32 sums. Set
+TRITON_INTERPRET=1 before importing this module to run the kernels on the CPU (the tests do).
 """
 
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from functools import cache
 
 import torch
@@ -100,29 +104,150 @@ def _decode_tile(block, j, mask, grid_ptr, FORMAT: tl.constexpr):
 
 
 @triton.jit
+def _q8_0_dot(row, blocks, mask, inside, x_row):
+    """Σ over the Q8_0 blocks `blocks` (1, B) of rows `row` (R, 1): (R, B). d | q[32] (int8)."""
+    i = tl.arange(0, 32)[None, None, :]
+    block = row + blocks * 34
+    q = tl.load(block[:, :, None] + 2 + i, mask=mask[:, :, None], other=0).to(tl.int8, bitcast=True)
+    x = tl.load(x_row + blocks[:, :, None] * 32 + i, mask=inside[:, :, None], other=0.0)
+    return tl.sum(q.to(tl.float32) * x, axis=2) * _half(block, 0, mask)
+
+
+@triton.jit
+def _q2_k_dot(row, blocks, mask, inside, x_row):
+    """Q2_K: scales[16] | q[64] | d | dmin. Value 128h + 32s + 16u + v is bits 2s of byte
+    16 + 32h + 16u + v, with the scale and min of byte 8h + 2s + u."""
+    v = tl.arange(0, 16)[None, None, :]
+    block = row + blocks * 84
+    d = _half(block, 80, mask)
+    dmin = _half(block, 82, mask)
+    acc = tl.zeros(d.shape, tl.float32)
+    for h in tl.static_range(2):
+        for u in tl.static_range(2):
+            q = _byte(block[:, :, None], 16 + 32 * h + 16 * u + v, mask[:, :, None])
+            for s in tl.static_range(4):
+                offset = 128 * h + 32 * s + 16 * u
+                x = tl.load(x_row + blocks[:, :, None] * 256 + offset + v, mask=inside[:, :, None], other=0.0)
+                code = ((q >> (2 * s)) & 3).to(tl.float32)
+                sm = _byte(block, 8 * h + 2 * s + u, mask)
+                acc += (d * (sm & 15).to(tl.float32)) * tl.sum(code * x, axis=2)
+                acc -= (dmin * (sm >> 4).to(tl.float32)) * tl.sum(x, axis=2)
+    return acc
+
+
+@triton.jit
+def _q4_k_dot(row, blocks, mask, inside, x_row):
+    """Q4_K: d | dmin | 12 bytes of 6-bit scales and mins | q[128]. Group g of 32 values is
+    nibble g % 2 of bytes 16 + 32 (g // 2) + i."""
+    i = tl.arange(0, 32)[None, None, :]
+    block = row + blocks * 144
+    d = _half(block, 0, mask)
+    dmin = _half(block, 2, mask)
+    acc = tl.zeros(d.shape, tl.float32)
+    for pair in tl.static_range(4):
+        q = _byte(block[:, :, None], 16 + 32 * pair + i, mask[:, :, None])
+        for nibble in tl.static_range(2):
+            g = 2 * pair + nibble
+            if g < 4:
+                scale = _byte(block, 4 + g, mask) & 63
+                minimum = _byte(block, 8 + g, mask) & 63
+            else:
+                high = _byte(block, 8 + g, mask)
+                scale = (high & 15) | ((_byte(block, g, mask) >> 6) << 4)
+                minimum = (high >> 4) | ((_byte(block, 4 + g, mask) >> 6) << 4)
+            x = tl.load(x_row + blocks[:, :, None] * 256 + 32 * g + i, mask=inside[:, :, None], other=0.0)
+            code = ((q >> (4 * nibble)) & 15).to(tl.float32)
+            acc += (d * scale.to(tl.float32)) * tl.sum(code * x, axis=2)
+            acc -= (dmin * minimum.to(tl.float32)) * tl.sum(x, axis=2)
+    return acc
+
+
+@triton.jit
+def _iq2_xxs_dot(row, blocks, mask, inside, x_row, grid_ptr):
+    """IQ2_XXS: d | per group of 32 values: 4 grid indices, a uint32 of 4 × 7 sign bits and a
+    4-bit scale. A grid entry is 8 magnitudes packed in an int64 (one gather per 8 values)."""
+    point = tl.arange(0, 4)[None, None, :]
+    element = tl.arange(0, 8)[None, None, None, :]
+    block = row + blocks * 66
+    d = _half(block, 0, mask)
+    acc = tl.zeros(d.shape, tl.float32)
+    for g in tl.static_range(8):
+        index = _byte(block[:, :, None], 2 + 8 * g + point, mask[:, :, None])
+        packed = tl.load(grid_ptr + index, mask=mask[:, :, None], other=0)
+        aux = (
+            _byte(block, 6 + 8 * g, mask)
+            | (_byte(block, 7 + 8 * g, mask) << 8)
+            | (_byte(block, 8 + 8 * g, mask) << 16)
+            | (_byte(block, 9 + 8 * g, mask) << 24)
+        )
+        signs = (aux[:, :, None] >> (7 * point)) & 127
+        parity = signs ^ (signs >> 4)
+        parity = parity ^ (parity >> 2)
+        parity = (parity ^ (parity >> 1)) & 1
+        negative = tl.where(element == 7, parity[:, :, :, None], (signs[:, :, :, None] >> element) & 1)
+        value = ((packed[:, :, :, None] >> (8 * element)) & 255).to(tl.float32)
+        value = tl.where(negative == 1, -value, value)
+        x = tl.load(
+            x_row + blocks[:, :, None, None] * 256 + 32 * g + 8 * point[:, :, :, None] + element,
+            mask=inside[:, :, None, None],
+            other=0.0,
+        )
+        scale = (d * (0.5 + ((aux >> 28) & 15).to(tl.float32))) * 0.25
+        acc += scale * tl.sum(tl.sum(value * x, axis=3), axis=2)
+    return acc
+
+
+@triton.jit
+def _float_dot(row, blocks, mask, inside, x_row, cols):
+    """F16 / BF16: a "block" is 64 consecutive elements."""
+    i = tl.arange(0, 64)[None, None, :]
+    column = blocks[:, :, None] * 64 + i
+    in_row = column < cols
+    w = tl.load(row[:, :, None] + column, mask=mask[:, :, None] & in_row, other=0.0).to(tl.float32)
+    x = tl.load(x_row + column, mask=inside[:, :, None] & in_row, other=0.0)
+    return tl.sum(w * x, axis=2)
+
+
+@triton.jit
 def matvec_kernel(
     w_ptr, x_ptr, ids_ptr, grid_ptr, out_ptr,
-    rows, cols, row_stride, expert_stride, x_stride, x_divisor, out_stride, n_tiles,
-    FORMAT: tl.constexpr, VALUES: tl.constexpr, UNITS: tl.constexpr,
-    HAS_IDS: tl.constexpr, BLOCK_ROWS: tl.constexpr,
+    rows, cols, row_stride, expert_stride, x_stride, x_divisor, out_stride, split_stride,
+    n_blocks, blocks_per_split,
+    FORMAT: tl.constexpr, HAS_IDS: tl.constexpr, ROWS: tl.constexpr, BLOCKS: tl.constexpr,
 ):  # fmt: skip
-    """out[p, r] = Σ_c W[expert(p), r, c] · x[p // x_divisor, c] for BLOCK_ROWS rows r."""
+    """out[split, p, r] = Σ_c W[expert(p), r, c] · x[p // x_divisor, c] over the split's blocks.
+
+    A program owns ROWS rows of one matrix, one input row and one range of blocks (split-K);
+    each step reads BLOCKS whole stored blocks of every row (their bytes are contiguous) and
+    keeps one partial sum per row and block slot in registers.
+    """
     pair = tl.program_id(1)
-    r = tl.program_id(0) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
+    split = tl.program_id(2)
+    r = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
     row_mask = r < rows
-    base = w_ptr + r[:, None].to(tl.int64) * row_stride
+    row = w_ptr + r[:, None].to(tl.int64) * row_stride
     if HAS_IDS:
-        base += tl.load(ids_ptr + pair).to(tl.int64) * expert_stride
+        row += tl.load(ids_ptr + pair).to(tl.int64) * expert_stride
     x_row = x_ptr + (pair // x_divisor).to(tl.int64) * x_stride
-    j = tl.arange(0, VALUES)[None, :]
-    acc = tl.full((BLOCK_ROWS, VALUES), 0.0, tl.float32)
-    for tile in range(n_tiles):
-        column = tile * VALUES + j
-        mask = row_mask[:, None] & (column < cols)
-        w = _decode_tile(base + tile * UNITS, j, mask, grid_ptr, FORMAT)
-        x = tl.load(x_row + column, mask=column < cols, other=0.0)
-        acc += w * x
-    tl.store(out_ptr + pair.to(tl.int64) * out_stride + r, tl.sum(acc, axis=1), mask=row_mask)
+    first = split * blocks_per_split
+    end = tl.minimum(first + blocks_per_split, n_blocks)
+    acc = tl.zeros((ROWS, BLOCKS), tl.float32)
+    for start in range(first, end, BLOCKS):
+        blocks = start + tl.arange(0, BLOCKS)[None, :]
+        inside = blocks < end
+        mask = row_mask[:, None] & inside
+        if FORMAT <= 1:  # F16, BF16
+            acc += _float_dot(row, blocks, mask, inside, x_row, cols)
+        elif FORMAT == 2:
+            acc += _q8_0_dot(row, blocks, mask, inside, x_row)
+        elif FORMAT == 3:
+            acc += _q2_k_dot(row, blocks, mask, inside, x_row)
+        elif FORMAT == 4:
+            acc += _q4_k_dot(row, blocks, mask, inside, x_row)
+        else:  # IQ2_XXS
+            acc += _iq2_xxs_dot(row, blocks, mask, inside, x_row, grid_ptr)
+    out = out_ptr + split.to(tl.int64) * split_stride + pair.to(tl.int64) * out_stride + r
+    tl.store(out, tl.sum(acc, axis=1), mask=row_mask)
 
 
 @triton.jit
@@ -147,27 +272,85 @@ def _grid(device: torch.device) -> torch.Tensor:
     return torch.from_numpy(formats.grid(Q.IQ2_XXS).astype("float32")).reshape(-1).to(device)
 
 
+@cache
+def _packed_grid(device: torch.device) -> torch.Tensor:
+    """The same codebook as 256 int64, the 8 magnitudes (8, 25 or 43) of an entry in its bytes."""
+    magnitudes = formats.grid(Q.IQ2_XXS).astype("uint8")  # exact: small integers
+    return torch.from_numpy(magnitudes.copy().view("<i8").reshape(-1)).to(device)
+
+
+@cache
+def _processors(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
+
+
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 BLOCK_ROWS = 128 if INTERPRETED else 16
-"""Rows per program: on a GPU a tile of 16 × 256 decoded values per step keeps the registers in
-bounds; Triton's interpreter pays per operation, not per value, so it gets fewer, larger tiles."""
+"""Rows per program of the dequantize kernel: on a GPU a tile of 16 × 256 decoded values keeps the
+registers in bounds; Triton's interpreter pays per operation, not per value, so it gets larger
+tiles."""
 
 
-def _launch_matvec(x: torch.Tensor, w: QTensor, ids: torch.Tensor | None, x_divisor: int) -> torch.Tensor:
+@dataclass(frozen=True)
+class MatvecConfig:
+    """How `matvec_kernel` cuts a product: output rows per program, stored blocks per step of
+    each row, warps per program. The split of the blocks (split-K) follows from the launch size."""
+
+    rows: int
+    blocks: int
+    warps: int = 4
+
+
+MATVEC_CONFIGS = {
+    F16: MatvecConfig(8, 8),  # 512 values of each row per step
+    BF16: MatvecConfig(8, 8),
+    Q8_0: MatvecConfig(8, 16),
+    Q2_K: MatvecConfig(8, 2),
+    Q4_K: MatvecConfig(8, 2),
+    IQ2_XXS: MatvecConfig(8, 2),
+}
+"""Per format (untuned guesses: `benchmarks/gpu_check.py` times alternatives on a GPU)."""
+PROGRAMS_PER_PROCESSOR = 4
+"""Split-K until a launch has this many programs per streaming multiprocessor (where rows are few)."""
+
+
+def matvec(
+    x: torch.Tensor,
+    w: QTensor,
+    ids: torch.Tensor | None = None,
+    x_divisor: int = 1,
+    config: MatvecConfig | None = None,
+    split: int | None = None,
+) -> torch.Tensor:
+    """out[p] = W[ids[p]] @ x[p // x_divisor] (W @ x[p] without ids): (pairs, rows) float32.
+
+    One launch, no host synchronisation; `split` blocks ranges per row (default: enough
+    programs to fill the device) are summed after the launch."""
     code = FORMAT_CODES[w.kind]
-    values, units = _TILE[code]
+    if config is None:
+        config = MATVEC_CONFIGS[code]
+        if INTERPRETED:  # the interpreter pays per operation, not per value: fewer, larger tiles
+            config = MatvecConfig(32, config.blocks)
     rows, cols = w.shape[-2:]
-    data = w.data
+    values = _TILE[code][0]
+    n_blocks = triton.cdiv(cols, values)
     pairs = x.shape[0] if ids is None else ids.numel()
-    out = x.new_empty(pairs, rows)
-    expert_stride = data.stride(0) if ids is not None else 0
-    matvec_kernel[(triton.cdiv(rows, BLOCK_ROWS), pairs)](
-        data, x, ids if ids is not None else x, _grid(x.device), out,
-        rows, cols, data.stride(-2), expert_stride, x.stride(0), x_divisor, out.stride(0),
-        triton.cdiv(cols, values),
-        FORMAT=code, VALUES=values, UNITS=units, HAS_IDS=ids is not None, BLOCK_ROWS=BLOCK_ROWS,
+    tiles = triton.cdiv(rows, config.rows)
+    if split is None:
+        wanted = triton.cdiv(PROGRAMS_PER_PROCESSOR * _processors(x.device), tiles * pairs)
+        split = max(1, min(wanted, n_blocks // config.blocks))
+    per_split = triton.cdiv(triton.cdiv(n_blocks, split), config.blocks) * config.blocks
+    split = triton.cdiv(n_blocks, per_split)
+    out = x.new_empty(split, pairs, rows)
+    data = w.data
+    matvec_kernel[(tiles, pairs, split)](
+        data, x, ids if ids is not None else x, _packed_grid(x.device), out,
+        rows, cols, data.stride(-2), data.stride(0) if ids is not None else 0, x.stride(0), x_divisor,
+        out.stride(1), out.stride(0), n_blocks, per_split,
+        FORMAT=code, HAS_IDS=ids is not None, ROWS=config.rows, BLOCKS=config.blocks,
+        num_warps=config.warps,
     )  # fmt: skip
-    return out
+    return out[0] if split == 1 else out.sum(0)
 
 
 def dequantize(w: QTensor) -> torch.Tensor:
@@ -192,7 +375,7 @@ def linear(x: torch.Tensor, w: QTensor) -> torch.Tensor:
     """x (n, cols) @ W.T for a stored matrix W (rows, cols): (n, rows) float32."""
     x = x.contiguous()
     if x.shape[0] <= MATVEC_ROWS:
-        return _launch_matvec(x, w, None, 1)
+        return matvec(x, w)
     return x @ dequantize(w).T
 
 
@@ -205,7 +388,7 @@ def expert_linear(x: torch.Tensor, w: QTensor, ids: torch.Tensor) -> torch.Tenso
     n, k = ids.shape
     x = x.contiguous()
     if ids.numel() <= MATVEC_ROWS:
-        return _launch_matvec(x, w, ids.contiguous(), k).view(n, k, -1)
+        return matvec(x, w, ids.contiguous(), k).view(n, k, -1)
     flat = ids.flatten()
     order = flat.argsort(stable=True)
     counts = torch.bincount(flat, minlength=w.shape[0]).tolist()  # prefill only: one sync per call
