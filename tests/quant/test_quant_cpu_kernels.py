@@ -1,8 +1,10 @@
 """The compiled CPU kernels agree with dequantize-then-matmul, and the fallback works.
 
-The kernels decode each weight exactly as the reference decoders do and sum in float32 in
-another order, so each output is within 1e-5 of sum_j |w_j x_j| (the scale of its rounding
-error) of the reference.
+The float kernels decode each weight exactly as the reference decoders do and sum in float32 in
+another order; the integer ones (AVX-512 VNNI) also round each input to three int8 parts per
+256 values (about 24 bits). Either way each output is within 1e-5 of sum_j |w_j x_j| (the scale
+of its rounding error) of the reference, and the integer rounding stays within its documented
+bound even when a block holds an outlier.
 """
 
 import os
@@ -23,7 +25,7 @@ except ImportError as error:  # fail, never skip: `make test` builds the extensi
     raise ImportError("the compiled kernels are not built: python setup.py build_ext --inplace") from error
 
 COMPILED = cpu.kinds()
-ISAS = ["portable", "avx2", "avx512"]
+ISAS = ["portable", "avx2", "avx512", "avx512vnni"]
 ISAS = ISAS[: ISAS.index(_cpu.isa()) + 1]  # every instruction set up to the best this CPU has
 
 
@@ -111,6 +113,30 @@ def test_expert_linear_agrees_with_dequantize_then_matmul(kind, shared, n, isa, 
     for i in range(n):
         for j in range(k):
             assert_within_bound(kind, ours[i, j : j + 1], rows[i, j : j + 1], dense[ids[i, j]])
+
+
+INTEGER = [kind for kind in COMPILED if kind not in (Q.F16, Q.BF16)]
+
+
+@pytest.mark.parametrize("kind", INTEGER, ids=lambda kind: kind.name)
+def test_integer_products_stay_within_their_rounding_bound(kind, isa):
+    """Inputs with one large value per block: each value is rounded to s (a0 + a1/254 + a2/254^2),
+    s = max|x| / 127 over its 256 values, so by at most s / (2 * 254^2); float32's own rounding
+    of x / s and of the sums adds 2e-6 sum_j |w_j x_j|. The bound must hold for every output
+    (the float kernels meet it too), and is tight: one int8 part (s / 2) would be far off."""
+    generator = np.random.default_rng(3)
+    cols = 512 + (32 if kind == Q.Q8_0 else 0)  # Q8_0: a last, short block of 32 too
+    w = random_qtensor(kind, (29, cols), generator)
+    x = generator.standard_normal((3, cols)).astype(np.float32)
+    x[:, 5::256] *= 1000.0  # an outlier in every block
+    x = torch.from_numpy(x)
+    dense = dequantize(w).double()
+    error = (cpu.linear(x, w).double() - x.double() @ dense.T).abs()
+    step = torch.cat([block.abs().amax(-1, keepdim=True).expand_as(block) for block in x.split(256, -1)], -1)
+    step = step.double() / 127
+    bound = (step / (2 * 254**2)) @ dense.abs().T + 2e-6 * (x.abs().double() @ dense.abs().T)
+    assert (error <= bound).all(), float((error / bound).max())
+    assert (step / 2 @ dense.abs().T > 100 * bound).all()  # one int8 part could be this far off
 
 
 def test_expert_ids_out_of_range_raise():

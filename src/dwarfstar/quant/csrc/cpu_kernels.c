@@ -8,8 +8,11 @@
  * so the only difference from dequantize-then-matmul is the order of the float32 sums.
  *
  * Each format has a portable C decoder and an AVX2 one, and fused products for AVX2 and
- * AVX-512 (x86-64, chosen at run time from what the CPU has). Work is spread over a small pool of threads, one item per band
- * of output rows of one expert; the calling thread works too.
+ * AVX-512 (x86-64, chosen at run time from what the CPU has). On CPUs with AVX-512 VNNI (and
+ * VBMI), Q8_0, Q2_K, Q4_K and IQ2_XXS instead multiply integers: the inputs are rounded once per
+ * call to three int8 parts (about 24 bits, see "integer products"), so the results still agree
+ * with the reference to float32's rounding. Work is spread over a small pool of threads, one item
+ * per band of output rows of one expert; the calling thread works too.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -559,6 +562,339 @@ AVX512 static float fused_bf16_avx512(const uint8_t *w, const float *x, const fl
 }
 #endif
 
+/* ---------------------------------------------------------------- integer products (AVX-512 VNNI) */
+
+/* The input rows are quantized once per call: per block of ACT_BLOCK values a float scale s and
+ * three int8 parts, x ≈ s (a0 + a1 / 254 + a2 / 254²) with |a_k| ≤ 127, each part the rounded
+ * remainder of the one before. That is about 24 bits, as exact as float32: the rounding left is
+ * at most s / (2·254²) ≈ 6.1e-8 · max|x| of the block per value (plus float32's own rounding of
+ * x / s), where one int8 part (llama.cpp's Q8_K) leaves s / 2 and moves a 2-bit model's logits by
+ * whole units. Each stored weight group is decoded once to 8-bit integers (scale folded in where
+ * it fits: Q2_K's 4-bit scale times its 2-bit codes), multiplied with the three parts by
+ * `vpdpbusd` (unsigned weights, signed parts: signs of Q8_0 and IQ2_XXS go onto the parts), and
+ * the three integer sums are combined in float once per register or block. The parts are stored
+ * in the weight's order, so that one 64-byte load of stored codes meets one of input parts.
+ * Q2_K and Q4_K's minimum terms use the input's float sums per 16 values. */
+#define ACT_BLOCK 256
+#define MAX_ROWS 2 /* input rows multiplied per pass over a stored row */
+
+typedef struct {
+    int8_t *parts; /* (n, 3, cols): part k of input row i at parts + (3 i + k) cols */
+    float *scales; /* (n, blocks of ACT_BLOCK, the last possibly short) */
+    float *sum16;  /* (n, cols / 16): sums of x per 16 values, natural order (Q2_K, Q4_K) */
+    int64_t cols, blocks;
+} Activations;
+
+/* Where value p of a 256-value block sits in the natural order: Q2_K and Q4_K registers hold two
+ * 32-value runs that are 128 (Q2_K) or 64 (Q4_K) values apart (see their kernels). */
+static inline int64_t natural_position(int kind, int64_t p) {
+    int64_t j = p / 64, half = (p % 64) / 32, offset = p % 32;
+    if (kind == Q2_K) return 32 * j + 128 * half + offset;
+    if (kind == Q4_K) return 32 * (4 * (j / 2) + 2 * half + (j % 2)) + offset;
+    return p;
+}
+
+static void quantize_row(int kind, const float *x, int64_t cols, int8_t *parts, float *scales, float *sum16) {
+    for (int64_t b = 0, start = 0; start < cols; b++, start += ACT_BLOCK) {
+        int64_t length = cols - start < ACT_BLOCK ? cols - start : ACT_BLOCK;
+        const float *xb = x + start;
+        float largest = 0.0f;
+        for (int64_t j = 0; j < length; j++) largest = fmaxf(largest, fabsf(xb[j]));
+        if (!(largest < INFINITY)) largest = NAN; /* inf or nan in: nan out, as the reference */
+        float s = largest / 127.0f;
+        scales[b] = s;
+        for (int64_t p = 0; p < length; p++) {
+            float r = s > 0.0f ? xb[natural_position(kind, p)] / s : 0.0f;
+            float a0 = nearbyintf(r);
+            r = (r - a0) * 254.0f;
+            float a1 = nearbyintf(r);
+            r = (r - a1) * 254.0f;
+            float a2 = nearbyintf(r);
+            parts[start + p] = (int8_t)a0;
+            parts[cols + start + p] = (int8_t)a1;
+            parts[2 * cols + start + p] = (int8_t)a2;
+        }
+    }
+    if (sum16)
+        for (int64_t j = 0; j < cols / 16; j++) {
+            float total = 0.0f;
+            for (int v = 0; v < 16; v++) total += x[16 * j + v];
+            sum16[j] = total;
+        }
+}
+
+/* out[r] = stored row w (cols values) @ input row rows[r], for r < count ≤ MAX_ROWS. */
+typedef void (*IntDotFn)(const uint8_t *w, const Activations *a, const int64_t *rows, int count, float *out);
+
+/* Constant vectors, filled by build_tables. */
+static uint8_t q2_k_expand[64];      /* byte 4s + t = s: sub-block s's scale to 4 bytes */
+static uint8_t q2_k_offsets[4][64];  /* register j, byte p: 4 * (its sub-block) */
+static uint8_t iq2_index_bytes[64];  /* word i = byte 8 (i / 4) + i % 4 of the 64 index/sign bytes */
+static uint16_t iq2_spread[4][32];   /* register j: qword q word 0 = code 8 j + q */
+static uint8_t iq2_grid_shifts[64];  /* byte t of each qword: bit 2 t */
+static uint8_t iq2_sign_shifts[64];  /* byte t < 4 of each qword: bit 32 + 7 t */
+static uint8_t iq2_magnitudes[64];   /* index & 3 -> 8, 25, 43, 0 */
+static uint8_t iq2_signs[128];       /* 7 sign bits + parity: bit t set = value t negative */
+static uint8_t iq2_sign_spread[4][64]; /* register j, byte p: its group's sign byte */
+static uint8_t bit_of_byte[64];      /* 1 << (p % 8) */
+static int32_t group_lanes[3][4][16]; /* Q8_0 (unused), Q4_K, IQ2_XXS: register j lane -> group */
+
+static void build_int_tables(void) {
+    for (int p = 0; p < 64; p++) {
+        q2_k_expand[p] = (uint8_t)(p / 4);
+        iq2_grid_shifts[p] = (uint8_t)(2 * (p % 8));
+        iq2_sign_shifts[p] = (uint8_t)(p % 8 < 4 ? 32 + 7 * (p % 8) : 0);
+        iq2_magnitudes[p] = (uint8_t)((const uint8_t[]){8, 25, 43, 0})[p & 3];
+        bit_of_byte[p] = (uint8_t)(1 << (p % 8));
+        iq2_index_bytes[p] = (uint8_t)(p % 2 ? 0 : 8 * (p / 8) + (p / 2) % 4);
+        for (int j = 0; j < 4; j++) {
+            int lane = p / 16, subs[4] = {2 * j, 2 * j + 1, 8 + 2 * j, 9 + 2 * j};
+            q2_k_offsets[j][p] = (uint8_t)(4 * subs[lane]);
+            iq2_sign_spread[j][p] = (uint8_t)(8 * (2 * j + p / 32) + (p % 32) / 8);
+        }
+    }
+    for (int j = 0; j < 4; j++) {
+        for (int w = 0; w < 32; w++) iq2_spread[j][w] = (uint16_t)(8 * j + w / 4);
+        for (int lane = 0; lane < 16; lane++) {
+            group_lanes[1][j][lane] = 4 * (j / 2) + (j % 2) + 2 * (lane / 8);
+            group_lanes[2][j][lane] = 2 * j + lane / 8;
+        }
+    }
+    for (int i = 0; i < 128; i++) iq2_signs[i] = (uint8_t)(i | (__builtin_popcount(i) & 1) << 7);
+}
+
+#ifdef HAVE_X86
+#define VNNI __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,avx512vbmi,avx2,fma,f16c")))
+#define INLINE inline __attribute__((always_inline))
+
+/* The float value of the three parts' integer sums s0 + s1 / 254 + s2 / 254². */
+VNNI static INLINE __m512 parts_to_float(__m512i s0, __m512i s1, __m512i s2) {
+    __m512 value = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s1), _mm512_set1_ps(1.0f / 254.0f), _mm512_cvtepi32_ps(s0));
+    return _mm512_fmadd_ps(_mm512_cvtepi32_ps(s2), _mm512_set1_ps(1.0f / (254.0f * 254.0f)), value);
+}
+
+/* quantize_row, sixteen values at a time (the same operations, so the same parts). */
+VNNI static void quantize_row_avx512(int kind, const float *x, int64_t cols, int8_t *parts, float *scales,
+                                     float *sum16) {
+    const int rounding = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
+    const __m512 radix = _mm512_set1_ps(254.0f);
+    for (int64_t b = 0, start = 0; start < cols; b++, start += ACT_BLOCK) {
+        int64_t length = cols - start < ACT_BLOCK ? cols - start : ACT_BLOCK; /* a multiple of 32 */
+        const float *xb = x + start;
+        __m512 largest = _mm512_setzero_ps();
+        for (int64_t j = 0; j < length; j += 16) largest = _mm512_max_ps(largest, _mm512_abs_ps(_mm512_loadu_ps(xb + j)));
+        float top = _mm512_reduce_max_ps(largest);
+        for (int64_t j = 0; j < length; j += 16) /* max drops nan: look again */
+            if (_mm512_cmp_ps_mask(_mm512_loadu_ps(xb + j), _mm512_loadu_ps(xb + j), _CMP_UNORD_Q)) top = NAN;
+        if (!(top < INFINITY)) top = NAN;
+        float s = top / 127.0f;
+        scales[b] = s;
+        __m512 divisor = _mm512_set1_ps(s > 0.0f ? s : 1.0f);
+        for (int64_t p = 0; p < length; p += 16) {
+            __m512 r = _mm512_div_ps(_mm512_loadu_ps(xb + natural_position(kind, p)), divisor);
+            __m512 a0 = _mm512_roundscale_ps(r, rounding);
+            r = _mm512_mul_ps(_mm512_sub_ps(r, a0), radix);
+            __m512 a1 = _mm512_roundscale_ps(r, rounding);
+            r = _mm512_mul_ps(_mm512_sub_ps(r, a1), radix);
+            __m512 a2 = _mm512_roundscale_ps(r, rounding);
+            _mm_storeu_si128((__m128i *)(parts + start + p), _mm512_cvtepi32_epi8(_mm512_cvtps_epi32(a0)));
+            _mm_storeu_si128((__m128i *)(parts + cols + start + p), _mm512_cvtepi32_epi8(_mm512_cvtps_epi32(a1)));
+            _mm_storeu_si128((__m128i *)(parts + 2 * cols + start + p), _mm512_cvtepi32_epi8(_mm512_cvtps_epi32(a2)));
+        }
+    }
+    if (sum16)
+        for (int64_t j = 0; j < cols / 16; j++) sum16[j] = _mm512_reduce_add_ps(_mm512_loadu_ps(x + 16 * j));
+}
+
+/* Part k of input row rows[r] at value `at`. */
+#define SCALE(r, b) a->scales[rows[r] * a->blocks + (b)]
+
+/* The three products of 64 unsigned weights with the parts at `at`, negated where `negative`. */
+VNNI static INLINE __m512 times_parts(__m512i weights, __mmask64 negative, const Activations *a, int64_t row,
+                                      int64_t at) {
+    const int8_t *part = a->parts + 3 * row * a->cols + at;
+    const __m512i zero = _mm512_setzero_si512();
+    __m512i p0 = _mm512_loadu_si512(part), p1 = _mm512_loadu_si512(part + a->cols);
+    __m512i p2 = _mm512_loadu_si512(part + 2 * a->cols);
+    if (negative) {
+        p0 = _mm512_mask_sub_epi8(p0, negative, zero, p0);
+        p1 = _mm512_mask_sub_epi8(p1, negative, zero, p1);
+        p2 = _mm512_mask_sub_epi8(p2, negative, zero, p2);
+    }
+    return parts_to_float(_mm512_dpbusd_epi32(zero, weights, p0), _mm512_dpbusd_epi32(zero, weights, p1),
+                          _mm512_dpbusd_epi32(zero, weights, p2));
+}
+
+VNNI static INLINE void int_q8_0_rows(const uint8_t *w, const Activations *a, const int64_t *rows, const int count,
+                                      float *out) {
+    __m512 acc[MAX_ROWS];
+    for (int r = 0; r < count; r++) acc[r] = _mm512_setzero_ps();
+    int64_t cols = a->cols;
+    for (int64_t start = 0, b = 0; start < cols; start += ACT_BLOCK, b++) {
+        int64_t stop = start + ACT_BLOCK < cols ? start + ACT_BLOCK : cols;
+        __m512 block[MAX_ROWS];
+        for (int r = 0; r < count; r++) block[r] = _mm512_setzero_ps();
+        for (int64_t at = start; at < stop; at += 64, w += 68) {
+            __m512i q;
+            __m512 scale;
+            if (at + 64 <= stop) {
+                q = _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_loadu_si256((const __m256i *)(w + 2))),
+                                       _mm256_loadu_si256((const __m256i *)(w + 36)), 1);
+                scale = _mm512_mask_blend_ps(0xFF00, _mm512_set1_ps(half(w)), _mm512_set1_ps(half(w + 34)));
+            } else { /* a last odd block: the upper half weighs nothing */
+                q = _mm512_zextsi256_si512(_mm256_loadu_si256((const __m256i *)(w + 2)));
+                scale = _mm512_maskz_mov_ps(0x00FF, _mm512_set1_ps(half(w)));
+            }
+            __mmask64 negative = _mm512_movepi8_mask(q);
+            __m512i magnitude = _mm512_abs_epi8(q);
+            for (int r = 0; r < count; r++)
+                block[r] = _mm512_fmadd_ps(times_parts(magnitude, negative, a, rows[r], at), scale, block[r]);
+        }
+        for (int r = 0; r < count; r++) acc[r] = _mm512_fmadd_ps(block[r], _mm512_set1_ps(SCALE(r, b)), acc[r]);
+    }
+    for (int r = 0; r < count; r++) out[r] = _mm512_reduce_add_ps(acc[r]);
+}
+
+VNNI static INLINE void int_q2_k_rows(const uint8_t *w, const Activations *a, const int64_t *rows, const int count,
+                                      float *out) {
+    const __m512i expand = _mm512_loadu_si512(q2_k_expand), low_nibbles = _mm512_set1_epi8(0xF);
+    const __m512i codes_mask = _mm512_set1_epi8(3);
+    __m512 acc[MAX_ROWS];
+    for (int r = 0; r < count; r++) acc[r] = _mm512_setzero_ps();
+    for (int64_t b = 0; b < a->cols / 256; b++, w += 84) {
+        /* table byte 4s + t = t * scale of sub-block s: the weights come out scaled (≤ 45) */
+        __m128i packed = _mm_loadu_si128((const __m128i *)w);
+        __m512i scale = _mm512_and_si512(_mm512_permutexvar_epi8(expand, _mm512_castsi128_si512(packed)), low_nibbles);
+        __m512i table = _mm512_maskz_mov_epi8(0xEEEEEEEEEEEEEEEEull, scale);
+        table = _mm512_mask_add_epi8(table, 0xCCCCCCCCCCCCCCCCull, table, scale);
+        table = _mm512_mask_add_epi8(table, 0x8888888888888888ull, table, scale);
+        __m512 mins = _mm512_mul_ps(
+            _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_and_si128(_mm_srli_epi16(packed, 4), _mm_set1_epi8(0xF)))),
+            _mm512_set1_ps(half(w + 82)));
+        __m512i bytes = _mm512_loadu_si512(w + 16), weights[4];
+        for (int j = 0; j < 4; j++)
+            weights[j] = _mm512_permutexvar_epi8(
+                _mm512_ternarylogic_epi32(_mm512_srli_epi16(bytes, 2 * j), codes_mask,
+                                          _mm512_loadu_si512(q2_k_offsets[j]), 0xEA),
+                table);
+        float d = half(w + 80);
+        for (int r = 0; r < count; r++) {
+            const int8_t *part = a->parts + 3 * rows[r] * a->cols + 256 * b;
+            __m512i s0 = _mm512_setzero_si512(), s1 = s0, s2 = s0;
+            for (int j = 0; j < 4; j++) {
+                s0 = _mm512_dpbusd_epi32(s0, weights[j], _mm512_loadu_si512(part + 64 * j));
+                s1 = _mm512_dpbusd_epi32(s1, weights[j], _mm512_loadu_si512(part + a->cols + 64 * j));
+                s2 = _mm512_dpbusd_epi32(s2, weights[j], _mm512_loadu_si512(part + 2 * a->cols + 64 * j));
+            }
+            acc[r] = _mm512_fmadd_ps(parts_to_float(s0, s1, s2), _mm512_set1_ps(d * SCALE(r, b)), acc[r]);
+            acc[r] = _mm512_fnmadd_ps(mins, _mm512_loadu_ps(a->sum16 + rows[r] * (a->cols / 16) + 16 * b), acc[r]);
+        }
+    }
+    for (int r = 0; r < count; r++) out[r] = _mm512_reduce_add_ps(acc[r]);
+}
+
+VNNI static INLINE void int_q4_k_rows(const uint8_t *w, const Activations *a, const int64_t *rows, const int count,
+                                      float *out) {
+    const __m512i low_nibbles = _mm512_set1_epi8(0xF);
+    __m512 acc[MAX_ROWS];
+    for (int r = 0; r < count; r++) acc[r] = _mm512_setzero_ps();
+    for (int64_t b = 0; b < a->cols / 256; b++, w += 144) {
+        /* the eight 6-bit scales and minimums (q4_k_scale_min), four at a time */
+        uint32_t packed[3];
+        memcpy(packed, w + 4, 12);
+        uint32_t scales_low = packed[0] & 0x3F3F3F3F, mins_low = packed[1] & 0x3F3F3F3F;
+        uint32_t scales_high = (packed[2] & 0x0F0F0F0F) | ((packed[0] >> 6) & 0x03030303) << 4;
+        uint32_t mins_high = ((packed[2] >> 4) & 0x0F0F0F0F) | ((packed[1] >> 6) & 0x03030303) << 4;
+        __m128i scale_bytes = _mm_set_epi32(0, 0, (int)scales_high, (int)scales_low);
+        __m128i min_bytes = _mm_set_epi32(0, 0, (int)mins_high, (int)mins_low);
+        __m512 group_scales = _mm512_castps256_ps512(
+            _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(scale_bytes)), _mm256_set1_ps(half(w))));
+        __m512 min16 = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_unpacklo_epi8(min_bytes, min_bytes))),
+                                     _mm512_set1_ps(half(w + 2)));
+        __m512i low = _mm512_loadu_si512(w + 16), high = _mm512_loadu_si512(w + 80), weights[4];
+        weights[0] = _mm512_and_si512(low, low_nibbles);
+        weights[1] = _mm512_and_si512(_mm512_srli_epi16(low, 4), low_nibbles);
+        weights[2] = _mm512_and_si512(high, low_nibbles);
+        weights[3] = _mm512_and_si512(_mm512_srli_epi16(high, 4), low_nibbles);
+        __m512 lane_scales[4];
+        for (int j = 0; j < 4; j++)
+            lane_scales[j] = _mm512_permutexvar_ps(_mm512_loadu_si512(group_lanes[1][j]), group_scales);
+        for (int r = 0; r < count; r++) {
+            __m512 block = _mm512_setzero_ps();
+            for (int j = 0; j < 4; j++)
+                block = _mm512_fmadd_ps(times_parts(weights[j], 0, a, rows[r], 256 * b + 64 * j), lane_scales[j], block);
+            acc[r] = _mm512_fmadd_ps(block, _mm512_set1_ps(SCALE(r, b)), acc[r]);
+            acc[r] = _mm512_fnmadd_ps(min16, _mm512_loadu_ps(a->sum16 + rows[r] * (a->cols / 16) + 16 * b), acc[r]);
+        }
+    }
+    for (int r = 0; r < count; r++) out[r] = _mm512_reduce_add_ps(acc[r]);
+}
+
+VNNI static INLINE void int_iq2_xxs_rows(const uint8_t *w, const Activations *a, const int64_t *rows, const int count,
+                                         float *out) {
+    /* the 256 grid points' 16-bit codes (2 bits per value) in eight registers */
+    __m512i grid[8];
+    for (int i = 0; i < 8; i++) grid[i] = _mm512_loadu_si512(iq2_xxs_grid_codes + 32 * i);
+    const __m512i index_bytes = _mm512_loadu_si512(iq2_index_bytes), grid_shifts = _mm512_loadu_si512(iq2_grid_shifts);
+    const __m512i sign_shifts = _mm512_loadu_si512(iq2_sign_shifts), magnitudes = _mm512_loadu_si512(iq2_magnitudes);
+    const __m512i signs_low = _mm512_loadu_si512(iq2_signs), signs_high = _mm512_loadu_si512(iq2_signs + 64);
+    const __m512i bits = _mm512_loadu_si512(bit_of_byte);
+    __m512 acc[MAX_ROWS];
+    for (int r = 0; r < count; r++) acc[r] = _mm512_setzero_ps();
+    for (int64_t b = 0; b < a->cols / 256; b++, w += 66) {
+        __m512i data = _mm512_loadu_si512(w + 2); /* qword g: group g's 4 indices, then signs and scale */
+        __m512i index = _mm512_maskz_permutexvar_epi8(0x5555555555555555ull, index_bytes, data);
+        __mmask32 bit6 = _mm512_test_epi16_mask(index, _mm512_set1_epi16(64));
+        __mmask32 bit7 = _mm512_test_epi16_mask(index, _mm512_set1_epi16(128));
+        __m512i codes = _mm512_mask_blend_epi16(
+            bit7,
+            _mm512_mask_blend_epi16(bit6, _mm512_permutex2var_epi16(grid[0], index, grid[1]),
+                                    _mm512_permutex2var_epi16(grid[2], index, grid[3])),
+            _mm512_mask_blend_epi16(bit6, _mm512_permutex2var_epi16(grid[4], index, grid[5]),
+                                    _mm512_permutex2var_epi16(grid[6], index, grid[7])));
+        __m512i sign_bytes =
+            _mm512_permutex2var_epi8(signs_low, _mm512_multishift_epi64_epi8(sign_shifts, data), signs_high);
+        /* group scales d (0.5 + s) / 4 = d (2 s + 1) / 8, exact in float */
+        __m256 odd = _mm256_cvtepi32_ps(_mm512_cvtepi64_epi32(
+            _mm512_or_si512(_mm512_slli_epi64(_mm512_srli_epi64(data, 60), 1), _mm512_set1_epi64(1))));
+        __m512 group_scales = _mm512_castps256_ps512(_mm256_mul_ps(odd, _mm256_set1_ps(half(w) * 0.125f)));
+        __m512i weights[4];
+        __mmask64 negative[4];
+        __m512 lane_scales[4];
+        for (int j = 0; j < 4; j++) {
+            __m512i spread = _mm512_permutexvar_epi16(_mm512_loadu_si512(iq2_spread[j]), codes);
+            weights[j] = _mm512_permutexvar_epi8(_mm512_multishift_epi64_epi8(grid_shifts, spread), magnitudes);
+            negative[j] = _mm512_test_epi8_mask(
+                _mm512_permutexvar_epi8(_mm512_loadu_si512(iq2_sign_spread[j]), sign_bytes), bits);
+            lane_scales[j] = _mm512_permutexvar_ps(_mm512_loadu_si512(group_lanes[2][j]), group_scales);
+        }
+        for (int r = 0; r < count; r++) {
+            __m512 block = _mm512_setzero_ps();
+            for (int j = 0; j < 4; j++)
+                block = _mm512_fmadd_ps(times_parts(weights[j], negative[j], a, rows[r], 256 * b + 64 * j),
+                                        lane_scales[j], block);
+            acc[r] = _mm512_fmadd_ps(block, _mm512_set1_ps(SCALE(r, b)), acc[r]);
+        }
+    }
+    for (int r = 0; r < count; r++) out[r] = _mm512_reduce_add_ps(acc[r]);
+}
+
+/* One function per format taking 1..MAX_ROWS rows, each a copy specialised for its count. */
+#define INT_DOT(name)                                                                                            \
+    VNNI static void name(const uint8_t *w, const Activations *a, const int64_t *rows, int count, float *out) {   \
+        switch (count) {                                                                                          \
+        case 1: name##_rows(w, a, rows, 1, out); break;                                                           \
+        case 2: name##_rows(w, a, rows, 2, out); break;                                                           \
+        case 3: name##_rows(w, a, rows, 3, out); break;                                                           \
+        default: name##_rows(w, a, rows, 4, out); break;                                                          \
+        }                                                                                                         \
+    }
+INT_DOT(int_q8_0)
+INT_DOT(int_q2_k)
+INT_DOT(int_q4_k)
+INT_DOT(int_iq2_xxs)
+#endif
+
 /* ---------------------------------------------------------------- dispatch */
 
 typedef float (*DotFn)(const float *a, const float *b, int64_t n);
@@ -569,6 +905,7 @@ typedef struct {
     int needs_sum16; /* the fused product reads the input's sums per 16 values */
     DecodeFn portable, avx2;
     FusedFn fused_avx2, fused_avx512;
+    IntDotFn integer; /* AVX-512 VNNI, on the inputs' integer parts */
 } Format;
 
 #ifdef HAVE_X86
@@ -579,19 +916,19 @@ typedef float (*FusedFn)(const uint8_t *w, const float *x, const float *sum16, i
 #endif
 
 static const Format formats[] = {
-    {Q8_0, 32, 0, decode_q8_0, X86(decode_q8_0_avx2), X86(fused_q8_0_avx2), X86(fused_q8_0_avx512)},
-    {Q2_K, 256, 1, decode_q2_k, X86(decode_q2_k_avx2), X86(fused_q2_k_avx2), X86(fused_q2_k_avx512)},
-    {Q4_K, 256, 1, decode_q4_k, X86(decode_q4_k_avx2), X86(fused_q4_k_avx2), X86(fused_q4_k_avx512)},
-    {IQ2_XXS, 256, 0, decode_iq2_xxs, X86(decode_iq2_xxs_avx2), X86(fused_iq2_xxs_avx2), X86(fused_iq2_xxs_avx512)},
-    {F16, 1, 0, decode_f16, X86(decode_f16_avx2), X86(fused_f16_avx2), X86(fused_f16_avx512)},
-    {BF16, 1, 0, decode_bf16, X86(decode_bf16_avx2), X86(fused_bf16_avx2), X86(fused_bf16_avx512)},
+    {Q8_0, 32, 0, decode_q8_0, X86(decode_q8_0_avx2), X86(fused_q8_0_avx2), X86(fused_q8_0_avx512), X86(int_q8_0)},
+    {Q2_K, 256, 1, decode_q2_k, X86(decode_q2_k_avx2), X86(fused_q2_k_avx2), X86(fused_q2_k_avx512), X86(int_q2_k)},
+    {Q4_K, 256, 1, decode_q4_k, X86(decode_q4_k_avx2), X86(fused_q4_k_avx2), X86(fused_q4_k_avx512), X86(int_q4_k)},
+    {IQ2_XXS, 256, 0, decode_iq2_xxs, X86(decode_iq2_xxs_avx2), X86(fused_iq2_xxs_avx2), X86(fused_iq2_xxs_avx512), X86(int_iq2_xxs)},
+    {F16, 1, 0, decode_f16, X86(decode_f16_avx2), X86(fused_f16_avx2), X86(fused_f16_avx512), NULL},
+    {BF16, 1, 0, decode_bf16, X86(decode_bf16_avx2), X86(fused_bf16_avx2), X86(fused_bf16_avx512), NULL},
 };
 
 /* Groups with at least this many input rows decode each weight row once into a buffer and
  * multiply it with all of them; smaller groups use the fused products. */
 #define BUFFERED_ROWS 4
 
-enum { PORTABLE, USE_AVX2, USE_AVX512 };
+enum { PORTABLE, USE_AVX2, USE_AVX512, USE_VNNI };
 static int isa = PORTABLE;
 
 static const Format *find_format(int kind) {
@@ -690,6 +1027,8 @@ typedef struct {
     DecodeFn decode;
     DotFn dot;
     FusedFn fused; /* NULL: always decode into a buffer */
+    IntDotFn integer; /* not NULL: the integer products on `activations`, for every group size */
+    const Activations *activations;
     const float *sum16;
     const uint8_t *w;
     int64_t expert_stride, row_stride, rows, cols;
@@ -709,6 +1048,20 @@ static void product_item(void *context, int64_t item) {
     int64_t last = first + p->band < p->rows ? first + p->band : p->rows;
     const uint8_t *weights = p->w + p->group_expert[g] * p->expert_stride;
     int64_t group_first = p->group_start[g], group_last = p->group_start[g + 1];
+    if (p->integer) {
+        for (int64_t r = first; r < last; r++) {
+            const uint8_t *row = weights + r * p->row_stride;
+            for (int64_t s = group_first; s < group_last; s += MAX_ROWS) {
+                int count = group_last - s < MAX_ROWS ? (int)(group_last - s) : MAX_ROWS;
+                int64_t inputs[MAX_ROWS];
+                float results[MAX_ROWS];
+                for (int c = 0; c < count; c++) inputs[c] = p->pair_order[s + c] / p->k;
+                p->integer(row, p->activations, inputs, count, results);
+                for (int c = 0; c < count; c++) p->out[p->pair_order[s + c] * p->rows + r] = results[c];
+            }
+        }
+        return;
+    }
     if (p->fused && group_last - group_first < BUFFERED_ROWS) {
         for (int64_t r = first; r < last; r++) {
             const uint8_t *row = weights + r * p->row_stride;
@@ -735,6 +1088,25 @@ static void product_item(void *context, int64_t item) {
     free(row);
 }
 
+typedef struct {
+    int kind;
+    const float *x;
+    int64_t x_stride;
+    Activations *a;
+} Quantizing;
+
+static void quantize_item(void *context, int64_t i) {
+    Quantizing *q = context;
+    Activations *a = q->a;
+#ifdef HAVE_X86
+    quantize_row_avx512(q->kind, q->x + i * q->x_stride, a->cols, a->parts + 3 * i * a->cols,
+                        a->scales + i * a->blocks, a->sum16 ? a->sum16 + i * (a->cols / 16) : NULL);
+    return;
+#endif
+    quantize_row(q->kind, q->x + i * q->x_stride, a->cols, a->parts + 3 * i * a->cols, a->scales + i * a->blocks,
+                 a->sum16 ? a->sum16 + i * (a->cols / 16) : NULL);
+}
+
 /* matmul(kind, w, expert_stride, row_stride, rows, cols, x, n, x_stride, ids, k, experts, out,
  *        threads): out (n * k, rows) = for each input row i and slot j, x[i] @ W[ids[i, j]].T.
  * Addresses are integers (tensor.data_ptr()); ids = 0 means one matrix (k = 1, expert 0). */
@@ -754,6 +1126,7 @@ static PyObject *matmul(PyObject *self, PyObject *args) {
 
     int64_t pairs = n * k;
     float *sum16 = NULL; /* the input's sums per 16 values, for the fused Q2_K and Q4_K */
+    Activations activations = {NULL, NULL, NULL, cols, (cols + ACT_BLOCK - 1) / ACT_BLOCK}; /* integer products */
     const int64_t *ids = (const int64_t *)(uintptr_t)ids_address;
     int64_t *counts = calloc((size_t)experts + 1, sizeof(int64_t));
     int64_t *pair_order = malloc(sizeof(int64_t) * (size_t)(pairs ? pairs : 1));
@@ -788,11 +1161,26 @@ static PyObject *matmul(PyObject *self, PyObject *args) {
     int64_t band = (rows * (groups ? groups : 1) + target - 1) / target;
     if (band < 4) band = 4;
     if (band > rows) band = rows > 0 ? rows : 1;
-    Product p = {format->portable, dot, NULL, NULL, (const uint8_t *)(uintptr_t)w, expert_stride, row_stride, rows, cols,
+    Product p = {format->portable, dot, NULL, NULL, NULL, NULL, (const uint8_t *)(uintptr_t)w, expert_stride, row_stride, rows, cols,
                  (const float *)(uintptr_t)x, x_stride, k, pair_order, group_start, group_expert, band,
                  (rows + band - 1) / band, (float *)(uintptr_t)out, 0};
 #ifdef HAVE_X86
-    if (isa >= USE_AVX2) {
+    if (isa >= USE_VNNI && format->integer && n > 0) {
+        /* 64 bytes of slack: the last odd Q8_0 block reads a whole register of parts */
+        activations.parts = malloc((size_t)(3 * n * cols + 64));
+        activations.scales = malloc(sizeof(float) * (size_t)(n * activations.blocks));
+        if (format->needs_sum16) activations.sum16 = malloc(sizeof(float) * (size_t)(n * (cols / 16) + 1));
+        if (!activations.parts || !activations.scales || (format->needs_sum16 && !activations.sum16)) {
+            PyErr_NoMemory();
+            goto done;
+        }
+        Quantizing quantizing = {kind, p.x, x_stride, &activations};
+        Py_BEGIN_ALLOW_THREADS;
+        parallel_for(quantize_item, &quantizing, n, threads);
+        Py_END_ALLOW_THREADS;
+        p.integer = format->integer;
+        p.activations = &activations;
+    } else if (isa >= USE_AVX2) {
         p.decode = format->avx2;
         p.dot = dot_avx2;
         p.fused = isa == USE_AVX512 ? format->fused_avx512 : format->fused_avx2;
@@ -820,6 +1208,9 @@ static PyObject *matmul(PyObject *self, PyObject *args) {
     if (atomic_load(&p.failed)) PyErr_NoMemory();
 
 done:
+    free(activations.parts);
+    free(activations.scales);
+    free(activations.sum16);
     free(sum16);
     free(counts);
     free(pair_order);
@@ -880,7 +1271,10 @@ static PyObject *kinds(PyObject *self, PyObject *unused) {
 
 static PyObject *get_isa(PyObject *self, PyObject *unused) {
     (void)self, (void)unused;
-    return PyUnicode_FromString(isa == USE_AVX512 ? "avx512" : isa == USE_AVX2 ? "avx2" : "portable");
+    return PyUnicode_FromString(isa == USE_VNNI     ? "avx512vnni"
+                                : isa == USE_AVX512 ? "avx512"
+                                : isa == USE_AVX2   ? "avx2"
+                                                    : "portable");
 }
 
 /* The best instruction set this CPU has. */
@@ -889,7 +1283,11 @@ static int best_isa(void) {
     __builtin_cpu_init();
     if (!(__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c")))
         return PORTABLE;
-    return __builtin_cpu_supports("avx512f") ? USE_AVX512 : USE_AVX2;
+    if (!__builtin_cpu_supports("avx512f")) return USE_AVX2;
+    if (__builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl") &&
+        __builtin_cpu_supports("avx512vnni") && __builtin_cpu_supports("avx512vbmi"))
+        return USE_VNNI;
+    return USE_AVX512;
 #else
     return PORTABLE;
 #endif
@@ -902,6 +1300,7 @@ static PyObject *set_isa(PyObject *self, PyObject *name) {
     int level = strcmp(wanted, "portable") == 0 ? PORTABLE
                 : strcmp(wanted, "avx2") == 0   ? USE_AVX2
                 : strcmp(wanted, "avx512") == 0 ? USE_AVX512
+                : strcmp(wanted, "avx512vnni") == 0 ? USE_VNNI
                                                 : -1;
     if (level < 0 || level > best_isa())
         return PyErr_Format(PyExc_ValueError, "instruction set %s is not available here", wanted);
@@ -922,6 +1321,7 @@ static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_cpu", NULL, -1, met
 
 PyMODINIT_FUNC PyInit__cpu(void) {
     build_tables();
+    build_int_tables();
     isa = best_isa();
     pthread_atfork(NULL, NULL, forget_pool_in_child);
     return PyModule_Create(&module);
