@@ -65,7 +65,8 @@ def timed(device: torch.device, run) -> float:
 
 def kernel_agreement(device: torch.device, rows: int = 256, cols: int = 1024) -> dict[str, float]:
     """Worst error of each kernel as a fraction of its allowed bound (≤ 1 passes), on 8 stacked
-    (rows, cols) experts."""
+    (rows, cols) experts: 1e-5 of Σ|w·x| in float32 (the GEMM kernel in "ieee" precision), and
+    2^-8 of it for the GEMM kernel's default tf32 ("<kind> tf32")."""
     from dwarfstar.quant.triton import KINDS, kernels
 
     rng = np.random.default_rng(0)
@@ -75,23 +76,33 @@ def kernel_agreement(device: torch.device, rows: int = 256, cols: int = 1024) ->
         w = QTensor(kind, w.shape, w.data.to(device))
         dense = torch.stack([quant.dequantize(QTensor(kind, w.shape[1:], w.data[e].cpu())) for e in range(8)])
         assert torch.equal(kernels.dequantize(w[3]).cpu(), dense[3]), f"{kind.name}: decoded values differ"
-        ratios = []
+        ratios, tf32 = [], []
         for n in (1, 4, 64):
             x = torch.randn(n, cols, device=device)
-            ratios.append(_ratio(kernels.linear(x, w[5]), x, dense[5]))
-        x = torch.randn(3, cols, device=device)
-        ids = torch.tensor([[1, 7], [0, 1], [6, 6]], device=device)
+            out = kernels.gemm(x, w[5], precision="ieee") if n > 8 else kernels.linear(x, w[5])
+            ratios.append(_ratio(out, x, dense[5]))
+        tf32.append(_ratio(kernels.linear(x, w[5]), x, dense[5], 2**-8))
+        for n in (3, 40):  # 6 pairs: the matrix × vector kernel; 80: the grouped GEMM
+            x = torch.randn(n, cols, device=device)
+            ids = torch.randint(0, 8, (n, 2), device=device)
+            ids[0] = torch.tensor([7, 7])
+            pairs = [(i, j, int(ids[i, j])) for i in range(n) for j in range(2)]
+            out = (
+                kernels.gemm(x, w, ids, 2, "ieee").view(n, 2, -1)
+                if n > 3
+                else kernels.expert_linear(x, w, ids)
+            )
+            ratios += [_ratio(out[i, j][None], x[i][None], dense[e]) for i, j, e in pairs]
         out = kernels.expert_linear(x, w, ids)
-        for i in range(3):
-            for j in range(2):
-                ratios.append(_ratio(out[i, j][None], x[i][None], dense[ids[i, j].item()]))
+        tf32 += [_ratio(out[i, j][None], x[i][None], dense[e], 2**-8) for i, j, e in pairs]
         worst[kind.name] = max(ratios)
+        worst[f"{kind.name} tf32"] = max(tf32)
     return worst
 
 
-def _ratio(ours: torch.Tensor, x: torch.Tensor, dense: torch.Tensor) -> float:
+def _ratio(ours: torch.Tensor, x: torch.Tensor, dense: torch.Tensor, scale: float = 1e-5) -> float:
     x64, w64 = x.double().cpu(), dense.double()
-    bound = 1e-5 * (x64.abs() @ w64.abs().T) + 1e-30
+    bound = scale * (x64.abs() @ w64.abs().T) + 1e-30
     return float(((ours.double().cpu() - x64 @ w64.T).abs() / bound).max())
 
 
@@ -202,6 +213,50 @@ def kernel_timings(device: torch.device, tune_seconds: float, tune: bool) -> dic
     return results
 
 
+GEMM_CASES = (  # (format, what, stored shape, how inputs meet the weights: as in KERNEL_CASES)
+    (T.IQ2_XXS, "ffn_gate_exps, 2048 tokens × 6 of", (256, 2048, 4096), "shared"),
+    (T.Q2_K, "ffn_down_exps, 2048 tokens × 6 of", (256, 4096, 2048), "slots"),
+    (T.Q8_0, "attn_q_b, 2048 tokens ×", (32768, 1024), "matrix"),
+)
+
+
+def gemm_timings(device: torch.device, tokens: int = 2048) -> dict[str, dict]:
+    """The products of a 2048-token prefill chunk: before (per-expert decode + float32 GEMM) and
+    the GEMM kernel in each precision: device ms and TFLOP/s."""
+    from gpu_kernels_before import old_expert_gemm
+
+    from dwarfstar.quant.triton import kernels
+
+    generator = torch.Generator(device=device).manual_seed(2)
+    results = {}
+    for kind, what, shape, mode in GEMM_CASES:
+        w = QTensor(kind, shape, random_tensor(kind, shape, device, generator))
+        rows, cols = shape[-2:]
+        if mode == "matrix":
+            x = torch.randn(tokens, cols, device=device, generator=generator)
+            pairs, old = tokens, partial(lambda x, w: x @ kernels.dequantize(w).T, x, w)
+            new = partial(kernels.gemm, x, w)
+        else:
+            scores = torch.rand(tokens, shape[0], device=device, generator=generator)
+            ids = scores.topk(min(6, shape[0]), dim=-1).indices
+            if mode == "slots":
+                x = torch.randn(tokens * 6, cols, device=device, generator=generator)
+                ids = ids.reshape(-1, 1)
+            else:
+                x = torch.randn(tokens, cols, device=device, generator=generator)
+            pairs, old = ids.numel(), partial(old_expert_gemm, x, w, ids)
+            new = partial(kernels.gemm, x, w, ids, ids.shape[1])
+        flops = 2 * pairs * rows * cols
+        times = {"old": device_seconds(device, old, repeats=3)}
+        for precision in ("ieee", "tf32x3", "tf32"):
+            times[precision] = device_seconds(device, partial(new, precision=precision), repeats=3)
+        label = f"{kind.name} {what} {'x'.join(map(str, shape[-2:]))}"
+        print(f"{label:52}" + "  ".join(f"{name} {t * 1e3:7.2f} ms {flops / t / 1e12:6.1f} TFLOP/s"
+                                        for name, t in times.items()), flush=True)  # fmt: skip
+        results[label] = times
+    return results
+
+
 def random_tensor(kind: T, shape: tuple[int, ...], device: torch.device, generator: torch.Generator):
     """Random valid stored data made on `device`: random bytes with fp16 scales in ±[1e-3, 1e-2]."""
     if kind == T.I32:
@@ -296,6 +351,8 @@ def main() -> int:
         if device.type == "cuda":
             print("matrix × vector kernels, device time per launch (weight bytes / time), old vs new:")
             figures["kernel_timings"] = kernel_timings(device, args.tune_seconds, not args.no_tune)
+            print("GEMM (prefill) products, before and in each precision of the GEMM kernel:")
+            figures["gemm_timings"] = gemm_timings(device)
 
     config = ModelConfig()
     if args.layers != config.n_layer:

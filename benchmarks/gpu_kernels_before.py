@@ -1,9 +1,11 @@
-"""The matrix × vector kernel as it was before the block-wise kernels (commit 369c490): the
-baseline `gpu_check.py` times the new kernels against.
+"""The products as they were before the block-wise and GEMM kernels (commit 369c490): the
+baselines `gpu_check.py` times the new kernels against.
 
-A program owns 16 rows and decodes a (16, values per block) tile with `_decode_tile`, which
-loads every value's bytes (and its block's scales) on their own: correct, but far from the
-memory bandwidth (113 µs per launch on an H200 in the q2 model's decode).
+`old_matvec`: a program owns 16 rows and decodes a (16, values per block) tile with
+`_decode_tile`, which loads every value's bytes (and its block's scales) on their own: correct,
+but far from the memory bandwidth (113 µs per launch on an H200 in the q2 model's decode).
+`old_expert_gemm`: many pairs (prefill) grouped by expert on the host, each busy expert decoded
+to float32 and multiplied with the vendor's float32 GEMM (two launches per busy expert).
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import triton
 import triton.language as tl
 
 from dwarfstar.quant.tensor import QTensor
-from dwarfstar.quant.triton.kernels import _TILE, FORMAT_CODES, _decode_tile, _grid
+from dwarfstar.quant.triton.kernels import _TILE, FORMAT_CODES, _decode_tile, _grid, dequantize
 
 BLOCK_ROWS = 16
 
@@ -58,4 +60,20 @@ def old_matvec(
         out.stride(0), triton.cdiv(cols, values),
         FORMAT=code, VALUES=values, UNITS=units, HAS_IDS=ids is not None, BLOCK_ROWS=BLOCK_ROWS,
     )  # fmt: skip
+    return out
+
+
+def old_expert_gemm(x: torch.Tensor, w: QTensor, ids: torch.Tensor) -> torch.Tensor:
+    """x (n, cols) through experts ids (n, k): (n * k, rows)."""
+    k = ids.shape[1]
+    flat = ids.flatten()
+    order = flat.argsort(stable=True)
+    counts = torch.bincount(flat, minlength=w.shape[0]).tolist()
+    out = x.new_empty(flat.numel(), w.shape[1])
+    start = 0
+    for expert, count in enumerate(counts):
+        if count:
+            pairs = order[start : start + count]
+            start += count
+            out[pairs] = x[pairs // k] @ dequantize(w[expert]).T
     return out

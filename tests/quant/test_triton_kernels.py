@@ -83,7 +83,13 @@ def test_grouped_experts_one_launch(kind):
         assert_within_bound(out[p, 0][None], slots[p][None], dense[ids.reshape(-1)[p]])
 
 
-def test_many_rows_take_the_gemm_path():
+@pytest.fixture
+def float32_gemm(monkeypatch):
+    """The GEMM kernel in plain float32 (on a GPU its default multiplies in tf32)."""
+    monkeypatch.setattr(kernels, "GEMM_PRECISION", "ieee")
+
+
+def test_many_rows_take_the_gemm_path(float32_gemm):
     w = random_qtensor(Q.Q8_0, (3, 6, 64), seed=7)
     dense = dequantize(QTensor(w.kind, w.shape, w.data.cpu()))
     x = torch.randn(10, 64, generator=torch.Generator().manual_seed(8)).to(DEVICE)
@@ -93,6 +99,35 @@ def test_many_rows_take_the_gemm_path():
     for i in range(10):
         for j in range(2):
             assert_within_bound(out[i, j][None], x[i][None], dense[ids[i, j]])
+
+
+@pytest.mark.parametrize("kind", KINDS, ids=lambda k: k.name)
+def test_grouped_gemm(kind, float32_gemm):
+    """Many pairs in one launch: sorted by expert into tiles of 64 pairs (expert 1 fills more
+    than one tile, expert 2 none), the weights decoded in the tiles; an input row per pair (the
+    down projection) and a row shared by a token's experts."""
+    w = random_qtensor(kind, (3, 20, 512), seed=11)
+    dense = dequantize(QTensor(w.kind, w.shape, w.data.cpu())).double()
+    x = torch.randn(70, 512, generator=torch.Generator().manual_seed(12)).to(DEVICE)
+    ids = torch.tensor([[1, 0]] * 60 + [[0, 1]] * 10, device=DEVICE)
+    shared = kernels.expert_linear(x, w, ids).reshape(140, -1)
+    per_pair = kernels.expert_linear(x.repeat_interleave(2, 0).reshape(70, 2, -1), w, ids).reshape(140, -1)
+    weights = dense[ids.reshape(-1).cpu()]
+    x64 = x.double().cpu().repeat_interleave(2, 0)
+    exact = torch.einsum("prc,pc->pr", weights, x64)
+    bound = 1e-5 * torch.einsum("prc,pc->pr", weights.abs(), x64.abs())
+    for out in (shared, per_pair):
+        assert ((out.double().cpu() - exact).abs() <= bound).all()
+
+
+def test_tf32_gemm_within_its_rounding():
+    """The default GEMM rounds its inputs to tf32 on a GPU: within 2^-8 of Σ|w·x|."""
+    w = random_qtensor(Q.IQ2_XXS, (2, 20, 256), seed=13)
+    dense = dequantize(QTensor(w.kind, w.shape, w.data.cpu())).double()
+    x = torch.randn(12, 256, generator=torch.Generator().manual_seed(14)).to(DEVICE)
+    out = kernels.linear(x, w[1]).double().cpu()
+    bound = 2**-8 * (x.double().cpu().abs() @ dense[1].abs().T)
+    assert ((out - x.double().cpu() @ dense[1].T).abs() <= bound).all()
 
 
 def test_registered_for_cuda_tensors_only():

@@ -266,6 +266,48 @@ def dequantize_kernel(
     tl.store(out_ptr + r[:, None].to(tl.int64) * cols + column, w, mask=mask)
 
 
+@triton.jit
+def gemm_kernel(
+    w_ptr, x_ptr, slot_pair_ptr, tile_expert_ptr, grid_ptr, out_ptr,
+    pairs, rows, cols, row_stride, expert_stride, x_stride, x_divisor, out_stride, n_experts,
+    FORMAT: tl.constexpr, VALUES: tl.constexpr, UNITS: tl.constexpr, GROUPED: tl.constexpr,
+    PAIRS: tl.constexpr, ROWS: tl.constexpr, STEP: tl.constexpr, PRECISION: tl.constexpr,
+):  # fmt: skip
+    """out[p, r] = Σ_c W[expert(p), r, c] · x[p // x_divisor, c] for a tile of PAIRS pairs × ROWS rows.
+
+    Grouped: tile t holds the pairs of slots t·PAIRS … of `slot_pair` (pairs sorted by expert,
+    each expert's run padded to whole tiles; `pairs` marks a padding slot), all of expert
+    `tile_expert[t]` (`n_experts` past the last tile: nothing to do). Each step decodes a
+    (ROWS, STEP) tile of weights in registers and multiplies it on the tensor cores.
+    """
+    tile = tl.program_id(0)
+    r = tl.program_id(1) * ROWS + tl.arange(0, ROWS)
+    slots = tile * PAIRS + tl.arange(0, PAIRS)
+    steps = tl.cdiv(cols, STEP)
+    w_row = w_ptr + r[:, None].to(tl.int64) * row_stride
+    if GROUPED:
+        expert = tl.load(tile_expert_ptr + tile)
+        pair = tl.load(slot_pair_ptr + slots)
+        steps = tl.where(expert < n_experts, steps, 0)
+        w_row += expert.to(tl.int64) * expert_stride
+    else:
+        pair = slots
+    pair_mask = pair < pairs
+    row_mask = r < rows
+    x_row = x_ptr + (pair // x_divisor)[:, None].to(tl.int64) * x_stride
+    c = tl.arange(0, STEP)[None, :]
+    acc = tl.zeros((PAIRS, ROWS), tl.float32)
+    for step in range(0, steps):
+        column = step * STEP + c
+        inside = column < cols
+        block = w_row + (column // VALUES) * UNITS
+        w = _decode_tile(block, column % VALUES, row_mask[:, None] & inside, grid_ptr, FORMAT)
+        x = tl.load(x_row + column, mask=pair_mask[:, None] & inside, other=0.0)
+        acc = tl.dot(x, tl.trans(w), acc, input_precision=PRECISION)
+    out = out_ptr + pair[:, None].to(tl.int64) * out_stride + r[None, :]
+    tl.store(out, acc, mask=pair_mask[:, None] & row_mask[None, :])
+
+
 @cache
 def _grid(device: torch.device) -> torch.Tensor:
     """IQ2_XXS's codebook (256 × 8 float32) on `device`, uploaded once."""
@@ -367,8 +409,72 @@ def dequantize(w: QTensor) -> torch.Tensor:
 
 
 MATVEC_ROWS = 8
-"""Up to this many input rows (or (row, expert) pairs) the fused kernel reads the weights once per
-row; from there on decoding to float32 and one GEMM per matrix is cheaper."""
+"""Up to this many input rows (or (row, expert) pairs) the matrix × vector kernel reads the
+weights once per row; from there on the GEMM kernel, which decodes each weight tile once per
+tile of pairs."""
+
+GEMM_PRECISION = "tf32"
+"""How `gemm_kernel` multiplies on the tensor cores: "tf32" (inputs rounded to 10-bit mantissas,
+float32 sums: about 1e-3 of Σ|w·x|, the scale of the vendor libraries' fast float32 GEMMs),
+"tf32x3" (three tf32 products: about float32's accuracy, a third of the speed) or "ieee" (plain
+float32, no tensor cores). Decode (`matvec_kernel`) is always float32."""
+GEMM_PAIRS, GEMM_ROWS, GEMM_STEP = 64, 64, 64
+"""Pairs × rows of a GEMM tile, and values decoded per step (a multiple of 16 for tl.dot)."""
+
+
+def _expert_tiles(ids: torch.Tensor, n_experts: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The pairs sorted by expert in runs padded to whole tiles of GEMM_PAIRS slots, and each
+    tile's expert, made on the device without reading anything back (a fixed number of tiles:
+    every expert may leave one partial tile; tiles past the end have expert `n_experts`)."""
+    pairs = ids.numel()
+    counts = torch.bincount(ids, minlength=n_experts)
+    padded_end = torch.cumsum(triton.cdiv(counts, GEMM_PAIRS) * GEMM_PAIRS, 0)
+    first_slot = padded_end - triton.cdiv(counts, GEMM_PAIRS) * GEMM_PAIRS
+    first_pair = torch.cumsum(counts, 0) - counts
+    order = torch.argsort(ids, stable=True)
+    by_expert = ids[order]
+    rank = torch.arange(pairs, device=ids.device) - first_pair[by_expert]
+    tiles = triton.cdiv(pairs, GEMM_PAIRS) + n_experts
+    slot_pair = torch.full((tiles * GEMM_PAIRS,), pairs, dtype=torch.int64, device=ids.device)
+    slot_pair[first_slot[by_expert] + rank] = order
+    starts = torch.arange(tiles, device=ids.device) * GEMM_PAIRS
+    return slot_pair, torch.searchsorted(padded_end, starts, right=True)
+
+
+def gemm(
+    x: torch.Tensor,
+    w: QTensor,
+    ids: torch.Tensor | None = None,
+    x_divisor: int = 1,
+    precision: str | None = None,
+) -> torch.Tensor:
+    """out[p] = W[ids[p]] @ x[p // x_divisor] (W @ x[p] without ids) for many pairs: (pairs, rows)
+    float32, in one launch, weights decoded in the kernel's tiles."""
+    code = FORMAT_CODES[w.kind]
+    values, units = _TILE[code]
+    rows, cols = w.shape[-2:]
+    data = w.data
+    if ids is None:
+        pairs, tiles, slot_pair, tile_expert, n_experts = (
+            x.shape[0],
+            triton.cdiv(x.shape[0], GEMM_PAIRS),
+            x,
+            x,
+            1,
+        )
+    else:
+        pairs, n_experts = ids.numel(), w.shape[0]
+        slot_pair, tile_expert = _expert_tiles(ids.reshape(-1), n_experts)
+        tiles = tile_expert.numel()
+    out = x.new_empty(pairs, rows)
+    gemm_kernel[(tiles, triton.cdiv(rows, GEMM_ROWS))](
+        data, x, slot_pair, tile_expert, _grid(x.device), out,
+        pairs, rows, cols, data.stride(-2), data.stride(0) if ids is not None else 0, x.stride(0), x_divisor,
+        out.stride(0), n_experts,
+        FORMAT=code, VALUES=values, UNITS=units, GROUPED=ids is not None, PAIRS=GEMM_PAIRS, ROWS=GEMM_ROWS,
+        STEP=GEMM_STEP, PRECISION=precision or GEMM_PRECISION,
+    )  # fmt: skip
+    return out
 
 
 def linear(x: torch.Tensor, w: QTensor) -> torch.Tensor:
@@ -376,27 +482,17 @@ def linear(x: torch.Tensor, w: QTensor) -> torch.Tensor:
     x = x.contiguous()
     if x.shape[0] <= MATVEC_ROWS:
         return matvec(x, w)
-    return x @ dequantize(w).T
+    return gemm(x, w)
 
 
 def expert_linear(x: torch.Tensor, w: QTensor, ids: torch.Tensor) -> torch.Tensor:
     """x (n, cols) through experts ids (n, k) of W (experts, rows, cols): (n, k, rows) float32.
 
-    Few pairs (decode): one launch, no host synchronisation. Many (prefill): the pairs grouped
-    by expert, each busy expert decoded once and multiplied with one GEMM.
+    One launch either way, no host synchronisation: few pairs (decode) through the matrix ×
+    vector kernel, many (prefill) through the GEMM kernel with the pairs grouped by expert.
     """
     n, k = ids.shape
     x = x.contiguous()
     if ids.numel() <= MATVEC_ROWS:
         return matvec(x, w, ids.contiguous(), k).view(n, k, -1)
-    flat = ids.flatten()
-    order = flat.argsort(stable=True)
-    counts = torch.bincount(flat, minlength=w.shape[0]).tolist()  # prefill only: one sync per call
-    out = x.new_empty(n * k, w.shape[1])
-    start = 0
-    for expert, count in enumerate(counts):
-        if count:
-            pairs = order[start : start + count]
-            start += count
-            out[pairs] = x[pairs // k] @ dequantize(w[expert]).T
-    return out.view(n, k, -1)
+    return gemm(x, w, ids, k).view(n, k, -1)
