@@ -1,7 +1,8 @@
 """Builds the compiled CPU kernels; everything else is in pyproject.toml.
 
-The extension is optional: without a working C compiler the package still installs, and
-`dwarfstar.quant` falls back to its pure-torch kernels with a warning.
+The extensions are optional: without a working C compiler the package still installs;
+`dwarfstar.quant` falls back to its pure-torch kernels with a warning, and the model's small
+decode-step operations (`dwarfstar.model._fused`) to their torch code.
 """
 
 import sys
@@ -19,6 +20,12 @@ setup(
             extra_compile_args=compile_args,
             extra_link_args=link_args,
             optional=True,
-        )
+        ),
+        Extension(
+            "dwarfstar.model._fused",
+            sources=["src/dwarfstar/model/csrc/fused_cpu.c"],
+            extra_compile_args=compile_args,
+            optional=True,
+        ),
     ]
 )

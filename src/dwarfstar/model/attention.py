@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from dwarfstar import quant
-from dwarfstar.model import quantsim
+from dwarfstar.model import fused_cpu, quantsim
 from dwarfstar.model.config import ModelConfig
 from dwarfstar.model.norm import rms_norm
 from dwarfstar.model.rope import Rope
@@ -101,10 +101,13 @@ def indexer_select(
     finish = quantsim.indexer_round if ctx.quant_sim else _identity
     compress(idx.compressor, state, a, positions, ctx, c.index_head_dim, finish)
     keys = state.rows
+    visible = (positions + 1) // idx.compressor.ratio
+    if keys.shape[0] <= c.index_topk:  # every row is picked: no scores needed
+        indices = torch.arange(keys.shape[0], device=keys.device).expand(a.shape[0], -1)
+        return indices, indices < visible[:, None]
     q = quant.linear(qr, idx.q_b).unflatten(-1, (c.index_n_head, c.index_head_dim))
     q = finish(ctx.rope.apply(q, positions))
     weights = quant.linear(a, idx.head_weights) * (c.index_head_dim * c.index_n_head) ** -0.5
-    visible = (positions + 1) // idx.compressor.ratio
     k = min(c.index_topk, keys.shape[0])
     step = max(1, _SCORE_BUDGET // max(1, c.index_n_head * keys.shape[0]))
     picks = []
@@ -153,10 +156,15 @@ def _attend_block(
     last = first + q.shape[0] - 1
     lo = max(0, first - c.window + 1 - raw_start)
     keys = raw[lo : last + 1 - raw_start]
+    scale = c.head_dim**-0.5
+    if q.shape[0] == 1 and fused_cpu.applies(q):  # one decoded token: every key it sees, one call
+        if rows is not None and picks is None:
+            rows = rows[: (first + 1) // w.compressor.ratio]
+        picks, valid = (None, None) if picks is None else (picks[0], valid[0])
+        return fused_cpu.attend(q[0], keys, rows, picks, valid, w.sinks, scale)[None]
     key_positions = torch.arange(raw_start + lo, raw_start + lo + keys.shape[0], device=keys.device)
     delta = positions[:, None] - key_positions[None, :]
     seen = (delta >= 0) & (delta < c.window)
-    scale = c.head_dim**-0.5
     parts = [torch.einsum("thd,kd->thk", q, keys).masked_fill(~seen[:, None, :], float("-inf")) * scale]
     if picks is not None:  # CSA
         chosen = rows[picks]  # (B, k, d)

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import torch
 
 from dwarfstar import quant
+from dwarfstar.model import fused_cpu
 from dwarfstar.model.norm import rms_norm
 from dwarfstar.quant.tensor import QTensor
 
@@ -34,6 +35,8 @@ def sinkhorn(logits: torch.Tensor, iters: int, eps: float) -> torch.Tensor:
         from dwarfstar.model import fused
 
         return fused.sinkhorn(logits, iters, eps)
+    if fused_cpu.applies(logits):
+        return fused_cpu.sinkhorn(logits, iters, eps)
     comb = torch.softmax(logits, dim=-1) + eps
     comb = comb / (comb.sum(dim=-2, keepdim=True) + eps)
     for _ in range(iters - 1):
@@ -48,6 +51,8 @@ def hc_pre(
     """Collapse (T, n, D) streams into the sublayer input; return it with ``post`` and ``comb``."""
     n = streams.shape[-2]
     m = _mixes(streams, hc.fn, rms_eps)
+    if fused_cpu.applies(streams):  # one call instead of about 100
+        return fused_cpu.hc_pre(streams, m, hc.scale, hc.base, hc_eps, sinkhorn_iters)
     pre_w, post_w, comb_w = m.split([n, n, n * n], dim=-1)
     pre_b, post_b, comb_b = hc.base.split([n, n, n * n])
     pre = torch.sigmoid(pre_w * hc.scale[0] + pre_b) + hc_eps
@@ -61,6 +66,8 @@ def hc_post(
     output: torch.Tensor, streams: torch.Tensor, post: torch.Tensor, comb: torch.Tensor
 ) -> torch.Tensor:
     """New streams: ``post[j]·output + Σ_i comb[i, j]·streams[i]`` (the sum runs over sources)."""
+    if fused_cpu.applies(streams):
+        return fused_cpu.hc_post(output, streams, post, comb)
     return post.unsqueeze(-1) * output.unsqueeze(-2) + comb.transpose(-1, -2) @ streams
 
 

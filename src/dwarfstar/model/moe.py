@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from dwarfstar import quant
+from dwarfstar.model import fused_cpu
 from dwarfstar.model.config import ModelConfig
 from dwarfstar.model.weights import MoE
 
@@ -28,16 +29,27 @@ def observing_experts(observer: ExpertObserver) -> Iterator[None]:
         _observer.reset(token)
 
 
-def swiglu(gate: torch.Tensor, up: torch.Tensor, limit: float) -> torch.Tensor:
-    """SiLU-gated product with DeepSeek's asymmetric clamp: gate ≤ limit, |up| ≤ limit."""
-    return F.silu(gate.clamp(max=limit)) * up.clamp(-limit, limit)
+def swiglu(
+    gate: torch.Tensor, up: torch.Tensor, limit: float, weights: torch.Tensor | None = None
+) -> torch.Tensor:
+    """SiLU-gated product with DeepSeek's asymmetric clamp: gate ≤ limit, |up| ≤ limit; each
+    row (...) times its weight when ``weights`` (...) are given."""
+    if fused_cpu.applies(gate):
+        return fused_cpu.swiglu(gate, up, limit, weights)
+    hidden = F.silu(gate.clamp(max=limit)) * up.clamp(-limit, limit)
+    return hidden if weights is None else hidden * weights.unsqueeze(-1)
 
 
 def route(
     w: MoE, x: torch.Tensor, tokens: torch.Tensor, config: ModelConfig
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Selected experts (T, k) and their weights (T, k) for each token."""
-    scores = torch.sqrt(F.softplus(quant.linear(x, w.router)))
+    logits = quant.linear(x, w.router)
+    if fused_cpu.applies(logits):
+        hashed = None if w.hash_table is None else w.hash_table[tokens]
+        c = config
+        return fused_cpu.route(logits, w.bias, hashed, c.n_expert_used, c.norm_topk, c.routed_scale)
+    scores = torch.sqrt(F.softplus(logits))
     if w.hash_table is not None:
         experts = w.hash_table[tokens]
     else:
@@ -57,7 +69,7 @@ def moe(w: MoE, x: torch.Tensor, tokens: torch.Tensor, config: ModelConfig, limi
     )
     gate = quant.expert_linear(x, w.gate, experts)  # (T, k, expert width)
     up = quant.expert_linear(x, w.up, experts)
-    hidden = swiglu(gate, up, limit) * weights.unsqueeze(-1)
+    hidden = swiglu(gate, up, limit, weights)
     observer = _observer.get()
     if observer is not None:
         observer(w, x, experts, hidden)

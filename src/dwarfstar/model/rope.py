@@ -10,6 +10,7 @@ import math
 
 import torch
 
+from dwarfstar.model import fused_cpu
 from dwarfstar.model.config import ModelConfig
 
 
@@ -61,6 +62,8 @@ class Rope:
             from dwarfstar.model import fused
 
             return fused.rope(x, positions, self.freqs, inverse)
+        if fused_cpu.applies(x):
+            return fused_cpu.rope(x, positions, self.freqs, inverse)
         cos, sin = self.cos_sin(positions)
         if inverse:
             sin = -sin

@@ -1,0 +1,430 @@
+/* Fused CPU operations for a decode step: the small work between the matrix products.
+ *
+ * At one token, each of these moves a few kilobytes, so in torch its cost is the dozens of
+ * operator calls it takes (the hyper-connections' Sinkhorn projection alone is about 80), not
+ * the arithmetic. Here each is one call on raw float32 buffers, on the calling thread (these
+ * are far too small to share out). They compute what the torch code in model/ computes, with
+ * the same float32 operations; only the order of the sums differs (and libm's exp, sin, cos
+ * against torch's vectorised ones, within an ulp or two).
+ *
+ * Addresses come as integers (tensor.data_ptr()); the Python side (model/fused_cpu.py) checks
+ * shapes, dtypes and contiguity. The dot products and the scaled row sums of attention have an
+ * AVX2 version, chosen at run time on x86-64; everything has a portable C path.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#if defined(__x86_64__) || defined(_M_X64)
+#include <immintrin.h>
+#define HAVE_X86 1
+#define AVX2 __attribute__((target("avx2,fma")))
+#endif
+
+#define PTR(type, address) ((type *)(uintptr_t)(address))
+
+/* ---------------------------------------------------------------- dot and axpy */
+
+static float dot_portable(const float *a, const float *b, int64_t n) {
+    float partial[8] = {0};
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8)
+        for (int j = 0; j < 8; j++) partial[j] += a[i + j] * b[i + j];
+    float total = 0.0f;
+    for (int j = 0; j < 8; j++) total += partial[j];
+    for (; i < n; i++) total += a[i] * b[i];
+    return total;
+}
+
+/* y += alpha * x */
+static void axpy_portable(float *y, float alpha, const float *x, int64_t n) {
+    for (int64_t i = 0; i < n; i++) y[i] += alpha * x[i];
+}
+
+#ifdef HAVE_X86
+AVX2 static float dot_avx2(const float *a, const float *b, int64_t n) {
+    __m256 s0 = _mm256_setzero_ps(), s1 = _mm256_setzero_ps(), s2 = _mm256_setzero_ps(), s3 = _mm256_setzero_ps();
+    int64_t i = 0;
+    for (; i + 32 <= n; i += 32) {
+        s0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), s0);
+        s1 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i + 8), _mm256_loadu_ps(b + i + 8), s1);
+        s2 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i + 16), _mm256_loadu_ps(b + i + 16), s2);
+        s3 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i + 24), _mm256_loadu_ps(b + i + 24), s3);
+    }
+    for (; i + 8 <= n; i += 8) s0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), s0);
+    __m256 s = _mm256_add_ps(_mm256_add_ps(s0, s1), _mm256_add_ps(s2, s3));
+    __m128 h = _mm_add_ps(_mm256_castps256_ps128(s), _mm256_extractf128_ps(s, 1));
+    h = _mm_add_ps(h, _mm_movehl_ps(h, h));
+    h = _mm_add_ss(h, _mm_movehdup_ps(h));
+    float total = _mm_cvtss_f32(h);
+    for (; i < n; i++) total += a[i] * b[i];
+    return total;
+}
+
+AVX2 static void axpy_avx2(float *y, float alpha, const float *x, int64_t n) {
+    __m256 a = _mm256_set1_ps(alpha);
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8) _mm256_storeu_ps(y + i, _mm256_fmadd_ps(a, _mm256_loadu_ps(x + i), _mm256_loadu_ps(y + i)));
+    for (; i < n; i++) y[i] += alpha * x[i];
+}
+#endif
+
+static float (*dot)(const float *, const float *, int64_t) = dot_portable;
+static void (*axpy)(float *, float, const float *, int64_t) = axpy_portable;
+
+static inline float sigmoid(float x) { return 1.0f / (1.0f + expf(-x)); }
+
+/* ---------------------------------------------------------------- norms and rope */
+
+/* out[r] = x[r] / sqrt(mean(x[r]²) + eps) (* weight): norm.rms_norm. out may be x. */
+static void rms_norm_rows(const float *x, const float *weight, int64_t rows, int64_t width, float eps, float *out) {
+    for (int64_t r = 0; r < rows; r++) {
+        const float *row = x + r * width;
+        float scale = 1.0f / sqrtf(dot(row, row, width) / (float)width + eps);
+        float *o = out + r * width;
+        if (weight)
+            for (int64_t i = 0; i < width; i++) o[i] = row[i] * scale * weight[i];
+        else
+            for (int64_t i = 0; i < width; i++) o[i] = row[i] * scale;
+    }
+}
+
+/* rms_norm(x, weight or 0, rows, width, eps, out) */
+static PyObject *py_rms_norm(PyObject *self, PyObject *args) {
+    (void)self;
+    unsigned long long x, weight, out;
+    long long rows, width;
+    float eps;
+    if (!PyArg_ParseTuple(args, "KKLLfK", &x, &weight, &rows, &width, &eps, &out)) return NULL;
+    rms_norm_rows(PTR(const float, x), PTR(const float, weight), rows, width, eps, PTR(float, out));
+    Py_RETURN_NONE;
+}
+
+/* rope(x, positions (int64), freqs, tokens, rows_per_token, width, pairs, inverse, out): Rope.apply.
+ * The last 2·pairs values of each row rotate in pairs (2k, 2k+1) by position · freqs[k] (its
+ * negative when inverse); the others are copied. out may be x. */
+static PyObject *py_rope(PyObject *self, PyObject *args) {
+    (void)self;
+    unsigned long long x_address, positions_address, freqs_address, out_address;
+    long long tokens, rows_per_token, width, pairs;
+    int inverse;
+    if (!PyArg_ParseTuple(args, "KKKLLLLpK", &x_address, &positions_address, &freqs_address, &tokens,
+                          &rows_per_token, &width, &pairs, &inverse, &out_address))
+        return NULL;
+    const float *x = PTR(const float, x_address), *freqs = PTR(const float, freqs_address);
+    const int64_t *positions = PTR(const int64_t, positions_address);
+    float *out = PTR(float, out_address);
+    float *cos_sin = malloc(sizeof(float) * 2 * (size_t)(pairs ? pairs : 1));
+    if (cos_sin == NULL) return PyErr_NoMemory();
+    int64_t kept = width - 2 * pairs;
+    for (int64_t t = 0; t < tokens; t++) {
+        float position = (float)positions[t];
+        for (int64_t k = 0; k < pairs; k++) {
+            float angle = position * freqs[k];
+            cos_sin[2 * k] = cosf(angle);
+            cos_sin[2 * k + 1] = inverse ? -sinf(angle) : sinf(angle);
+        }
+        for (int64_t r = t * rows_per_token; r < (t + 1) * rows_per_token; r++) {
+            const float *row = x + r * width;
+            float *o = out + r * width;
+            if (o != row) memcpy(o, row, sizeof(float) * (size_t)kept);
+            for (int64_t k = 0; k < pairs; k++) {
+                float even = row[kept + 2 * k], odd = row[kept + 2 * k + 1];
+                float c = cos_sin[2 * k], s = cos_sin[2 * k + 1];
+                o[kept + 2 * k] = even * c - odd * s;
+                o[kept + 2 * k + 1] = even * s + odd * c;
+            }
+        }
+    }
+    free(cos_sin);
+    Py_RETURN_NONE;
+}
+
+/* ---------------------------------------------------------------- hyper-connections */
+
+/* hyper.sinkhorn on one (n, n) matrix in place: softmax along rows, + eps, then columns,
+ * then (rows, columns) iters - 1 more times, each divided by its sum + eps. */
+static void sinkhorn_matrix(float *m, int n, int iters, float eps) {
+    for (int i = 0; i < n; i++) {
+        float *row = m + i * n, top = row[0], total = 0.0f;
+        for (int j = 1; j < n; j++) top = row[j] > top ? row[j] : top;
+        for (int j = 0; j < n; j++) total += row[j] = expf(row[j] - top);
+        for (int j = 0; j < n; j++) row[j] = row[j] / total + eps;
+    }
+    for (int iter = 0; iter < iters; iter++) {
+        if (iter > 0)
+            for (int i = 0; i < n; i++) {
+                float total = 0.0f;
+                for (int j = 0; j < n; j++) total += m[i * n + j];
+                for (int j = 0; j < n; j++) m[i * n + j] /= total + eps;
+            }
+        for (int j = 0; j < n; j++) {
+            float total = 0.0f;
+            for (int i = 0; i < n; i++) total += m[i * n + j];
+            for (int i = 0; i < n; i++) m[i * n + j] /= total + eps;
+        }
+    }
+}
+
+/* sinkhorn(logits, out, matrices, n, iters, eps) */
+static PyObject *py_sinkhorn(PyObject *self, PyObject *args) {
+    (void)self;
+    unsigned long long logits, out;
+    long long matrices;
+    int n, iters;
+    float eps;
+    if (!PyArg_ParseTuple(args, "KKLiif", &logits, &out, &matrices, &n, &iters, &eps)) return NULL;
+    if (out != logits) memcpy(PTR(float, out), PTR(float, logits), sizeof(float) * (size_t)(matrices * n * n));
+    for (int64_t t = 0; t < matrices; t++) sinkhorn_matrix(PTR(float, out) + t * n * n, n, iters, eps);
+    Py_RETURN_NONE;
+}
+
+/* hc_pre(streams, token_stride, stream_stride, mixes, scale, base, tokens, n, width, iters,
+ *        hc_eps, collapsed, post, comb): hyper.hc_pre after its projection. For each token:
+ * pre = sigmoid(mix_pre · scale[0] + base_pre) + hc_eps, post = 2 sigmoid(mix_post · scale[1] +
+ * base_post), comb = sinkhorn(mix_comb · scale[2] + base_comb), collapsed = Σ_i pre[i] streams[i].
+ * Strides in floats (a stream stride of 0: one state broadcast to every stream). */
+static PyObject *py_hc_pre(PyObject *self, PyObject *args) {
+    (void)self;
+    unsigned long long streams_address, mixes_address, scale_address, base_address, collapsed_address,
+        post_address, comb_address;
+    long long token_stride, stream_stride, tokens, width;
+    int n, iters;
+    float hc_eps;
+    if (!PyArg_ParseTuple(args, "KLLKKKLiLifKKK", &streams_address, &token_stride, &stream_stride,
+                          &mixes_address, &scale_address, &base_address, &tokens, &n, &width, &iters, &hc_eps,
+                          &collapsed_address, &post_address, &comb_address))
+        return NULL;
+    const float *scale = PTR(const float, scale_address), *base = PTR(const float, base_address);
+    int mix = 2 * n + n * n;
+    for (int64_t t = 0; t < tokens; t++) {
+        const float *m = PTR(const float, mixes_address) + t * mix;
+        const float *streams = PTR(const float, streams_address) + t * token_stride;
+        float *post = PTR(float, post_address) + t * n, *comb = PTR(float, comb_address) + t * n * n;
+        float *collapsed = PTR(float, collapsed_address) + t * width;
+        for (int i = 0; i < n; i++) post[i] = 2.0f * sigmoid(m[n + i] * scale[1] + base[n + i]);
+        for (int i = 0; i < n * n; i++) comb[i] = m[2 * n + i] * scale[2] + base[2 * n + i];
+        sinkhorn_matrix(comb, n, iters, hc_eps);
+        memset(collapsed, 0, sizeof(float) * (size_t)width);
+        for (int i = 0; i < n; i++) {
+            float pre = sigmoid(m[i] * scale[0] + base[i]) + hc_eps;
+            axpy(collapsed, pre, streams + i * stream_stride, width);
+        }
+    }
+    Py_RETURN_NONE;
+}
+
+/* hc_post(output, streams, token_stride, stream_stride, post, comb, tokens, n, width, out):
+ * out[t, j] = post[t, j] · output[t] + Σ_i comb[t, i, j] · streams[t, i]. */
+static PyObject *py_hc_post(PyObject *self, PyObject *args) {
+    (void)self;
+    unsigned long long output_address, streams_address, post_address, comb_address, out_address;
+    long long token_stride, stream_stride, tokens, width;
+    int n;
+    if (!PyArg_ParseTuple(args, "KKLLKKLiLK", &output_address, &streams_address, &token_stride, &stream_stride,
+                          &post_address, &comb_address, &tokens, &n, &width, &out_address))
+        return NULL;
+    for (int64_t t = 0; t < tokens; t++) {
+        const float *output = PTR(const float, output_address) + t * width;
+        const float *streams = PTR(const float, streams_address) + t * token_stride;
+        const float *post = PTR(const float, post_address) + t * n, *comb = PTR(const float, comb_address) + t * n * n;
+        for (int j = 0; j < n; j++) {
+            float *o = PTR(float, out_address) + (t * n + j) * width;
+            for (int64_t d = 0; d < width; d++) o[d] = post[j] * output[d];
+            for (int i = 0; i < n; i++) axpy(o, comb[i * n + j], streams + i * stream_stride, width);
+        }
+    }
+    Py_RETURN_NONE;
+}
+
+/* ---------------------------------------------------------------- attention of one query */
+
+#define KEY_BLOCK 32
+
+/* attend(q, heads, dim, raw, n_raw, rows, picks or 0, valid or 0, n_rows, sinks, scale, out): the
+ * softmax attention of one query's heads (heads, dim) over its keys = values: the raw rows,
+ * then the compressed rows (rows[picks[j]] for the picks whose valid byte is set, when picks
+ * are given, else rows[j]), and one sink logit per head. Keys are taken a block at a time for
+ * every head while they are in cache. */
+static PyObject *py_attend(PyObject *self, PyObject *args) {
+    (void)self;
+    unsigned long long q_address, raw_address, rows_address, picks_address, valid_address, sinks_address,
+        out_address;
+    long long heads, dim, n_raw, n_rows;
+    float scale;
+    if (!PyArg_ParseTuple(args, "KLLKLKKKLKfK", &q_address, &heads, &dim, &raw_address, &n_raw, &rows_address,
+                          &picks_address, &valid_address, &n_rows, &sinks_address, &scale, &out_address))
+        return NULL;
+    const float *q = PTR(const float, q_address), *raw = PTR(const float, raw_address);
+    const float *rows = PTR(const float, rows_address), *sinks = PTR(const float, sinks_address);
+    const int64_t *picks = PTR(const int64_t, picks_address);
+    const uint8_t *valid = PTR(const uint8_t, valid_address);
+    float *out = PTR(float, out_address);
+    int64_t keys = n_raw + n_rows;
+    float *scores = malloc(sizeof(float) * (size_t)(heads * (keys ? keys : 1)));
+    const float **key = malloc(sizeof(float *) * (size_t)(keys ? keys : 1));
+    if (scores == NULL || key == NULL) {
+        free(scores);
+        free(key);
+        return PyErr_NoMemory();
+    }
+    for (int64_t k = 0; k < n_raw; k++) key[k] = raw + k * dim;
+    int64_t keys_used = n_raw;
+    for (int64_t k = 0; k < n_rows; k++)
+        if (!picks || !valid || valid[k]) key[keys_used++] = rows + (picks ? picks[k] : k) * dim;
+    keys = keys_used;
+    for (int64_t first = 0; first < keys; first += KEY_BLOCK) {
+        int64_t last = first + KEY_BLOCK < keys ? first + KEY_BLOCK : keys;
+        for (int64_t h = 0; h < heads; h++)
+            for (int64_t k = first; k < last; k++) scores[h * keys + k] = dot(q + h * dim, key[k], dim) * scale;
+    }
+    for (int64_t h = 0; h < heads; h++) {
+        float *s = scores + h * keys, top = sinks[h], total = 0.0f;
+        for (int64_t k = 0; k < keys; k++) top = s[k] > top ? s[k] : top;
+        for (int64_t k = 0; k < keys; k++) total += s[k] = expf(s[k] - top);
+        total += expf(sinks[h] - top);
+        for (int64_t k = 0; k < keys; k++) s[k] /= total;
+    }
+    memset(out, 0, sizeof(float) * (size_t)(heads * dim));
+    for (int64_t first = 0; first < keys; first += KEY_BLOCK) {
+        int64_t last = first + KEY_BLOCK < keys ? first + KEY_BLOCK : keys;
+        for (int64_t h = 0; h < heads; h++)
+            for (int64_t k = first; k < last; k++) axpy(out + h * dim, scores[h * keys + k], key[k], dim);
+    }
+    free(scores);
+    free(key);
+    Py_RETURN_NONE;
+}
+
+/* ---------------------------------------------------------------- routing and SwiGLU */
+
+/* route(logits, bias or 0, hashed or 0, tokens, n_expert, k, norm_topk, routed_scale, experts,
+ * weights): moe.route after the router's projection. Scores sqrt(softplus(logits)); experts the
+ * k highest biased scores, best first (or the token's hash-table row); weights their scores,
+ * divided by their sum when norm_topk, times routed_scale. */
+static PyObject *py_route(PyObject *self, PyObject *args) {
+    (void)self;
+    unsigned long long logits_address, bias_address, hashed_address, experts_address, weights_address;
+    long long tokens, n_expert, k;
+    int norm_topk;
+    float routed_scale;
+    if (!PyArg_ParseTuple(args, "KKKLLLpfKK", &logits_address, &bias_address, &hashed_address, &tokens, &n_expert,
+                          &k, &norm_topk, &routed_scale, &experts_address, &weights_address))
+        return NULL;
+    const float *bias = PTR(const float, bias_address);
+    float *scores = malloc(sizeof(float) * (size_t)(2 * n_expert));
+    if (scores == NULL) return PyErr_NoMemory();
+    float *biased = scores + n_expert;
+    for (int64_t t = 0; t < tokens; t++) {
+        const float *logits = PTR(const float, logits_address) + t * n_expert;
+        int64_t *experts = PTR(int64_t, experts_address) + t * k;
+        float *weights = PTR(float, weights_address) + t * k;
+        for (int64_t e = 0; e < n_expert; e++) {
+            float x = logits[e];
+            scores[e] = sqrtf(x > 20.0f ? x : log1pf(expf(x)));  /* softplus, torch's threshold */
+            biased[e] = bias ? scores[e] + bias[e] : scores[e];
+        }
+        if (hashed_address) {
+            memcpy(experts, PTR(const int64_t, hashed_address) + t * k, sizeof(int64_t) * (size_t)k);
+        } else {
+            for (int64_t j = 0; j < k; j++) { /* k passes: k is 6 of 256 */
+                int64_t best = -1;
+                for (int64_t e = 0; e < n_expert; e++) {
+                    if (biased[e] != biased[e] || biased[e] == -INFINITY) continue; /* taken (or NaN) */
+                    if (best < 0 || biased[e] > biased[best]) best = e;
+                }
+                if (best < 0) best = 0;
+                experts[j] = best;
+                biased[best] = -INFINITY;
+            }
+        }
+        float total = 0.0f;
+        for (int64_t j = 0; j < k; j++) total += weights[j] = scores[experts[j]];
+        for (int64_t j = 0; j < k; j++) weights[j] = (norm_topk ? weights[j] / total : weights[j]) * routed_scale;
+    }
+    free(scores);
+    Py_RETURN_NONE;
+}
+
+/* swiglu(gate, up, weights or 0, rows, width, limit, out): moe.swiglu, each row times its
+ * weight when given: silu(min(gate, limit)) · clamp(up, -limit, limit) · weight. */
+static PyObject *py_swiglu(PyObject *self, PyObject *args) {
+    (void)self;
+    unsigned long long gate_address, up_address, weights_address, out_address;
+    long long rows, width;
+    float limit;
+    if (!PyArg_ParseTuple(args, "KKKLLfK", &gate_address, &up_address, &weights_address, &rows, &width, &limit,
+                          &out_address))
+        return NULL;
+    const float *weights = PTR(const float, weights_address);
+    for (int64_t r = 0; r < rows; r++) {
+        const float *gate = PTR(const float, gate_address) + r * width, *up = PTR(const float, up_address) + r * width;
+        float *out = PTR(float, out_address) + r * width;
+        for (int64_t i = 0; i < width; i++) {
+            float g = gate[i] < limit ? gate[i] : limit;
+            float u = up[i] < -limit ? -limit : (up[i] > limit ? limit : up[i]);
+            out[i] = g / (1.0f + expf(-g)) * u;
+        }
+        if (weights)
+            for (int64_t i = 0; i < width; i++) out[i] *= weights[r];
+    }
+    Py_RETURN_NONE;
+}
+
+/* ---------------------------------------------------------------- module */
+
+static PyObject *py_isa(PyObject *self, PyObject *unused) {
+    (void)self, (void)unused;
+    return PyUnicode_FromString(dot == dot_portable ? "portable" : "avx2");
+}
+
+/* set_isa('portable' | 'avx2'), for tests. */
+static PyObject *py_set_isa(PyObject *self, PyObject *name) {
+    (void)self;
+    const char *wanted = PyUnicode_AsUTF8(name);
+    if (wanted == NULL) return NULL;
+    if (strcmp(wanted, "portable") == 0) {
+        dot = dot_portable;
+        axpy = axpy_portable;
+        Py_RETURN_NONE;
+    }
+#ifdef HAVE_X86
+    if (strcmp(wanted, "avx2") == 0 && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) {
+        dot = dot_avx2;
+        axpy = axpy_avx2;
+        Py_RETURN_NONE;
+    }
+#endif
+    return PyErr_Format(PyExc_ValueError, "instruction set %s is not available here", wanted);
+}
+
+static PyMethodDef methods[] = {
+    {"rms_norm", py_rms_norm, METH_VARARGS, "RMSNorm of rows (see the source)."},
+    {"rope", py_rope, METH_VARARGS, "Rotary embedding of rows (see the source)."},
+    {"sinkhorn", py_sinkhorn, METH_VARARGS, "Sinkhorn projection of (n, n) matrices (see the source)."},
+    {"hc_pre", py_hc_pre, METH_VARARGS, "Hyper-connection collapse after the projection (see the source)."},
+    {"hc_post", py_hc_post, METH_VARARGS, "Hyper-connection expansion (see the source)."},
+    {"attend", py_attend, METH_VARARGS, "Attention of one query with sinks (see the source)."},
+    {"route", py_route, METH_VARARGS, "Expert routing after the router's projection (see the source)."},
+    {"swiglu", py_swiglu, METH_VARARGS, "Clamped SwiGLU, optionally weighted per row (see the source)."},
+    {"isa", py_isa, METH_NOARGS, "The instruction set in use: 'avx2' or 'portable'."},
+    {"set_isa", py_set_isa, METH_O, "Choose the instruction set ('avx2', 'portable'), for tests."},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_fused", NULL, -1, methods, NULL, NULL, NULL, NULL};
+
+PyMODINIT_FUNC PyInit__fused(void) {
+#ifdef HAVE_X86
+    __builtin_cpu_init();
+    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) {
+        dot = dot_avx2;
+        axpy = axpy_avx2;
+    }
+#endif
+    return PyModule_Create(&module);
+}

@@ -1,0 +1,169 @@
+"""The compiled CPU versions of a decode step's small operations (`dwarfstar.model._fused`).
+
+At one token, the work between the matrix products (hyper-connections, norms, rope, attention
+over a few hundred rows, routing) is a few kilobytes per operation, and in torch its cost is
+the number of operator calls: about 600 per layer. `csrc/fused_cpu.c` does each of these
+operations in one call on the calling thread. The model's operations (`norm.rms_norm`,
+`Rope.apply`, `hyper.hc_pre` ...) are the dispatch points: Triton on CUDA tensors
+(`fused.py`), these on float32 CPU tensors when `ACTIVE`, their torch code otherwise. The
+results agree with the torch code up to the order of float32 sums (tests/model/test_fused_cpu.py).
+
+`ACTIVE` is false when the extension was not built (no C compiler: the torch code runs, no
+warning, as only speed differs) or under DWARFSTAR_KERNELS=reference.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+try:
+    from . import _fused
+except ImportError:  # not built: the torch code stays
+    _fused = None
+
+ACTIVE = _fused is not None and os.environ.get("DWARFSTAR_KERNELS", "compiled") != "reference"
+
+
+def applies(x: torch.Tensor) -> bool:
+    """Whether ``x`` takes the compiled path: a float32 CPU tensor, with the extension active."""
+    return ACTIVE and x.device.type == "cpu" and x.dtype == torch.float32
+
+
+def _address(x: torch.Tensor | None) -> int:
+    return 0 if x is None else x.data_ptr()
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.Tensor:
+    width = x.shape[-1]
+    x = x.contiguous()
+    out = torch.empty_like(x)
+    weight = None if weight is None else weight.to(torch.float32).contiguous()
+    _fused.rms_norm(x.data_ptr(), _address(weight), x.numel() // width, width, eps, out.data_ptr())
+    return out
+
+
+def rope(x: torch.Tensor, positions: torch.Tensor, freqs: torch.Tensor, inverse: bool) -> torch.Tensor:
+    """`Rope.apply` for x (T, ..., D) at positions (T,)."""
+    x = x.contiguous()
+    out = torch.empty_like(x)
+    positions = positions.to(torch.int64).contiguous()
+    tokens, width = x.shape[0], x.shape[-1]
+    _fused.rope(
+        x.data_ptr(), positions.data_ptr(), freqs.data_ptr(), tokens, x.numel() // max(1, tokens * width),
+        width, freqs.shape[0], inverse, out.data_ptr(),
+    )  # fmt: skip
+    return out
+
+
+def sinkhorn(logits: torch.Tensor, iters: int, eps: float) -> torch.Tensor:
+    n = logits.shape[-1]
+    out = logits.contiguous().clone()
+    _fused.sinkhorn(out.data_ptr(), out.data_ptr(), out.numel() // (n * n), n, iters, eps)
+    return out
+
+
+def _stream_strides(streams: torch.Tensor) -> tuple[torch.Tensor, int, int]:
+    """Streams (T, n, D) with contiguous rows, and their token and stream strides (a stream
+    stride of 0 for the first layer's streams, one state broadcast)."""
+    if streams.stride(-1) != 1 or streams.stride(0) < streams.shape[-1]:
+        streams = streams.contiguous()
+    return streams, streams.stride(0), streams.stride(1)
+
+
+def hc_pre(
+    streams: torch.Tensor,
+    mixes: torch.Tensor,
+    scale: torch.Tensor,
+    base: torch.Tensor,
+    hc_eps: float,
+    sinkhorn_iters: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`hyper.hc_pre` from the projected ``mixes`` (T, 2n + n²): (collapsed, post, comb)."""
+    tokens, n, width = streams.shape
+    streams, token_stride, stream_stride = _stream_strides(streams)
+    mixes = mixes.contiguous()
+    collapsed = streams.new_empty(tokens, width)
+    post = streams.new_empty(tokens, n)
+    comb = streams.new_empty(tokens, n, n)
+    _fused.hc_pre(
+        streams.data_ptr(), token_stride, stream_stride, mixes.data_ptr(), scale.data_ptr(),
+        base.data_ptr(), tokens, n, width, sinkhorn_iters, hc_eps,
+        collapsed.data_ptr(), post.data_ptr(), comb.data_ptr(),
+    )  # fmt: skip
+    return collapsed, post, comb
+
+
+def hc_post(
+    output: torch.Tensor, streams: torch.Tensor, post: torch.Tensor, comb: torch.Tensor
+) -> torch.Tensor:
+    tokens, n, width = streams.shape
+    streams, token_stride, stream_stride = _stream_strides(streams)
+    output, post, comb = output.contiguous(), post.contiguous(), comb.contiguous()
+    out = output.new_empty(tokens, n, width)
+    _fused.hc_post(
+        output.data_ptr(), streams.data_ptr(), token_stride, stream_stride, post.data_ptr(), comb.data_ptr(),
+        tokens, n, width, out.data_ptr(),
+    )  # fmt: skip
+    return out
+
+
+def attend(
+    q: torch.Tensor,
+    raw: torch.Tensor,
+    rows: torch.Tensor | None,
+    picks: torch.Tensor | None,
+    valid: torch.Tensor | None,
+    sinks: torch.Tensor,
+    scale: float,
+) -> torch.Tensor:
+    """One query's attention (H, D) over the ``raw`` rows and the compressed ``rows`` (the
+    ``picks`` (k,) marked ``valid`` (k,), or all), with a sink logit per head."""
+    heads, dim = q.shape
+    q, raw = q.contiguous(), raw.contiguous()
+    rows = None if rows is None else rows.contiguous()
+    picks = None if picks is None else picks.to(torch.int64).contiguous()
+    valid = None if valid is None else valid.to(torch.bool).contiguous()
+    n_rows = 0 if rows is None else (rows.shape[0] if picks is None else picks.shape[0])
+    out = q.new_empty(heads, dim)
+    _fused.attend(
+        q.data_ptr(), heads, dim, raw.data_ptr(), raw.shape[0], _address(rows), _address(picks),
+        _address(valid), n_rows, sinks.contiguous().data_ptr(), scale, out.data_ptr(),
+    )  # fmt: skip
+    return out
+
+
+def route(
+    logits: torch.Tensor,
+    bias: torch.Tensor | None,
+    hashed: torch.Tensor | None,
+    k: int,
+    norm_topk: bool,
+    routed_scale: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`moe.route` from the router's logits (T, experts): experts (T, k), weights (T, k)."""
+    tokens, n_expert = logits.shape
+    logits = logits.contiguous()
+    hashed = None if hashed is None else hashed.to(torch.int64).contiguous()
+    experts = torch.empty(tokens, k, dtype=torch.int64)
+    weights = logits.new_empty(tokens, k)
+    _fused.route(
+        logits.data_ptr(), _address(bias), _address(hashed), tokens, n_expert, k, norm_topk, routed_scale,
+        experts.data_ptr(), weights.data_ptr(),
+    )  # fmt: skip
+    return experts, weights
+
+
+def swiglu(
+    gate: torch.Tensor, up: torch.Tensor, limit: float, weights: torch.Tensor | None = None
+) -> torch.Tensor:
+    """`moe.swiglu` (..., width), times ``weights`` (...) per row when given."""
+    gate, up = gate.contiguous(), up.contiguous()
+    out = torch.empty_like(gate)
+    weights = None if weights is None else weights.contiguous()
+    width = gate.shape[-1]
+    _fused.swiglu(
+        gate.data_ptr(), up.data_ptr(), _address(weights), gate.numel() // width, width, limit, out.data_ptr()
+    )
+    return out

@@ -1,0 +1,197 @@
+"""The compiled CPU operations (model/fused_cpu.py, csrc/fused_cpu.c) agree with the torch code.
+
+Each model operation is its own dispatch point; with `fused_cpu.ACTIVE` off it runs its torch
+code, the reference here. Random inputs at odd sizes, both instruction sets the machine has.
+Tolerance: float32 sums in another order and libm's exp/sin/cos against torch's, 1e-5 relative.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from gguf import GGMLQuantizationType as T
+
+from dwarfstar.convert.converter import stored_kind
+from dwarfstar.model import attention, fused_cpu, hyper, moe
+from dwarfstar.model.config import ModelConfig
+from dwarfstar.model.model import Model
+from dwarfstar.model.norm import rms_norm
+from dwarfstar.model.rope import layer_rope
+from dwarfstar.synthetic.models import write_random_model
+
+pytestmark = pytest.mark.skipif(fused_cpu._fused is None, reason="the C extension is not built")
+
+ISAS = ["portable", "avx2"]
+
+
+@pytest.fixture(params=ISAS)
+def isa(request):
+    try:
+        fused_cpu._fused.set_isa(request.param)
+    except ValueError:
+        pytest.skip(f"no {request.param} on this CPU")
+    yield request.param
+    fused_cpu._fused.set_isa("avx2" if "avx2" in _available() else "portable")
+
+
+def _available() -> list[str]:
+    found = []
+    for name in ISAS:
+        try:
+            fused_cpu._fused.set_isa(name)
+            found.append(name)
+        except ValueError:
+            pass
+    return found
+
+
+def torch_code(fn, *args, **kwargs):
+    """``fn`` with the compiled operations off: the torch code it replaces."""
+    active = fused_cpu.ACTIVE
+    fused_cpu.ACTIVE = False
+    try:
+        return fn(*args, **kwargs)
+    finally:
+        fused_cpu.ACTIVE = active
+
+
+def compiled(fn, *args, **kwargs):
+    active = fused_cpu.ACTIVE
+    fused_cpu.ACTIVE = True
+    try:
+        return fn(*args, **kwargs)
+    finally:
+        fused_cpu.ACTIVE = active
+
+
+def same(fn, *args, rtol=1e-5, atol=1e-6):
+    ours, theirs = compiled(fn, *args), torch_code(fn, *args)
+    torch.testing.assert_close(ours, theirs, rtol=rtol, atol=atol)
+    return ours
+
+
+def randn(*shape, seed=0, scale=1.0):
+    return scale * torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("weighted", [True, False])
+def test_rms_norm(isa, weighted):
+    x = randn(3, 5, 97, scale=3)
+    same(rms_norm, x, randn(97, seed=1) if weighted else None, 1e-6)
+    same(rms_norm, x.transpose(0, 1), None, 1e-6)  # not contiguous
+
+
+@pytest.mark.parametrize("inverse", [False, True])
+@pytest.mark.parametrize("shape", [(3, 2, 96), (4, 70), (2, 3, 5, 66)])
+def test_rope(isa, inverse, shape):
+    rope = layer_rope(ModelConfig(rope_dim=64), 4)  # YaRN frequencies, 32 pairs
+    positions = torch.tensor([0, 17, 4000, 65535][: shape[0]])
+    same(rope.apply, randn(*shape), positions, inverse, atol=1e-5)
+
+
+def test_sinkhorn(isa):
+    out = same(hyper.sinkhorn, randn(5, 4, 4, scale=3), 20, 1e-6, atol=1e-7)
+    assert torch.allclose(out.sum(-2), torch.ones(5, 4), atol=1e-5)
+    same(hyper.sinkhorn, randn(2, 3, 3, seed=1), 7, 1e-6, atol=1e-7)  # odd n
+
+
+def _hyper_connection(n: int, width: int) -> hyper.HyperConnection:
+    from dwarfstar.quant.tensor import QTensor
+
+    fn = randn(2 * n + n * n, n * width, seed=5, scale=0.05)
+    fn = QTensor.from_numpy(0, tuple(fn.shape), fn.numpy())
+    return hyper.HyperConnection(fn=fn, base=randn(2 * n + n * n, seed=6), scale=randn(3, seed=7))
+
+
+@pytest.mark.parametrize("n", [4, 3])
+def test_hc_pre_and_post(isa, n):
+    width = 37
+    hc = _hyper_connection(n, width)
+    streams = randn(2, n, width, seed=2)
+    collapsed, post, comb = same(hyper.hc_pre, streams, hc, 1e-6, 1e-6, 20)
+    same(hyper.hc_post, randn(2, width, seed=3), streams, post, comb)
+    # the first layer's streams: one state broadcast to every stream (stride 0)
+    broadcast = randn(2, width, seed=4)[:, None, :].expand(-1, n, -1)
+    same(hyper.hc_pre, broadcast, hc, 1e-6, 1e-6, 20)
+    same(hyper.hc_post, randn(2, width, seed=3), broadcast, post, comb)
+
+
+@pytest.mark.parametrize("kind", ["window", "csa", "hca"])
+def test_attention_of_one_query(isa, kind):
+    heads, dim, first = 3, 72, 40
+    config = ModelConfig(n_head=heads, o_groups=1, head_dim=dim, value_dim=dim, window=16)
+    ctx = attention.LayerContext(config, layer_rope(config, 0), False)
+    ratio = {"window": 0, "csa": 4, "hca": 128}[kind]
+    w = type("W", (), {"sinks": randn(heads, seed=1), "compressor": type("C", (), {"ratio": ratio})()})()
+    q, raw = randn(1, heads, dim, seed=2), randn(20, dim, seed=3)
+    rows = picks = valid = None
+    if kind == "csa":
+        rows = randn(10, dim, seed=4)
+        picks = torch.tensor([[7, 2, 9, 0, 4]])
+        valid = torch.tensor([[True, True, False, True, True]])
+    elif kind == "hca":
+        first = 300
+        rows = randn(5, dim, seed=4)  # 2 of them visible to a query at 300
+    positions = torch.tensor([first])
+    same(attention._attend_block, w, ctx, q, positions, first, raw, first - 19, rows, picks, valid)
+
+
+@pytest.mark.parametrize("hashed", [False, True])
+def test_route(hashed):
+    config = ModelConfig(n_expert=37, n_expert_used=5)
+    w = type("W", (), {})()
+    w.router = None
+    w.bias = None if hashed else randn(37, seed=1)
+    table = torch.randint(0, 37, (50, 5), generator=torch.Generator().manual_seed(2))
+    w.hash_table = table if hashed else None
+    logits = randn(3, 37, scale=4)
+    tokens = torch.tensor([3, 0, 49])
+    from dwarfstar import quant
+
+    original = quant.linear
+    quant.linear = lambda x, _w: x  # the router's projection is not under test
+    try:
+        experts, weights = compiled(moe.route, w, logits, tokens, config)
+        expected_experts, expected_weights = torch_code(moe.route, w, logits, tokens, config)
+    finally:
+        quant.linear = original
+    assert torch.equal(experts, expected_experts)
+    torch.testing.assert_close(weights, expected_weights, rtol=1e-5, atol=1e-6)
+
+
+def test_swiglu(isa):
+    gate, up = randn(2, 3, 71, scale=8), randn(2, 3, 71, seed=1, scale=8)
+    same(moe.swiglu, gate, up, 7.0)
+    same(moe.swiglu, gate, up, 7.0, randn(2, 3, seed=2))
+
+
+SMALL = ModelConfig(
+    n_layer=3, dim=64, n_head=4, head_dim=64, value_dim=64, rope_dim=16, q_lora_rank=32,
+    o_lora_rank=16, o_groups=2, n_expert=8, n_expert_used=2, expert_ff=32, n_hash_layer=1,
+    index_n_head=4, index_head_dim=32, index_topk=3, compress_ratios=(0, 4, 128), window=16,
+    swiglu_limit=(10.0,) * 3,
+)  # fmt: skip
+
+
+def test_decoded_logits_match_the_torch_code(tmp_path):
+    """Token by token past the window, the indexer's top-k and a ratio-128 row: every fused
+    operation and the one-query attention on the way."""
+    path = tmp_path / "small.gguf"
+    write_random_model(path, SMALL, lambda name, shape: stored_kind(name, shape, T.F32), seed=4)
+    model = Model.load(path, quant_sim=False)
+    tokens = torch.randint(0, 129280, (140,), generator=torch.Generator().manual_seed(0))
+    ours = compiled(model.prefill, tokens, model.new_session(), 1)
+    reference = torch_code(model.prefill, tokens, model.new_session(), 1)
+    assert reference.abs().max() > 1
+    torch.testing.assert_close(ours, reference, rtol=1e-4, atol=1e-4)
+
+
+def test_reference_kernels_switch_the_compiled_operations_off():
+    environment = {**os.environ, "DWARFSTAR_KERNELS": "reference"}
+    code = "from dwarfstar.model import fused_cpu; print(fused_cpu.ACTIVE)"
+    result = subprocess.run([sys.executable, "-c", code], env=environment, capture_output=True, text=True)
+    assert result.stdout.strip() == "False", result.stderr
