@@ -6,7 +6,12 @@ streaming read (`torch.sum` over a float32 buffer far larger than the caches). E
 uses another copy of the weight, cycling over copies that together overflow the caches, so the
 kernels too read from memory, as they do in the model.
 
+Then the grouped expert path, `quant.expert_linear`, as in a prefill: tokens each routed to 6
+of 32 stacked experts, about 12 or 64 rows per expert (a 512-token prompt gives 512 x 6 / 256 =
+12 rows to each of ds4's 256 experts); GB/s counts the bytes of the experts used.
+
     python benchmarks/bench_quant.py [--kinds Q8_0 IQ2_XXS] [--repeats 15] [--threads 1]
+                                     [--isa avx512]   # the compiled kernels' instruction set
 """
 
 from __future__ import annotations
@@ -25,7 +30,8 @@ from dwarfstar.synthetic.blocks import random_blocks
 
 KINDS = (Q.F16, Q.BF16, Q.Q8_0, Q.Q2_K, Q.Q4_K, Q.IQ2_XXS, Q.MXFP4)
 SHAPES = ((2048, 4096), (4096, 2048))
-BATCHES = (1, 4, 64)
+BATCHES = (1, 2, 4, 12, 64)
+EXPERTS, EXPERTS_USED, ROWS_PER_EXPERT = 32, 6, (12, 64)
 # Copies of a weight cycled through: together at least this many bytes, well over the L3 cache.
 POOL_BYTES = 256 << 20
 MAX_COPIES = 64
@@ -54,6 +60,18 @@ def linear_seconds(x: torch.Tensor, copies: list[quant.QTensor], repeats: int) -
     return median_seconds(lambda i: quant.linear(x, copies[i % len(copies)]), repeats)
 
 
+def expert_seconds(
+    kind: Q, shape: tuple[int, int], rows_per_expert: int, repeats: int, generator: np.random.Generator
+) -> tuple[float, int]:
+    """Median time of one `quant.expert_linear` call, and the bytes of the experts it used."""
+    w = quant.QTensor.from_numpy(kind, (EXPERTS, *shape), random_blocks(kind, (EXPERTS, *shape), generator))
+    tokens = rows_per_expert * EXPERTS // EXPERTS_USED
+    ids = torch.from_numpy(generator.random((tokens, EXPERTS)).argsort(-1)[:, :EXPERTS_USED])
+    x = torch.from_numpy(generator.standard_normal((tokens, shape[1]), dtype=np.float32))
+    used = len(ids.unique())
+    return median_seconds(lambda _: quant.expert_linear(x, w, ids), repeats), w.nbytes * used // EXPERTS
+
+
 def weight_copies(kind: Q, shape: tuple[int, int], generator: np.random.Generator) -> list[quant.QTensor]:
     stored = random_blocks(kind, shape, generator)
     copies = min(MAX_COPIES, max(2, POOL_BYTES // stored.nbytes))
@@ -69,9 +87,14 @@ def main() -> None:
     )
     parser.add_argument("--repeats", type=int, default=15)
     parser.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
+    parser.add_argument("--isa", help="instruction set of the compiled kernels (default: the best)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.isa:
+        from dwarfstar.quant import _cpu
+
+        _cpu.set_isa(args.isa)
 
     bandwidth = read_bandwidth(args.repeats)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
@@ -91,6 +114,16 @@ def main() -> None:
                     f"{name:8} {shape[0]:>5}x{shape[1]:<4} {nbytes / 1e6:6.2f} {batch:6} "
                     f"{seconds * 1e3:9.2f} {nbytes / seconds / 1e9:7.2f} {seconds / floor:8.1f}"
                 )
+    print(f"\nexpert_linear, {EXPERTS} experts, {EXPERTS_USED} per token")
+    print(f"{'kind':8} {'shape':>10} {'MB used':>7} {'rows/expert':>11} {'ms':>9} {'GB/s':>7}")
+    for name in args.kinds:
+        for rows_per_expert in ROWS_PER_EXPERT:
+            shape = SHAPES[0]
+            seconds, nbytes = expert_seconds(Q[name], shape, rows_per_expert, args.repeats, generator)
+            print(
+                f"{name:8} {shape[0]:>5}x{shape[1]:<4} {nbytes / 1e6:7.1f} {rows_per_expert:11} "
+                f"{seconds * 1e3:9.2f} {nbytes / seconds / 1e9:7.2f}"
+            )
 
 
 if __name__ == "__main__":

@@ -44,14 +44,20 @@ def kinds() -> tuple[GGMLQuantizationType, ...]:
     return () if _cpu is None else tuple(GGMLQuantizationType(kind) for kind in _cpu.kinds())
 
 
-GEMM_ROWS = 8
-"""From this many input rows per matrix on, decoding a band of rows at a time (in C) and
-multiplying it with torch's float32 GEMM beats the direct kernels (docs/benchmarks.md)."""
+GEMM_ROWS = {"avx512vnni": 16}
+"""From this many input rows per matrix (or expert) on, decoding a band of rows at a time (in
+C) and multiplying it with torch's float32 GEMM beats the direct kernels: 16 for the integer
+products (AVX-512 VNNI), 8 for the float ones (docs/benchmarks.md)."""
+
+
+def gemm_rows() -> int:
+    """GEMM_ROWS for the instruction set in use."""
+    return GEMM_ROWS.get(_cpu.isa(), 8)
 
 
 def linear(x: torch.Tensor, w: QTensor) -> torch.Tensor:
     """x (n, cols) @ W.T for one matrix W (rows, cols)."""
-    if x.shape[0] >= GEMM_ROWS:
+    if x.shape[0] >= gemm_rows():
         return _banded_gemm(x, w)
     rows, cols = w.shape
     x = x.contiguous()
@@ -67,18 +73,20 @@ def linear(x: torch.Tensor, w: QTensor) -> torch.Tensor:
 def expert_linear(x: torch.Tensor, w: QTensor, ids: torch.Tensor) -> torch.Tensor:
     """x (n, cols) through experts ids (n, k) of W (experts, rows, cols): (n, k, rows).
 
-    Experts with at least GEMM_ROWS rows (long prompts) take the banded GEMM, one call each;
-    all the other (row, expert) pairs go through the direct kernel in one call.
+    Experts with at least gemm_rows() rows (long prompts) take the banded GEMM, one call each;
+    all the other (row, expert) pairs go through the direct kernel in one call, which groups
+    them by expert in C (each expert's rows read once for all its inputs).
     """
-    if ids.numel() < GEMM_ROWS:
+    least = gemm_rows()
+    if ids.numel() < least:
         return _direct_expert_linear(x, w, ids)
     n, k = ids.shape
     flat = ids.flatten()
     counts = torch.bincount(flat, minlength=w.shape[0])
-    if int(counts.max()) < GEMM_ROWS:
+    if int(counts.max()) < least:
         return _direct_expert_linear(x, w, ids)
     out = x.new_empty(n * k, w.shape[1])
-    busy = counts >= GEMM_ROWS
+    busy = counts >= least
     for expert in busy.nonzero().flatten().tolist():
         pairs = (flat == expert).nonzero().flatten()
         out[pairs] = _banded_gemm(x[pairs // k], w[expert])

@@ -576,13 +576,15 @@ AVX512 static float fused_bf16_avx512(const uint8_t *w, const float *x, const fl
  * in the weight's order, so that one 64-byte load of stored codes meets one of input parts.
  * Q2_K and Q4_K's minimum terms use the input's float sums per 16 values. */
 #define ACT_BLOCK 256
-#define MAX_ROWS 2 /* input rows multiplied per pass over a stored row */
+#define MAX_ROWS 2      /* input rows multiplied per pass over a stored row */
+#define INTEGER_TILE 4  /* stored rows per pass over the inputs */
 
 typedef struct {
-    int8_t *parts; /* (n, 3, cols): part k of input row i at parts + (3 i + k) cols */
+    int8_t *parts; /* (n, 3, stride): part k of input row i at parts + (3 i + k) stride */
     float *scales; /* (n, blocks of ACT_BLOCK, the last possibly short) */
     float *sum16;  /* (n, cols / 16): sums of x per 16 values, natural order (Q2_K, Q4_K) */
     int64_t cols, blocks;
+    int64_t stride; /* cols + 64: rows of parts 4 KiB apart would share the L1 cache's sets */
 } Activations;
 
 /* Where value p of a 256-value block sits in the natural order: Q2_K and Q4_K registers hold two
@@ -594,7 +596,8 @@ static inline int64_t natural_position(int kind, int64_t p) {
     return p;
 }
 
-static void quantize_row(int kind, const float *x, int64_t cols, int8_t *parts, float *scales, float *sum16) {
+static void quantize_row(int kind, const float *x, int64_t cols, int64_t stride, int8_t *parts, float *scales,
+                         float *sum16) {
     for (int64_t b = 0, start = 0; start < cols; b++, start += ACT_BLOCK) {
         int64_t length = cols - start < ACT_BLOCK ? cols - start : ACT_BLOCK;
         const float *xb = x + start;
@@ -611,8 +614,8 @@ static void quantize_row(int kind, const float *x, int64_t cols, int8_t *parts, 
             r = (r - a1) * 254.0f;
             float a2 = nearbyintf(r);
             parts[start + p] = (int8_t)a0;
-            parts[cols + start + p] = (int8_t)a1;
-            parts[2 * cols + start + p] = (int8_t)a2;
+            parts[stride + start + p] = (int8_t)a1;
+            parts[2 * stride + start + p] = (int8_t)a2;
         }
     }
     if (sum16)
@@ -674,8 +677,8 @@ VNNI static INLINE __m512 parts_to_float(__m512i s0, __m512i s1, __m512i s2) {
 }
 
 /* quantize_row, sixteen values at a time (the same operations, so the same parts). */
-VNNI static void quantize_row_avx512(int kind, const float *x, int64_t cols, int8_t *parts, float *scales,
-                                     float *sum16) {
+VNNI static void quantize_row_avx512(int kind, const float *x, int64_t cols, int64_t stride, int8_t *parts,
+                                     float *scales, float *sum16) {
     const int rounding = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
     const __m512 radix = _mm512_set1_ps(254.0f);
     for (int64_t b = 0, start = 0; start < cols; b++, start += ACT_BLOCK) {
@@ -698,8 +701,8 @@ VNNI static void quantize_row_avx512(int kind, const float *x, int64_t cols, int
             r = _mm512_mul_ps(_mm512_sub_ps(r, a1), radix);
             __m512 a2 = _mm512_roundscale_ps(r, rounding);
             _mm_storeu_si128((__m128i *)(parts + start + p), _mm512_cvtepi32_epi8(_mm512_cvtps_epi32(a0)));
-            _mm_storeu_si128((__m128i *)(parts + cols + start + p), _mm512_cvtepi32_epi8(_mm512_cvtps_epi32(a1)));
-            _mm_storeu_si128((__m128i *)(parts + 2 * cols + start + p), _mm512_cvtepi32_epi8(_mm512_cvtps_epi32(a2)));
+            _mm_storeu_si128((__m128i *)(parts + stride + start + p), _mm512_cvtepi32_epi8(_mm512_cvtps_epi32(a1)));
+            _mm_storeu_si128((__m128i *)(parts + 2 * stride + start + p), _mm512_cvtepi32_epi8(_mm512_cvtps_epi32(a2)));
         }
     }
     if (sum16)
@@ -712,10 +715,10 @@ VNNI static void quantize_row_avx512(int kind, const float *x, int64_t cols, int
 /* The three products of 64 unsigned weights with the parts at `at`, negated where `negative`. */
 VNNI static INLINE __m512 times_parts(__m512i weights, __mmask64 negative, const Activations *a, int64_t row,
                                       int64_t at) {
-    const int8_t *part = a->parts + 3 * row * a->cols + at;
+    const int8_t *part = a->parts + 3 * row * a->stride + at;
     const __m512i zero = _mm512_setzero_si512();
-    __m512i p0 = _mm512_loadu_si512(part), p1 = _mm512_loadu_si512(part + a->cols);
-    __m512i p2 = _mm512_loadu_si512(part + 2 * a->cols);
+    __m512i p0 = _mm512_loadu_si512(part), p1 = _mm512_loadu_si512(part + a->stride);
+    __m512i p2 = _mm512_loadu_si512(part + 2 * a->stride);
     if (negative) {
         p0 = _mm512_mask_sub_epi8(p0, negative, zero, p0);
         p1 = _mm512_mask_sub_epi8(p1, negative, zero, p1);
@@ -779,12 +782,12 @@ VNNI static INLINE void int_q2_k_rows(const uint8_t *w, const Activations *a, co
                 table);
         float d = half(w + 80);
         for (int r = 0; r < count; r++) {
-            const int8_t *part = a->parts + 3 * rows[r] * a->cols + 256 * b;
+            const int8_t *part = a->parts + 3 * rows[r] * a->stride + 256 * b;
             __m512i s0 = _mm512_setzero_si512(), s1 = s0, s2 = s0;
             for (int j = 0; j < 4; j++) {
                 s0 = _mm512_dpbusd_epi32(s0, weights[j], _mm512_loadu_si512(part + 64 * j));
-                s1 = _mm512_dpbusd_epi32(s1, weights[j], _mm512_loadu_si512(part + a->cols + 64 * j));
-                s2 = _mm512_dpbusd_epi32(s2, weights[j], _mm512_loadu_si512(part + 2 * a->cols + 64 * j));
+                s1 = _mm512_dpbusd_epi32(s1, weights[j], _mm512_loadu_si512(part + a->stride + 64 * j));
+                s2 = _mm512_dpbusd_epi32(s2, weights[j], _mm512_loadu_si512(part + 2 * a->stride + 64 * j));
             }
             acc[r] = _mm512_fmadd_ps(parts_to_float(s0, s1, s2), _mm512_set1_ps(d * SCALE(r, b)), acc[r]);
             acc[r] = _mm512_fnmadd_ps(mins, _mm512_loadu_ps(a->sum16 + rows[r] * (a->cols / 16) + 16 * b), acc[r]);
@@ -879,15 +882,13 @@ VNNI static INLINE void int_iq2_xxs_rows(const uint8_t *w, const Activations *a,
     for (int r = 0; r < count; r++) out[r] = _mm512_reduce_add_ps(acc[r]);
 }
 
-/* One function per format taking 1..MAX_ROWS rows, each a copy specialised for its count. */
-#define INT_DOT(name)                                                                                            \
-    VNNI static void name(const uint8_t *w, const Activations *a, const int64_t *rows, int count, float *out) {   \
-        switch (count) {                                                                                          \
-        case 1: name##_rows(w, a, rows, 1, out); break;                                                           \
-        case 2: name##_rows(w, a, rows, 2, out); break;                                                           \
-        case 3: name##_rows(w, a, rows, 3, out); break;                                                           \
-        default: name##_rows(w, a, rows, 4, out); break;                                                          \
-        }                                                                                                         \
+/* One function per format taking 1 or MAX_ROWS = 2 rows, a copy specialised for each count. */
+#define INT_DOT(name)                                                                                          \
+    VNNI static void name(const uint8_t *w, const Activations *a, const int64_t *rows, int count, float *out) { \
+        if (count == 1)                                                                                         \
+            name##_rows(w, a, rows, 1, out);                                                                    \
+        else                                                                                                    \
+            name##_rows(w, a, rows, 2, out);                                                                    \
     }
 INT_DOT(int_q8_0)
 INT_DOT(int_q2_k)
@@ -1048,16 +1049,18 @@ static void product_item(void *context, int64_t item) {
     int64_t last = first + p->band < p->rows ? first + p->band : p->rows;
     const uint8_t *weights = p->w + p->group_expert[g] * p->expert_stride;
     int64_t group_first = p->group_start[g], group_last = p->group_start[g + 1];
-    if (p->integer) {
-        for (int64_t r = first; r < last; r++) {
-            const uint8_t *row = weights + r * p->row_stride;
+    if (p->integer) { /* a few stored rows at a time stay in L1 while the inputs' parts go by */
+        for (int64_t tile = first; tile < last; tile += INTEGER_TILE) {
+            int64_t tile_last = tile + INTEGER_TILE < last ? tile + INTEGER_TILE : last;
             for (int64_t s = group_first; s < group_last; s += MAX_ROWS) {
                 int count = group_last - s < MAX_ROWS ? (int)(group_last - s) : MAX_ROWS;
                 int64_t inputs[MAX_ROWS];
                 float results[MAX_ROWS];
                 for (int c = 0; c < count; c++) inputs[c] = p->pair_order[s + c] / p->k;
-                p->integer(row, p->activations, inputs, count, results);
-                for (int c = 0; c < count; c++) p->out[p->pair_order[s + c] * p->rows + r] = results[c];
+                for (int64_t r = tile; r < tile_last; r++) {
+                    p->integer(weights + r * p->row_stride, p->activations, inputs, count, results);
+                    for (int c = 0; c < count; c++) p->out[p->pair_order[s + c] * p->rows + r] = results[c];
+                }
             }
         }
         return;
@@ -1099,12 +1102,12 @@ static void quantize_item(void *context, int64_t i) {
     Quantizing *q = context;
     Activations *a = q->a;
 #ifdef HAVE_X86
-    quantize_row_avx512(q->kind, q->x + i * q->x_stride, a->cols, a->parts + 3 * i * a->cols,
+    quantize_row_avx512(q->kind, q->x + i * q->x_stride, a->cols, a->stride, a->parts + 3 * i * a->stride,
                         a->scales + i * a->blocks, a->sum16 ? a->sum16 + i * (a->cols / 16) : NULL);
     return;
 #endif
-    quantize_row(q->kind, q->x + i * q->x_stride, a->cols, a->parts + 3 * i * a->cols, a->scales + i * a->blocks,
-                 a->sum16 ? a->sum16 + i * (a->cols / 16) : NULL);
+    quantize_row(q->kind, q->x + i * q->x_stride, a->cols, a->stride, a->parts + 3 * i * a->stride,
+                 a->scales + i * a->blocks, a->sum16 ? a->sum16 + i * (a->cols / 16) : NULL);
 }
 
 /* matmul(kind, w, expert_stride, row_stride, rows, cols, x, n, x_stride, ids, k, experts, out,
@@ -1126,7 +1129,7 @@ static PyObject *matmul(PyObject *self, PyObject *args) {
 
     int64_t pairs = n * k;
     float *sum16 = NULL; /* the input's sums per 16 values, for the fused Q2_K and Q4_K */
-    Activations activations = {NULL, NULL, NULL, cols, (cols + ACT_BLOCK - 1) / ACT_BLOCK}; /* integer products */
+    Activations activations = {NULL, NULL, NULL, cols, (cols + ACT_BLOCK - 1) / ACT_BLOCK, cols + 64}; /* integer products */
     const int64_t *ids = (const int64_t *)(uintptr_t)ids_address;
     int64_t *counts = calloc((size_t)experts + 1, sizeof(int64_t));
     int64_t *pair_order = malloc(sizeof(int64_t) * (size_t)(pairs ? pairs : 1));
@@ -1167,7 +1170,7 @@ static PyObject *matmul(PyObject *self, PyObject *args) {
 #ifdef HAVE_X86
     if (isa >= USE_VNNI && format->integer && n > 0) {
         /* 64 bytes of slack: the last odd Q8_0 block reads a whole register of parts */
-        activations.parts = malloc((size_t)(3 * n * cols + 64));
+        activations.parts = malloc((size_t)(3 * n * activations.stride + 64));
         activations.scales = malloc(sizeof(float) * (size_t)(n * activations.blocks));
         if (format->needs_sum16) activations.sum16 = malloc(sizeof(float) * (size_t)(n * (cols / 16) + 1));
         if (!activations.parts || !activations.scales || (format->needs_sum16 && !activations.sum16)) {
