@@ -326,3 +326,42 @@ def test_a_long_prefill_cut_short_resumes_from_its_last_saved_frontier(shared, m
     uninterrupted = Engine(shared.model, shared.tokenizer, prefill_chunk=64).generate(conversation, GREEDY)
     assert run(resumed).text == run(uninterrupted).text
     assert torch.equal(resumed.session.checkpoint.logits, uninterrupted.session.checkpoint.logits)
+
+
+def test_a_thinking_conversation_reads_only_each_new_turn_though_the_renderer_drops_the_reasoning(
+    shared, tmp_path
+):
+    tok = shared.tokenizer
+    options = {"kv_disk_dir": tmp_path, "kv_min_tokens": 64}
+    engine = Engine(shared.model, shared.tokenizer, **options)
+    messages = [user("Name the capital of each country I ask about, after thinking it over. " * 6)]
+
+    def turn(engine: Engine, question: str | None = None):
+        if question is not None:
+            messages.append(user(question))
+        script = tok.encode("The user asks for a capital; I know this one.</think>Paris.")
+        generation = engine.generate(Conversation(messages), sampler=ScriptedSampler(script, tok.eos_id))
+        done = run(generation)
+        assert done.message["reasoning_content"] and done.message["content"] == "Paris."
+        kept = {key: done.message[key] for key in ("content", "reasoning_content")}
+        messages.append({"role": "assistant", **kept})
+        return generation
+
+    first = turn(engine, "France?")
+    assert first.plan.tokens[-1] == tok.special_ids["<think>"]
+    # The next prompt drops the reasoning and writes </think> where this one has <think>: it
+    # reads only what follows that point (the answer and the new question), as a cold one would.
+    second = turn(engine, "Italy?")
+    assert second.plan.source == "checkpoint" and second.reused_tokens == first.prompt_tokens - 1
+    assert second.plan.tokens == Engine(shared.model, tok).generate(Conversation(messages[:-1])).plan.tokens
+    assert second.prompt_tokens - second.reused_tokens < 30 < 64  # too few to be saved as a prompt
+    engine.close()  # saves the live state and the point the next turn leaves it
+
+    messages.append(user("Spain?"))
+    restarted = Engine(shared.model, shared.tokenizer, **options)
+    third = restarted.generate(Conversation(messages), GREEDY)
+    assert third.reused_tokens == second.prompt_tokens - 1
+    cold = Engine(shared.model, tok).generate(Conversation(messages), GREEDY)
+    assert third.plan.tokens == cold.plan.tokens
+    run(third), run(cold)
+    assert torch.allclose(third.session.checkpoint.logits, cold.session.checkpoint.logits, atol=1e-4)

@@ -71,3 +71,24 @@ def test_an_agent_and_two_subagents_taking_turns_each_reuse_their_own_prefix(ser
                 {"role": "assistant", "content": answer["choices"][0]["message"]["content"]},
                 {"role": "user", "content": f"Go on, step {turn}."},
             ]
+
+
+def test_a_thinking_conversation_reads_only_each_new_turn(serve):
+    server = serve()
+
+    def think(messages: list[dict]) -> tuple[dict, dict]:
+        body = {"model": "deepseek-reasoner", "messages": messages, "max_tokens": 64}
+        headers = server.script("A capital; I know it.</think>Paris.")
+        response = httpx.post(server.url + "/v1/chat/completions", json=body, headers=headers, timeout=600)
+        assert response.status_code == 200, response.text
+        answer = response.json()["choices"][0]["message"]
+        assert answer["reasoning_content"] and answer["content"] == "Paris."
+        reply = {"role": "assistant", **{key: answer[key] for key in ("content", "reasoning_content")}}
+        return reply, response.json()["usage"]
+
+    messages = [{"role": "user", "content": "Think it over, then name the capital of France."}]
+    reply, first = think(messages)
+    # the client sends the reasoning back; the renderer drops it from the history anyway
+    _, second = think([*messages, reply, {"role": "user", "content": "And of Italy?"}])
+    # all of the first prompt but its closing <think>, where the second one writes </think>
+    assert second["prompt_tokens_details"]["cached_tokens"] == first["prompt_tokens"] - 1

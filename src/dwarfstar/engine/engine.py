@@ -287,28 +287,59 @@ class Generation:
         yield from self._decode(start, prefilled=time.perf_counter())
 
     def _prefill(self) -> Generator[Event, None, bool]:
-        """Bring the session to the prompt, chunk by chunk; False when cancelled on the way."""
+        """Bring the session to the prompt, chunk by chunk; False when cancelled on the way.
+
+        The checkpoint is taken at the end of the prompt, or just before it when it ends with
+        ``<think>``: the next turn's rendering drops this turn's reasoning and writes
+        ``</think>`` there instead, so that is where its prompt leaves this one.
+        """
         session, plan, chunk = self.session, self.plan, self.engine.prefill_chunk
+        pool = self.engine.sessions
         if plan.source == "checkpoint":
             session.restore_checkpoint()
         elif plan.source == "empty":
             session.reset()
         todo = plan.tokens[plan.reused :]
+        think = self.engine.tokenizer.special_ids[THINK_OPEN]
+        ends_in_think = plan.tokens[-1] == think
+        branch = len(todo) - 1 if ends_in_think and todo else len(todo)
         if todo:
             session.text = None  # a partial prompt: its text is not tracked
-        for done in range(0, len(todo), chunk):
+        if branch == 0 and todo:
+            self._keep_checkpoint(branch=True)
+        done = 0
+        for end in sorted({*range(chunk, branch, chunk), branch, len(todo)} - {0}):
             if self.cancelled:
                 return False
-            self._forward(todo[done : done + chunk])
-            if done + chunk < len(todo) and session in self.engine.sessions.sessions:
-                self.engine.sessions.prefill_frontier(session)
-            yield PrefillProgress(min(done + chunk, len(todo)), len(todo))
+            self._forward(todo[done:end])
+            done = end
+            if end == branch < len(todo):
+                self._keep_checkpoint(branch=True)
+            elif end < len(todo) and session in pool.sessions:
+                pool.prefill_frontier(session)
+            yield PrefillProgress(end, len(todo))
         session.text = self.text
-        if session.checkpoint is None or session.checkpoint.tokens != session.tokens:
-            session.save_checkpoint()
-        if session in self.engine.sessions.sessions:
-            self.engine.sessions.prompt_read(session, len(todo))
+        if not ends_in_think:
+            self._keep_checkpoint(branch=False)
+        if session in pool.sessions:
+            pool.prompt_read(session, len(todo))
         return True
+
+    def _keep_checkpoint(self, branch: bool) -> None:
+        """Checkpoint the session where it is, unless the checkpoint is there already.
+
+        ``branch``: the prompt's last token, ``<think>``, is not held yet.
+        """
+        session = self.session
+        if branch:
+            text = self.text
+            session.text = text[: -len(THINK_OPEN)] if text and text.endswith(THINK_OPEN) else None
+        if session.logits is None:
+            return
+        if session.checkpoint is None or session.checkpoint.tokens != session.tokens:
+            session.save_checkpoint(branch)
+        else:
+            session.branches_at_checkpoint = branch
 
     def _decode(self, start: float, prefilled: float) -> Iterator[Event]:
         """Sample until EOS, a stop string, a closed tool-calls block, the budget or a cancel.

@@ -75,6 +75,9 @@ class LiveSession:
         self.model = model
         self.reset()
         self.checkpoint: Checkpoint | None = None
+        # The checkpoint is where the next prompt is expected to leave the live state (before a
+        # thinking turn's ``<think>``), not a prefix of it: worth saving on its own.
+        self.branches_at_checkpoint = False
 
     def reset(self) -> None:
         self.state = self.model.new_session()
@@ -85,9 +88,10 @@ class LiveSession:
         self.tool_calls: dict[str, str] = {}
         self.frontier_saved = 0  # tokens held at the last mid-prefill save
 
-    def save_checkpoint(self) -> None:
+    def save_checkpoint(self, branch: bool = False) -> None:
         assert self.logits is not None
         self.checkpoint = Checkpoint(self.state.snapshot(), list(self.tokens), self.text, self.logits)
+        self.branches_at_checkpoint = branch
 
     def as_snapshot(self) -> Snapshot | None:
         """What is worth keeping of this session: its state when whole (its next-token logits
@@ -241,8 +245,14 @@ class SessionPool:
             session.frontier_saved = len(session.tokens)
 
     def save(self, session: LiveSession, reason: str) -> None:
-        if self.disk is not None and (snapshot := session.as_snapshot()) is not None:
-            self._save(session, snapshot, reason)
+        """Write ``session`` to disk: its state, and its checkpoint too when the next prompt is
+        expected to leave the state there (a thinking turn)."""
+        if self.disk is None or (snapshot := session.as_snapshot()) is None:
+            return
+        self._save(session, snapshot, reason)
+        checkpoint = session.checkpoint
+        if session.branches_at_checkpoint and checkpoint is not None and checkpoint is not snapshot:
+            self._save(session, checkpoint, reason)
 
     def _save(self, session: LiveSession, snapshot: Snapshot, reason: str) -> None:
         assert self.disk is not None
