@@ -51,7 +51,11 @@ def test_inspect_checks_the_file_and_prints_its_header(cache_dir):
     good = cache_dir / (text_key("second conversation") + ".kv")
     result = ds4("kv", "inspect", good)
     assert result.returncode == 0, result.stderr
-    assert "checksum ok" in result.stdout and "tokens:    30" in result.stdout
+    assert (
+        "checksum ok" in result.stdout
+        and "tokens:    30" in result.stdout
+        and "hits:      0" in result.stdout
+    )
     assert "'second conversation'" in result.stdout and '"reason": "prompt"' in result.stdout
     bad = ds4("kv", "inspect", cache_dir / ("f" * 40 + ".kv"))
     assert bad.returncode == 2 and "not a usable snapshot" in bad.stderr and "Traceback" not in bad.stderr

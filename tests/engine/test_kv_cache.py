@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import errno
+import gc
 import json
 import logging
+import os
+import time
 from importlib.resources import files
 
 import pytest
@@ -15,7 +18,7 @@ from dwarfstar.chat.conversation import Conversation
 from dwarfstar.chat.tokens import DSML
 from dwarfstar.engine import Engine, SamplingParams
 from dwarfstar.engine import kvfile as kvfile_module
-from dwarfstar.engine.diskcache import DiskCache, text_key
+from dwarfstar.engine.diskcache import DiskCache, estimated_size, text_key
 from dwarfstar.engine.events import Finished
 from dwarfstar.engine.kvfile import Snapshot
 from dwarfstar.engine.sampling import ScriptedSampler
@@ -365,3 +368,41 @@ def test_a_thinking_conversation_reads_only_each_new_turn_though_the_renderer_dr
     assert third.plan.tokens == cold.plan.tokens
     run(third), run(cold)
     assert torch.allclose(third.session.checkpoint.logits, cold.session.checkpoint.logits, atol=1e-4)
+
+
+def test_eviction_ranks_files_by_age_and_hits_which_survive_a_restart(shared, tmp_path):
+    model = shared.model
+    cache = DiskCache(tmp_path, model, 1 << 30, min_tokens=4)
+    popular, recent = tmp_path / (text_key("popular") + ".kv"), tmp_path / (text_key("recent") + ".kv")
+    assert cache.save(snapshot_of(model, "popular", 20, 1), "test")
+    assert cache.save(snapshot_of(model, "recent", 20, 2), "test")
+    for _ in range(3):
+        assert cache.load(cache.lookup("popular, again", None), "popular, again", None) is not None
+    restarted = DiskCache(tmp_path, model, 1 << 30, min_tokens=4)
+    assert {entry.path: entry.hits for entry in restarted.entries()} == {popular: 3, recent: 0}
+
+    now = time.time()
+    os.utime(popular, (now - 1000, now - 1000))  # used long ago but often: 1000 s / (1 + 3 hits)
+    os.utime(recent, (now - 500, now - 500))  # used since, never again: 500 s / 1, evicted first
+    third = snapshot_of(model, "third", 20, 3)
+    restarted.space_bytes = popular.stat().st_size + estimated_size(third)  # room for two
+    assert restarted.save(third, "test")
+    assert popular.exists() and not recent.exists()
+
+
+def test_a_file_a_session_still_reads_is_never_evicted(shared, tmp_path, caplog):
+    model = shared.model
+    cache = DiskCache(tmp_path, model, 1 << 30, min_tokens=4)
+    old = tmp_path / (text_key("old") + ".kv")
+    assert cache.save(snapshot_of(model, "old", 20, 1), "test")
+    restored = cache.load(cache.lookup("old and more", None), "old and more", None)  # its rows: mapped
+    second = snapshot_of(model, "second", 20, 2)
+    cache.space_bytes = estimated_size(second)  # room for one file
+    with caplog.at_level(logging.WARNING):
+        assert not cache.save(second, "test")  # only by removing the file still read
+    assert old.exists() and any("in use" in record.message for record in caplog.records)
+
+    del restored
+    gc.collect()
+    assert cache.save(second, "test")  # no longer read: it goes
+    assert not old.exists() and len(list(tmp_path.glob("*.kv"))) == 1

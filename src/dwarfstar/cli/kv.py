@@ -48,14 +48,16 @@ def list_directory(args: argparse.Namespace) -> int:
     files = _snapshots(args.directory)
     now = time.time()
     total = 0
-    print(f"{'name':<12} {'tokens':>8} {'size':>10} {'used':>8}  {'reason':<8} text")
+    print(f"{'name':<12} {'tokens':>8} {'size':>10} {'used':>8} {'hits':>5}  {'reason':<10} text")
     for path in files:
         stat = path.stat()
         total += stat.st_size
         try:
             header = read_header(path)
         except (KVFileError, OSError) as err:
-            print(f"{path.name[:12]:<12} {'-':>8} {_size(stat.st_size):>10} {'-':>8}  invalid: {err}")
+            print(
+                f"{path.name[:12]:<12} {'-':>8} {_size(stat.st_size):>10} {'-':>8} {'-':>5}  invalid: {err}"
+            )
             continue
         extra = header.get("extra") or {}
         text = header.get("text")
@@ -63,7 +65,8 @@ def list_directory(args: argparse.Namespace) -> int:
         age = _age(now - stat.st_mtime)
         reason = extra.get("reason", "-")
         tokens, size = header.get("n_tokens", 0), _size(stat.st_size)
-        print(f"{path.name[:12]:<12} {tokens:>8} {size:>10} {age:>8}  {reason:<8} {preview}")
+        hits = header.get("hits", 0)
+        print(f"{path.name[:12]:<12} {tokens:>8} {size:>10} {age:>8} {hits:>5}  {reason:<10} {preview}")
     print(f"{len(files)} snapshots, {_size(total)}")
     return 0
 
@@ -89,6 +92,7 @@ def inspect_file(args: argparse.Namespace) -> int:
     weights = str(identity.get("weights"))[:16]
     print(f"model:     {layers} layers, quant_sim {identity.get('quant_sim')}, weights {weights}")
     print(f"tokens:    {header.get('n_tokens')}")
+    print(f"hits:      {header.get('hits')}")
     print(f"created:   {time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(header.get('created', 0)))}")
     print(f"extra:     {json.dumps(header.get('extra') or {}, ensure_ascii=False)[:200]}")
     print(f"tensors:   {len(tensors)}")

@@ -4,11 +4,13 @@ Each file is a snapshot (``kvfile``) named by the SHA-1 of its rendered text (of
 when the text is not known), so a prompt finds the longest saved prefix of its own text, or of
 its tokens, by hashing its prefixes of the saved lengths.
 Over the space budget, files are removed by score (time since last use divided by one plus
-their hits), oldest and least used first. Bad files (truncated, corrupt, another model or
-format version) are skipped with a warning and removed. A full disk stops saving, with a
-warning, while serving goes on. Several servers may share a directory: writes are atomic
-renames, a file being read stays readable when another process removes it, and each name
-always holds a whole file.
+their hits, the count kept in each file), oldest and least used first, never one a session of
+this process still reads from (a restored session's rows stay in the file's pages until it
+writes them), nor a file being written (it has a temporary name until it is whole). Bad files
+(truncated, corrupt, another model or format version) are skipped with a warning and removed.
+A full disk stops saving, with a warning, while serving goes on. Several servers may share a
+directory: writes are atomic renames, a file being read stays readable when another process
+removes it, and each name always holds a whole file.
 """
 
 from __future__ import annotations
@@ -45,6 +47,7 @@ class Entry:
     token_key: str | None  # SHA-1 of its token ids (int32 little-endian)
     size: int
     last_used: float  # the file's modification time: set when written and on each hit
+    hits: int = 0  # times loaded, by any process: kept in the file
     tool_calls: dict[str, str] = field(default_factory=dict)  # call id -> the text the model wrote
 
 
@@ -69,7 +72,6 @@ class DiskCache:
         self.space_bytes = space_bytes
         self.min_tokens = min_tokens
         self.saving = True  # false after the disk filled up
-        self.hits: dict[str, int] = {}
         self._known: dict[str, tuple[tuple[int, int], Entry]] = {}
 
     def entries(self) -> list[Entry]:
@@ -100,6 +102,7 @@ class DiskCache:
                     extra.get("token_key"),
                     stat.st_size,
                     stat.st_mtime,
+                    int(header["hits"]),
                     _tool_calls(extra.get("tool_calls")),
                 )
             except FileNotFoundError:
@@ -152,10 +155,8 @@ class DiskCache:
         if not by_text and (tokens is None or tokens[: len(snapshot.tokens)] != snapshot.tokens):
             self._reject(entry.path, "it holds neither the text nor the tokens its name and header say")
             return None
-        key = entry.path.name
-        self.hits[key] = self.hits.get(key, 0) + 1
-        with contextlib.suppress(OSError):
-            os.utime(entry.path)
+        with contextlib.suppress(OSError, KVFileError):
+            kvfile.record_hit(entry.path)
         return snapshot
 
     def save(self, snapshot: Snapshot, reason: str) -> bool:
@@ -170,7 +171,7 @@ class DiskCache:
         if path.exists():
             os.utime(path)  # the same text is the same state: already saved
             return True
-        need = _estimated_size(snapshot)
+        need = estimated_size(snapshot)
         if need > self.space_bytes:
             log.warning(
                 "kv cache: a %d-token snapshot (%d MB) exceeds the disk budget; not saved",
@@ -178,7 +179,13 @@ class DiskCache:
                 need >> 20,
             )
             return False
-        self._make_room(need)
+        if not self._make_room(need):
+            log.warning(
+                "kv cache: no room for a %d-token snapshot (%d MB) beside the files in use; not saved",
+                len(snapshot.tokens),
+                need >> 20,
+            )
+            return False
         snapshot.extra = {**snapshot.extra, "reason": reason, "token_key": token_key(snapshot.tokens)}
         try:
             kvfile.write(path, snapshot, self.model)
@@ -193,17 +200,22 @@ class DiskCache:
             return False
         return True
 
-    def _make_room(self, need: int) -> None:
+    def _make_room(self, need: int) -> bool:
+        """Remove files, the lowest scores first, until ``need`` more bytes fit the budget;
+        False when they cannot (the files left are in use)."""
         entries = self.entries()
         used = sum(entry.size for entry in entries)
         now = time.time()
-        entries.sort(key=lambda e: (now - e.last_used) / (1 + self.hits.get(e.path.name, 0)), reverse=True)
+        entries.sort(key=lambda e: (now - e.last_used) / (1 + e.hits), reverse=True)
         for entry in entries:
             if used + need <= self.space_bytes:
                 break
+            if kvfile.in_use(entry.path):
+                continue
             entry.path.unlink(missing_ok=True)
             used -= entry.size
             self._known.pop(entry.path.name, None)
+        return used + need <= self.space_bytes
 
     def _reject(self, path: Path, why: str) -> None:
         log.warning("kv cache: skipping and removing %s: %s", path.name, why)
@@ -218,7 +230,7 @@ class DiskCache:
             pass
 
 
-def _estimated_size(snapshot: Snapshot) -> int:
+def estimated_size(snapshot: Snapshot) -> int:
     """An upper bound of the file's size: the payload with its alignment, and a header of at
     most 160 bytes per tensor entry, 6 per byte of text (JSON escapes) and 16 KiB of the rest."""
     tensors = kvfile.state_tensors(snapshot.state)

@@ -2,8 +2,9 @@
 
 Layout (little-endian; ``docs/kv-cache.md`` is the reference):
 
-- a 28-byte prefix: magic ``DS4KVSNP``, format version (u32), header length (u32), payload
-  length (u64), CRC-32 of header and payload (u32);
+- a 36-byte prefix: magic ``DS4KVSNP``, format version (u32), header length (u32), payload
+  length (u64), CRC-32 of header and payload (u32), then the hit count (u32) and its bitwise
+  complement (u32): kept outside the checksum so a hit is recorded by rewriting 8 bytes;
 - the header: UTF-8 JSON, padded with spaces to a multiple of 64 bytes: the model identity,
   the token count, the rendered text, caller metadata (``extra``) and the table of tensors
   (name, dtype, shape, offset into the payload);
@@ -14,6 +15,8 @@ Layout (little-endian; ``docs/kv-cache.md`` is the reference):
 Files are written to a temporary name in the same directory, flushed, fsynced and renamed, so
 a crash never leaves a half file under a real name. Reading checks size, magic, version,
 checksum, model identity and structure; any mismatch is a ``KVFileError``, never a crash.
+The mapping of each file read is remembered while any of its rows are in use (``in_use``), so
+a cache never removes a file whose pages a session still reads.
 """
 
 from __future__ import annotations
@@ -36,8 +39,12 @@ from dwarfstar.model.model import Model
 from dwarfstar.model.state import CompressorState, RowBuffer, Session
 
 MAGIC = b"DS4KVSNP"
-VERSION = 1
-_PREFIX = struct.Struct("<8sIIQI")
+VERSION = 2
+_PREFIX = struct.Struct("<8sIIQIII")
+_HITS = struct.Struct("<II")  # the hit count and its complement, the prefix's last 8 bytes
+_HITS_AT = _PREFIX.size - _HITS.size
+_MASK = 0xFFFFFFFF
+_MAPPED: weakref.WeakValueDictionary[tuple[int, int], mmap.mmap] = weakref.WeakValueDictionary()
 _ALIGN = 64
 _FRONTIER = ("pending_kv", "pending_gate", "previous_kv", "previous_gate")
 _IDENTITIES: weakref.WeakKeyDictionary[Model, dict] = weakref.WeakKeyDictionary()
@@ -133,7 +140,7 @@ def write(path: str | os.PathLike[str], snapshot: Snapshot, model: Model) -> int
     temporary = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
     try:
         with open(temporary, "wb") as f:
-            f.write(_PREFIX.pack(MAGIC, VERSION, len(header_bytes), payload_size, 0))
+            f.write(_PREFIX.pack(MAGIC, VERSION, len(header_bytes), payload_size, 0, 0, _MASK))
             f.write(header_bytes)
             crc = zlib.crc32(header_bytes)
             written = 0
@@ -148,7 +155,7 @@ def write(path: str | os.PathLike[str], snapshot: Snapshot, model: Model) -> int
             f.write(tail)
             crc = zlib.crc32(tail, crc)
             f.seek(0)
-            f.write(_PREFIX.pack(MAGIC, VERSION, len(header_bytes), payload_size, crc))
+            f.write(_PREFIX.pack(MAGIC, VERSION, len(header_bytes), payload_size, crc, 0, _MASK))
             f.flush()
             os.fsync(f.fileno())
         os.replace(temporary, path)
@@ -174,25 +181,51 @@ def _fsync_directory(directory: Path) -> None:
 
 
 def read_header(path: str | os.PathLike[str]) -> dict:
-    """The header of a snapshot file (no checksum check: for listing a directory)."""
+    """The header of a snapshot file, with its ``hits`` (no checksum check: for listing a
+    directory)."""
     with open(path, "rb") as f:
         prefix = f.read(_PREFIX.size)
-        magic, version, header_size, _, _ = _unpack_prefix(prefix)
+        header_size, _, _, hits = _unpack_prefix(prefix)
         data = f.read(header_size)
     if len(data) != header_size:
         raise KVFileError("truncated: the header is cut short")
-    return _parse_header(data)
+    return {**_parse_header(data), "hits": hits}
 
 
-def _unpack_prefix(prefix: bytes) -> tuple[bytes, int, int, int, int]:
+def record_hit(path: str | os.PathLike[str]) -> int:
+    """Count one more use of the file (rewriting its 8 bytes of hit count; its modification time
+    becomes now) and return the new count. ``KVFileError`` if it is not a snapshot file.
+
+    Two processes counting a hit at once may count one: the count only ranks files for eviction.
+    """
+    with open(path, "r+b") as f:
+        hits = _unpack_prefix(f.read(_PREFIX.size))[3]
+        hits = min(hits + 1, _MASK)
+        os.pwrite(f.fileno(), _HITS.pack(hits, hits ^ _MASK), _HITS_AT)
+    return hits
+
+
+def in_use(path: str | os.PathLike[str]) -> bool:
+    """Whether rows of the file at ``path`` are still read from its mapping in this process."""
+    try:
+        stat = os.stat(path)
+    except OSError:
+        return False
+    return (stat.st_dev, stat.st_ino) in _MAPPED
+
+
+def _unpack_prefix(prefix: bytes) -> tuple[int, int, int, int]:
+    """Header size, payload size, checksum and hit count of a file's prefix."""
     if len(prefix) < _PREFIX.size:
         raise KVFileError("truncated: shorter than the fixed prefix")
-    magic, version, header_size, payload_size, crc = _PREFIX.unpack_from(prefix)
+    magic, version, header_size, payload_size, crc, hits, check = _PREFIX.unpack_from(prefix)
     if magic != MAGIC:
         raise KVFileError("not a dwarfstar snapshot file (bad magic)")
     if version != VERSION:
         raise KVFileError(f"format version {version}; this dwarfstar reads version {VERSION}")
-    return magic, version, header_size, payload_size, crc
+    if hits ^ check != _MASK:
+        raise KVFileError("corrupt: the hit count does not match its check")
+    return header_size, payload_size, crc, hits
 
 
 def _parse_header(data: bytes) -> dict:
@@ -206,8 +239,8 @@ def _parse_header(data: bytes) -> dict:
 
 
 def verify(path: str | os.PathLike[str]) -> dict:
-    """The header of a whole, uncorrupted snapshot file (size and checksum checked; written for
-    which model is not): ``KVFileError`` otherwise."""
+    """The header of a whole, uncorrupted snapshot file, with its ``hits`` (size and checksum
+    checked; written for which model is not): ``KVFileError`` otherwise."""
     mapped, header, _ = _checked(path)
     del mapped
     return header
@@ -234,19 +267,21 @@ def _checked(path: str | os.PathLike[str]) -> tuple[mmap.mmap, dict, int]:
     checksum are right."""
     try:
         with open(path, "rb") as f:
-            size = os.fstat(f.fileno()).st_size
+            stat = os.fstat(f.fileno())
+            size = stat.st_size
             if size < _PREFIX.size:
                 raise KVFileError("truncated: shorter than the fixed prefix")
             mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
     except OSError as err:
         raise KVFileError(f"cannot read it ({err.strerror or err})") from None
-    _, _, header_size, payload_size, crc = _unpack_prefix(mapped[: _PREFIX.size])
+    header_size, payload_size, crc, hits = _unpack_prefix(mapped[: _PREFIX.size])
     expected = _PREFIX.size + header_size + payload_size
     if size != expected:
         raise KVFileError(f"truncated or padded: {size} bytes, the prefix announces {expected}")
     if zlib.crc32(memoryview(mapped)[_PREFIX.size :]) != crc:
         raise KVFileError("corrupt: the checksum does not match")
-    header = _parse_header(mapped[_PREFIX.size : _PREFIX.size + header_size])
+    header = {**_parse_header(mapped[_PREFIX.size : _PREFIX.size + header_size]), "hits": hits}
+    _MAPPED[stat.st_dev, stat.st_ino] = mapped
     return mapped, header, _PREFIX.size + header_size
 
 
