@@ -305,20 +305,26 @@ def copy_bandwidth(device: torch.device) -> float:
     return 2 * source.numel() * 4 / best
 
 
-def graph_decode(model: Model, session, token: torch.Tensor, steps: int) -> tuple[float, float]:
-    """One decode step captured in a CUDA graph, replayed `steps` times (the same step at the
-    same position: the state's host counters advanced once, at capture): ms per replay, and the
-    largest difference of its logits from the same step run eagerly, over their largest value."""
-    device = token.device
-    before = session.snapshot()
-    static = token.clone()
+def capture_decode_step(model: Model, session, token: torch.Tensor):
+    """A decode step of `token` captured in a CUDA graph (not yet run) and its logits' tensor.
+    The session's host counters advance at capture; each replay computes the same step."""
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        logits = model.forward(static, session, all_logits=False)
+        logits = model.forward(token, session, all_logits=False)
+    return graph, logits
+
+
+def graph_decode(model: Model, session, token: torch.Tensor, steps: int) -> tuple[float, float]:
+    """One decode step captured in a CUDA graph, replayed `steps` times (the same step at the
+    same position): ms per replay, and the largest difference of its logits from the same step
+    run eagerly, over their largest value."""
+    before = session.snapshot()
+    static = token.clone()
+    graph, logits = capture_decode_step(model, session, static)
     graph.replay()
     eager = model.forward(static, before, all_logits=False)
     difference = float((logits - eager).abs().max() / eager.abs().max())
-    seconds = timed(device, lambda: [graph.replay() for _ in range(steps)])
+    seconds = timed(token.device, lambda: [graph.replay() for _ in range(steps)])
     return 1000 * seconds / steps, difference
 
 
@@ -331,7 +337,7 @@ def main() -> int:
     parser.add_argument("--decode", type=int, default=64, help="decode steps timed")
     parser.add_argument("--chunk", type=int, default=2048, help="prefill chunk")
     parser.add_argument("--skip-kernels", action="store_true", help="no kernel agreement, timings or tuning")
-    parser.add_argument("--tune-seconds", type=float, default=75, help="time for trying tile shapes")
+    parser.add_argument("--tune-seconds", type=float, default=60, help="time for trying tile shapes")
     parser.add_argument("--no-tune", action="store_true", help="the model runs the default tile shapes")
     parser.add_argument("--no-graph", action="store_true", help="no CUDA graph capture")
     parser.add_argument("--json", help="also write the figures to this file")

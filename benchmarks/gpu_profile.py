@@ -4,7 +4,8 @@
 
 Builds the synthetic q2-recipe Flash of `gpu_check.py` (fewer layers: every layer costs the
 same), fills 1k of context, then profiles `--decode` decode steps and one `--prefill`-token
-chunk, printing the operations that take the most device time and how many kernels ran.
+chunk, printing the operations that take the most device time and how many kernels ran; then
+the same decode step captured in a CUDA graph and replayed (a failed capture is reported).
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from __future__ import annotations
 import argparse
 
 import torch
-from gpu_check import synchronize, synthetic_flash
+from gpu_check import capture_decode_step, synchronize, synthetic_flash
 from torch.profiler import ProfilerActivity, profile
 
 from dwarfstar.model.config import ModelConfig
@@ -59,6 +60,18 @@ def main() -> int:
         model.forward(tokens[args.context :], session, all_logits=False)
         synchronize(device)
     report(f"prefill chunk of {args.prefill} tokens, {args.layers} layers", prof, args.rows)
+    try:
+        graph, _ = capture_decode_step(model, session, token)
+        graph.replay()
+        synchronize(device)
+    except Exception as error:  # reported, not fatal: the eager profiles above stand
+        print(f"\nCUDA graph capture of a decode step failed: {type(error).__name__}: {error}")
+        return 0
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(args.decode):
+            graph.replay()
+        synchronize(device)
+    report(f"{args.decode} replays of a decode step captured in a CUDA graph", prof, args.rows)
     return 0
 
 

@@ -102,10 +102,13 @@ def test_many_rows_take_the_gemm_path(float32_gemm):
 
 
 @pytest.mark.parametrize("kind", KINDS, ids=lambda k: k.name)
-def test_grouped_gemm(kind, float32_gemm):
+def test_grouped_gemm(kind, float32_gemm, monkeypatch):
     """Many pairs in one launch: sorted by expert into tiles of 64 pairs (expert 1 fills more
-    than one tile, expert 2 none), the weights decoded in the tiles; an input row per pair (the
-    down projection) and a row shared by a token's experts."""
+    than one tile, expert 2 none), the weights decoded in the tiles (a GPU's: 32 values per step,
+    within a block or across blocks); an input row per pair (the down projection) and a row
+    shared by a token's experts."""
+    monkeypatch.setattr(kernels, "GEMM_ROWS", 64)
+    monkeypatch.setattr(kernels, "GEMM_STEP", 32)
     w = random_qtensor(kind, (3, 20, 512), seed=11)
     dense = dequantize(QTensor(w.kind, w.shape, w.data.cpu())).double()
     x = torch.randn(70, 512, generator=torch.Generator().manual_seed(12)).to(DEVICE)

@@ -344,14 +344,15 @@ class MatvecConfig:
 
 
 MATVEC_CONFIGS = {
-    F16: MatvecConfig(8, 8),  # 512 values of each row per step
-    BF16: MatvecConfig(8, 8),
-    Q8_0: MatvecConfig(8, 16),
+    F16: MatvecConfig(8, 4),  # 256 values of each row per step
+    BF16: MatvecConfig(8, 4),
+    Q8_0: MatvecConfig(8, 16),  # 512
     Q2_K: MatvecConfig(8, 2),
     Q4_K: MatvecConfig(8, 2),
     IQ2_XXS: MatvecConfig(8, 2),
 }
-"""Per format (untuned guesses: `benchmarks/gpu_check.py` times alternatives on a GPU)."""
+"""Per format: untuned guesses (`benchmarks/gpu_check.py` times alternatives on a GPU) that
+compile for sm_90 to 48 (Q2_K) to 96 (Q4_K) registers a thread, no spills."""
 PROGRAMS_PER_PROCESSOR = 4
 """Split-K until a launch has this many programs per streaming multiprocessor (where rows are few)."""
 
@@ -372,7 +373,7 @@ def matvec(
     if config is None:
         config = MATVEC_CONFIGS[code]
         if INTERPRETED:  # the interpreter pays per operation, not per value: fewer, larger tiles
-            config = MatvecConfig(32, config.blocks)
+            config = MatvecConfig(128, 4 * config.blocks)
     rows, cols = w.shape[-2:]
     values = _TILE[code][0]
     n_blocks = triton.cdiv(cols, values)
@@ -418,8 +419,11 @@ GEMM_PRECISION = "tf32"
 float32 sums: about 1e-3 of Σ|w·x|, the scale of the vendor libraries' fast float32 GEMMs),
 "tf32x3" (three tf32 products: about float32's accuracy, a third of the speed) or "ieee" (plain
 float32, no tensor cores). Decode (`matvec_kernel`) is always float32."""
-GEMM_PAIRS, GEMM_ROWS, GEMM_STEP = 64, 64, 64
-"""Pairs × rows of a GEMM tile, and values decoded per step (a multiple of 16 for tl.dot)."""
+GEMM_PAIRS, GEMM_ROWS, GEMM_STEP, GEMM_WARPS = 64, 64, 32, 8
+"""Pairs × rows of a GEMM tile, values decoded per step (a multiple of 16 for tl.dot), warps:
+compiled for sm_90 this tile needs no spills in any format (145 to 197 registers a thread)."""
+if INTERPRETED:  # fewer, larger tiles
+    GEMM_ROWS, GEMM_STEP = 128, 256
 
 
 def _expert_tiles(ids: torch.Tensor, n_experts: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -472,7 +476,7 @@ def gemm(
         pairs, rows, cols, data.stride(-2), data.stride(0) if ids is not None else 0, x.stride(0), x_divisor,
         out.stride(0), n_experts,
         FORMAT=code, VALUES=values, UNITS=units, GROUPED=ids is not None, PAIRS=GEMM_PAIRS, ROWS=GEMM_ROWS,
-        STEP=GEMM_STEP, PRECISION=precision or GEMM_PRECISION,
+        STEP=GEMM_STEP, PRECISION=precision or GEMM_PRECISION, num_warps=GEMM_WARPS,
     )  # fmt: skip
     return out
 
