@@ -80,6 +80,35 @@ def test_prefill_and_decode_stay_on_the_device_without_host_reads(path, meta_ker
     assert all(t.device == META for layer in session.layers for t in layer.tensors())
 
 
+def test_a_decode_step_copies_nothing_from_the_host(path, meta_kernels, monkeypatch):
+    """What a CUDA graph capture needs besides no reads: no tensor made from host values on the
+    device inside the step (a host-to-device copy is refused while capturing). Tensors made
+    once and kept (a codebook per device) are made by the warm-up step, as before a capture."""
+    model = Model(upload(Model.load(path, quant_sim=True).weights, META), quant_sim=True)
+    session = model.new_session()
+    model.forward(torch.zeros(140, dtype=torch.long, device=META), session, all_logits=False)
+    model.forward(torch.zeros(1, dtype=torch.long, device=META), session)  # warm-up
+    copies = []
+
+    def spying(name, make):
+        def spy(*args, **kwargs):
+            out = make(*args, **kwargs)
+            source = args[0] if args else kwargs.get("data")
+            if out.device == META and not (isinstance(source, torch.Tensor) and source.device == META):
+                copies.append(name)
+            return out
+
+        return spy
+
+    for name in ("tensor", "as_tensor", "from_numpy"):
+        monkeypatch.setattr(torch, name, spying(name, getattr(torch, name)))
+    check = DeviceCheck(META)
+    with check:
+        for _ in range(2):
+            model.forward(torch.zeros(1, dtype=torch.long, device=META), session)
+    assert copies == [] and check.strays == []
+
+
 def test_the_check_sees_a_stray_tensor():
     check = DeviceCheck(META)
     with check:
