@@ -9,7 +9,9 @@
 1b. Kernel timings: the matrix × vector kernel before (`gpu_kernels_before.py`) and now, per
    format on real Flash shapes (device µs per launch, weight bytes read per second, cold L2),
    and a few alternative tile shapes of the new one (each checked against the reference); the
-   fastest per format is used for the model below (`--no-tune`: the defaults).
+   fastest per format is used for the model below (`--no-tune`: the defaults). Then the GEMM
+   kernel of prefill (a 2048-token chunk) against the per-expert decode + float32 GEMM it
+   replaced, in each precision.
 2. A full-size synthetic DeepSeek V4 Flash (43 layers, real widths) in ds4's q2 recipe
    (IQ2_XXS gate/up, Q2_K down, Q8_0 attention/shared/head, F16 embedding/mixers/router, F32
    vectors), random valid blocks generated directly in device memory: no file.
@@ -337,7 +339,7 @@ def main() -> int:
     parser.add_argument("--decode", type=int, default=64, help="decode steps timed")
     parser.add_argument("--chunk", type=int, default=2048, help="prefill chunk")
     parser.add_argument("--skip-kernels", action="store_true", help="no kernel agreement, timings or tuning")
-    parser.add_argument("--tune-seconds", type=float, default=60, help="time for trying tile shapes")
+    parser.add_argument("--tune-seconds", type=float, default=40, help="time for trying tile shapes")
     parser.add_argument("--no-tune", action="store_true", help="the model runs the default tile shapes")
     parser.add_argument("--no-graph", action="store_true", help="no CUDA graph capture")
     parser.add_argument("--json", help="also write the figures to this file")
