@@ -123,6 +123,13 @@ def test_grouped_gemm(kind, float32_gemm, monkeypatch):
         assert ((out.double().cpu() - exact).abs() <= bound).all()
 
 
+def test_expert_tiles_are_scheduled_without_reading_back():
+    """The grouped GEMM's schedule runs on `meta` (no values: any read back would fail there),
+    so prefill's expert products never wait for the GPU; a fixed number of tiles."""
+    slot_pair, tile_expert = kernels._expert_tiles(torch.zeros(100, dtype=torch.long, device="meta"), 8)
+    assert slot_pair.shape == (10 * kernels.GEMM_PAIRS,) and tile_expert.shape == (10,)
+
+
 def test_tf32_gemm_within_its_rounding():
     """The default GEMM rounds its inputs to tf32 on a GPU: within 2^-8 of Σ|w·x|."""
     w = random_qtensor(Q.IQ2_XXS, (2, 20, 256), seed=13)

@@ -431,7 +431,10 @@ def _expert_tiles(ids: torch.Tensor, n_experts: int) -> tuple[torch.Tensor, torc
     tile's expert, made on the device without reading anything back (a fixed number of tiles:
     every expert may leave one partial tile; tiles past the end have expert `n_experts`)."""
     pairs = ids.numel()
-    counts = torch.bincount(ids, minlength=n_experts)
+    # Not bincount: on CUDA it reads the largest id back to size its output.
+    counts = torch.zeros(n_experts, dtype=torch.int64, device=ids.device).scatter_add_(
+        0, ids, torch.ones_like(ids)
+    )
     padded_end = torch.cumsum(triton.cdiv(counts, GEMM_PAIRS) * GEMM_PAIRS, 0)
     first_slot = padded_end - triton.cdiv(counts, GEMM_PAIRS) * GEMM_PAIRS
     first_pair = torch.cumsum(counts, 0) - counts
