@@ -252,6 +252,8 @@ def gemm_timings(device: torch.device, tokens: int = 2048) -> dict[str, dict]:
         times = {"old": device_seconds(device, old, repeats=3)}
         for precision in ("ieee", "tf32x3", "tf32"):
             times[precision] = device_seconds(device, partial(new, precision=precision), repeats=3)
+        if mode == "matrix":  # what the model runs for this many rows: decoded once, then tf32
+            times["decoded once, tf32"] = device_seconds(device, partial(kernels.linear, x, w), repeats=3)
         label = f"{kind.name} {what} {'x'.join(map(str, shape[-2:]))}"
         print(f"{label:52}" + "  ".join(f"{name} {t * 1e3:7.2f} ms {flops / t / 1e12:6.1f} TFLOP/s"
                                         for name, t in times.items()), flush=True)  # fmt: skip

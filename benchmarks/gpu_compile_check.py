@@ -88,6 +88,12 @@ def main() -> int:
             f"gemm_kernel format {code} grouped {grouped!s:5} {precision:6}: {resources(compiled)}",
             flush=True,
         )
+    pointers = "w_ptr x_ptr slot_pair_ptr tile_expert_ptr grid_ptr out_ptr"
+    types = dict.fromkeys(pointers.split(), "*fp32") | dict.fromkeys(GEMM_INTS.split(), "i32")
+    constants = dict(FORMAT=K.F16, VALUES=64, UNITS=64, GROUPED=False, PAIRS=K.GEMM_PAIRS, ROWS=K.GEMM_ROWS,
+                     STEP=K.GEMM_STEP, PRECISION=K.GEMM_PRECISION)  # fmt: skip
+    compiled = compile_kernel(K.gemm_kernel, types, constants, target, K.GEMM_WARPS)
+    print(f"gemm_kernel float32 weights (decoded once): {resources(compiled)}", flush=True)
     print(f"all compiled for sm_{args.arch} in {time.perf_counter() - start:.0f} s")
     return 0
 

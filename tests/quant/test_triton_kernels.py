@@ -89,11 +89,13 @@ def float32_gemm(monkeypatch):
     monkeypatch.setattr(kernels, "GEMM_PRECISION", "ieee")
 
 
-def test_many_rows_take_the_gemm_path(float32_gemm):
+def test_many_rows_take_the_gemm_path(float32_gemm, monkeypatch):
     w = random_qtensor(Q.Q8_0, (3, 6, 64), seed=7)
     dense = dequantize(QTensor(w.kind, w.shape, w.data.cpu()))
     x = torch.randn(10, 64, generator=torch.Generator().manual_seed(8)).to(DEVICE)
-    assert_within_bound(kernels.linear(x, w[1]), x, dense[1])
+    assert_within_bound(kernels.linear(x, w[1]), x, dense[1])  # decoded in the GEMM's tiles
+    monkeypatch.setattr(kernels, "DECODE_ONCE_ROWS", 10)
+    assert_within_bound(kernels.linear(x, w[1]), x, dense[1])  # decoded once, then the GEMM
     ids = torch.tensor([[0, 2]] * 5 + [[1, 1]] * 5, device=DEVICE)
     out = kernels.expert_linear(x, w, ids)
     for i in range(10):

@@ -450,25 +450,22 @@ def _expert_tiles(ids: torch.Tensor, n_experts: int) -> tuple[torch.Tensor, torc
 
 def gemm(
     x: torch.Tensor,
-    w: QTensor,
+    w: QTensor | torch.Tensor,
     ids: torch.Tensor | None = None,
     x_divisor: int = 1,
     precision: str | None = None,
 ) -> torch.Tensor:
     """out[p] = W[ids[p]] @ x[p // x_divisor] (W @ x[p] without ids) for many pairs: (pairs, rows)
-    float32, in one launch, weights decoded in the kernel's tiles."""
-    code = FORMAT_CODES[w.kind]
+    float32, in one launch, stored weights decoded in the kernel's tiles (or a float32 W)."""
+    if isinstance(w, QTensor):
+        code, data = FORMAT_CODES[w.kind], w.data
+    else:  # float32 elements: loaded as the F16 path loads its elements
+        code, data = F16, w
     values, units = _TILE[code]
     rows, cols = w.shape[-2:]
-    data = w.data
     if ids is None:
-        pairs, tiles, slot_pair, tile_expert, n_experts = (
-            x.shape[0],
-            triton.cdiv(x.shape[0], GEMM_PAIRS),
-            x,
-            x,
-            1,
-        )
+        pairs, n_experts = x.shape[0], 1
+        tiles, slot_pair, tile_expert = triton.cdiv(pairs, GEMM_PAIRS), x, x  # (unused pointers)
     else:
         pairs, n_experts = ids.numel(), w.shape[0]
         slot_pair, tile_expert = _expert_tiles(ids.reshape(-1), n_experts)
@@ -484,11 +481,18 @@ def gemm(
     return out
 
 
+DECODE_ONCE_ROWS = 4 * GEMM_PAIRS
+"""From this many input rows a matrix is decoded to float32 once (`dequantize`) and multiplied
+by the GEMM kernel, instead of being decoded again in every tile of rows."""
+
+
 def linear(x: torch.Tensor, w: QTensor) -> torch.Tensor:
     """x (n, cols) @ W.T for a stored matrix W (rows, cols): (n, rows) float32."""
     x = x.contiguous()
     if x.shape[0] <= MATVEC_ROWS:
         return matvec(x, w)
+    if x.shape[0] >= DECODE_ONCE_ROWS:
+        return gemm(x, dequantize(w))
     return gemm(x, w)
 
 
