@@ -406,3 +406,48 @@ def test_a_file_a_session_still_reads_is_never_evicted(shared, tmp_path, caplog)
     gc.collect()
     assert cache.save(second, "test")  # no longer read: it goes
     assert not old.exists() and len(list(tmp_path.glob("*.kv"))) == 1
+
+
+def test_a_long_raw_prompt_is_saved_trimmed_and_aligned_so_a_continuation_still_extends_it(shared, tmp_path):
+    poem = files("dwarfstar").joinpath("data", "paradise_lost.txt").read_text(encoding="utf-8")
+    text = poem[:2500].rstrip() + " and walk"
+    options = {"kv_disk_dir": tmp_path, "kv_min_tokens": 64, "kv_trim": 32, "kv_align": 128}
+    generation = Engine(shared.model, shared.tokenizer, **options).generate(text, GREEDY)
+    run(generation)
+    stored = (generation.prompt_tokens - 32) // 128 * 128
+    assert stored >= 256
+    headers = [kvfile_module.read_header(p) for p in tmp_path.glob("*.kv")]
+    assert [(h["n_tokens"], h["extra"]["reason"]) for h in headers] == [(stored, "prompt")]
+    assert text.startswith(headers[0]["text"])  # named by its text
+
+    # another process: the next request continues the last word ("walk" -> "walked")
+    again = Engine(shared.model, shared.tokenizer, **options).generate(text + "ed on", GREEDY)
+    assert again.reused_tokens == stored
+    cold = Engine(shared.model, shared.tokenizer).generate(text + "ed on", GREEDY)
+    run(again), run(cold)
+    assert torch.allclose(again.session.checkpoint.logits, cold.session.checkpoint.logits, atol=1e-4)
+
+
+def test_a_generation_is_saved_at_each_interval_and_a_crash_resumes_from_the_last(shared, tmp_path):
+    tok = shared.tokenizer
+    options = {"kv_disk_dir": tmp_path, "kv_min_tokens": 16, "kv_save_interval": 16}
+    messages = [user("Tell me about the keeper of the lighthouse.")]
+    story = tok.encode("The keeper climbed the stairs each night and lit the lamp for the ships. " * 3)
+    engine = Engine(shared.model, tok, **options)
+    generation = engine.generate(
+        Conversation(messages, thinking_mode="chat"), sampler=ScriptedSampler(story, tok.eos_id)
+    )
+    done = run(generation)  # then the process dies: no shutdown save
+    held, prompt = len(generation.session.tokens), generation.prompt_tokens
+    assert held == prompt + len(story)
+    saved = {
+        kvfile_module.read_header(p)["n_tokens"]: kvfile_module.read_header(p) for p in tmp_path.glob("*.kv")
+    }
+    during = [n for n in range(16, held + 1, 16) if n > prompt]
+    assert len(during) >= 2
+    assert all(saved[n]["extra"]["reason"] == "generation" and saved[n]["text"] for n in during)
+
+    messages += [assistant(done), user("And then?")]
+    restarted = Engine(shared.model, tok, **options)
+    resumed = restarted.generate(Conversation(messages, thinking_mode="chat"), GREEDY)
+    assert resumed.reused_tokens == during[-1]

@@ -15,6 +15,8 @@ DEFAULT_KV_RAM_MB = 4096
 DEFAULT_KV_DISK_SPACE_MB = 16384
 DEFAULT_KV_MIN_TOKENS = 512
 DEFAULT_KV_SAVE_INTERVAL = 16384
+DEFAULT_KV_TRIM = 32
+DEFAULT_KV_ALIGN = 2048
 # Live sessions are bounded by --kv-ram-mb; this caps their number too.
 MAX_LIVE_SESSIONS = 64
 
@@ -102,7 +104,23 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         type=int,
         default=DEFAULT_KV_SAVE_INTERVAL,
         metavar="N",
-        help=f"save a long prefill to --kv-disk-dir every N tokens (default: {DEFAULT_KV_SAVE_INTERVAL})",
+        help="save a session to --kv-disk-dir each time it crosses a multiple of N tokens, during a "
+        f"prefill or a generation (default: {DEFAULT_KV_SAVE_INTERVAL})",
+    )
+    parser.add_argument(
+        "--kv-trim",
+        type=int,
+        default=DEFAULT_KV_TRIM,
+        metavar="N",
+        help="save a long raw (/v1/completions) prompt N tokens short of its end, so a request that "
+        f"continues its last word still extends it (default: {DEFAULT_KV_TRIM})",
+    )
+    parser.add_argument(
+        "--kv-align",
+        type=int,
+        default=DEFAULT_KV_ALIGN,
+        metavar="N",
+        help=f"... and aligned down to a multiple of N tokens (default: {DEFAULT_KV_ALIGN})",
     )
     # Tests make a random-weight model write a chosen answer (the x-ds4-script header).
     parser.add_argument("--allow-scripted-output", action="store_true", help=argparse.SUPPRESS)
@@ -131,6 +149,8 @@ def run(args: argparse.Namespace) -> int:
         raise CommandError(f"--kv-save-interval must be at least 1, not {args.kv_save_interval}")
     if args.kv_min_tokens < 1:
         raise CommandError(f"--kv-min-tokens must be at least 1, not {args.kv_min_tokens}")
+    if args.kv_trim < 0 or args.kv_align < 1:
+        raise CommandError("--kv-trim must be at least 0 and --kv-align at least 1")
     if args.max_body_mb <= 0 or args.keepalive <= 0:
         raise CommandError("--max-body-mb and --keepalive must be positive")
     if args.api_key is None and not _loopback(args.host):
@@ -158,6 +178,8 @@ def run(args: argparse.Namespace) -> int:
             kv_disk_space_mb=args.kv_disk_space_mb,
             kv_min_tokens=args.kv_min_tokens,
             kv_save_interval=args.kv_save_interval,
+            kv_trim=args.kv_trim,
+            kv_align=args.kv_align,
         )
     except EngineError as err:
         raise CommandError(str(err)) from None

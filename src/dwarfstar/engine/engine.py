@@ -43,6 +43,10 @@ _INVOKE = re.compile(re.escape(INVOKE_OPEN) + ".*?" + re.escape(INVOKE_CLOSE), r
 DEFAULT_KV_DISK_SPACE_MB = 16384
 # Prompts shorter than this are cheap to read again: not worth a file.
 DEFAULT_KV_MIN_TOKENS = 512
+# A long raw prompt is saved this many tokens short of its end, aligned down to a multiple of
+# the alignment, so the next request, which may continue its last word, still extends it.
+DEFAULT_KV_TRIM = 32
+DEFAULT_KV_ALIGN = 2048
 
 
 class EngineError(ValueError):
@@ -79,6 +83,8 @@ class Engine:
         kv_disk_space_mb: float = DEFAULT_KV_DISK_SPACE_MB,
         kv_min_tokens: int = DEFAULT_KV_MIN_TOKENS,
         kv_save_interval: int | None = None,
+        kv_trim: int = DEFAULT_KV_TRIM,
+        kv_align: int = DEFAULT_KV_ALIGN,
     ) -> None:
         if ctx < 2:
             raise EngineError(f"the context must hold at least 2 tokens, not {ctx}")
@@ -103,8 +109,12 @@ class Engine:
                 ) from None
         if kv_save_interval is not None and kv_save_interval < 1:
             raise EngineError(f"the KV save interval must be at least 1 token, not {kv_save_interval}")
+        if kv_trim < 0 or kv_align < 1:
+            raise EngineError(
+                f"the KV trim must be at least 0 and the alignment at least 1, not {kv_trim}, {kv_align}"
+            )
         ram = None if kv_ram_mb is None else int(kv_ram_mb * 2**20)
-        self.sessions = SessionPool(model, max_sessions, ram, disk, kv_save_interval)
+        self.sessions = SessionPool(model, max_sessions, ram, disk, kv_save_interval, kv_trim, kv_align)
 
     @classmethod
     def open(
@@ -162,6 +172,7 @@ class Engine:
             return Prompt(
                 text="".join(text for text, _ in parts),
                 tokens_after=lambda offset: self.tokenizer.encode_parts(_parts_after(parts, offset)),
+                turn_end=True,
             )
         if not isinstance(source, str):
             tokens = [int(t) for t in source]
@@ -200,7 +211,7 @@ class Engine:
         if len(plan.tokens) >= self.ctx:
             raise ContextLengthError(len(plan.tokens), self.ctx)
         sampler = sampler or Sampler(sampling or SamplingParams())
-        return Generation(self, session, plan, request.text, sampler, forced)
+        return Generation(self, session, plan, request.text, sampler, forced, request.turn_end)
 
     def _forced_tool_call(self, conversation: Conversation) -> list[int]:
         """The tokens that open the call ``conversation.forced_tool_call`` asks for ([]: none),
@@ -235,8 +246,10 @@ class Generation:
         text: str | None,
         sampler: Sampler,
         forced_tool_call: Sequence[int] = (),
+        turn_end: bool = False,
     ) -> None:
         self.engine = engine
+        self.turn_end = turn_end  # the prompt ends where a turn opens (a rendered conversation)
         self.session = session
         self.plan = plan
         self.text = text
@@ -299,31 +312,45 @@ class Generation:
             session.restore_checkpoint()
         elif plan.source == "empty":
             session.reset()
-        todo = plan.tokens[plan.reused :]
-        think = self.engine.tokenizer.special_ids[THINK_OPEN]
-        ends_in_think = plan.tokens[-1] == think
-        branch = len(todo) - 1 if ends_in_think and todo else len(todo)
-        if todo:
+        n, reused = len(plan.tokens), plan.reused
+        ends_in_think = plan.tokens[-1] == self.engine.tokenizer.special_ids[THINK_OPEN]
+        pooled = session in pool.sessions
+        store = pool.prompt_store_point(n, reused, self.turn_end) if pooled else None
+        if reused < n:
             session.text = None  # a partial prompt: its text is not tracked
-        if branch == 0 and todo:
+        if ends_in_think and reused == n - 1:
             self._keep_checkpoint(branch=True)
-        done = 0
-        for end in sorted({*range(chunk, branch, chunk), branch, len(todo)} - {0}):
+        # Where the prefill stops: chunk ends, the checkpoint, the saved prefix, each save interval.
+        stops = {*range(reused + chunk, n, chunk), n, *pool.save_points(reused, n)}
+        stops |= {n - 1} if ends_in_think else set()
+        stops |= set() if store is None else {store}
+        done = reused
+        for end in sorted(stop for stop in stops if stop > reused):
             if self.cancelled:
                 return False
-            self._forward(todo[done:end])
+            self._forward(plan.tokens[done:end])
             done = end
-            if end == branch < len(todo):
+            if end == store:
+                pool.save_prefix(session, self._text_of(plan.tokens[:end]))
+            if ends_in_think and end == n - 1:
                 self._keep_checkpoint(branch=True)
-            elif end < len(todo) and session in pool.sessions:
-                pool.prefill_frontier(session)
-            yield PrefillProgress(end, len(todo))
+            elif end < n and pooled:
+                pool.frontier(session, "prefill", lambda end=end: self._text_of(plan.tokens[:end]))
+            yield PrefillProgress(end - reused, n - reused)
         session.text = self.text
         if not ends_in_think:
             self._keep_checkpoint(branch=False)
-        if session in pool.sessions:
-            pool.prompt_read(session, len(todo))
+        if pooled:
+            pool.prompt_read(session, n - reused, prefix_saved=store is not None)
         return True
+
+    def _text_of(self, tokens: list[int]) -> str | None:
+        """The text of a prefix of the prompt's tokens, when the prompt's text begins with it."""
+        try:
+            text = b"".join(self.engine.tokenizer.token_bytes(t) for t in tokens).decode("utf-8")
+        except UnicodeDecodeError:
+            return None
+        return text if self.text is not None and self.text.startswith(text) else None
 
     def _keep_checkpoint(self, branch: bool) -> None:
         """Checkpoint the session where it is, unless the checkpoint is there already.
@@ -385,6 +412,8 @@ class Generation:
                 break
             if len(sampled) < budget:
                 logits = self._forward([token])
+                if session in self.engine.sessions.sessions:
+                    self.engine.sessions.frontier(session, "generation", lambda: self._held_text(sampled))
         pieces.append(decoder.flush())
         yield from parser.feed(stops.push(pieces[-1]) + stops.flush())
         *events, done = parser.finish()

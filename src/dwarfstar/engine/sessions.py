@@ -43,6 +43,7 @@ class Prompt:
     text: str | None
     tokens_after: Callable[[int], list[int]] | None = None
     tokens: list[int] | None = None
+    turn_end: bool = False  # it ends where a turn opens: the next request continues its text exactly
 
     def all_tokens(self) -> list[int]:
         if self.tokens is None:
@@ -158,6 +159,8 @@ class SessionPool:
         ram_bytes: int | None = None,
         disk: DiskCache | None = None,
         save_interval: int | None = None,
+        trim: int = 32,
+        align: int = 2048,
     ) -> None:
         if max_sessions < 1:
             raise ValueError(f"max_sessions must be at least 1, not {max_sessions}")
@@ -165,7 +168,8 @@ class SessionPool:
         self.max_sessions = max_sessions
         self.ram_bytes = ram_bytes
         self.disk = disk
-        self.save_interval = save_interval  # during a long prefill, save every this many tokens
+        self.save_interval = save_interval  # save every this many tokens of prefill or generation
+        self.trim, self.align = trim, align  # where a long raw prompt is saved: see prompt_store_point
         self.sessions: list[LiveSession] = []
         self.tool_calls: OrderedDict[str, str] = OrderedDict()  # the most recent last
 
@@ -226,22 +230,58 @@ class SessionPool:
         while len(self.sessions) > 1 and sum(s.nbytes for s in self.sessions) > self.ram_bytes:
             self.save(self.sessions.pop(0), "evict")
 
-    def prompt_read(self, session: LiveSession, computed: int) -> None:
-        """After a prompt's prefill: a long one (``computed`` tokens read) is saved to disk."""
-        if self.disk is not None and computed >= self.disk.min_tokens and session.checkpoint is not None:
+    def prompt_store_point(self, n: int, reused: int, turn_end: bool) -> int | None:
+        """Where a prompt of ``n`` tokens, ``reused`` of them already held, is saved during its
+        prefill; None: at its end (its checkpoint), or not at all.
+
+        A rendered conversation ends where a turn opens, and the next request continues its text
+        exactly: its end is the point to keep. A raw prompt may be continued mid-word, so it is
+        saved ``trim`` tokens short of its end, aligned down to a multiple of ``align`` (when
+        that still holds ``min_tokens``), as ds4 does.
+        """
+        if self.disk is None or turn_end or n - reused < self.disk.min_tokens:
+            return None
+        stable = (n - self.trim) // self.align * self.align
+        return stable if stable >= self.disk.min_tokens and stable > reused else None
+
+    def save_points(self, start: int, end: int) -> range:
+        """The multiples of ``save_interval`` in (``start``, ``end``): where a prefill stops to
+        save (counted from the start of the sequence, so they are the same in every session)."""
+        interval = self.save_interval
+        if self.disk is None or not interval:
+            return range(0)
+        return range((start // interval + 1) * interval, end, interval)
+
+    def save_prefix(self, session: LiveSession, text: str | None) -> None:
+        """Mid-prefill, at the point ``prompt_store_point`` chose: the state goes to disk (named
+        by ``text``, the text of its tokens, when known)."""
+        assert session.logits is not None
+        self._save(
+            session, Snapshot(session.state.snapshot(), list(session.tokens), text, session.logits), "prompt"
+        )
+        session.frontier_saved = len(session.tokens)  # no second file for the same state
+
+    def prompt_read(self, session: LiveSession, computed: int, prefix_saved: bool = False) -> None:
+        """After a prompt's prefill: a long one (``computed`` tokens read) is saved to disk at
+        its checkpoint, unless a prefix of it was saved on the way (``save_prefix``)."""
+        disk = self.disk
+        if disk is not None and not prefix_saved and computed >= disk.min_tokens and session.checkpoint:
             self._save(session, session.checkpoint, "prompt")
         self._fit()
 
-    def prefill_frontier(self, session: LiveSession) -> None:
-        """Mid-prefill: each time the session crosses a multiple of ``save_interval`` tokens, its
-        state goes to disk (named by its tokens), so a prefill cut short (a crash, a restart)
-        resumes from there."""
+    def frontier(
+        self, session: LiveSession, reason: str, text: Callable[[], str | None] | None = None
+    ) -> None:
+        """During a prefill or a generation: each time the session crosses a multiple of
+        ``save_interval`` tokens, its state goes to disk (named by ``text()``, the text it holds,
+        when known; else by its tokens), so work cut short (a crash, a restart) resumes there."""
         interval = self.save_interval
         if self.disk is None or not interval or session.logits is None:
             return
         if len(session.tokens) // interval > session.frontier_saved // interval:
-            snapshot = Snapshot(session.state.snapshot(), list(session.tokens), None, session.logits)
-            self._save(session, snapshot, "prefill")
+            held = None if text is None else text()
+            snapshot = Snapshot(session.state.snapshot(), list(session.tokens), held, session.logits)
+            self._save(session, snapshot, reason)
             session.frontier_saved = len(session.tokens)
 
     def save(self, session: LiveSession, reason: str) -> None:
