@@ -363,6 +363,7 @@ def main() -> int:
             figures["kernel_timings"] = kernel_timings(device, args.tune_seconds, not args.no_tune)
             print("GEMM (prefill) products, before and in each precision of the GEMM kernel:")
             figures["gemm_timings"] = gemm_timings(device)
+            torch.cuda.empty_cache()  # the timing matrices' memory back before the model is built
 
     config = ModelConfig()
     if args.layers != config.n_layer:
