@@ -221,9 +221,9 @@ def matvec_kernel(
     each step reads BLOCKS whole stored blocks of every row (their bytes are contiguous) and
     keeps one partial sum per row and block slot in registers.
     """
-    pair = tl.program_id(1)
+    pair = tl.program_id(0)  # fastest: the input rows of one row tile run together (L2 reuse)
     split = tl.program_id(2)
-    r = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+    r = tl.program_id(1) * ROWS + tl.arange(0, ROWS)
     row_mask = r < rows
     row = w_ptr + r[:, None].to(tl.int64) * row_stride
     if HAS_IDS:
@@ -386,7 +386,7 @@ def matvec(
     split = triton.cdiv(n_blocks, per_split)
     out = x.new_empty(split, pairs, rows)
     data = w.data
-    matvec_kernel[(tiles, pairs, split)](
+    matvec_kernel[(pairs, tiles, split)](  # tiles ≤ 65,535: Flash's vocabulary in tiles of 2+ rows
         data, x, ids if ids is not None else x, _packed_grid(x.device), out,
         rows, cols, data.stride(-2), data.stride(0) if ids is not None else 0, x.stride(0), x_divisor,
         out.stride(1), out.stride(0), n_blocks, per_split,
