@@ -54,5 +54,10 @@ def test_logits_match_the_reference_path(model, chunk, monkeypatch):
     monkeypatch.setattr(ops, "LINEAR_KERNELS", {})
     monkeypatch.setattr(ops, "EXPERT_KERNELS", {})
     reference = model.prefill(tokens, model.new_session(), chunk)
-    assert reference.abs().max() > 1  # logits of a real size, so that 1e-3 means something
-    assert (compiled - reference).abs().max() <= 1e-3
+    scale = reference.abs().max()
+    assert scale > 1  # logits of a real size, so that 1e-3 means something
+    # Relative to the logits' scale: this random 2-bit model's MoE outputs reach ~5e4, so the
+    # float32 rounding of a batch-1 product (~3e-7 relative, sums in another order) reaches
+    # ~1e-3 in some prompts' logits (up to 1.8e-3 of 5.3 over six prompts, with the float32
+    # and the VNNI kernels alike, and with either the torch or the compiled small operations).
+    assert (compiled - reference).abs().max() <= 1e-3 * scale
