@@ -2,8 +2,8 @@
 
 Layout (little-endian; ``docs/kv-cache.md`` is the reference):
 
-- a 36-byte prefix: magic ``DS4KVSNP``, format version (u32), header length (u32), payload
-  length (u64), CRC-32 of header and payload (u32), then the hit count (u32) and its bitwise
+- a 40-byte prefix: magic ``DS4KVSNP``, format version (u32), header length (u32), payload
+  length (u64), XXH3-64 of header and payload (u64), then the hit count (u32) and its bitwise
   complement (u32): kept outside the checksum so a hit is recorded by rewriting 8 bytes;
 - the header: UTF-8 JSON, padded with spaces to a multiple of 64 bytes: the model identity,
   the token count, the rendered text, caller metadata (``extra``) and the table of tensors
@@ -29,18 +29,18 @@ import struct
 import time
 import uuid
 import weakref
-import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+import xxhash
 
 from dwarfstar.model.model import Model
 from dwarfstar.model.state import CompressorState, RowBuffer, Session
 
 MAGIC = b"DS4KVSNP"
-VERSION = 2
-_PREFIX = struct.Struct("<8sIIQIII")
+VERSION = 3
+_PREFIX = struct.Struct("<8sIIQQII")
 _HITS = struct.Struct("<II")  # the hit count and its complement, the prefix's last 8 bytes
 _HITS_AT = _PREFIX.size - _HITS.size
 _MASK = 0xFFFFFFFF
@@ -142,20 +142,22 @@ def write(path: str | os.PathLike[str], snapshot: Snapshot, model: Model) -> int
         with open(temporary, "wb") as f:
             f.write(_PREFIX.pack(MAGIC, VERSION, len(header_bytes), payload_size, 0, 0, _MASK))
             f.write(header_bytes)
-            crc = zlib.crc32(header_bytes)
+            checksum = xxhash.xxh3_64(header_bytes)
             written = 0
             for entry, (_, t) in zip(table, tensors, strict=True):
                 gap = bytes(entry["offset"] - written)
                 data = memoryview(t.contiguous().cpu().reshape(-1).view(torch.uint8).numpy())
                 f.write(gap)
                 f.write(data)
-                crc = zlib.crc32(data, zlib.crc32(gap, crc))
+                checksum.update(gap)
+                checksum.update(data)
                 written = entry["offset"] + len(data)
             tail = bytes(payload_size - written)
             f.write(tail)
-            crc = zlib.crc32(tail, crc)
+            checksum.update(tail)
             f.seek(0)
-            f.write(_PREFIX.pack(MAGIC, VERSION, len(header_bytes), payload_size, crc, 0, _MASK))
+            digest = checksum.intdigest()
+            f.write(_PREFIX.pack(MAGIC, VERSION, len(header_bytes), payload_size, digest, 0, _MASK))
             f.flush()
             os.fsync(f.fileno())
         os.replace(temporary, path)
@@ -218,14 +220,14 @@ def _unpack_prefix(prefix: bytes) -> tuple[int, int, int, int]:
     """Header size, payload size, checksum and hit count of a file's prefix."""
     if len(prefix) < _PREFIX.size:
         raise KVFileError("truncated: shorter than the fixed prefix")
-    magic, version, header_size, payload_size, crc, hits, check = _PREFIX.unpack_from(prefix)
+    magic, version, header_size, payload_size, checksum, hits, check = _PREFIX.unpack_from(prefix)
     if magic != MAGIC:
         raise KVFileError("not a dwarfstar snapshot file (bad magic)")
     if version != VERSION:
         raise KVFileError(f"format version {version}; this dwarfstar reads version {VERSION}")
     if hits ^ check != _MASK:
         raise KVFileError("corrupt: the hit count does not match its check")
-    return header_size, payload_size, crc, hits
+    return header_size, payload_size, checksum, hits
 
 
 def _parse_header(data: bytes) -> dict:
@@ -274,11 +276,11 @@ def _checked(path: str | os.PathLike[str]) -> tuple[mmap.mmap, dict, int]:
             mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
     except OSError as err:
         raise KVFileError(f"cannot read it ({err.strerror or err})") from None
-    header_size, payload_size, crc, hits = _unpack_prefix(mapped[: _PREFIX.size])
+    header_size, payload_size, checksum, hits = _unpack_prefix(mapped[: _PREFIX.size])
     expected = _PREFIX.size + header_size + payload_size
     if size != expected:
         raise KVFileError(f"truncated or padded: {size} bytes, the prefix announces {expected}")
-    if zlib.crc32(memoryview(mapped)[_PREFIX.size :]) != crc:
+    if xxhash.xxh3_64_intdigest(memoryview(mapped)[_PREFIX.size :]) != checksum:
         raise KVFileError("corrupt: the checksum does not match")
     header = {**_parse_header(mapped[_PREFIX.size : _PREFIX.size + header_size]), "hits": hits}
     _MAPPED[stat.st_dev, stat.st_ino] = mapped
