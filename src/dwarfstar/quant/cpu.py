@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import threading
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 from gguf import GGMLQuantizationType
@@ -57,9 +59,12 @@ def gemm_rows() -> int:
 
 def linear(x: torch.Tensor, w: QTensor) -> torch.Tensor:
     """x (n, cols) @ W.T for one matrix W (rows, cols)."""
-    if x.shape[0] >= gemm_rows():
-        return _banded_gemm(x, w)
     rows, cols = w.shape
+    if x.shape[0] >= gemm_rows():
+        out = x.new_empty(x.shape[0], rows)
+        threads = torch.get_num_threads()
+        _run_bands([(x, w, out, first, last) for first, last in _spans(rows, cols, 4 * threads)], threads)
+        return out
     x = x.contiguous()
     out = x.new_empty(x.shape[0], rows)
     data = w.data
@@ -73,24 +78,37 @@ def linear(x: torch.Tensor, w: QTensor) -> torch.Tensor:
 def expert_linear(x: torch.Tensor, w: QTensor, ids: torch.Tensor) -> torch.Tensor:
     """x (n, cols) through experts ids (n, k) of W (experts, rows, cols): (n, k, rows).
 
-    Experts with at least gemm_rows() rows (long prompts) take the banded GEMM, one call each;
-    all the other (row, expert) pairs go through the direct kernel in one call, which groups
-    them by expert in C (each expert's rows read once for all its inputs).
+    Experts with at least gemm_rows() rows (long prompts) take the banded GEMM on their rows,
+    gathered once in expert order, the experts shared out among the threads; all the other
+    (row, expert) pairs go through the direct kernel in one call, which groups them by expert
+    in C (each expert's rows read once for all its inputs).
     """
     least = gemm_rows()
     if ids.numel() < least:
         return _direct_expert_linear(x, w, ids)
     n, k = ids.shape
+    experts, rows, cols = w.shape
     flat = ids.flatten()
-    counts = torch.bincount(flat, minlength=w.shape[0])
-    if int(counts.max()) < least:
-        return _direct_expert_linear(x, w, ids)
-    out = x.new_empty(n * k, w.shape[1])
+    counts = torch.bincount(flat, minlength=experts)
     busy = counts >= least
-    for expert in busy.nonzero().flatten().tolist():
-        pairs = (flat == expert).nonzero().flatten()
-        out[pairs] = _banded_gemm(x[pairs // k], w[expert])
-    rest = (~busy[flat]).nonzero().flatten()
+    if not bool(busy.any()):
+        return _direct_expert_linear(x, w, ids)
+    out = x.new_empty(n * k, rows)
+    in_busy = busy[flat]
+    pairs = in_busy.nonzero().flatten()
+    pairs = pairs[flat[pairs].argsort(stable=True)]  # grouped by expert
+    inputs, results = x[pairs // k], x.new_empty(len(pairs), rows)
+    busy_experts = busy.nonzero().flatten().tolist()
+    threads = torch.get_num_threads()
+    spans = _spans(rows, cols, -(-4 * threads // len(busy_experts)))
+    work, start = [], 0
+    for expert, count in zip(busy_experts, counts[busy].tolist(), strict=True):
+        group = slice(start, start + count)
+        work += [(inputs[group], w[expert], results[group], first, last) for first, last in spans]
+        start += count
+    _run_bands(work, threads)
+    out[pairs] = results
+    rest = (~in_busy).nonzero().flatten()
     if len(rest):
         out[rest] = _direct_expert_linear(x[rest // k], w, flat[rest, None])[:, 0]
     return out.view(n, k, -1)
@@ -109,23 +127,92 @@ def _direct_expert_linear(x: torch.Tensor, w: QTensor, ids: torch.Tensor) -> tor
     return out
 
 
-def _banded_gemm(x: torch.Tensor, w: QTensor) -> torch.Tensor:
-    """x (n, cols) @ W.T: a band of W's rows at a time decoded into a buffer that stays in
-    cache, then one float32 GEMM per band. The decoding (a small part of the work here) runs
-    on one thread: torch's own threads, still spinning after each GEMM, would slow a pool of
-    ours down more than it gains."""
+WIDE_GEMM_ROWS = 64
+"""From this many input rows on, a band's product is band @ x.T; below, x @ band.T, which
+torch's GEMM runs about twice as fast when x has few rows (an expert's share of a prompt)."""
+
+
+def _multiply_bands(x: torch.Tensor, w: QTensor, out: torch.Tensor, first: int, last: int) -> None:
+    """out[:, first:last] = x (n, cols) @ W[first:last].T on the calling thread: a band of W's
+    rows at a time decoded (in C) into this thread's buffer, which stays in cache, then one
+    float32 GEMM."""
     rows, cols = w.shape
-    band = max(1, formats.BAND_VALUES // cols)
-    weights = x.new_empty(min(band, rows), cols)
-    out = x.new_empty(rows, x.shape[0])  # transposed: each band's results are contiguous
+    band = _band_rows(cols)
+    weights = _band_buffer(band * cols).view(band, cols)
     data = w.data
     stride = _row_stride(data)
-    for start in range(0, rows, band):
-        stop = min(start + band, rows)
+    for start in range(first, last, band):
+        stop = min(start + band, last)
+        decoded = weights[: stop - start]
         address = data.data_ptr() + start * stride
-        _cpu.decode(int(w.kind), address, stride, stop - start, cols, weights.data_ptr(), 1)
-        torch.mm(weights[: stop - start], x.T, out=out[start:stop])
-    return out.T.contiguous()
+        _cpu.decode(int(w.kind), address, stride, stop - start, cols, decoded.data_ptr(), 1)
+        if x.shape[0] >= WIDE_GEMM_ROWS:
+            out[:, start:stop] = torch.mm(decoded, x.T).T
+        else:
+            torch.mm(x, decoded.T, out=out[:, start:stop])
+
+
+def _band_rows(cols: int) -> int:
+    return max(1, formats.BAND_VALUES // cols)
+
+
+def _spans(rows: int, cols: int, parts: int) -> list[tuple[int, int]]:
+    """Rows [0, rows) cut into about ``parts`` spans of whole bands."""
+    band = _band_rows(cols)
+    bands = -(-rows // band)
+    per_span = max(1, -(-bands // max(1, parts))) * band
+    return [(first, min(first + per_span, rows)) for first in range(0, rows, per_span)]
+
+
+_local = threading.local()
+
+
+def _band_buffer(values: int) -> torch.Tensor:
+    """This thread's decoding buffer, at least ``values`` float32 (kept: a fresh 4 MiB buffer
+    per band would cost its page faults every time)."""
+    buffer = getattr(_local, "buffer", None)
+    if buffer is None or buffer.numel() < values:
+        buffer = _local.buffer = torch.empty(values)
+    return buffer[:values]
+
+
+_pools: dict[int, ThreadPoolExecutor] = {}
+_pools_lock = threading.Lock()
+os.register_at_fork(after_in_child=_pools.clear)  # a forked child has none of the threads
+
+
+def _run_bands(work: list[tuple], threads: int) -> None:
+    """Run ``_multiply_bands`` on each item of ``work``, shared out among ``threads`` threads.
+
+    One pool does everything, each thread decoding its own bands and running torch's GEMM on
+    one thread: the items go to whichever thread is free, so a thread the system deschedules
+    delays only its current item, where torch's OpenMP threads (and a second pool of ours
+    beside them) would wait for each other at the end of every GEMM.
+    """
+    if threads == 1 or len(work) == 1:
+        for item in work:
+            _multiply_bands(*item)
+        return
+    for _ in _pool(threads).map(lambda item: _multiply_bands(*item), work):
+        pass
+
+
+def _pool(threads: int) -> ThreadPoolExecutor:
+    """The pool of ``threads`` threads, each with torch set to one thread of its own."""
+    with _pools_lock:
+        pool = _pools.get(threads)
+        if pool is None:
+            pool = ThreadPoolExecutor(
+                threads, "dwarfstar-gemm", initializer=torch.set_num_threads, initargs=(1,)
+            )
+            # Start every thread now; torch.set_num_threads(1) in them also set the count that
+            # threads started later begin with, so set the caller's count back afterwards.
+            started = threading.Barrier(threads)
+            for _ in pool.map(lambda _: started.wait(), range(threads)):
+                pass
+            torch.set_num_threads(threads)
+            _pools[threads] = pool
+    return pool
 
 
 def _row_stride(data: torch.Tensor) -> int:
