@@ -16,7 +16,7 @@ import pytest
 import torch
 from gguf import GGMLQuantizationType as Q
 
-from dwarfstar.quant import QTensor, cpu, dequantize, expert_linear, linear, ops
+from dwarfstar.quant import QTensor, cpu, dequantize, expert_linear, formats, linear, ops
 from dwarfstar.synthetic.blocks import random_blocks
 
 try:
@@ -79,6 +79,31 @@ def test_linear_agrees_with_dequantize_then_matmul(kind, batch, isa, threads):
     ours = cpu.linear(x, w)
     assert ours.shape == (batch, 37)
     assert_within_bound(kind, ours, x, dequantize(w))
+
+
+@pytest.mark.parametrize("batch", [16, 64])
+def test_bands_shared_out_among_threads_inside_inference_mode(batch, monkeypatch):
+    """The model runs in inference mode, a per-thread state: the pool's threads writing results
+    of a product cut into many bands (a band of 4 rows here) follow it."""
+    monkeypatch.setattr(formats, "BAND_VALUES", 4 * cols_for(Q.Q8_0))
+    generator = np.random.default_rng(3)
+    cols, before = cols_for(Q.Q8_0), torch.get_num_threads()
+    w = random_qtensor(Q.Q8_0, (37, cols), generator)
+    experts = random_qtensor(Q.Q8_0, (3, 37, cols), generator)
+    x = torch.from_numpy(generator.standard_normal((batch, cols), dtype=np.float32))
+    ids = torch.from_numpy(generator.integers(0, 3, size=(batch, 2)))
+    torch.set_num_threads(2)
+    try:
+        with torch.inference_mode():
+            ours, ours_experts = cpu.linear(x, w), cpu.expert_linear(x, experts, ids)
+    finally:
+        torch.set_num_threads(before)
+    assert_within_bound(Q.Q8_0, ours, x, dequantize(w))
+    dense = dequantize(experts)
+    for j in range(2):
+        for e in range(3):
+            rows = ids[:, j] == e
+            assert_within_bound(Q.Q8_0, ours_experts[rows, j], x[rows], dense[e])
 
 
 @pytest.mark.parametrize("kind", COMPILED, ids=lambda kind: kind.name)

@@ -193,7 +193,13 @@ def _run_bands(work: list[tuple], threads: int) -> None:
         for item in work:
             _multiply_bands(*item)
         return
-    for _ in _pool(threads).map(lambda item: _multiply_bands(*item), work):
+    inference = torch.is_inference_mode_enabled()  # a thread's own: the pool's threads follow the caller
+
+    def multiply(item: tuple) -> None:
+        with torch.inference_mode(inference):
+            _multiply_bands(*item)
+
+    for _ in _pool(threads).map(multiply, work):
         pass
 
 
