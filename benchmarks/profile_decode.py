@@ -4,7 +4,9 @@ Decodes a few tokens after a short prompt and times, inside each step, the calls
 `quant` entry points (`linear`, `expert_linear`, `take_rows`); the rest of the step is the
 small torch operations around them (hyper-connections, norms, rope, attention, compressors,
 indexer, routing). Prints both per token and per layer, in wall time, and the step's CPU time
-(on a busy machine the wall time also counts waiting for a CPU).
+(on a busy machine the wall time also counts waiting for a CPU). The last row is the calling
+thread's CPU time outside the matrix products: the rest of the step, which runs on that thread,
+without the waiting that a shared machine adds to its wall time.
 
     python benchmarks/profile_decode.py MODEL.gguf [--prompt 64] [--decode 8] [--threads 2]
 """
@@ -27,9 +29,10 @@ ENTRY_POINTS = ("linear", "expert_linear", "take_rows")
 
 def timed(spent: dict[str, float], name: str, fn: Callable) -> Callable:
     def wrapper(*args, **kwargs):
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.thread_time()
         result = fn(*args, **kwargs)
         spent[name] += time.perf_counter() - start
+        spent["thread cpu"] += time.thread_time() - cpu_start
         return result
 
     return wrapper
@@ -56,11 +59,13 @@ def main() -> None:
     spent: dict[str, float] = defaultdict(float)
     for name in ENTRY_POINTS:
         setattr(quant, name, timed(spent, name, getattr(quant, name)))
-    start, cpu_start = time.perf_counter(), time.process_time()
+    start, cpu_start, thread_start = time.perf_counter(), time.process_time(), time.thread_time()
     for token in tokens[args.prompt + 1 :]:
         model.forward(token.view(1), session, all_logits=False)
     total = (time.perf_counter() - start) / args.decode * 1e3
     cpu = (time.process_time() - cpu_start) / args.decode * 1e3
+    thread = (time.thread_time() - thread_start) / args.decode * 1e3
+    rest_cpu = thread - spent.pop("thread cpu") / args.decode * 1e3
     per_token = {name: seconds / args.decode * 1e3 for name, seconds in spent.items()}
     matrices = sum(per_token.values())
     rest = total - matrices
@@ -74,6 +79,7 @@ def main() -> None:
     print(f"{'everything else':28} {rest:9.2f} {rest / layers:9.2f}")
     print(f"{'decode step':28} {total:9.2f} {total / layers:9.2f}")
     print(f"{'decode step, CPU time':28} {cpu:9.2f} {cpu / layers:9.2f}  (all threads; wall time above)")
+    print(f"{'everything else, CPU time':28} {rest_cpu:9.2f} {rest_cpu / layers:9.2f}  (the calling thread)")
     print("(ms/layer divides by the layer count; the output head and embedding are in the first rows)")
 
 

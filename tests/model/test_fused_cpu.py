@@ -25,7 +25,7 @@ from dwarfstar.synthetic.models import write_random_model
 
 pytestmark = pytest.mark.skipif(fused_cpu._fused is None, reason="the C extension is not built")
 
-ISAS = ["portable", "avx2"]
+ISAS = ["portable", "avx2", "avx512"]
 
 
 @pytest.fixture(params=ISAS)
@@ -35,7 +35,7 @@ def isa(request):
     except ValueError:
         pytest.skip(f"no {request.param} on this CPU")
     yield request.param
-    fused_cpu._fused.set_isa("avx2" if "avx2" in _available() else "portable")
+    fused_cpu._fused.set_isa(_available()[-1])
 
 
 def _available() -> list[str]:

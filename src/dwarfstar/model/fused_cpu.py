@@ -35,11 +35,18 @@ def _address(x: torch.Tensor | None) -> int:
     return 0 if x is None else x.data_ptr()
 
 
+def _contiguous(x: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
+    """``x`` as a contiguous tensor of ``dtype``, converted only when it is not one already."""
+    if x is None or (x.dtype == dtype and x.is_contiguous()):
+        return x
+    return x.to(dtype).contiguous()
+
+
 def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.Tensor:
     width = x.shape[-1]
     x = x.contiguous()
     out = torch.empty_like(x)
-    weight = None if weight is None else weight.to(torch.float32).contiguous()
+    weight = _contiguous(weight, torch.float32)
     _fused.rms_norm(x.data_ptr(), _address(weight), x.numel() // width, width, eps, out.data_ptr())
     return out
 
@@ -48,7 +55,7 @@ def rope(x: torch.Tensor, positions: torch.Tensor, freqs: torch.Tensor, inverse:
     """`Rope.apply` for x (T, ..., D) at positions (T,)."""
     x = x.contiguous()
     out = torch.empty_like(x)
-    positions = positions.to(torch.int64).contiguous()
+    positions = _contiguous(positions, torch.int64)
     tokens, width = x.shape[0], x.shape[-1]
     _fused.rope(
         x.data_ptr(), positions.data_ptr(), freqs.data_ptr(), tokens, x.numel() // max(1, tokens * width),
@@ -83,7 +90,11 @@ def hc_pre(
     """`hyper.hc_pre` from the projected ``mixes`` (T, 2n + n²): (collapsed, post, comb)."""
     tokens, n, width = streams.shape
     streams, token_stride, stream_stride = _stream_strides(streams)
-    mixes = mixes.contiguous()
+    mixes, scale, base = (
+        mixes.contiguous(),
+        _contiguous(scale, torch.float32),
+        _contiguous(base, torch.float32),
+    )
     collapsed = streams.new_empty(tokens, width)
     post = streams.new_empty(tokens, n)
     comb = streams.new_empty(tokens, n, n)
@@ -123,8 +134,7 @@ def attend(
     heads, dim = q.shape
     q, raw = q.contiguous(), raw.contiguous()
     rows = None if rows is None else rows.contiguous()
-    picks = None if picks is None else picks.to(torch.int64).contiguous()
-    valid = None if valid is None else valid.to(torch.bool).contiguous()
+    picks, valid = _contiguous(picks, torch.int64), _contiguous(valid, torch.bool)
     n_rows = 0 if rows is None else (rows.shape[0] if picks is None else picks.shape[0])
     out = q.new_empty(heads, dim)
     _fused.attend(
@@ -145,7 +155,8 @@ def route(
     """`moe.route` from the router's logits (T, experts): experts (T, k), weights (T, k)."""
     tokens, n_expert = logits.shape
     logits = logits.contiguous()
-    hashed = None if hashed is None else hashed.to(torch.int64).contiguous()
+    hashed = _contiguous(hashed, torch.int64)
+    bias = _contiguous(bias, torch.float32)
     experts = torch.empty(tokens, k, dtype=torch.int64)
     weights = logits.new_empty(tokens, k)
     _fused.route(

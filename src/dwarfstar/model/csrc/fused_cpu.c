@@ -8,8 +8,10 @@
  * against torch's vectorised ones, within an ulp or two).
  *
  * Addresses come as integers (tensor.data_ptr()); the Python side (model/fused_cpu.py) checks
- * shapes, dtypes and contiguity. The dot products and the scaled row sums of attention have an
- * AVX2 version, chosen at run time on x86-64; everything has a portable C path.
+ * shapes, dtypes and contiguity. The dot products and scaled row sums (attention, norms,
+ * hyper-connections) have AVX2 and AVX-512 versions and SwiGLU an AVX2 one (its exp a
+ * polynomial within 2 ulp of libm's), chosen at run time on x86-64; everything has a portable C
+ * path.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -23,6 +25,7 @@
 #include <immintrin.h>
 #define HAVE_X86 1
 #define AVX2 __attribute__((target("avx2,fma")))
+#define AVX512 __attribute__((target("avx512f,avx2,fma")))
 #endif
 
 #define PTR(type, address) ((type *)(uintptr_t)(address))
@@ -71,8 +74,145 @@ AVX2 static void axpy_avx2(float *y, float alpha, const float *x, int64_t n) {
     for (; i + 8 <= n; i += 8) _mm256_storeu_ps(y + i, _mm256_fmadd_ps(a, _mm256_loadu_ps(x + i), _mm256_loadu_ps(y + i)));
     for (; i < n; i++) y[i] += alpha * x[i];
 }
+
+AVX512 static float dot_avx512(const float *a, const float *b, int64_t n) {
+    __m512 s0 = _mm512_setzero_ps(), s1 = _mm512_setzero_ps();
+    int64_t i = 0;
+    for (; i + 32 <= n; i += 32) {
+        s0 = _mm512_fmadd_ps(_mm512_loadu_ps(a + i), _mm512_loadu_ps(b + i), s0);
+        s1 = _mm512_fmadd_ps(_mm512_loadu_ps(a + i + 16), _mm512_loadu_ps(b + i + 16), s1);
+    }
+    for (; i + 16 <= n; i += 16) s0 = _mm512_fmadd_ps(_mm512_loadu_ps(a + i), _mm512_loadu_ps(b + i), s0);
+    float total = _mm512_reduce_add_ps(_mm512_add_ps(s0, s1));
+    for (; i < n; i++) total += a[i] * b[i];
+    return total;
+}
+
+AVX512 static void axpy_avx512(float *y, float alpha, const float *x, int64_t n) {
+    __m512 a = _mm512_set1_ps(alpha);
+    int64_t i = 0;
+    for (; i + 16 <= n; i += 16)
+        _mm512_storeu_ps(y + i, _mm512_fmadd_ps(a, _mm512_loadu_ps(x + i), _mm512_loadu_ps(y + i)));
+    for (; i < n; i++) y[i] += alpha * x[i];
+}
+
+/* Four dot products of a with b[0..3] (a loaded once for the four). */
+AVX2 static void dot4_avx2(const float *a, const float *const *b, int64_t n, float *out) {
+    __m256 s0 = _mm256_setzero_ps(), s1 = _mm256_setzero_ps(), s2 = _mm256_setzero_ps(), s3 = _mm256_setzero_ps();
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8) {
+        __m256 x = _mm256_loadu_ps(a + i);
+        s0 = _mm256_fmadd_ps(x, _mm256_loadu_ps(b[0] + i), s0);
+        s1 = _mm256_fmadd_ps(x, _mm256_loadu_ps(b[1] + i), s1);
+        s2 = _mm256_fmadd_ps(x, _mm256_loadu_ps(b[2] + i), s2);
+        s3 = _mm256_fmadd_ps(x, _mm256_loadu_ps(b[3] + i), s3);
+    }
+    __m256 sums[4] = {s0, s1, s2, s3};
+    for (int j = 0; j < 4; j++) {
+        __m128 h = _mm_add_ps(_mm256_castps256_ps128(sums[j]), _mm256_extractf128_ps(sums[j], 1));
+        h = _mm_add_ps(h, _mm_movehl_ps(h, h));
+        h = _mm_add_ss(h, _mm_movehdup_ps(h));
+        out[j] = _mm_cvtss_f32(h);
+        for (int64_t t = i; t < n; t++) out[j] += a[t] * b[j][t];
+    }
+}
+
+/* y += Σ_j alpha[j] · x[j] over four rows x[0..3] (y loaded and stored once for the four). */
+AVX2 static void axpy4_avx2(float *y, const float *alpha, const float *const *x, int64_t n) {
+    __m256 a0 = _mm256_set1_ps(alpha[0]), a1 = _mm256_set1_ps(alpha[1]);
+    __m256 a2 = _mm256_set1_ps(alpha[2]), a3 = _mm256_set1_ps(alpha[3]);
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8) {
+        __m256 v = _mm256_loadu_ps(y + i);
+        v = _mm256_fmadd_ps(a0, _mm256_loadu_ps(x[0] + i), v);
+        v = _mm256_fmadd_ps(a1, _mm256_loadu_ps(x[1] + i), v);
+        v = _mm256_fmadd_ps(a2, _mm256_loadu_ps(x[2] + i), v);
+        v = _mm256_fmadd_ps(a3, _mm256_loadu_ps(x[3] + i), v);
+        _mm256_storeu_ps(y + i, v);
+    }
+    for (; i < n; i++) y[i] += alpha[0] * x[0][i] + alpha[1] * x[1][i] + alpha[2] * x[2][i] + alpha[3] * x[3][i];
+}
+
+AVX512 static void dot4_avx512(const float *a, const float *const *b, int64_t n, float *out) {
+    __m512 s0 = _mm512_setzero_ps(), s1 = _mm512_setzero_ps(), s2 = _mm512_setzero_ps(), s3 = _mm512_setzero_ps();
+    int64_t i = 0;
+    for (; i + 16 <= n; i += 16) {
+        __m512 x = _mm512_loadu_ps(a + i);
+        s0 = _mm512_fmadd_ps(x, _mm512_loadu_ps(b[0] + i), s0);
+        s1 = _mm512_fmadd_ps(x, _mm512_loadu_ps(b[1] + i), s1);
+        s2 = _mm512_fmadd_ps(x, _mm512_loadu_ps(b[2] + i), s2);
+        s3 = _mm512_fmadd_ps(x, _mm512_loadu_ps(b[3] + i), s3);
+    }
+    out[0] = _mm512_reduce_add_ps(s0), out[1] = _mm512_reduce_add_ps(s1);
+    out[2] = _mm512_reduce_add_ps(s2), out[3] = _mm512_reduce_add_ps(s3);
+    for (; i < n; i++)
+        for (int j = 0; j < 4; j++) out[j] += a[i] * b[j][i];
+}
+
+AVX512 static void axpy4_avx512(float *y, const float *alpha, const float *const *x, int64_t n) {
+    __m512 a0 = _mm512_set1_ps(alpha[0]), a1 = _mm512_set1_ps(alpha[1]);
+    __m512 a2 = _mm512_set1_ps(alpha[2]), a3 = _mm512_set1_ps(alpha[3]);
+    int64_t i = 0;
+    for (; i + 16 <= n; i += 16) {
+        __m512 v = _mm512_loadu_ps(y + i);
+        v = _mm512_fmadd_ps(a0, _mm512_loadu_ps(x[0] + i), v);
+        v = _mm512_fmadd_ps(a1, _mm512_loadu_ps(x[1] + i), v);
+        v = _mm512_fmadd_ps(a2, _mm512_loadu_ps(x[2] + i), v);
+        v = _mm512_fmadd_ps(a3, _mm512_loadu_ps(x[3] + i), v);
+        _mm512_storeu_ps(y + i, v);
+    }
+    for (; i < n; i++) y[i] += alpha[0] * x[0][i] + alpha[1] * x[1][i] + alpha[2] * x[2][i] + alpha[3] * x[3][i];
+}
+
+/* exp(x) for 8 floats: x = k ln2 + r, |r| <= ln2 / 2, Cephes' degree-6 polynomial for exp(r),
+ * times 2^k from the exponent bits (within 2 ulp of expf; x clamped to [-87.3, 88.3]). */
+AVX2 static inline __m256 exp_avx2(__m256 x) {
+    x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.3f)), _mm256_set1_ps(88.3f));
+    __m256 k = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                               _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m256 r = _mm256_fnmadd_ps(k, _mm256_set1_ps(0.693359375f), x);
+    r = _mm256_fnmadd_ps(k, _mm256_set1_ps(-2.12194440e-4f), r);
+    __m256 p = _mm256_set1_ps(1.9875691500e-4f);
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
+    p = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
+    __m256i two_k = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(k), _mm256_set1_epi32(127)), 23);
+    return _mm256_mul_ps(p, _mm256_castsi256_ps(two_k));
+}
+
+/* SwiGLU of one row, 8 values at a time (the portable loop below finishes it). */
+AVX2 static int64_t swiglu_avx2(const float *gate, const float *up, float limit, float *out, int64_t width) {
+    __m256 high = _mm256_set1_ps(limit), low = _mm256_set1_ps(-limit), one = _mm256_set1_ps(1.0f);
+    int64_t i = 0;
+    for (; i + 8 <= width; i += 8) {
+        __m256 g = _mm256_min_ps(_mm256_loadu_ps(gate + i), high);
+        __m256 u = _mm256_max_ps(_mm256_min_ps(_mm256_loadu_ps(up + i), high), low);
+        __m256 e = exp_avx2(_mm256_sub_ps(_mm256_setzero_ps(), g));
+        _mm256_storeu_ps(out + i, _mm256_mul_ps(_mm256_div_ps(g, _mm256_add_ps(one, e)), u));
+    }
+    return i;
+}
 #endif
 
+static int64_t swiglu_portable(const float *gate, const float *up, float limit, float *out, int64_t width) {
+    (void)gate, (void)up, (void)limit, (void)out, (void)width;
+    return 0;
+}
+
+static void dot4_portable(const float *a, const float *const *b, int64_t n, float *out) {
+    for (int j = 0; j < 4; j++) out[j] = dot_portable(a, b[j], n);
+}
+
+static void axpy4_portable(float *y, const float *alpha, const float *const *x, int64_t n) {
+    for (int j = 0; j < 4; j++) axpy_portable(y, alpha[j], x[j], n);
+}
+
+static void (*dot4)(const float *, const float *const *, int64_t, float *) = dot4_portable;
+static void (*axpy4)(float *, const float *, const float *const *, int64_t) = axpy4_portable;
+static int64_t (*swiglu_start)(const float *, const float *, float, float *, int64_t) = swiglu_portable;
 static float (*dot)(const float *, const float *, int64_t) = dot_portable;
 static void (*axpy)(float *, float, const float *, int64_t) = axpy_portable;
 
@@ -279,8 +419,15 @@ static PyObject *py_attend(PyObject *self, PyObject *args) {
     keys = keys_used;
     for (int64_t first = 0; first < keys; first += KEY_BLOCK) {
         int64_t last = first + KEY_BLOCK < keys ? first + KEY_BLOCK : keys;
-        for (int64_t h = 0; h < heads; h++)
-            for (int64_t k = first; k < last; k++) scores[h * keys + k] = dot(q + h * dim, key[k], dim) * scale;
+        for (int64_t h = 0; h < heads; h++) {
+            float *s = scores + h * keys;
+            int64_t k = first;
+            for (; k + 4 <= last; k += 4) {
+                dot4(q + h * dim, key + k, dim, s + k);
+                for (int j = 0; j < 4; j++) s[k + j] *= scale;
+            }
+            for (; k < last; k++) s[k] = dot(q + h * dim, key[k], dim) * scale;
+        }
     }
     for (int64_t h = 0; h < heads; h++) {
         float *s = scores + h * keys, top = sinks[h], total = 0.0f;
@@ -292,8 +439,11 @@ static PyObject *py_attend(PyObject *self, PyObject *args) {
     memset(out, 0, sizeof(float) * (size_t)(heads * dim));
     for (int64_t first = 0; first < keys; first += KEY_BLOCK) {
         int64_t last = first + KEY_BLOCK < keys ? first + KEY_BLOCK : keys;
-        for (int64_t h = 0; h < heads; h++)
-            for (int64_t k = first; k < last; k++) axpy(out + h * dim, scores[h * keys + k], key[k], dim);
+        for (int64_t h = 0; h < heads; h++) {
+            int64_t k = first;
+            for (; k + 4 <= last; k += 4) axpy4(out + h * dim, scores + h * keys + k, key + k, dim);
+            for (; k < last; k++) axpy(out + h * dim, scores[h * keys + k], key[k], dim);
+        }
     }
     free(scores);
     free(key);
@@ -364,7 +514,7 @@ static PyObject *py_swiglu(PyObject *self, PyObject *args) {
     for (int64_t r = 0; r < rows; r++) {
         const float *gate = PTR(const float, gate_address) + r * width, *up = PTR(const float, up_address) + r * width;
         float *out = PTR(float, out_address) + r * width;
-        for (int64_t i = 0; i < width; i++) {
+        for (int64_t i = swiglu_start(gate, up, limit, out, width); i < width; i++) {
             float g = gate[i] < limit ? gate[i] : limit;
             float u = up[i] < -limit ? -limit : (up[i] > limit ? limit : up[i]);
             out[i] = g / (1.0f + expf(-g)) * u;
@@ -377,29 +527,44 @@ static PyObject *py_swiglu(PyObject *self, PyObject *args) {
 
 /* ---------------------------------------------------------------- module */
 
-static PyObject *py_isa(PyObject *self, PyObject *unused) {
-    (void)self, (void)unused;
-    return PyUnicode_FromString(dot == dot_portable ? "portable" : "avx2");
+static const char *isa = "portable";
+
+/* Use the functions of instruction set `name` ("portable", "avx2", "avx512"); 0 if this CPU lacks it. */
+static int use_isa(const char *name) {
+    if (strcmp(name, "portable") == 0) {
+        dot = dot_portable, axpy = axpy_portable, swiglu_start = swiglu_portable, isa = "portable";
+        dot4 = dot4_portable, axpy4 = axpy4_portable;
+        return 1;
+    }
+#ifdef HAVE_X86
+    __builtin_cpu_init();
+    int avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+    if (strcmp(name, "avx2") == 0 && avx2) {
+        dot = dot_avx2, axpy = axpy_avx2, swiglu_start = swiglu_avx2, isa = "avx2";
+        dot4 = dot4_avx2, axpy4 = axpy4_avx2;
+        return 1;
+    }
+    if (strcmp(name, "avx512") == 0 && avx2 && __builtin_cpu_supports("avx512f")) {
+        dot = dot_avx512, axpy = axpy_avx512, swiglu_start = swiglu_avx2, isa = "avx512";
+        dot4 = dot4_avx512, axpy4 = axpy4_avx512;
+        return 1;
+    }
+#endif
+    return 0;
 }
 
-/* set_isa('portable' | 'avx2'), for tests. */
+static PyObject *py_isa(PyObject *self, PyObject *unused) {
+    (void)self, (void)unused;
+    return PyUnicode_FromString(isa);
+}
+
+/* set_isa('portable' | 'avx2' | 'avx512'), for tests. */
 static PyObject *py_set_isa(PyObject *self, PyObject *name) {
     (void)self;
     const char *wanted = PyUnicode_AsUTF8(name);
     if (wanted == NULL) return NULL;
-    if (strcmp(wanted, "portable") == 0) {
-        dot = dot_portable;
-        axpy = axpy_portable;
-        Py_RETURN_NONE;
-    }
-#ifdef HAVE_X86
-    if (strcmp(wanted, "avx2") == 0 && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) {
-        dot = dot_avx2;
-        axpy = axpy_avx2;
-        Py_RETURN_NONE;
-    }
-#endif
-    return PyErr_Format(PyExc_ValueError, "instruction set %s is not available here", wanted);
+    if (!use_isa(wanted)) return PyErr_Format(PyExc_ValueError, "instruction set %s is not available here", wanted);
+    Py_RETURN_NONE;
 }
 
 static PyMethodDef methods[] = {
@@ -411,20 +576,14 @@ static PyMethodDef methods[] = {
     {"attend", py_attend, METH_VARARGS, "Attention of one query with sinks (see the source)."},
     {"route", py_route, METH_VARARGS, "Expert routing after the router's projection (see the source)."},
     {"swiglu", py_swiglu, METH_VARARGS, "Clamped SwiGLU, optionally weighted per row (see the source)."},
-    {"isa", py_isa, METH_NOARGS, "The instruction set in use: 'avx2' or 'portable'."},
-    {"set_isa", py_set_isa, METH_O, "Choose the instruction set ('avx2', 'portable'), for tests."},
+    {"isa", py_isa, METH_NOARGS, "The instruction set in use: 'avx512', 'avx2' or 'portable'."},
+    {"set_isa", py_set_isa, METH_O, "Choose the instruction set ('avx512', 'avx2', 'portable'), for tests."},
     {NULL, NULL, 0, NULL},
 };
 
 static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_fused", NULL, -1, methods, NULL, NULL, NULL, NULL};
 
 PyMODINIT_FUNC PyInit__fused(void) {
-#ifdef HAVE_X86
-    __builtin_cpu_init();
-    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) {
-        dot = dot_avx2;
-        axpy = axpy_avx2;
-    }
-#endif
+    if (!use_isa("avx512")) use_isa("avx2");
     return PyModule_Create(&module);
 }
