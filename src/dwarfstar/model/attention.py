@@ -91,8 +91,9 @@ def indexer_select(
     qr: torch.Tensor,
     positions: torch.Tensor,
     ctx: LayerContext,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Top-k compressed rows per query: ``(indices (T, k), valid (T, k))``.
+) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Top-k compressed rows per query: ``(indices (T, k), valid (T, k))``, or None while the
+    top-k holds every row, so that each query attends to all the rows it sees.
 
     A query sees rows ``w < (p + 1) // ratio``; when fewer than ``k`` are visible, the extra
     picks are marked invalid.
@@ -101,10 +102,9 @@ def indexer_select(
     finish = quantsim.indexer_round if ctx.quant_sim else _identity
     compress(idx.compressor, state, a, positions, ctx, c.index_head_dim, finish)
     keys = state.rows
-    visible = (positions + 1) // idx.compressor.ratio
     if keys.shape[0] <= c.index_topk:  # every row is picked: no scores needed
-        indices = torch.arange(keys.shape[0], device=keys.device).expand(a.shape[0], -1)
-        return indices, indices < visible[:, None]
+        return None
+    visible = (positions + 1) // idx.compressor.ratio
     q = quant.linear(qr, idx.q_b).unflatten(-1, (c.index_n_head, c.index_head_dim))
     q = finish(ctx.rope.apply(q, positions))
     weights = quant.linear(a, idx.head_weights) * (c.index_head_dim * c.index_n_head) ** -0.5
@@ -150,7 +150,8 @@ def _attend_block(
 
     ``first`` is the first query's position (a host int, so the keys are sliced without reading
     ``positions`` back from the device). Keys: the raw rows of each query's window, and the
-    compressed rows it may see (all complete windows for HCA, its indexer's valid picks for CSA).
+    compressed rows it may see (all complete windows for HCA, and for CSA its indexer's valid
+    picks, or all its complete windows while the indexer picks every row).
     """
     c = ctx.config
     last = first + q.shape[0] - 1
@@ -170,7 +171,7 @@ def _attend_block(
         chosen = rows[picks]  # (B, k, d)
         scores = torch.einsum("thd,tkd->thk", q, chosen)
         parts.append(scores.masked_fill(~valid[:, None, :], float("-inf")) * scale)
-    elif rows is not None:  # HCA
+    elif rows is not None:  # HCA, or CSA while every row is picked
         visible = (
             torch.arange(rows.shape[0], device=rows.device)[None, :]
             < ((positions + 1) // w.compressor.ratio)[:, None]
@@ -222,11 +223,16 @@ def attention(
         compress(w.compressor, state.compressor, a, positions, ctx, c.head_dim, finish)
         rows = state.compressor.rows
         if w.indexer is not None:  # CSA: each query attends only to its indexer's top-k rows
-            picks, valid = indexer_select(w.indexer, state.indexer, a, qr, positions, ctx)
+            selected = indexer_select(w.indexer, state.indexer, a, qr, positions, ctx)
+            if selected is not None:
+                picks, valid = selected
 
     compressed_keys = 0 if rows is None else (picks.shape[1] if picks is not None else rows.shape[0])
     gathered = 0 if picks is None else picks.shape[1] * c.head_dim
     step = _query_block(n_tok, c.n_head, c.window + compressed_keys + 1, gathered)  # + 1: the sink
+    # A block of B queries scores its raw keys (B + window - 1) for all of them: blocks of half a
+    # window keep the scores that the window mask throws away to a third of the work.
+    step = min(step, max(1, c.window // 2))
     out = torch.cat(
         [
             _attend_block(
