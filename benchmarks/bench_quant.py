@@ -12,6 +12,7 @@ of 32 stacked experts, about 12 or 64 rows per expert (a 512-token prompt gives 
 
     python benchmarks/bench_quant.py [--kinds Q8_0 IQ2_XXS] [--repeats 15] [--threads 1]
                                      [--isa avx512]   # the compiled kernels' instruction set
+                                     [--best]         # fastest of the repeats, not the median
 """
 
 from __future__ import annotations
@@ -37,8 +38,12 @@ POOL_BYTES = 256 << 20
 MAX_COPIES = 64
 
 
+STATISTIC: Callable[[list[float]], float] = statistics.median
+"""Of the repeats' times: the median, or with --best the fastest (on a busy machine)."""
+
+
 def median_seconds(fn: Callable[[int], object], repeats: int) -> float:
-    """Median wall time of fn(i) over `repeats` calls, after two warm-up calls."""
+    """STATISTIC of fn(i)'s wall time over `repeats` calls, after two warm-up calls."""
     fn(0)
     fn(1)
     times = []
@@ -46,7 +51,7 @@ def median_seconds(fn: Callable[[int], object], repeats: int) -> float:
         start = time.perf_counter()
         fn(i)
         times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    return STATISTIC(times)
 
 
 def read_bandwidth(repeats: int) -> float:
@@ -88,7 +93,11 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=15)
     parser.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
     parser.add_argument("--isa", help="instruction set of the compiled kernels (default: the best)")
+    parser.add_argument("--best", action="store_true", help="fastest of the repeats, not the median")
     args = parser.parse_args()
+    global STATISTIC
+    if args.best:
+        STATISTIC = min
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.isa:
