@@ -3,6 +3,14 @@
 The model is stored like ds4's 2-bit file at small widths: routed gate/up IQ2_XXS, routed down
 Q2_K, the shared expert Q4_K, the other matrices Q8_0, F16 and BF16, so every compiled format
 and the grouped expert path are on the way.
+
+This random model amplifies its products' float32 rounding about 10^4-fold into the logits: a
+relative 1e-8 perturbation of the reference's own products (below float32's 6e-8 step) moves
+prompt seed 0's logits by up to 8e-4 at one position in decode mode, 1e-7 by up to 3.9e-3, so
+that prompt decides 1e-3 by the luck of the last bit (the float and integer kernels, equally
+exact, gave 6.9e-4 and 1.3e-3). Seed 3's prompt moves by at most 2.2e-4 with every
+instruction set, while 1e-5-relative noise on the products still moves it by 4.8e-3 (prefill)
+and 1.4e-2 (decode), and int8 inputs by 5.5: the test still catches a kernel that is off.
 """
 
 import pytest
@@ -49,7 +57,7 @@ def model(tmp_path_factory) -> Model:
 
 @pytest.mark.parametrize("chunk", [None, 1])
 def test_logits_match_the_reference_path(model, chunk, monkeypatch):
-    tokens = torch.randint(0, 129280, (24,), generator=torch.Generator().manual_seed(0))
+    tokens = torch.randint(0, 129280, (24,), generator=torch.Generator().manual_seed(3))
     compiled = model.prefill(tokens, model.new_session(), chunk)
     monkeypatch.setattr(ops, "LINEAR_KERNELS", {})
     monkeypatch.setattr(ops, "EXPERT_KERNELS", {})
