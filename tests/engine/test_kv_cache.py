@@ -451,3 +451,32 @@ def test_a_generation_is_saved_at_each_interval_and_a_crash_resumes_from_the_las
     restarted = Engine(shared.model, tok, **options)
     resumed = restarted.generate(Conversation(messages, thinking_mode="chat"), GREEDY)
     assert resumed.reused_tokens == during[-1]
+
+
+def test_conversations_that_share_a_long_system_prompt_read_it_once(shared, tmp_path):
+    poem = files("dwarfstar").joinpath("data", "paradise_lost.txt").read_text(encoding="utf-8")
+    system = {"role": "system", "content": "Answer questions about this poem.\n" + poem[:1200]}
+    options = {"max_sessions": 4, "kv_min_tokens": 64, "kv_disk_dir": tmp_path}
+    engine = Engine(shared.model, shared.tokenizer, **options)
+
+    def ask(engine: Engine, *messages: dict):
+        return engine.generate(Conversation([system, *messages], thinking_mode="chat"), GREEDY)
+
+    first = ask(engine, user("Who speaks first?"))
+    shared_part = first.plan.tokens.index(shared.tokenizer.special_ids["<｜User｜>"])  # BOS and system
+    assert shared_part > 64
+    done = run(first)
+    held = len(first.session.tokens)
+    second = ask(engine, user("How many lines are there?"))
+    assert second.reused_tokens == shared_part and second.session is not first.session
+    run(second)
+    follow_up = ask(engine, user("Who speaks first?"), assistant(done), user("Why?"))
+    assert follow_up.session is first.session and follow_up.reused_tokens == held  # still whole
+
+    restarted = Engine(shared.model, shared.tokenizer, **options)  # from the disk cache
+    third = ask(restarted, user("What rhymes?"))
+    assert third.reused_tokens == shared_part
+    cold = ask(Engine(shared.model, shared.tokenizer), user("What rhymes?"))
+    assert third.plan.tokens == cold.plan.tokens
+    run(third), run(cold)
+    assert torch.allclose(third.session.checkpoint.logits, cold.session.checkpoint.logits, atol=1e-4)

@@ -21,7 +21,7 @@ import torch
 from dwarfstar.chat.conversation import Conversation
 from dwarfstar.chat.parser import Done, OutputParser
 from dwarfstar.chat.render import Part, render_parts, tool_calls_opening
-from dwarfstar.chat.tokens import INVOKE_CLOSE, INVOKE_OPEN, THINK_OPEN, TOOL_CALLS_OPEN
+from dwarfstar.chat.tokens import ASSISTANT, INVOKE_CLOSE, INVOKE_OPEN, THINK_OPEN, TOOL_CALLS_OPEN, USER
 from dwarfstar.engine.diskcache import DiskCache
 from dwarfstar.engine.events import (
     Event,
@@ -114,7 +114,9 @@ class Engine:
                 f"the KV trim must be at least 0 and the alignment at least 1, not {kv_trim}, {kv_align}"
             )
         ram = None if kv_ram_mb is None else int(kv_ram_mb * 2**20)
-        self.sessions = SessionPool(model, max_sessions, ram, disk, kv_save_interval, kv_trim, kv_align)
+        self.sessions = SessionPool(
+            model, max_sessions, ram, disk, kv_save_interval, kv_trim, kv_align, kv_min_tokens
+        )
 
     @classmethod
     def open(
@@ -169,10 +171,13 @@ class Engine:
         """
         if isinstance(source, Conversation):
             parts = render_parts(source, replay=self.sessions.replay())
+            text = "".join(text for text, _ in parts)
             return Prompt(
-                text="".join(text for text, _ in parts),
+                text=text,
                 tokens_after=lambda offset: self.tokenizer.encode_parts(_parts_after(parts, offset)),
                 turn_end=True,
+                anchor=_anchor(text),
+                tokens_before=lambda offset: self.tokenizer.encode_parts(_parts_before(parts, offset)),
             )
         if not isinstance(source, str):
             tokens = [int(t) for t in source]
@@ -211,7 +216,7 @@ class Engine:
         if len(plan.tokens) >= self.ctx:
             raise ContextLengthError(len(plan.tokens), self.ctx)
         sampler = sampler or Sampler(sampling or SamplingParams())
-        return Generation(self, session, plan, request.text, sampler, forced, request.turn_end)
+        return Generation(self, session, plan, request, sampler, forced)
 
     def _forced_tool_call(self, conversation: Conversation) -> list[int]:
         """The tokens that open the call ``conversation.forced_tool_call`` asks for ([]: none),
@@ -223,6 +228,25 @@ class Engine:
         if choice is not True and choice not in names:
             raise EngineError(f"the forced tool call names {choice!r}, which is not among the tools")
         return self.tokenizer.encode_parts(tool_calls_opening(None if choice is True else choice))
+
+
+def _anchor(text: str) -> int | None:
+    """Where the shared part of a conversation's prompt ends: before its last user turn ahead of
+    the first answer (the system prompt and tools, which other conversations often share)."""
+    first_answer = text.find(ASSISTANT)
+    user = text.rfind(USER, 0, first_answer) if first_answer > 0 else -1
+    return user if user > 0 else None
+
+
+def _parts_before(parts: list[Part], offset: int) -> list[Part]:
+    """The rendered parts up to character ``offset``."""
+    out = []
+    for text, is_markup in parts:
+        if offset <= 0:
+            break
+        out.append((text[:offset], is_markup))
+        offset -= len(text)
+    return out
 
 
 def _parts_after(parts: list[Part], offset: int) -> list[Part]:
@@ -243,16 +267,15 @@ class Generation:
         engine: Engine,
         session: LiveSession,
         plan: Plan,
-        text: str | None,
+        prompt: Prompt,
         sampler: Sampler,
         forced_tool_call: Sequence[int] = (),
-        turn_end: bool = False,
     ) -> None:
         self.engine = engine
-        self.turn_end = turn_end  # the prompt ends where a turn opens (a rendered conversation)
+        self.prompt = prompt
         self.session = session
         self.plan = plan
-        self.text = text
+        self.text = prompt.text
         self.sampler = sampler
         self.sampling = sampler.params
         self.forced_tool_call = list(forced_tool_call)  # written when the answer proper begins
@@ -315,7 +338,9 @@ class Generation:
         n, reused = len(plan.tokens), plan.reused
         ends_in_think = plan.tokens[-1] == self.engine.tokenizer.special_ids[THINK_OPEN]
         pooled = session in pool.sessions
-        store = pool.prompt_store_point(n, reused, self.turn_end) if pooled else None
+        store = pool.prompt_store_point(n, reused, self.prompt.turn_end) if pooled else None
+        # A session keeps its anchor while it goes on: only a new one (or one restored from disk) looks.
+        anchor = self._anchor_tokens() if pooled and reused < n and session.anchor is None else None
         if reused < n:
             session.text = None  # a partial prompt: its text is not tracked
         if ends_in_think and reused == n - 1:
@@ -324,6 +349,7 @@ class Generation:
         stops = {*range(reused + chunk, n, chunk), n, *pool.save_points(reused, n)}
         stops |= {n - 1} if ends_in_think else set()
         stops |= set() if store is None else {store}
+        stops |= set() if anchor is None else {anchor}
         done = reused
         for end in sorted(stop for stop in stops if stop > reused):
             if self.cancelled:
@@ -332,6 +358,9 @@ class Generation:
             done = end
             if end == store:
                 pool.save_prefix(session, self._text_of(plan.tokens[:end]))
+            if end == anchor:
+                assert self.text is not None and self.prompt.anchor is not None
+                pool.keep_anchor(session, self.text[: self.prompt.anchor])
             if ends_in_think and end == n - 1:
                 self._keep_checkpoint(branch=True)
             elif end < n and pooled:
@@ -343,6 +372,17 @@ class Generation:
         if pooled:
             pool.prompt_read(session, n - reused, prefix_saved=store is not None)
         return True
+
+    def _anchor_tokens(self) -> int | None:
+        """How many of the prompt's tokens its anchor holds (``Prompt.anchor``), when they are
+        worth keeping: beyond what the session held, at least ``kv_min_tokens``."""
+        prompt, pool = self.prompt, self.engine.sessions
+        if prompt.anchor is None or prompt.tokens_before is None:
+            return None
+        count = len(prompt.tokens_before(prompt.anchor))
+        if not self.plan.reused < count < len(self.plan.tokens) or count < pool.min_tokens:
+            return None
+        return count
 
     def _text_of(self, tokens: list[int]) -> str | None:
         """The text of a prefix of the prompt's tokens, when the prompt's text begins with it."""

@@ -44,6 +44,10 @@ class Prompt:
     tokens_after: Callable[[int], list[int]] | None = None
     tokens: list[int] | None = None
     turn_end: bool = False  # it ends where a turn opens: the next request continues its text exactly
+    # A conversation's anchor: the character offset where the part other conversations may share
+    # ends (before the last user turn ahead of the first answer), and the tokens of a prefix.
+    anchor: int | None = None
+    tokens_before: Callable[[int], list[int]] | None = None
 
     def all_tokens(self) -> list[int]:
         if self.tokens is None:
@@ -88,6 +92,9 @@ class LiveSession:
         # The exact ``invoke`` text of the tool calls written in this session, by call id.
         self.tool_calls: dict[str, str] = {}
         self.frontier_saved = 0  # tokens held at the last mid-prefill save
+        # The state at the end of the part of the prompt other conversations may share (its
+        # system prompt and tools): another session can start from a copy of it.
+        self.anchor: Snapshot | None = None
 
     def save_checkpoint(self, branch: bool = False) -> None:
         assert self.logits is not None
@@ -109,6 +116,12 @@ class LiveSession:
         self.tool_calls = {str(k): str(v) for k, v in calls.items()} if isinstance(calls, dict) else {}
         self.frontier_saved = len(self.tokens)
         self.save_checkpoint()
+
+    def fork(self, snapshot: Snapshot) -> None:
+        """Continue from a copy of ``snapshot`` (another session's anchor, which stays as it is)."""
+        copy = Snapshot(snapshot.state.snapshot(), snapshot.tokens, snapshot.text, snapshot.logits)
+        self.adopt(copy)
+        self.anchor = snapshot
 
     @property
     def nbytes(self) -> int:
@@ -161,6 +174,7 @@ class SessionPool:
         save_interval: int | None = None,
         trim: int = 32,
         align: int = 2048,
+        min_tokens: int = 512,
     ) -> None:
         if max_sessions < 1:
             raise ValueError(f"max_sessions must be at least 1, not {max_sessions}")
@@ -170,6 +184,7 @@ class SessionPool:
         self.disk = disk
         self.save_interval = save_interval  # save every this many tokens of prefill or generation
         self.trim, self.align = trim, align  # where a long raw prompt is saved: see prompt_store_point
+        self.min_tokens = min_tokens  # the shortest anchor worth keeping
         self.sessions: list[LiveSession] = []
         self.tool_calls: OrderedDict[str, str] = OrderedDict()  # the most recent last
 
@@ -185,10 +200,16 @@ class SessionPool:
             plan = session.plan(prompt)
             if best is None or plan.reused > best[1].reused:
                 best = (session, plan)
-        loaded = self._load(prompt, 0 if best is None else best[1].reused)
+        reused = 0 if best is None else best[1].reused
+        anchor = self._anchor(prompt, reused)
+        loaded = self._load(prompt, reused if anchor is None else len(anchor.tokens))
         if loaded is not None:
             session = self._free_session()
             session.adopt(loaded)
+            best = (session, session.plan(prompt))
+        elif anchor is not None:
+            session = self._free_session()
+            session.fork(anchor)
             best = (session, session.plan(prompt))
         elif best is None or best[1].reused == 0:
             session = self._free_session()
@@ -198,6 +219,18 @@ class SessionPool:
             self.sessions.remove(session)
         self.sessions.append(session)
         self._fit()
+        return best
+
+    def _anchor(self, prompt: Prompt, live_reuse: int) -> Snapshot | None:
+        """A live session's anchor holding more of ``prompt`` than ``live_reuse`` tokens."""
+        best = None
+        for session in self.sessions:
+            anchor = session.anchor
+            if anchor is None or anchor.text is None or prompt.text is None:
+                continue
+            longer = len(anchor.tokens) > max(live_reuse, 0 if best is None else len(best.tokens))
+            if longer and prompt.text.startswith(anchor.text):
+                best = anchor
         return best
 
     def _load(self, prompt: Prompt, live_reuse: int) -> Snapshot | None:
@@ -260,6 +293,14 @@ class SessionPool:
             session, Snapshot(session.state.snapshot(), list(session.tokens), text, session.logits), "prompt"
         )
         session.frontier_saved = len(session.tokens)  # no second file for the same state
+
+    def keep_anchor(self, session: LiveSession, text: str) -> None:
+        """Mid-prefill, at the prompt's anchor (``text`` its text): keep the state there for other
+        conversations that share it, and save it to disk."""
+        assert session.logits is not None
+        session.anchor = Snapshot(session.state.snapshot(), list(session.tokens), text, session.logits)
+        if self.disk is not None:
+            self._save(session, session.anchor, "anchor")
 
     def prompt_read(self, session: LiveSession, computed: int, prefix_saved: bool = False) -> None:
         """After a prompt's prefill: a long one (``computed`` tokens read) is saved to disk at
