@@ -123,6 +123,9 @@ static void build_tables(void) {
 /* Decode one stored row of `cols` values into out: value = exactly what formats.py computes. */
 typedef void (*DecodeFn)(const uint8_t *w, float *out, int64_t cols);
 
+/* A fused product (x86 only): one stored row times one input row, see "Fused products". */
+typedef float (*FusedFn)(const uint8_t *w, const float *x, const float *sum16, int64_t cols);
+
 static void decode_q8_0(const uint8_t *w, float *out, int64_t cols) {
     for (int64_t b = 0; b < cols / 32; b++, w += 34, out += 32) {
         float d = half_to_float(w);
@@ -327,8 +330,6 @@ AVX2 static float dot_avx2(const float *a, const float *b, int64_t n) {
  * multiply them at once (no buffer). The per-group scales are applied to sums of q * x, and
  * Q2_K / Q4_K's minimum terms to the input's sums per 16 values (`sum16`), which is the same
  * sum reordered. */
-typedef float (*FusedFn)(const uint8_t *w, const float *x, const float *sum16, int64_t cols);
-
 AVX2 static inline float hsum(__m256 v) {
     __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
     s = _mm_add_ps(s, _mm_movehl_ps(s, s));
@@ -596,36 +597,6 @@ static inline int64_t natural_position(int kind, int64_t p) {
     return p;
 }
 
-static void quantize_row(int kind, const float *x, int64_t cols, int64_t stride, int8_t *parts, float *scales,
-                         float *sum16) {
-    for (int64_t b = 0, start = 0; start < cols; b++, start += ACT_BLOCK) {
-        int64_t length = cols - start < ACT_BLOCK ? cols - start : ACT_BLOCK;
-        const float *xb = x + start;
-        float largest = 0.0f;
-        for (int64_t j = 0; j < length; j++) largest = fmaxf(largest, fabsf(xb[j]));
-        if (!(largest < INFINITY)) largest = NAN; /* inf or nan in: nan out, as the reference */
-        float s = largest / 127.0f;
-        scales[b] = s;
-        for (int64_t p = 0; p < length; p++) {
-            float r = s > 0.0f ? xb[natural_position(kind, p)] / s : 0.0f;
-            float a0 = nearbyintf(r);
-            r = (r - a0) * 254.0f;
-            float a1 = nearbyintf(r);
-            r = (r - a1) * 254.0f;
-            float a2 = nearbyintf(r);
-            parts[start + p] = (int8_t)a0;
-            parts[stride + start + p] = (int8_t)a1;
-            parts[2 * stride + start + p] = (int8_t)a2;
-        }
-    }
-    if (sum16)
-        for (int64_t j = 0; j < cols / 16; j++) {
-            float total = 0.0f;
-            for (int v = 0; v < 16; v++) total += x[16 * j + v];
-            sum16[j] = total;
-        }
-}
-
 /* out[r] = stored row w (cols values) @ input row rows[r], for r < count ≤ MAX_ROWS. */
 typedef void (*IntDotFn)(const uint8_t *w, const Activations *a, const int64_t *rows, int count, float *out);
 
@@ -676,7 +647,8 @@ VNNI static INLINE __m512 parts_to_float(__m512i s0, __m512i s1, __m512i s2) {
     return _mm512_fmadd_ps(_mm512_cvtepi32_ps(s2), _mm512_set1_ps(1.0f / (254.0f * 254.0f)), value);
 }
 
-/* quantize_row, sixteen values at a time (the same operations, so the same parts). */
+/* Round input row x to its parts (in the weight's order) and scales, and its sums per 16
+ * values when sum16 is given. */
 VNNI static void quantize_row_avx512(int kind, const float *x, int64_t cols, int64_t stride, int8_t *parts,
                                      float *scales, float *sum16) {
     const int rounding = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
@@ -913,7 +885,6 @@ typedef struct {
 #define X86(f) f
 #else
 #define X86(f) NULL
-typedef float (*FusedFn)(const uint8_t *w, const float *x, const float *sum16, int64_t cols);
 #endif
 
 static const Format formats[] = {
@@ -1091,6 +1062,7 @@ static void product_item(void *context, int64_t item) {
     free(row);
 }
 
+#ifdef HAVE_X86 /* the only place the integer products run */
 typedef struct {
     int kind;
     const float *x;
@@ -1101,14 +1073,10 @@ typedef struct {
 static void quantize_item(void *context, int64_t i) {
     Quantizing *q = context;
     Activations *a = q->a;
-#ifdef HAVE_X86
     quantize_row_avx512(q->kind, q->x + i * q->x_stride, a->cols, a->stride, a->parts + 3 * i * a->stride,
                         a->scales + i * a->blocks, a->sum16 ? a->sum16 + i * (a->cols / 16) : NULL);
-    return;
-#endif
-    quantize_row(q->kind, q->x + i * q->x_stride, a->cols, a->stride, a->parts + 3 * i * a->stride,
-                 a->scales + i * a->blocks, a->sum16 ? a->sum16 + i * (a->cols / 16) : NULL);
 }
+#endif
 
 /* matmul(kind, w, expert_stride, row_stride, rows, cols, x, n, x_stride, ids, k, experts, out,
  *        threads): out (n * k, rows) = for each input row i and slot j, x[i] @ W[ids[i, j]].T.
