@@ -178,3 +178,21 @@ def swiglu(
         gate.data_ptr(), up.data_ptr(), _address(weights), gate.numel() // width, width, limit, out.data_ptr()
     )
     return out
+
+
+def kv_round(kv: torch.Tensor, nope_dim: int) -> torch.Tensor:
+    """`quantsim.kv_round`: FP8 rounding of the first ``nope_dim`` values of each row."""
+    kv = kv.contiguous()
+    out = torch.empty_like(kv)
+    width = kv.shape[-1]
+    _fused.kv_round(kv.data_ptr(), kv.numel() // width, width, nope_dim, out.data_ptr())
+    return out
+
+
+def indexer_round(x: torch.Tensor) -> torch.Tensor:
+    """`quantsim.indexer_round`: Hadamard rotation, then FP4 rounding, of each row."""
+    x = x.contiguous()
+    out = torch.empty_like(x)
+    width = x.shape[-1]
+    _fused.indexer_round(x.data_ptr(), x.numel() // width, width, out.data_ptr())
+    return out

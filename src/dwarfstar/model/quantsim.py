@@ -12,6 +12,7 @@ from functools import cache
 
 import torch
 
+from dwarfstar.model import fused_cpu
 from dwarfstar.quant.formats import E2M1_VALUES
 
 FP8_MAX = 448.0
@@ -90,9 +91,14 @@ def hadamard(x: torch.Tensor) -> torch.Tensor:
 
 def kv_round(kv: torch.Tensor, nope_dim: int) -> torch.Tensor:
     """FP8-round the non-rope part of KV rows, leaving the rope dims exact."""
+    if fused_cpu.applies(kv):
+        return fused_cpu.kv_round(kv, nope_dim)
     return torch.cat((fp8_round(kv[..., :nope_dim]), kv[..., nope_dim:]), dim=-1)
 
 
 def indexer_round(x: torch.Tensor) -> torch.Tensor:
     """Hadamard-rotate and FP4-round indexer queries and keys."""
+    n = x.shape[-1]
+    if fused_cpu.applies(x) and n & (n - 1) == 0:
+        return fused_cpu.indexer_round(x)
     return fp4_round(hadamard(x))

@@ -525,6 +525,106 @@ static PyObject *py_swiglu(PyObject *self, PyObject *args) {
     Py_RETURN_NONE;
 }
 
+/* ---------------------------------------------------------------- quantisation simulation */
+
+/* quantsim._pow2_scale: 2^ceil(log2(amax · (1/top))), the ratio's exponent from frexp (one
+ * less when the ratio is a power of two). */
+static float pow2_scale(float amax, float top) {
+    int exponent;
+    float mantissa = frexpf(amax * (float)(1.0 / (double)top), &exponent); /* as torch: 1/top rounded once */
+    return ldexpf(1.0f, mantissa == 0.5f ? exponent - 1 : exponent);
+}
+
+/* The nearest E4M3 value of x (|x| <= 448), ties to even: steps of 2^(e-3) in the binade
+ * [2^e, 2^(e+1)), and of 2^-9 below 2^-6 (subnormals). */
+static float e4m3(float x) {
+    int exponent;
+    frexpf(x, &exponent); /* |x| in [2^(exponent-1), 2^exponent) */
+    int step = exponent - 1 - 3 < -9 ? -9 : exponent - 1 - 3;
+    return ldexpf(rintf(ldexpf(x, -step)), step);
+}
+
+/* fp8_round of one row's first `width` values, blocks of 64 (a last partial block as is). */
+static void fp8_round_row(const float *x, int64_t width, float *out) {
+    for (int64_t start = 0; start < width; start += 64) {
+        int64_t end = start + 64 < width ? start + 64 : width;
+        float amax = 0.0f;
+        for (int64_t i = start; i < end; i++) amax = fabsf(x[i]) > amax ? fabsf(x[i]) : amax;
+        float scale = pow2_scale(amax < 1e-4f ? 1e-4f : amax, 448.0f);
+        for (int64_t i = start; i < end; i++) {
+            float v = x[i] / scale;
+            v = v < -448.0f ? -448.0f : (v > 448.0f ? 448.0f : v);
+            out[i] = e4m3(v) * scale;
+        }
+    }
+}
+
+/* kv_round(x, rows, width, nope_dim, out): quantsim.kv_round, FP8 on each row's first nope_dim
+ * values, the rest copied. out may be x. */
+static PyObject *py_kv_round(PyObject *self, PyObject *args) {
+    (void)self;
+    unsigned long long x_address, out_address;
+    long long rows, width, nope;
+    if (!PyArg_ParseTuple(args, "KLLLK", &x_address, &rows, &width, &nope, &out_address)) return NULL;
+    for (int64_t r = 0; r < rows; r++) {
+        const float *x = PTR(const float, x_address) + r * width;
+        float *out = PTR(float, out_address) + r * width;
+        fp8_round_row(x, nope, out);
+        if (out != x) memcpy(out + nope, x + nope, sizeof(float) * (size_t)(width - nope));
+    }
+    Py_RETURN_NONE;
+}
+
+static const float e2m1_values[8] = {0.0f, 0.5f, 1.0f, 1.5f, 2.0f, 3.0f, 4.0f, 6.0f};
+
+/* quantsim._e2m1: the nearest E2M1 magnitude, ties to the even code, with x's sign. */
+static float e2m1(float x) {
+    float magnitude = fabsf(x);
+    int high = 0;
+    while (high < 7 && e2m1_values[high] < magnitude) high++; /* bucketize, clamped to 7 */
+    int low = high > 0 ? high - 1 : 0;
+    float below = magnitude - e2m1_values[low], above = e2m1_values[high] - magnitude;
+    float value = (above < below || (above == below && high % 2 == 0)) ? e2m1_values[high] : e2m1_values[low];
+    return x > 0.0f ? value : (x < 0.0f ? -value : 0.0f * value);
+}
+
+/* indexer_round(x, rows, width, out): quantsim.indexer_round, each row (a power-of-two width)
+ * rotated by the orthonormal Walsh-Hadamard transform (butterflies with stride 1, 2, 4 ...),
+ * then FP4-rounded in blocks of 32. out may be x. */
+static PyObject *py_indexer_round(PyObject *self, PyObject *args) {
+    (void)self;
+    unsigned long long x_address, out_address;
+    long long rows, width;
+    if (!PyArg_ParseTuple(args, "KLLK", &x_address, &rows, &width, &out_address)) return NULL;
+    float *row = malloc(sizeof(float) * (size_t)(width ? width : 1));
+    if (row == NULL) return PyErr_NoMemory();
+    float norm = (float)pow((double)width, -0.5); /* Python's n ** -0.5, then float32 */
+    for (int64_t r = 0; r < rows; r++) {
+        memcpy(row, PTR(const float, x_address) + r * width, sizeof(float) * (size_t)width);
+        for (int64_t stride = 1; stride < width; stride *= 2)
+            for (int64_t start = 0; start < width; start += 2 * stride)
+                for (int64_t i = start; i < start + stride; i++) {
+                    float a = row[i], b = row[i + stride];
+                    row[i] = a + b;
+                    row[i + stride] = a - b;
+                }
+        for (int64_t i = 0; i < width; i++) row[i] *= norm;
+        float *out = PTR(float, out_address) + r * width;
+        for (int64_t start = 0; start < width; start += 32) {
+            int64_t end = start + 32 < width ? start + 32 : width;
+            float amax = 0.0f;
+            for (int64_t i = start; i < end; i++) amax = fabsf(row[i]) > amax ? fabsf(row[i]) : amax;
+            float scale = pow2_scale(amax < 6.0f * 0x1p-126f ? 6.0f * 0x1p-126f : amax, 6.0f);
+            for (int64_t i = start; i < end; i++) {
+                float v = row[i] / scale;
+                out[i] = e2m1(v < -6.0f ? -6.0f : (v > 6.0f ? 6.0f : v)) * scale;
+            }
+        }
+    }
+    free(row);
+    Py_RETURN_NONE;
+}
+
 /* ---------------------------------------------------------------- module */
 
 static const char *isa = "portable";
@@ -576,6 +676,8 @@ static PyMethodDef methods[] = {
     {"attend", py_attend, METH_VARARGS, "Attention of one query with sinks (see the source)."},
     {"route", py_route, METH_VARARGS, "Expert routing after the router's projection (see the source)."},
     {"swiglu", py_swiglu, METH_VARARGS, "Clamped SwiGLU, optionally weighted per row (see the source)."},
+    {"kv_round", py_kv_round, METH_VARARGS, "FP8 rounding of KV rows' non-rope values (see the source)."},
+    {"indexer_round", py_indexer_round, METH_VARARGS, "Hadamard rotation and FP4 rounding (see the source)."},
     {"isa", py_isa, METH_NOARGS, "The instruction set in use: 'avx512', 'avx2' or 'portable'."},
     {"set_isa", py_set_isa, METH_O, "Choose the instruction set ('avx512', 'avx2', 'portable'), for tests."},
     {NULL, NULL, 0, NULL},
