@@ -57,9 +57,10 @@ def compress(
     gate = torch.cat((state.pending_gate, gate))
     n_windows = kv.shape[0] // m
     done = n_windows * m
-    state.pending_kv, state.pending_gate = kv[done:].clone(), gate[done:].clone()
-    if n_windows == 0:
+    if n_windows == 0:  # no window complete: the concatenations are the new frontier
+        state.pending_kv, state.pending_gate = kv, gate
         return
+    state.pending_kv, state.pending_gate = kv[done:].clone(), gate[done:].clone()
     kv = kv[:done].unflatten(0, (n_windows, m))
     gate = gate[:done].unflatten(0, (n_windows, m))
     if m == 4:

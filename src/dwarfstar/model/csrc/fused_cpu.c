@@ -9,8 +9,8 @@
  *
  * Addresses come as integers (tensor.data_ptr()); the Python side (model/fused_cpu.py) checks
  * shapes, dtypes and contiguity. The dot products and scaled row sums (attention, norms,
- * hyper-connections) have AVX2 and AVX-512 versions and SwiGLU an AVX2 one (its exp a
- * polynomial within 2 ulp of libm's), chosen at run time on x86-64; everything has a portable C
+ * hyper-connections) have AVX2 and AVX-512 versions, SwiGLU and attention's softmax an AVX2 exp
+ * (a polynomial within 2 ulp of libm's), chosen at run time on x86-64; everything has a portable C
  * path.
  */
 #define PY_SSIZE_T_CLEAN
@@ -164,6 +164,45 @@ AVX512 static void axpy4_avx512(float *y, const float *alpha, const float *const
     for (; i < n; i++) y[i] += alpha[0] * x[0][i] + alpha[1] * x[1][i] + alpha[2] * x[2][i] + alpha[3] * x[3][i];
 }
 
+/* Two heads (a, a + stride) against four keys b[0..3]: out[0..3] for the first, out[4..7] for
+ * the second; each key value loaded once for both heads. */
+AVX512 static void dot4x2_avx512(const float *a, int64_t stride, const float *const *b, int64_t n, float *out) {
+    __m512 s[8];
+    for (int j = 0; j < 8; j++) s[j] = _mm512_setzero_ps();
+    int64_t i = 0;
+    for (; i + 16 <= n; i += 16) {
+        __m512 x0 = _mm512_loadu_ps(a + i), x1 = _mm512_loadu_ps(a + stride + i);
+        for (int j = 0; j < 4; j++) {
+            __m512 key = _mm512_loadu_ps(b[j] + i);
+            s[j] = _mm512_fmadd_ps(x0, key, s[j]);
+            s[4 + j] = _mm512_fmadd_ps(x1, key, s[4 + j]);
+        }
+    }
+    for (int j = 0; j < 8; j++) out[j] = _mm512_reduce_add_ps(s[j]);
+    for (; i < n; i++)
+        for (int j = 0; j < 4; j++) out[j] += a[i] * b[j][i], out[4 + j] += a[stride + i] * b[j][i];
+}
+
+/* Two heads' outputs y, y + stride += Σ_j alpha[j] · x[j] and Σ_j alpha[alpha_stride + j] · x[j]. */
+AVX512 static void axpy4x2_avx512(float *y, int64_t stride, const float *alpha, int64_t alpha_stride,
+                                  const float *const *x, int64_t n) {
+    __m512 a[8];
+    for (int j = 0; j < 4; j++) a[j] = _mm512_set1_ps(alpha[j]), a[4 + j] = _mm512_set1_ps(alpha[alpha_stride + j]);
+    int64_t i = 0;
+    for (; i + 16 <= n; i += 16) {
+        __m512 v0 = _mm512_loadu_ps(y + i), v1 = _mm512_loadu_ps(y + stride + i);
+        for (int j = 0; j < 4; j++) {
+            __m512 key = _mm512_loadu_ps(x[j] + i);
+            v0 = _mm512_fmadd_ps(a[j], key, v0);
+            v1 = _mm512_fmadd_ps(a[4 + j], key, v1);
+        }
+        _mm512_storeu_ps(y + i, v0);
+        _mm512_storeu_ps(y + stride + i, v1);
+    }
+    for (; i < n; i++)
+        for (int j = 0; j < 4; j++) y[i] += alpha[j] * x[j][i], y[stride + i] += alpha[alpha_stride + j] * x[j][i];
+}
+
 /* exp(x) for 8 floats: x = k ln2 + r, |r| <= ln2 / 2, Cephes' degree-6 polynomial for exp(r),
  * times 2^k from the exponent bits (within 2 ulp of expf; x clamped to [-87.3, 88.3]). */
 AVX2 static inline __m256 exp_avx2(__m256 x) {
@@ -181,6 +220,23 @@ AVX2 static inline __m256 exp_avx2(__m256 x) {
     p = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
     __m256i two_k = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(k), _mm256_set1_epi32(127)), 23);
     return _mm256_mul_ps(p, _mm256_castsi256_ps(two_k));
+}
+
+/* s[k] = exp(s[k] - top) for k < n; returns their sum. */
+AVX2 static float exp_sum_avx2(float *s, int64_t n, float top) {
+    __m256 shift = _mm256_set1_ps(top), total = _mm256_setzero_ps();
+    int64_t k = 0;
+    for (; k + 8 <= n; k += 8) {
+        __m256 e = exp_avx2(_mm256_sub_ps(_mm256_loadu_ps(s + k), shift));
+        _mm256_storeu_ps(s + k, e);
+        total = _mm256_add_ps(total, e);
+    }
+    __m128 h = _mm_add_ps(_mm256_castps256_ps128(total), _mm256_extractf128_ps(total, 1));
+    h = _mm_add_ps(h, _mm_movehl_ps(h, h));
+    h = _mm_add_ss(h, _mm_movehdup_ps(h));
+    float sum = _mm_cvtss_f32(h);
+    for (; k < n; k++) sum += s[k] = expf(s[k] - top);
+    return sum;
 }
 
 /* SwiGLU of one row, 8 values at a time (the portable loop below finishes it). */
@@ -210,8 +266,32 @@ static void axpy4_portable(float *y, const float *alpha, const float *const *x, 
     for (int j = 0; j < 4; j++) axpy_portable(y, alpha[j], x[j], n);
 }
 
+static float exp_sum_portable(float *s, int64_t n, float top) {
+    float sum = 0.0f;
+    for (int64_t k = 0; k < n; k++) sum += s[k] = expf(s[k] - top);
+    return sum;
+}
+
+static void dot4x2_portable(const float *a, int64_t stride, const float *const *b, int64_t n, float *out);
+static void axpy4x2_portable(float *y, int64_t stride, const float *alpha, int64_t alpha_stride,
+                             const float *const *x, int64_t n);
+
+static float (*exp_sum)(float *, int64_t, float) = exp_sum_portable;
+static void (*dot4x2)(const float *, int64_t, const float *const *, int64_t, float *) = dot4x2_portable;
+static void (*axpy4x2)(float *, int64_t, const float *, int64_t, const float *const *, int64_t) = axpy4x2_portable;
 static void (*dot4)(const float *, const float *const *, int64_t, float *) = dot4_portable;
 static void (*axpy4)(float *, const float *, const float *const *, int64_t) = axpy4_portable;
+static void dot4x2_portable(const float *a, int64_t stride, const float *const *b, int64_t n, float *out) {
+    dot4(a, b, n, out);
+    dot4(a + stride, b, n, out + 4);
+}
+
+static void axpy4x2_portable(float *y, int64_t stride, const float *alpha, int64_t alpha_stride,
+                             const float *const *x, int64_t n) {
+    axpy4(y, alpha, x, n);
+    axpy4(y + stride, alpha + alpha_stride, x, n);
+}
+
 static int64_t (*swiglu_start)(const float *, const float *, float, float *, int64_t) = swiglu_portable;
 static float (*dot)(const float *, const float *, int64_t) = dot_portable;
 static void (*axpy)(float *, float, const float *, int64_t) = axpy_portable;
@@ -419,7 +499,18 @@ static PyObject *py_attend(PyObject *self, PyObject *args) {
     keys = keys_used;
     for (int64_t first = 0; first < keys; first += KEY_BLOCK) {
         int64_t last = first + KEY_BLOCK < keys ? first + KEY_BLOCK : keys;
-        for (int64_t h = 0; h < heads; h++) {
+        int64_t h = 0;
+        for (; h + 2 <= heads; h += 2) { /* two heads and four keys at a time */
+            float *s = scores + h * keys, pair[8];
+            int64_t k = first;
+            for (; k + 4 <= last; k += 4) {
+                dot4x2(q + h * dim, dim, key + k, dim, pair);
+                for (int j = 0; j < 4; j++) s[k + j] = pair[j] * scale, s[keys + k + j] = pair[4 + j] * scale;
+            }
+            for (; k < last; k++)
+                s[k] = dot(q + h * dim, key[k], dim) * scale, s[keys + k] = dot(q + (h + 1) * dim, key[k], dim) * scale;
+        }
+        for (; h < heads; h++) {
             float *s = scores + h * keys;
             int64_t k = first;
             for (; k + 4 <= last; k += 4) {
@@ -432,14 +523,22 @@ static PyObject *py_attend(PyObject *self, PyObject *args) {
     for (int64_t h = 0; h < heads; h++) {
         float *s = scores + h * keys, top = sinks[h], total = 0.0f;
         for (int64_t k = 0; k < keys; k++) top = s[k] > top ? s[k] : top;
-        for (int64_t k = 0; k < keys; k++) total += s[k] = expf(s[k] - top);
-        total += expf(sinks[h] - top);
+        total = exp_sum(s, keys, top) + expf(sinks[h] - top);
         for (int64_t k = 0; k < keys; k++) s[k] /= total;
     }
     memset(out, 0, sizeof(float) * (size_t)(heads * dim));
     for (int64_t first = 0; first < keys; first += KEY_BLOCK) {
         int64_t last = first + KEY_BLOCK < keys ? first + KEY_BLOCK : keys;
-        for (int64_t h = 0; h < heads; h++) {
+        int64_t h = 0;
+        for (; h + 2 <= heads; h += 2) {
+            int64_t k = first;
+            for (; k + 4 <= last; k += 4) axpy4x2(out + h * dim, dim, scores + h * keys + k, keys, key + k, dim);
+            for (; k < last; k++) {
+                axpy(out + h * dim, scores[h * keys + k], key[k], dim);
+                axpy(out + (h + 1) * dim, scores[(h + 1) * keys + k], key[k], dim);
+            }
+        }
+        for (; h < heads; h++) {
             int64_t k = first;
             for (; k + 4 <= last; k += 4) axpy4(out + h * dim, scores + h * keys + k, key + k, dim);
             for (; k < last; k++) axpy(out + h * dim, scores[h * keys + k], key[k], dim);
@@ -633,7 +732,8 @@ static const char *isa = "portable";
 static int use_isa(const char *name) {
     if (strcmp(name, "portable") == 0) {
         dot = dot_portable, axpy = axpy_portable, swiglu_start = swiglu_portable, isa = "portable";
-        dot4 = dot4_portable, axpy4 = axpy4_portable;
+        dot4 = dot4_portable, axpy4 = axpy4_portable, exp_sum = exp_sum_portable;
+        dot4x2 = dot4x2_portable, axpy4x2 = axpy4x2_portable;
         return 1;
     }
 #ifdef HAVE_X86
@@ -641,12 +741,14 @@ static int use_isa(const char *name) {
     int avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
     if (strcmp(name, "avx2") == 0 && avx2) {
         dot = dot_avx2, axpy = axpy_avx2, swiglu_start = swiglu_avx2, isa = "avx2";
-        dot4 = dot4_avx2, axpy4 = axpy4_avx2;
+        dot4 = dot4_avx2, axpy4 = axpy4_avx2, exp_sum = exp_sum_avx2;
+        dot4x2 = dot4x2_portable, axpy4x2 = axpy4x2_portable;
         return 1;
     }
     if (strcmp(name, "avx512") == 0 && avx2 && __builtin_cpu_supports("avx512f")) {
         dot = dot_avx512, axpy = axpy_avx512, swiglu_start = swiglu_avx2, isa = "avx512";
-        dot4 = dot4_avx512, axpy4 = axpy4_avx512;
+        dot4 = dot4_avx512, axpy4 = axpy4_avx512, exp_sum = exp_sum_avx2;
+        dot4x2 = dot4x2_avx512, axpy4x2 = axpy4x2_avx512;
         return 1;
     }
 #endif
