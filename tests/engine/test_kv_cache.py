@@ -352,6 +352,7 @@ def test_a_thinking_conversation_reads_only_each_new_turn_though_the_renderer_dr
 
     first = turn(engine, "France?")
     assert first.plan.tokens[-1] == tok.special_ids["<think>"]
+    assert first.session.checkpoint.tokens == first.plan.tokens[:-1]
     # The next prompt drops the reasoning and writes </think> where this one has <think>: it
     # reads only what follows that point (the answer and the new question), as a cold one would.
     second = turn(engine, "Italy?")
@@ -368,6 +369,15 @@ def test_a_thinking_conversation_reads_only_each_new_turn_though_the_renderer_dr
     assert third.plan.tokens == cold.plan.tokens
     run(third), run(cold)
     assert torch.allclose(third.session.checkpoint.logits, cold.session.checkpoint.logits, atol=1e-4)
+
+    # Offering tools keeps every turn's reasoning: the next prompt extends the answer, and the
+    # checkpoint stays at the end of the prompt.
+    tools = [{"type": "function", "function": {"name": "get_capital", "parameters": {"type": "object"}}}]
+    offered = Conversation([{"role": "system", "tools": tools}, *messages])
+    with_tools = Engine(shared.model, tok).generate(offered, GREEDY)
+    assert with_tools.plan.tokens[-1] == tok.special_ids["<think>"]
+    run(with_tools)
+    assert with_tools.session.checkpoint.tokens == with_tools.plan.tokens
 
 
 def test_eviction_ranks_files_by_age_and_hits_which_survive_a_restart(shared, tmp_path):

@@ -53,3 +53,10 @@ class Conversation:
             if message.get("role") in ("system", "developer")
             for tool in message.get("tools") or []
         ]
+
+    @property
+    def drops_reasoning(self) -> bool:
+        """Whether the reasoning of turns before the last user message is left out of the prompt
+        (thinking mode, ``drop_thinking``, no tools offered: the renderer's rule), so that the
+        next turn's prompt will leave this one at its closing ``<think>``."""
+        return self.thinking_mode == "thinking" and self.drop_thinking and not self.tools

@@ -176,6 +176,7 @@ class Engine:
                 text=text,
                 tokens_after=lambda offset: self.tokenizer.encode_parts(_parts_after(parts, offset)),
                 turn_end=True,
+                branches_at_think=source.drops_reasoning,
                 anchor=_anchor(text),
                 tokens_before=lambda offset: self.tokenizer.encode_parts(_parts_before(parts, offset)),
             )
@@ -326,8 +327,9 @@ class Generation:
         """Bring the session to the prompt, chunk by chunk; False when cancelled on the way.
 
         The checkpoint is taken at the end of the prompt, or just before it when it ends with
-        ``<think>``: the next turn's rendering drops this turn's reasoning and writes
-        ``</think>`` there instead, so that is where its prompt leaves this one.
+        ``<think>`` and old reasoning is dropped (``Prompt.branches_at_think``): the next turn's
+        rendering drops this turn's reasoning and writes ``</think>`` there instead, so that is
+        where its prompt leaves this one.
         """
         session, plan, chunk = self.session, self.plan, self.engine.prefill_chunk
         pool = self.engine.sessions
@@ -336,7 +338,8 @@ class Generation:
         elif plan.source == "empty":
             session.reset()
         n, reused = len(plan.tokens), plan.reused
-        ends_in_think = plan.tokens[-1] == self.engine.tokenizer.special_ids[THINK_OPEN]
+        think = self.engine.tokenizer.special_ids[THINK_OPEN]
+        ends_in_think = self.prompt.branches_at_think and plan.tokens[-1] == think
         pooled = session in pool.sessions
         store = pool.prompt_store_point(n, reused, self.prompt.turn_end) if pooled else None
         # A session keeps its anchor while it goes on: only a new one (or one restored from disk) looks.

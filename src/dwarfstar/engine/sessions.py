@@ -44,6 +44,8 @@ class Prompt:
     tokens_after: Callable[[int], list[int]] | None = None
     tokens: list[int] | None = None
     turn_end: bool = False  # it ends where a turn opens: the next request continues its text exactly
+    # When it ends with <think>, the next prompt is expected to leave it there (reasoning dropped).
+    branches_at_think: bool = True
     # A conversation's anchor: the character offset where the part other conversations may share
     # ends (before the last user turn ahead of the first answer), and the tokens of a prefix.
     anchor: int | None = None
