@@ -140,6 +140,12 @@ def test_attention_of_one_query(isa, kind):
     same(attention._attend_block, w, ctx, q, positions, first, raw, first - 19, rows, picks, valid)
 
 
+def test_pool():
+    gate = randn(3, 8, 37, seed=1, scale=4)
+    gate[0, :4] = float("-inf")  # the first window has no previous one
+    same(attention._pool, randn(3, 8, 37), gate)
+
+
 @pytest.mark.parametrize("hashed", [False, True])
 def test_route(hashed):
     config = ModelConfig(n_expert=37, n_expert_used=5)

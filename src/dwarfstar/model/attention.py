@@ -77,12 +77,19 @@ def compress(
         state.previous_kv, state.previous_gate = first_kv[-1].clone(), first_gate[-1].clone()
     else:
         slots_kv, slots_gate = kv, gate
-    pooled = (slots_kv * torch.softmax(slots_gate, dim=1)).sum(dim=1)
+    pooled = _pool(slots_kv, slots_gate)
     rows = rms_norm(pooled, comp.norm, ctx.config.rms_eps)
     first_window = state.rows.shape[0]
     window_starts = torch.arange(first_window, first_window + n_windows, device=rows.device) * m
     rows = finish(ctx.rope.apply(rows, window_starts))
     state.append_rows(rows)
+
+
+def _pool(slots_kv: torch.Tensor, slots_gate: torch.Tensor) -> torch.Tensor:
+    """Each window's slots (windows, slots, width) averaged with softmax(gate) weights per value."""
+    if fused_cpu.applies(slots_kv):  # torch's softmax across slots opens a parallel region
+        return fused_cpu.pool(slots_kv, slots_gate)
+    return (slots_kv * torch.softmax(slots_gate, dim=1)).sum(dim=1)
 
 
 def indexer_select(

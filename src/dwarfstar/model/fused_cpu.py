@@ -144,6 +144,15 @@ def attend(
     return out
 
 
+def pool(kv: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
+    """A compressor's gated pooling of (windows, slots, width) projections: (windows, width)."""
+    kv, gate = kv.contiguous(), gate.contiguous()
+    windows, slots, width = kv.shape
+    out = kv.new_empty(windows, width)
+    _fused.pool(kv.data_ptr(), gate.data_ptr(), windows, slots, width, out.data_ptr())
+    return out
+
+
 def route(
     logits: torch.Tensor,
     bias: torch.Tensor | None,

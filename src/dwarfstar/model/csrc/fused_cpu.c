@@ -549,6 +549,32 @@ static PyObject *py_attend(PyObject *self, PyObject *args) {
     Py_RETURN_NONE;
 }
 
+/* pool(kv, gate, windows, slots, width, out): a compressor's gated pooling,
+ * out[w, j] = Σ_s kv[w, s, j] · softmax_s(gate[w, :, j]) (a slot with gate -inf weighs 0). */
+static PyObject *py_pool(PyObject *self, PyObject *args) {
+    (void)self;
+    unsigned long long kv_address, gate_address, out_address;
+    long long windows, slots, width;
+    if (!PyArg_ParseTuple(args, "KKLLLK", &kv_address, &gate_address, &windows, &slots, &width, &out_address))
+        return NULL;
+    for (int64_t w = 0; w < windows; w++) {
+        const float *kv = PTR(const float, kv_address) + w * slots * width;
+        const float *gate = PTR(const float, gate_address) + w * slots * width;
+        float *out = PTR(float, out_address) + w * width;
+        for (int64_t j = 0; j < width; j++) {
+            float top = gate[j], total = 0.0f, sum = 0.0f;
+            for (int64_t s = 1; s < slots; s++) top = gate[s * width + j] > top ? gate[s * width + j] : top;
+            for (int64_t s = 0; s < slots; s++) {
+                float e = expf(gate[s * width + j] - top);
+                total += e;
+                sum += e * kv[s * width + j];
+            }
+            out[j] = sum / total;
+        }
+    }
+    Py_RETURN_NONE;
+}
+
 /* ---------------------------------------------------------------- routing and SwiGLU */
 
 /* route(logits, bias or 0, hashed or 0, tokens, n_expert, k, norm_topk, routed_scale, experts,
@@ -776,6 +802,7 @@ static PyMethodDef methods[] = {
     {"hc_pre", py_hc_pre, METH_VARARGS, "Hyper-connection collapse after the projection (see the source)."},
     {"hc_post", py_hc_post, METH_VARARGS, "Hyper-connection expansion (see the source)."},
     {"attend", py_attend, METH_VARARGS, "Attention of one query with sinks (see the source)."},
+    {"pool", py_pool, METH_VARARGS, "A compressor's gated pooling (see the source)."},
     {"route", py_route, METH_VARARGS, "Expert routing after the router's projection (see the source)."},
     {"swiglu", py_swiglu, METH_VARARGS, "Clamped SwiGLU, optionally weighted per row (see the source)."},
     {"kv_round", py_kv_round, METH_VARARGS, "FP8 rounding of KV rows' non-rope values (see the source)."},
