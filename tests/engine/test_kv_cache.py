@@ -486,7 +486,14 @@ def test_conversations_that_share_a_long_system_prompt_read_it_once(shared, tmp_
     restarted = Engine(shared.model, shared.tokenizer, **options)  # from the disk cache
     third = ask(restarted, user("What rhymes?"))
     assert third.reused_tokens == shared_part
+    run(third)
+    fourth = ask(restarted, user("Who falls?"))  # from the anchor the third one read from disk
+    assert fourth.reused_tokens == shared_part and fourth.session is not third.session
+    anchors = [
+        h for h in map(kvfile_module.read_header, tmp_path.glob("*.kv")) if h["extra"]["reason"] == "anchor"
+    ]
+    assert [(h["n_tokens"], h["hits"]) for h in anchors] == [(shared_part, 1)]  # read once
     cold = ask(Engine(shared.model, shared.tokenizer), user("What rhymes?"))
     assert third.plan.tokens == cold.plan.tokens
-    run(third), run(cold)
+    run(cold)
     assert torch.allclose(third.session.checkpoint.logits, cold.session.checkpoint.logits, atol=1e-4)

@@ -342,8 +342,10 @@ class Generation:
         ends_in_think = self.prompt.branches_at_think and plan.tokens[-1] == think
         pooled = session in pool.sessions
         store = pool.prompt_store_point(n, reused, self.prompt.turn_end) if pooled else None
-        # A session keeps its anchor while it goes on: only a new one (or one restored from disk) looks.
-        anchor = self._anchor_tokens() if pooled and reused < n and session.anchor is None else None
+        # The anchor is looked for (the prompt's start tokenized) only when the text held stops short of it.
+        held = session.text
+        short = held is None or len(held) < (self.prompt.anchor or 0)
+        anchor = self._anchor_tokens() if pooled and reused < n and short else None
         if reused < n:
             session.text = None  # a partial prompt: its text is not tracked
         if ends_in_think and reused == n - 1:

@@ -118,6 +118,8 @@ class LiveSession:
         self.tool_calls = {str(k): str(v) for k, v in calls.items()} if isinstance(calls, dict) else {}
         self.frontier_saved = len(self.tokens)
         self.save_checkpoint()
+        if snapshot.extra.get("reason") == "anchor":  # others may start from it too
+            self.anchor = self.checkpoint
 
     def fork(self, snapshot: Snapshot) -> None:
         """Continue from a copy of ``snapshot`` (another session's anchor, which stays as it is)."""
