@@ -21,6 +21,7 @@ from dwarfstar.model.config import ModelConfig
 from dwarfstar.model.model import Model
 from dwarfstar.model.norm import rms_norm
 from dwarfstar.model.rope import layer_rope
+from dwarfstar.quant.tensor import QTensor
 from dwarfstar.synthetic.models import write_random_model
 
 pytestmark = pytest.mark.skipif(fused_cpu._fused is None, reason="the C extension is not built")
@@ -100,8 +101,6 @@ def test_sinkhorn(isa):
 
 
 def _hyper_connection(n: int, width: int) -> hyper.HyperConnection:
-    from dwarfstar.quant.tensor import QTensor
-
     fn = randn(2 * n + n * n, n * width, seed=5, scale=0.05)
     fn = QTensor.from_numpy(0, tuple(fn.shape), fn.numpy())
     return hyper.HyperConnection(fn=fn, base=randn(2 * n + n * n, seed=6), scale=randn(3, seed=7))
@@ -118,6 +117,15 @@ def test_hc_pre_and_post(isa, n):
     broadcast = randn(2, width, seed=4)[:, None, :].expand(-1, n, -1)
     same(hyper.hc_pre, broadcast, hc, 1e-6, 1e-6, 20)
     same(hyper.hc_post, randn(2, width, seed=3), broadcast, post, comb)
+
+
+@pytest.mark.parametrize("n", [4, 3])
+def test_hc_head(isa, n):
+    width = 37
+    fn = randn(n, n * width, seed=5, scale=0.05)
+    fn = QTensor.from_numpy(0, tuple(fn.shape), fn.numpy())
+    hc = hyper.HyperConnection(fn=fn, base=randn(n, seed=6), scale=randn(1, seed=7))
+    same(hyper.hc_head, randn(2, n, width, seed=2), hc, 1e-6, 1e-6)
 
 
 @pytest.mark.parametrize("kind", ["window", "csa", "hca"])

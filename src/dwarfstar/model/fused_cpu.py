@@ -106,6 +106,25 @@ def hc_pre(
     return collapsed, post, comb
 
 
+def hc_head(
+    streams: torch.Tensor, mixes: torch.Tensor, scale: torch.Tensor, base: torch.Tensor, hc_eps: float
+) -> torch.Tensor:
+    """`hyper.hc_head` from the projected ``mixes`` (T, n): the collapsed streams (T, D)."""
+    tokens, n, width = streams.shape
+    streams, token_stride, stream_stride = _stream_strides(streams)
+    mixes, scale, base = (
+        mixes.contiguous(),
+        _contiguous(scale, torch.float32),
+        _contiguous(base, torch.float32),
+    )
+    out = streams.new_empty(tokens, width)
+    _fused.hc_head(
+        streams.data_ptr(), token_stride, stream_stride, mixes.data_ptr(), scale.data_ptr(), base.data_ptr(),
+        tokens, n, width, hc_eps, out.data_ptr(),
+    )  # fmt: skip
+    return out
+
+
 def hc_post(
     output: torch.Tensor, streams: torch.Tensor, post: torch.Tensor, comb: torch.Tensor
 ) -> torch.Tensor:

@@ -74,5 +74,7 @@ def hc_post(
 def hc_head(streams: torch.Tensor, hc: HyperConnection, rms_eps: float, hc_eps: float) -> torch.Tensor:
     """Final collapse of the streams before the output norm: sigmoid weights, no Sinkhorn."""
     m = _mixes(streams, hc.fn, rms_eps)
+    if fused_cpu.applies(streams):
+        return fused_cpu.hc_head(streams, m, hc.scale, hc.base, hc_eps)
     weights = torch.sigmoid(m * hc.scale[0] + hc.base) + hc_eps
     return (weights.unsqueeze(-1) * streams).sum(dim=-2)

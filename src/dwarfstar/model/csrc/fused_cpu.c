@@ -438,6 +438,29 @@ static PyObject *py_hc_pre(PyObject *self, PyObject *args) {
     Py_RETURN_NONE;
 }
 
+/* hc_head(streams, token_stride, stream_stride, mixes, scale, base, tokens, n, width, hc_eps,
+ * out): hyper.hc_head after its projection, out[t] = Σ_i (sigmoid(mix_i · scale[0] + base_i) +
+ * hc_eps) · streams[t, i]. */
+static PyObject *py_hc_head(PyObject *self, PyObject *args) {
+    (void)self;
+    unsigned long long streams_address, mixes_address, scale_address, base_address, out_address;
+    long long token_stride, stream_stride, tokens, width;
+    int n;
+    float hc_eps;
+    if (!PyArg_ParseTuple(args, "KLLKKKLiLfK", &streams_address, &token_stride, &stream_stride, &mixes_address,
+                          &scale_address, &base_address, &tokens, &n, &width, &hc_eps, &out_address))
+        return NULL;
+    const float *scale = PTR(const float, scale_address), *base = PTR(const float, base_address);
+    for (int64_t t = 0; t < tokens; t++) {
+        const float *m = PTR(const float, mixes_address) + t * n;
+        const float *streams = PTR(const float, streams_address) + t * token_stride;
+        float *out = PTR(float, out_address) + t * width;
+        memset(out, 0, sizeof(float) * (size_t)width);
+        for (int i = 0; i < n; i++) axpy(out, sigmoid(m[i] * scale[0] + base[i]) + hc_eps, streams + i * stream_stride, width);
+    }
+    Py_RETURN_NONE;
+}
+
 /* hc_post(output, streams, token_stride, stream_stride, post, comb, tokens, n, width, out):
  * out[t, j] = post[t, j] · output[t] + Σ_i comb[t, i, j] · streams[t, i]. */
 static PyObject *py_hc_post(PyObject *self, PyObject *args) {
@@ -800,6 +823,7 @@ static PyMethodDef methods[] = {
     {"rope", py_rope, METH_VARARGS, "Rotary embedding of rows (see the source)."},
     {"sinkhorn", py_sinkhorn, METH_VARARGS, "Sinkhorn projection of (n, n) matrices (see the source)."},
     {"hc_pre", py_hc_pre, METH_VARARGS, "Hyper-connection collapse after the projection (see the source)."},
+    {"hc_head", py_hc_head, METH_VARARGS, "Hyper-connection head collapse (see the source)."},
     {"hc_post", py_hc_post, METH_VARARGS, "Hyper-connection expansion (see the source)."},
     {"attend", py_attend, METH_VARARGS, "Attention of one query with sinks (see the source)."},
     {"pool", py_pool, METH_VARARGS, "A compressor's gated pooling (see the source)."},
