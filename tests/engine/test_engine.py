@@ -330,3 +330,21 @@ def test_seeded_generation_repeats_across_processes(model_path, shared):
     ]
     assert len(runs[0]) == 8 and runs[0] == runs[1] != runs[2]
     assert elsewhere.stdout == f"{runs[0]}\n"
+
+
+def test_logprobs_are_the_raw_logits_log_softmax_whatever_the_temperature(engine):
+    prompt = [0, 17, 923, 4, 55, 6, 7]
+    plain = run(engine.generate(prompt, SamplingParams(temperature=2.0, seed=3, max_tokens=3)))[0]
+    assert all(e.logprob is None and e.top_logprobs == () for e in plain if isinstance(e, TokenSampled))
+    params = SamplingParams(temperature=2.0, seed=3, max_tokens=3, logprobs=4)
+    tokens = [e for e in run(engine.generate(prompt, params))[0] if isinstance(e, TokenSampled)]
+    assert [e.id for e in tokens] == sampled_ids(plain)  # asking changes nothing drawn
+    model, state = engine.model, engine.model.new_session()
+    logits = model.forward(torch.tensor(prompt), state)[-1]
+    for event in tokens:
+        expected = torch.log_softmax(logits.float(), dim=-1)  # no temperature
+        assert (event.logprob.id, event.logprob.raw) == (event.id, engine.tokenizer.token_bytes(event.id))
+        assert event.logprob.logprob == pytest.approx(float(expected[event.id]), abs=1e-5)
+        assert [top.id for top in event.top_logprobs] == expected.topk(4).indices.tolist()
+        assert [top.logprob for top in event.top_logprobs] == pytest.approx(expected.topk(4).values.tolist())
+        logits = model.forward(torch.tensor([event.id]), state)[-1]

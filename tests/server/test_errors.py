@@ -81,8 +81,8 @@ def test_malformed_json_and_wrong_types_name_the_field(http):
 def test_unsupported_features_are_named(http):
     assert "n:" in openai_error(http.post("/v1/chat/completions", json={**CHAT, "n": 2}), 400)["message"]
     assert (
-        "logprobs"
-        in openai_error(http.post("/v1/chat/completions", json={**CHAT, "logprobs": True}), 400)["message"]
+        "top_logprobs"
+        in openai_error(http.post("/v1/chat/completions", json={**CHAT, "top_logprobs": 2}), 400)["message"]
     )
     assert (
         "echo"

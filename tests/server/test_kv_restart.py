@@ -9,8 +9,8 @@ import httpx
 from conftest import start_server, stop_server
 
 
-def ask(server, messages: list[dict]) -> dict:
-    body = {"model": "deepseek-chat", "messages": messages, "max_tokens": 4, "temperature": 0}
+def ask(server, messages: list[dict], **fields) -> dict:
+    body = {"model": "deepseek-chat", "messages": messages, "max_tokens": 4, "temperature": 0, **fields}
     response = httpx.post(server.url + "/v1/chat/completions", json=body, timeout=600)
     assert response.status_code == 200, response.text
     return response.json()
@@ -38,11 +38,12 @@ def test_a_restarted_server_continues_a_2000_token_conversation_without_reading_
             {"role": "user", "content": "And in one word?"},
         ]
         restarted = start_server(server_model, tmp_path / "restarted.log", "--kv-disk-dir", str(kv))
+        logprobs = {"logprobs": True, "top_logprobs": 20}
         try:
-            resumed = ask(restarted, messages)
+            resumed = ask(restarted, messages, **logprobs)
         finally:
             stop_server(restarted)
-        uninterrupted = ask(steady, messages)
+        uninterrupted = ask(steady, messages, **logprobs)
     finally:
         stop_server(steady)
     assert resumed["usage"] == uninterrupted["usage"]  # the same tokens reused, the same computed
@@ -50,6 +51,12 @@ def test_a_restarted_server_continues_a_2000_token_conversation_without_reading_
     assert reused > opening["usage"]["prompt_tokens"]
     assert resumed["usage"]["prompt_tokens"] - reused < 40  # only the new turn is read
     assert resumed["choices"][0]["message"] == uninterrupted["choices"][0]["message"]
+    # the same logits, bit for bit: each token's 20 likeliest log-probabilities (JSON floats
+    # round-trip exactly), from the state read back from disk and from the one never stopped
+    steps = resumed["choices"][0]["logprobs"]["content"]
+    assert len(steps) == resumed["usage"]["completion_tokens"]
+    assert all(len(step["top_logprobs"]) == 20 for step in steps)
+    assert steps == uninterrupted["choices"][0]["logprobs"]["content"]
 
 
 def test_an_agent_and_two_subagents_taking_turns_each_reuse_their_own_prefix(serve):

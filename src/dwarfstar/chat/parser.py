@@ -250,6 +250,11 @@ class OutputParser:
         return False
 
     @property
+    def in_reasoning(self) -> bool:
+        """True in the thinking block (before its ``</think>``)."""
+        return self._state in (_State.THINK_START, _State.REASONING)
+
+    @property
     def in_answer_text(self) -> bool:
         """True in the answer's free text: past the reasoning and outside any DSML tag (where
         the engine writes a forced tool call's opening)."""

@@ -3,8 +3,9 @@
 The file has the shape of ds4's ``--dump-logprobs`` (the format it compares with the official
 API's ``top_logprobs``): ``source``, ``model``, ``prompt_tokens``, ``ctx``, ``top_k`` and
 ``steps[]``, each ``{step, selected: {id, text, bytes}, top_logprobs: [{token: {id, text,
-bytes}, logit, logprob}]}``. Log-probabilities are a log-softmax over the whole vocabulary.
-The continuation stops at ``-n`` tokens, at the end of the context, or before an EOS token.
+bytes}, logit, logprob}]}``. Log-probabilities are the server's (``sampling.token_logprobs``):
+a log-softmax over the whole vocabulary. The continuation stops at ``-n`` tokens, at the end of
+the context, or before an EOS token.
 """
 
 from __future__ import annotations
@@ -108,22 +109,23 @@ def greedy_steps(model: Model, tokenizer: Tokenizer, ids: list[int], n_tokens: i
     """Up to ``n_tokens`` greedy steps after ``ids``, each with its top-``top_k`` alternatives."""
     import torch
 
+    from dwarfstar.engine.sampling import token_logprobs
+
     session = model.new_session()
     logits = prefill(model, ids, session)
     steps = []
     for step in range(n_tokens):
-        logprobs = torch.log_softmax(logits.float(), dim=-1)
         chosen = int(torch.argmax(logits))
         if chosen == tokenizer.eos_id:
             break
-        top = torch.topk(logprobs, top_k).indices.tolist()
+        _, top = token_logprobs(logits, chosen, top_k)
         steps.append(
             {
                 "step": step,
                 "selected": _token(tokenizer, chosen),
                 "top_logprobs": [
-                    {"token": _token(tokenizer, t), "logit": float(logits[t]), "logprob": float(logprobs[t])}
-                    for t in top
+                    {"token": _token(tokenizer, t), "logit": float(logits[t]), "logprob": logprob}
+                    for t, logprob in top
                 ],
             }
         )

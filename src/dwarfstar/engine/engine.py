@@ -15,6 +15,7 @@ import threading
 import time
 from collections.abc import Generator, Iterator, Sequence
 from pathlib import Path
+from typing import Literal
 
 import torch
 
@@ -28,10 +29,11 @@ from dwarfstar.engine.events import (
     Finished,
     FinishReason,
     PrefillProgress,
+    TokenLogprob,
     TokenSampled,
     Usage,
 )
-from dwarfstar.engine.sampling import Sampler, SamplingParams, StopMatcher
+from dwarfstar.engine.sampling import Sampler, SamplingParams, StopMatcher, token_logprobs
 from dwarfstar.engine.sessions import LiveSession, Plan, Prompt, SessionPool
 from dwarfstar.model.model import Model
 from dwarfstar.tokenizer import StreamDecoder, Tokenizer
@@ -237,6 +239,11 @@ def _anchor(text: str) -> int | None:
     first_answer = text.find(ASSISTANT)
     user = text.rfind(USER, 0, first_answer) if first_answer > 0 else -1
     return user if user > 0 else None
+
+
+def _part(parser: OutputParser) -> Literal["reasoning", "content", "markup"]:
+    """Where the parser is: in the reasoning, the answer's content, or markup (DSML, a think tag)."""
+    return "reasoning" if parser.in_reasoning else "content" if parser.in_answer_text else "markup"
 
 
 def _parts_before(parts: list[Part], offset: int) -> list[Part]:
@@ -450,8 +457,12 @@ class Generation:
                 break
             piece = decoder.push(token)
             pieces.append(piece)
-            yield TokenSampled(token, piece)
-            yield from parser.feed(stops.push(piece))
+            before = _part(parser)
+            events = parser.feed(stops.push(piece))
+            after = _part(parser)
+            part = before if before == after else "markup"
+            yield TokenSampled(token, piece, part, *self._logprobs(logits, token))
+            yield from events
             if stops.stopped or parser.tool_calls_closed:
                 reason = "stop" if stops.stopped else "tool_calls"
                 break
@@ -466,6 +477,21 @@ class Generation:
         assert isinstance(done, Done)
         session.text = self._held_text(sampled[: len(session.tokens) - len(plan.tokens)])
         yield self._finish(reason, sampled, "".join(pieces), done.message, start, prefilled)
+
+    def _logprobs(
+        self, logits: torch.Tensor, token: int
+    ) -> tuple[TokenLogprob | None, tuple[TokenLogprob, ...]]:
+        """The sampled token's log-probability and the likeliest alternatives', when asked for."""
+        if self.sampling.logprobs is None:
+            return None, ()
+        chosen, top = token_logprobs(logits, token, self.sampling.logprobs)
+        tokenizer = self.engine.tokenizer
+
+        def entry(token_id: int, logprob: float) -> TokenLogprob:
+            text, raw = tokenizer.decode([token_id]), tokenizer.token_bytes(token_id)
+            return TokenLogprob(token_id, text, raw, logprob)
+
+        return entry(token, chosen), tuple(entry(token_id, logprob) for token_id, logprob in top)
 
     def _held_text(self, fed: list[int]) -> str | None:
         """The session's text after generation: the prompt's plus the fed tokens', when whole UTF-8."""

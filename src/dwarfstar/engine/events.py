@@ -31,6 +31,7 @@ __all__ = [
     "Malformed",
     "PrefillProgress",
     "ReasoningDelta",
+    "TokenLogprob",
     "TokenSampled",
     "ToolCallArgumentsDelta",
     "ToolCallEnd",
@@ -49,15 +50,35 @@ class PrefillProgress(Event):
 
 
 @dataclass(frozen=True, slots=True)
-class TokenSampled(Event):
-    """One sampled token (EOS excluded) and the text it completes (whole characters only).
+class TokenLogprob:
+    """A token and its log-probability (natural log, see ``sampling.token_logprobs``).
 
-    The text is the raw model output: visible text comes through the parser events, which
-    also hide stop strings and DSML.
+    ``text`` is the token alone decoded (a partial UTF-8 character shows as U+FFFD); ``raw``
+    holds its exact bytes.
     """
 
     id: int
     text: str
+    raw: bytes
+    logprob: float
+
+
+@dataclass(frozen=True, slots=True)
+class TokenSampled(Event):
+    """One sampled token (EOS excluded) and the text it completes (whole characters only).
+
+    The text is the raw model output: visible text comes through the parser events, which
+    follow it and also hide stop strings and DSML. ``part`` says where the parser put the
+    token: in the ``reasoning``, the answer's ``content``, or ``markup`` (a think tag, DSML, a
+    token that crossed from one part to another). ``logprob`` and ``top_logprobs`` (most likely
+    first) are there when ``SamplingParams.logprobs`` asks for them.
+    """
+
+    id: int
+    text: str
+    part: Literal["reasoning", "content", "markup"] = "content"
+    logprob: TokenLogprob | None = None
+    top_logprobs: tuple[TokenLogprob, ...] = ()
     type: ClassVar[str] = "token"
 
 

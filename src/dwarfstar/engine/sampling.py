@@ -11,6 +11,9 @@ The filters apply in this order to ``softmax(logits / temperature)``:
 The draw walks the kept tokens in id order with one uniform number from NumPy's PCG64 seeded
 by ``seed``, so a seed gives the same tokens in every process and on every platform. A
 temperature of 0 (or a greedy step, see ``OutputParser.in_structure``) takes the argmax.
+
+Log-probabilities (``token_logprobs``) are those of the model itself: a log-softmax of the raw
+logits over the whole vocabulary, before temperature or any filter (as OpenAI reports them).
 """
 
 from __future__ import annotations
@@ -40,6 +43,7 @@ class SamplingParams:
     max_tokens: int | None = None
     stop: tuple[str, ...] = ()
     greedy_dsml: bool = True  # sample DSML structure greedily (see OutputParser.in_structure)
+    logprobs: int | None = None  # None: none; N: each token's log-probability and the N likeliest
 
     def __post_init__(self) -> None:
         checks = (
@@ -49,6 +53,7 @@ class SamplingParams:
             ("min_p", 0 <= self.min_p <= 1, "must be in [0, 1]"),
             ("seed", self.seed is None or self.seed >= 0, "must be >= 0"),
             ("max_tokens", self.max_tokens is None or self.max_tokens >= 0, "must be >= 0"),
+            ("logprobs", self.logprobs is None or self.logprobs >= 0, "must be >= 0"),
         )
         for name, ok, rule in checks:
             if not ok:
@@ -80,6 +85,16 @@ def token_probabilities(
             0, order, torch.where(before < top_p, weights[order], 0.0)
         )
     return weights / weights.sum()
+
+
+def token_logprobs(logits: torch.Tensor, chosen: int, top_n: int) -> tuple[float, list[tuple[int, float]]]:
+    """The log-probability of token ``chosen`` and the ``top_n`` likeliest (id, log-probability),
+    most likely first: a float32 log-softmax over the whole vocabulary of the raw ``logits``
+    (before temperature or any filter), one top-k, one transfer from the device."""
+    logprobs = torch.log_softmax(logits.detach().reshape(-1).float(), dim=-1)
+    values, ids = torch.topk(logprobs, min(top_n, logprobs.numel()))
+    figures = torch.cat([logprobs[chosen].reshape(1), values]).tolist()
+    return figures[0], list(zip(ids.tolist(), figures[1:], strict=True))
 
 
 class Sampler:

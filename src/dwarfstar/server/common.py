@@ -101,8 +101,11 @@ def sampling(
     body: dict[str, Any],
     max_tokens: int | None,
     stop: Any = None,
+    logprobs: int | None = None,
 ) -> SamplingParams:
-    """The engine's sampling for a body's common fields; the server's cap bounds ``max_tokens``."""
+    """The engine's sampling for a body's common fields; the server's cap bounds ``max_tokens``.
+
+    ``logprobs``: how many alternatives each token's log-probabilities list (None: none)."""
     if isinstance(stop, str):
         stop = [stop]
     cap = service.max_tokens
@@ -121,6 +124,7 @@ def sampling(
             **{key: getattr(defaults, key) if value is None else value for key, value in values.items()},
             max_tokens=max_tokens,
             stop=tuple(stop or ()),
+            logprobs=logprobs,
         )
     except ValueError as err:
         raise ApiError(400, str(err)) from None
@@ -221,9 +225,10 @@ class Run:
         except TimeoutError:
             return KEEPALIVE
 
-    async def events(self) -> AsyncIterator[Any]:
+    async def events(self, tokens: bool = False) -> AsyncIterator[Any]:
         """The events a client sees, with ``KEEPALIVE`` markers after ``keepalive_seconds`` in
         which none came (prefill progress and raw tokens are not shown, so they do not count).
+        ``tokens``: pass the ``TokenSampled`` events on too (for their log-probabilities).
         A failure mid-run is raised as ``ApiError``."""
         loop = asyncio.get_running_loop()
         quiet_since = loop.time()
@@ -238,16 +243,19 @@ class Run:
                 if item is not KEEPALIVE and not isinstance(item, PrefillProgress | TokenSampled):
                     quiet_since = loop.time()
                     yield item
-                elif loop.time() - quiet_since >= self.keepalive_seconds:
+                    continue
+                if tokens and isinstance(item, TokenSampled):
+                    yield item
+                if loop.time() - quiet_since >= self.keepalive_seconds:
                     quiet_since = loop.time()
                     yield KEEPALIVE
             self.ended = True
         finally:
             self.close()
 
-    async def finish(self) -> tuple[list[Event], Finished]:
-        """Run to the end (non-streaming): every event, and the last one."""
-        events = [event async for event in self.events() if event is not KEEPALIVE]
+    async def finish(self, tokens: bool = False) -> tuple[list[Event], Finished]:
+        """Run to the end (non-streaming): every event (``tokens``: sampled tokens too), and the last one."""
+        events = [event async for event in self.events(tokens) if event is not KEEPALIVE]
         finished = events[-1] if events else None
         if not isinstance(finished, Finished):
             raise ApiError(500, "generation ended without an answer")

@@ -4,11 +4,16 @@ Chat streams send a first chunk with the role, then ``reasoning_content`` and ``
 deltas, each tool call as soon as its name is known (id, name, empty arguments) followed by
 argument deltas, a last chunk with ``finish_reason``, a usage chunk when
 ``stream_options.include_usage`` asks, and ``data: [DONE]``.
+
+Log-probabilities (chat ``logprobs``/``top_logprobs``, completions ``logprobs: N``) are the
+engine's, one entry per sampled token whose text is shown: the content's tokens in chat, the
+reasoning's and the content's in a raw completion. Each goes out with the first text that
+follows its sampling (``Shown``), so a stream's chunk lists the tokens of its delta.
 """
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterable
 from typing import Any
 
 from fastapi import Request
@@ -20,6 +25,8 @@ from dwarfstar.engine.events import (
     Finished,
     Malformed,
     ReasoningDelta,
+    TokenLogprob,
+    TokenSampled,
     ToolCallArgumentsDelta,
     ToolCallStart,
     Usage,
@@ -55,8 +62,53 @@ def usage(usage: Usage) -> dict[str, Any]:
 def _unsupported(body: dict[str, Any]) -> None:
     if body.get("n") not in (None, 1):
         raise ApiError(400, "n: only one choice per request is supported", param="n")
-    if body.get("logprobs") or body.get("top_logprobs"):
-        raise ApiError(400, "logprobs: log probabilities are not supported by this server", param="logprobs")
+
+
+def _chat_logprobs(body: dict[str, Any]) -> int | None:
+    """How many alternatives each token lists (None: no log-probabilities), as OpenAI checks it
+    (the schema bounds ``top_logprobs`` to 0..20)."""
+    top = body.get("top_logprobs")
+    if top is not None and body.get("logprobs") is not True:
+        raise ApiError(400, "top_logprobs: requires logprobs to be true", param="top_logprobs")
+    return (top or 0) if body.get("logprobs") else None
+
+
+class Shown:
+    """The sampled tokens a client is told about: those in one of ``parts`` (see
+    ``TokenSampled.part``), each held until text is shown after it, so a token whose text never
+    shows (cut by a stop string, the blank line before a tool call) is left out."""
+
+    def __init__(self, parts: Iterable[str]) -> None:
+        self.parts = frozenset(parts)
+        self.held: list[TokenSampled] = []
+
+    def see(self, event: Any, shown_text: str) -> list[TokenSampled]:
+        """The tokens that go out with ``event``, which shows ``shown_text``."""
+        if isinstance(event, TokenSampled):
+            if event.part in self.parts:
+                self.held.append(event)
+            return []
+        if not shown_text:
+            return []
+        tokens, self.held = self.held, []
+        return tokens
+
+
+def _chat_entry(entry: TokenLogprob) -> dict[str, Any]:
+    return {"token": entry.text, "logprob": entry.logprob, "bytes": list(entry.raw)}
+
+
+def _chat_choice_logprobs(tokens: list[TokenSampled]) -> dict[str, Any]:
+    content = [
+        {**_chat_entry(token.logprob), "top_logprobs": [_chat_entry(top) for top in token.top_logprobs]}
+        for token in tokens
+        if token.logprob is not None
+    ]
+    return {"content": content, "refusal": None}
+
+
+def _chat_shown_text(event: Any) -> str:
+    return event.text if isinstance(event, ContentDelta | Malformed) else ""
 
 
 async def chat_completions(service: Service, request: Request, body: dict[str, Any]) -> Any:
@@ -65,12 +117,19 @@ async def chat_completions(service: Service, request: Request, body: dict[str, A
     with mapping_errors():
         conversation = from_openai(body)
     max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
-    params = sampling(service, body, max_tokens, body.get("stop"))
+    logprobs = _chat_logprobs(body)
+    params = sampling(service, body, max_tokens, body.get("stop"), logprobs)
     trace = {"api": "chat.completions", "request": body}
     run = await start(service, request, conversation, params, trace)
     response_id = new_id("chatcmpl-")
     if not body.get("stream"):
-        _, finished = await run.finish()
+        events, finished = await run.finish(tokens=logprobs is not None)
+        choice_logprobs = None
+        if logprobs is not None:
+            shown = Shown(["content"])
+            choice_logprobs = _chat_choice_logprobs(
+                [token for event in events for token in shown.see(event, _chat_shown_text(event))]
+            )
         message = {"role": "assistant", "content": finished.message["content"]}
         if finished.message.get("reasoning_content"):
             message["reasoning_content"] = finished.message["reasoning_content"]
@@ -87,22 +146,28 @@ async def chat_completions(service: Service, request: Request, body: dict[str, A
                         "index": 0,
                         "message": message,
                         "finish_reason": FINISH_REASONS[finished.reason],
-                        "logprobs": None,
+                        "logprobs": choice_logprobs,
                     }
                 ],
                 "usage": usage(finished.usage),
             }
         )
     include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
-    chunks = _chat_chunks(run, response_id, model, include_usage)
+    chunks = _chat_chunks(run, response_id, model, include_usage, logprobs is not None)
     return StreamingResponse(chunks, media_type="text/event-stream", headers=SSE_HEADERS)
 
 
-async def _chat_chunks(run: Run, response_id: str, model: str, include_usage: bool) -> AsyncIterator[bytes]:
+async def _chat_chunks(
+    run: Run, response_id: str, model: str, include_usage: bool, logprobs: bool
+) -> AsyncIterator[bytes]:
     created = now()
+    shown = Shown(["content"])
 
-    def chunk(delta: dict[str, Any], finish_reason: str | None = None) -> bytes:
-        choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
+    def chunk(
+        delta: dict[str, Any], finish_reason: str | None = None, tokens: list[TokenSampled] | None = None
+    ) -> bytes:
+        choice_logprobs = None if tokens is None else _chat_choice_logprobs(tokens)
+        choice = {"index": 0, "delta": delta, "logprobs": choice_logprobs, "finish_reason": finish_reason}
         return sse(
             {
                 "id": response_id,
@@ -115,13 +180,14 @@ async def _chat_chunks(run: Run, response_id: str, model: str, include_usage: bo
 
     yield chunk({"role": "assistant", "content": ""})
     try:
-        async for event in run.events():
+        async for event in run.events(tokens=logprobs):
+            tokens = shown.see(event, _chat_shown_text(event))
             if event is KEEPALIVE:
                 yield KEEPALIVE_COMMENT
             elif isinstance(event, ReasoningDelta):
                 yield chunk({"reasoning_content": event.text})
             elif isinstance(event, ContentDelta | Malformed) and event.text:
-                yield chunk({"content": event.text})
+                yield chunk({"content": event.text}, tokens=tokens if logprobs else None)
             elif isinstance(event, ToolCallStart):
                 call = {"index": event.index, "id": event.id, "type": "function"}
                 yield chunk({"tool_calls": [{**call, "function": {"name": event.name, "arguments": ""}}]})
@@ -169,11 +235,18 @@ async def completions(service: Service, request: Request, body: dict[str, Any]) 
     if body.get("suffix"):
         raise ApiError(400, "suffix: fill-in-the-middle is not supported", param="suffix")
     prompt = _prompt(body)
-    params = sampling(service, body, body.get("max_tokens", 16), body.get("stop"))
+    logprobs = body.get("logprobs")  # 0..20 (the schema); OpenAI allows 5 at most
+    params = sampling(service, body, body.get("max_tokens", 16), body.get("stop"), logprobs)
     run = await start(service, request, prompt, params, {"api": "completions", "request": body})
     response_id = new_id("cmpl-")
     if not body.get("stream"):
-        events, finished = await run.finish()
+        events, finished = await run.finish(tokens=logprobs is not None)
+        choice_logprobs = None
+        if logprobs is not None:
+            shown = Shown(["reasoning", "content"])
+            choice_logprobs = TextLogprobs().add(
+                [token for event in events for token in shown.see(event, _text_of(event))]
+            )
         return JSONResponse(
             {
                 "id": response_id,
@@ -185,7 +258,7 @@ async def completions(service: Service, request: Request, body: dict[str, Any]) 
                         "index": 0,
                         "text": "".join(_text_of(event) for event in events),
                         "finish_reason": FINISH_REASONS[finished.reason],
-                        "logprobs": None,
+                        "logprobs": choice_logprobs,
                     }
                 ],
                 "usage": usage(finished.usage),
@@ -193,10 +266,31 @@ async def completions(service: Service, request: Request, body: dict[str, Any]) 
         )
     include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
     return StreamingResponse(
-        _completion_chunks(run, response_id, model, include_usage),
+        _completion_chunks(run, response_id, model, include_usage, logprobs is not None),
         media_type="text/event-stream",
         headers=SSE_HEADERS,
     )
+
+
+class TextLogprobs:
+    """A completion's ``logprobs`` object, built up chunk by chunk: ``text_offset`` counts the
+    characters of the tokens reported before (in the whole answer, across chunks)."""
+
+    def __init__(self) -> None:
+        self.offset = 0
+
+    def add(self, tokens: list[TokenSampled]) -> dict[str, Any]:
+        tokens = [token for token in tokens if token.logprob is not None]
+        offsets = []
+        for token in tokens:
+            offsets.append(self.offset)
+            self.offset += len(token.text)
+        return {
+            "tokens": [token.logprob.text for token in tokens],
+            "token_logprobs": [token.logprob.logprob for token in tokens],
+            "top_logprobs": [{top.text: top.logprob for top in token.top_logprobs} for token in tokens],
+            "text_offset": offsets,
+        }
 
 
 def _text_of(event: Any) -> str:
@@ -207,12 +301,16 @@ def _text_of(event: Any) -> str:
 
 
 async def _completion_chunks(
-    run: Run, response_id: str, model: str, include_usage: bool
+    run: Run, response_id: str, model: str, include_usage: bool, logprobs: bool
 ) -> AsyncIterator[bytes]:
     created = now()
+    shown, text_logprobs = Shown(["reasoning", "content"]), TextLogprobs()
 
-    def chunk(text: str, finish_reason: str | None = None, **extra: Any) -> bytes:
-        choices = [{"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}]
+    def chunk(
+        text: str, finish_reason: str | None = None, tokens: list[TokenSampled] | None = None, **extra: Any
+    ) -> bytes:
+        choice_logprobs = text_logprobs.add(tokens) if logprobs and tokens is not None else None
+        choices = [{"index": 0, "text": text, "logprobs": choice_logprobs, "finish_reason": finish_reason}]
         return sse(
             {
                 "id": response_id,
@@ -225,11 +323,12 @@ async def _completion_chunks(
         )
 
     try:
-        async for event in run.events():
+        async for event in run.events(tokens=logprobs):
+            tokens = shown.see(event, _text_of(event))
             if event is KEEPALIVE:
                 yield KEEPALIVE_COMMENT
             elif text := _text_of(event):
-                yield chunk(text)
+                yield chunk(text, tokens=tokens)
             elif isinstance(event, Finished):
                 yield chunk("", FINISH_REASONS[event.reason])
                 if include_usage:

@@ -84,6 +84,8 @@ class ChatCompletionRequest(Sampling):
     think: bool | None = None
     reasoning_effort: str | None = Field(None, description="none, minimal, low, medium, high, xhigh, max")
     n: int | None = Field(None, ge=1, description="only 1")
+    logprobs: bool | None = Field(None, description="each content token's log-probability")
+    top_logprobs: int | None = Field(None, ge=0, le=20, description="alternatives per token; needs logprobs")
 
 
 class CompletionRequest(Sampling):
@@ -94,6 +96,7 @@ class CompletionRequest(Sampling):
     stop: str | list[str] | None = None
     stream_options: StreamOptions | None = None
     n: int | None = Field(None, ge=1, description="only 1")
+    logprobs: int | None = Field(None, ge=0, le=20, description="log-probabilities with N alternatives")
 
 
 class AnthropicBlock(Body):
