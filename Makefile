@@ -9,8 +9,9 @@ LLAMA_CPP := llama-cpp-python==0.3.36
 
 .PHONY: run test setup setup-test lint clean
 
-# The compiled CPU kernels: `pip install -e .` builds them once; rebuild when their source changes.
-KERNEL_SOURCES := setup.py $(wildcard src/dwarfstar/quant/csrc/*.c)
+# The compiled CPU kernels and fused operations: `pip install -e .` builds them once; rebuild
+# when their source changes.
+KERNEL_SOURCES := setup.py $(wildcard src/dwarfstar/quant/csrc/*.c src/dwarfstar/model/csrc/*.c)
 
 $(BIN)/ds4: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -45,4 +46,4 @@ test: setup-test lint
 	$(BIN)/python -m pytest -q
 
 clean:
-	rm -rf $(VENV) build *.egg-info src/dwarfstar/quant/_cpu.*.so
+	rm -rf $(VENV) build *.egg-info src/dwarfstar/quant/_cpu.*.so src/dwarfstar/model/_fused.*.so
