@@ -51,16 +51,23 @@ GEMM_ROWS = {"avx512vnni": 16}
 C) and multiplying it with torch's float32 GEMM beats the direct kernels: 16 for the integer
 products (AVX-512 VNNI), 8 for the float ones (docs/benchmarks.md)."""
 
+GEMM_ROWS_BY_KIND = {("avx512vnni", GGMLQuantizationType.Q2_K): 320}
+"""Formats whose integer product beats the banded GEMM far beyond GEMM_ROWS: Q2_K's (a routed
+expert's down projection) runs at 1.1-1.4x the banded GEMM's speed up to 256 rows, on one
+thread (docs/benchmarks.md, "The crossover per format")."""
 
-def gemm_rows() -> int:
-    """GEMM_ROWS for the instruction set in use."""
-    return GEMM_ROWS.get(_cpu.isa(), 8)
+
+def gemm_rows(kind: GGMLQuantizationType | None = None) -> int:
+    """From how many input rows on format ``kind`` takes the banded GEMM, for the instruction
+    set in use."""
+    isa = _cpu.isa()
+    return GEMM_ROWS_BY_KIND.get((isa, kind), GEMM_ROWS.get(isa, 8))
 
 
 def linear(x: torch.Tensor, w: QTensor) -> torch.Tensor:
     """x (n, cols) @ W.T for one matrix W (rows, cols)."""
     rows, cols = w.shape
-    if x.shape[0] >= gemm_rows():
+    if x.shape[0] >= gemm_rows(w.kind):
         out = x.new_empty(x.shape[0], rows)
         threads = torch.get_num_threads()
         _run_bands([(x, w, out, first, last) for first, last in _spans(rows, cols, 4 * threads)], threads)
@@ -78,12 +85,12 @@ def linear(x: torch.Tensor, w: QTensor) -> torch.Tensor:
 def expert_linear(x: torch.Tensor, w: QTensor, ids: torch.Tensor) -> torch.Tensor:
     """x (n, cols) through experts ids (n, k) of W (experts, rows, cols): (n, k, rows).
 
-    Experts with at least gemm_rows() rows (long prompts) take the banded GEMM on their rows,
+    Experts with at least gemm_rows(w.kind) rows (long prompts) take the banded GEMM on their rows,
     gathered once in expert order, the experts shared out among the threads; all the other
     (row, expert) pairs go through the direct kernel in one call, which groups them by expert
     in C (each expert's rows read once for all its inputs).
     """
-    least = gemm_rows()
+    least = gemm_rows(w.kind)
     if ids.numel() < least:
         return _direct_expert_linear(x, w, ids)
     n, k = ids.shape
@@ -106,6 +113,7 @@ def expert_linear(x: torch.Tensor, w: QTensor, ids: torch.Tensor) -> torch.Tenso
         group = slice(start, start + count)
         work += [(inputs[group], w[expert], results[group], first, last) for first, last in spans]
         start += count
+    work.sort(key=lambda item: -len(item[0]))  # the busiest experts first: less waiting at the end
     _run_bands(work, threads)
     out[pairs] = results
     rest = (~in_busy).nonzero().flatten()
