@@ -4,13 +4,10 @@ The model is stored like ds4's 2-bit file at small widths: routed gate/up IQ2_XX
 Q2_K, the shared expert Q4_K, the other matrices Q8_0, F16 and BF16, so every compiled format
 and the grouped expert path are on the way.
 
-This random model amplifies its products' float32 rounding about 10^4-fold into the logits: a
-relative 1e-8 perturbation of the reference's own products (below float32's 6e-8 step) moves
-prompt seed 0's logits by up to 8e-4 at one position in decode mode, 1e-7 by up to 3.9e-3, so
-that prompt decides 1e-3 by the luck of the last bit (the float and integer kernels, equally
-exact, gave 6.9e-4 and 1.3e-3). Seed 3's prompt moves by at most 2.2e-4 with every
-instruction set, while 1e-5-relative noise on the products still moves it by 4.8e-3 (prefill)
-and 1.4e-2 (decode), and int8 inputs by 5.5: the test still catches a kernel that is off.
+The random 2-bit matrices are scaled like the float ones (root mean square 1/sqrt(fan_in)), so
+activations stay O(1)..O(50) and float32 rounding is not blown up: over prompt seeds 0-5 the
+compiled kernels differ from the reference path by at most 7.9e-6 (whole prompt) and 2.1e-5
+(token by token), while int8 activations move the logits by 1.8.
 """
 
 import pytest
@@ -57,15 +54,10 @@ def model(tmp_path_factory) -> Model:
 
 @pytest.mark.parametrize("chunk", [None, 1])
 def test_logits_match_the_reference_path(model, chunk, monkeypatch):
-    tokens = torch.randint(0, 129280, (24,), generator=torch.Generator().manual_seed(3))
+    tokens = torch.randint(0, 129280, (24,), generator=torch.Generator().manual_seed(0))
     compiled = model.prefill(tokens, model.new_session(), chunk)
     monkeypatch.setattr(ops, "LINEAR_KERNELS", {})
     monkeypatch.setattr(ops, "EXPERT_KERNELS", {})
     reference = model.prefill(tokens, model.new_session(), chunk)
-    scale = reference.abs().max()
-    assert scale > 1  # logits of a real size, so that 1e-3 means something
-    # Relative to the logits' scale: this random 2-bit model's MoE outputs reach ~5e4, so the
-    # float32 rounding of a batch-1 product (~3e-7 relative, sums in another order) reaches
-    # ~1e-3 in some prompts' logits (up to 1.8e-3 of 5.3 over six prompts, with the float32
-    # and the VNNI kernels alike, and with either the torch or the compiled small operations).
-    assert (compiled - reference).abs().max() <= 1e-3 * scale
+    assert reference.abs().max() > 1  # logits of a real size, so that 1e-3 means something
+    assert (compiled - reference).abs().max() <= 1e-3

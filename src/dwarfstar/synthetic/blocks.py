@@ -9,8 +9,9 @@ from __future__ import annotations
 import numpy as np
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
+from dwarfstar.quant.ops import dequantize
 from dwarfstar.quant.quantize import quantize
-from dwarfstar.quant.tensor import bytes_per_row, is_block_kind, storage_shape
+from dwarfstar.quant.tensor import QTensor, bytes_per_row, is_block_kind, storage_shape
 
 Q = GGMLQuantizationType
 
@@ -46,17 +47,38 @@ _IQ1_M_SCALE_WORDS = (48, 50, 52, 54)
 
 
 def random_blocks(
-    kind: GGMLQuantizationType, shape: tuple[int, ...], generator: np.random.Generator
+    kind: GGMLQuantizationType,
+    shape: tuple[int, ...],
+    generator: np.random.Generator,
+    std: float | None = None,
 ) -> np.ndarray:
     """Random but valid stored data of logical `shape`: every value finite and of modest size.
 
     Block formats get random bytes with their scales replaced by fp16 values with |d| in
     [1e-3, 1e-1] (a tenth of that for _SMALL_SCALE_KINDS; MXFP4: exponents for scales in
     [2^-10, 2^-4]; NVFP4: e4m3 scales in [2^-7, 2^-2]); float kinds get N(0, 0.1^2) values.
+
+    With ``std``, the values' root mean square is brought to about ``std`` (the scales of the
+    formats in HALF_SCALE_OFFSETS and MXFP4's exponents are multiplied): a code times sub-scale
+    reaches 43 * 3.9 in IQ2_XXS and 15 * 63 in Q4_K, so the plain ranges above give matrices
+    tens to hundreds of times larger than 1/sqrt(fan_in), and a model built of them multiplies
+    its activations, and its float32 rounding, by as much.
     """
     kind = GGMLQuantizationType(kind)
     if not is_block_kind(kind):
-        return quantize(0.1 * generator.standard_normal(shape, dtype=np.float32), kind)
+        return quantize(
+            (0.1 if std is None else std) * generator.standard_normal(shape, dtype=np.float32), kind
+        )
+    blocks = _random_block_bytes(kind, shape, generator)
+    if std is not None:
+        _rescale(kind, shape, blocks, std)
+    return blocks.reshape(storage_shape(kind, shape))
+
+
+def _random_block_bytes(
+    kind: GGMLQuantizationType, shape: tuple[int, ...], generator: np.random.Generator
+) -> np.ndarray:
+    """Random blocks (..., blocks per row, block size) with valid scales, as random_blocks describes."""
     type_size = GGML_QUANT_SIZES[kind][1]
     blocks_shape = (*shape[:-1], bytes_per_row(kind, shape[-1]) // type_size, type_size)
     blocks = generator.integers(0, 256, size=blocks_shape, dtype=np.uint8)
@@ -75,7 +97,24 @@ def random_blocks(
             blocks[..., offset : offset + 2] = _random_scales(blocks_shape[:-1], generator, top)
     else:
         raise NotImplementedError(f"random data for {kind.name} is not supported")
-    return blocks.reshape(storage_shape(kind, shape))
+    return blocks
+
+
+def _rescale(kind: GGMLQuantizationType, shape: tuple[int, ...], blocks: np.ndarray, std: float) -> None:
+    """Multiply ``blocks``' scales in place so that their values' root mean square is about ``std``."""
+    values = dequantize(QTensor.from_numpy(kind, shape, blocks.reshape(storage_shape(kind, shape))))
+    rms = float(values.double().square().mean().sqrt())
+    if rms == 0:
+        return
+    factor = std / rms
+    if kind == Q.MXFP4:  # a power-of-two scale: shift the exponent byte
+        shift = round(np.log2(factor))
+        blocks[..., 0] = np.clip(blocks[..., 0].astype(np.int32) + shift, 1, 254).astype(np.uint8)
+    elif kind in HALF_SCALE_OFFSETS:
+        for offset in HALF_SCALE_OFFSETS[kind]:
+            field = blocks[..., offset : offset + 2]
+            scaled = field.copy().view(np.float16).astype(np.float32) * factor
+            blocks[..., offset : offset + 2] = scaled.astype(np.float16).view(np.uint8)
 
 
 def _random_scales(shape: tuple[int, ...], generator: np.random.Generator, top: float) -> np.ndarray:

@@ -82,10 +82,11 @@ def random_values(spec: TensorSpec, config: ModelConfig, rng: np.random.Generato
 
 
 def _encode(values: np.ndarray, kind: T, rng: np.random.Generator) -> np.ndarray:
-    """``values`` in ``kind``; formats we have no quantizer for get random valid blocks instead."""
+    """``values`` in ``kind``; formats we have no quantizer for get random valid blocks of the same
+    root mean square instead."""
     if kind in QUANTIZABLE_KINDS:
         return quantize(values, kind)
-    return random_blocks(kind, values.shape, rng)
+    return random_blocks(kind, values.shape, rng, std=float(np.sqrt(np.mean(np.square(values)))))
 
 
 def write_random_model(
