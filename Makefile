@@ -11,7 +11,7 @@ LLAMA_CPP := llama-cpp-python==0.3.36
 
 # The compiled CPU kernels and fused operations: `pip install -e .` builds them once; rebuild
 # when their source changes.
-KERNEL_SOURCES := setup.py $(wildcard src/dwarfstar/quant/csrc/*.c src/dwarfstar/model/csrc/*.c)
+KERNEL_SOURCES := setup.py $(wildcard src/dwarfstar/quant/csrc/*.[ch] src/dwarfstar/model/csrc/*.c)
 
 $(BIN)/ds4: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)

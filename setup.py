@@ -11,12 +11,14 @@ from setuptools import Extension, setup
 
 compile_args = [] if sys.platform == "win32" else ["-O3", "-std=c11", "-pthread"]
 link_args = [] if sys.platform == "win32" else ["-pthread"]
+FLOAT_DOT = "src/dwarfstar/quant/csrc/float_dot.h"  # included by both
 
 setup(
     ext_modules=[
         Extension(
             "dwarfstar.quant._cpu",
             sources=["src/dwarfstar/quant/csrc/cpu_kernels.c"],
+            depends=[FLOAT_DOT],
             extra_compile_args=compile_args,
             extra_link_args=link_args,
             optional=True,
@@ -24,6 +26,7 @@ setup(
         Extension(
             "dwarfstar.model._fused",
             sources=["src/dwarfstar/model/csrc/fused_cpu.c"],
+            depends=[FLOAT_DOT],
             extra_compile_args=compile_args,
             optional=True,
         ),

@@ -28,20 +28,11 @@
 #define AVX512 __attribute__((target("avx512f,avx2,fma")))
 #endif
 
+#include "../../quant/csrc/float_dot.h"
+
 #define PTR(type, address) ((type *)(uintptr_t)(address))
 
 /* ---------------------------------------------------------------- dot and axpy */
-
-static float dot_portable(const float *a, const float *b, int64_t n) {
-    float partial[8] = {0};
-    int64_t i = 0;
-    for (; i + 8 <= n; i += 8)
-        for (int j = 0; j < 8; j++) partial[j] += a[i + j] * b[i + j];
-    float total = 0.0f;
-    for (int j = 0; j < 8; j++) total += partial[j];
-    for (; i < n; i++) total += a[i] * b[i];
-    return total;
-}
 
 /* y += alpha * x */
 static void axpy_portable(float *y, float alpha, const float *x, int64_t n) {
@@ -49,25 +40,6 @@ static void axpy_portable(float *y, float alpha, const float *x, int64_t n) {
 }
 
 #ifdef HAVE_X86
-AVX2 static float dot_avx2(const float *a, const float *b, int64_t n) {
-    __m256 s0 = _mm256_setzero_ps(), s1 = _mm256_setzero_ps(), s2 = _mm256_setzero_ps(), s3 = _mm256_setzero_ps();
-    int64_t i = 0;
-    for (; i + 32 <= n; i += 32) {
-        s0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), s0);
-        s1 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i + 8), _mm256_loadu_ps(b + i + 8), s1);
-        s2 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i + 16), _mm256_loadu_ps(b + i + 16), s2);
-        s3 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i + 24), _mm256_loadu_ps(b + i + 24), s3);
-    }
-    for (; i + 8 <= n; i += 8) s0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), s0);
-    __m256 s = _mm256_add_ps(_mm256_add_ps(s0, s1), _mm256_add_ps(s2, s3));
-    __m128 h = _mm_add_ps(_mm256_castps256_ps128(s), _mm256_extractf128_ps(s, 1));
-    h = _mm_add_ps(h, _mm_movehl_ps(h, h));
-    h = _mm_add_ss(h, _mm_movehdup_ps(h));
-    float total = _mm_cvtss_f32(h);
-    for (; i < n; i++) total += a[i] * b[i];
-    return total;
-}
-
 AVX2 static void axpy_avx2(float *y, float alpha, const float *x, int64_t n) {
     __m256 a = _mm256_set1_ps(alpha);
     int64_t i = 0;

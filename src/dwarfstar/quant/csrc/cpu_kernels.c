@@ -29,6 +29,8 @@
 #define HAVE_X86 1
 #endif
 
+#include "float_dot.h"
+
 /* GGML type numbers (gguf.GGMLQuantizationType). */
 enum { F16 = 1, Q8_0 = 8, Q2_K = 10, Q4_K = 12, IQ2_XXS = 16, BF16 = 30 };
 
@@ -195,17 +197,6 @@ static void decode_bf16(const uint8_t *w, float *out, int64_t cols) {
     for (int64_t i = 0; i < cols; i++) out[i] = bf16_to_float(w + 2 * i);
 }
 
-static float dot(const float *a, const float *b, int64_t n) {
-    float sums[8] = {0};
-    int64_t i = 0;
-    for (; i + 8 <= n; i += 8)
-        for (int j = 0; j < 8; j++) sums[j] += a[i + j] * b[i + j];
-    float total = 0.0f;
-    for (int j = 0; j < 8; j++) total += sums[j];
-    for (; i < n; i++) total += a[i] * b[i];
-    return total;
-}
-
 /* ---------------------------------------------------------------- AVX2 row decoders */
 
 #ifdef HAVE_X86
@@ -303,27 +294,6 @@ AVX2 static void decode_bf16_avx2(const uint8_t *w, float *out, int64_t cols) {
         _mm256_storeu_ps(out + i, _mm256_castsi256_ps(_mm256_slli_epi32(bits, 16)));
     }
     for (; i < cols; i++) out[i] = bf16_to_float(w + 2 * i);
-}
-
-AVX2 static float dot_avx2(const float *a, const float *b, int64_t n) {
-    /* four independent sums, so that the FMAs' latency overlaps */
-    __m256 sum0 = _mm256_setzero_ps(), sum1 = _mm256_setzero_ps();
-    __m256 sum2 = _mm256_setzero_ps(), sum3 = _mm256_setzero_ps();
-    int64_t i = 0;
-    for (; i + 32 <= n; i += 32) {
-        sum0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), sum0);
-        sum1 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i + 8), _mm256_loadu_ps(b + i + 8), sum1);
-        sum2 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i + 16), _mm256_loadu_ps(b + i + 16), sum2);
-        sum3 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i + 24), _mm256_loadu_ps(b + i + 24), sum3);
-    }
-    for (; i + 8 <= n; i += 8) sum0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), sum0);
-    __m256 sum = _mm256_add_ps(_mm256_add_ps(sum0, sum1), _mm256_add_ps(sum2, sum3));
-    __m128 s = _mm_add_ps(_mm256_castps256_ps128(sum), _mm256_extractf128_ps(sum, 1));
-    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-    s = _mm_add_ss(s, _mm_movehdup_ps(s));
-    float total = _mm_cvtss_f32(s);
-    for (; i < n; i++) total += a[i] * b[i];
-    return total;
 }
 
 /* Fused products for a few input rows: decode eight values at a time in registers and
@@ -1132,7 +1102,7 @@ static PyObject *matmul(PyObject *self, PyObject *args) {
     int64_t band = (rows * (groups ? groups : 1) + target - 1) / target;
     if (band < 4) band = 4;
     if (band > rows) band = rows > 0 ? rows : 1;
-    Product p = {format->portable, dot, NULL, NULL, NULL, NULL, (const uint8_t *)(uintptr_t)w, expert_stride, row_stride, rows, cols,
+    Product p = {format->portable, dot_portable, NULL, NULL, NULL, NULL, (const uint8_t *)(uintptr_t)w, expert_stride, row_stride, rows, cols,
                  (const float *)(uintptr_t)x, x_stride, k, pair_order, group_start, group_expert, band,
                  (rows + band - 1) / band, (float *)(uintptr_t)out, 0};
 #ifdef HAVE_X86
