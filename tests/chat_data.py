@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from dwarfstar.chat.tokens import DSML
+
 DATA = Path(__file__).parent / "data/chat"
 
 # 80 conversations rendered by DeepSeek's reference encoder (see tests/data/chat).
@@ -26,3 +28,18 @@ def official_case(case: int) -> tuple[list[dict], str]:
     else:
         messages = data
     return messages, (DATA / f"official/test_output_{case}.txt").read_text(encoding="utf-8")
+
+
+# One OpenAI function tool and the answer that calls it, as the model samples it (the engine and
+# KV cache tests script this answer token by token).
+WEATHER_TOOL = {"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}
+
+
+def weather_call(days: str = "2") -> str:
+    """A short preamble, then get_weather(city="Rome", days=<days>) in DSML."""
+    return (
+        f'Checking.\n\n<{DSML}tool_calls>\n<{DSML}invoke name="get_weather">\n'
+        f'<{DSML}parameter name="city" string="true">Rome</{DSML}parameter>\n'
+        f'<{DSML}parameter name="days" string="false">{days}</{DSML}parameter>\n'
+        f"</{DSML}invoke>\n</{DSML}tool_calls>"
+    )

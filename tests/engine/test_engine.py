@@ -10,11 +10,12 @@ import threading
 
 import pytest
 import torch
+from chat_data import WEATHER_TOOL, weather_call
 from models import tiny_hf_config
 
 from dwarfstar.chat.conversation import Conversation
 from dwarfstar.chat.render import THINK_MAX_PREFIX, render, render_parts
-from dwarfstar.chat.tokens import DSML, EOS, THINK_CLOSE, THINK_OPEN
+from dwarfstar.chat.tokens import EOS, THINK_CLOSE, THINK_OPEN
 from dwarfstar.engine import ContextLengthError, Engine, SamplingParams
 from dwarfstar.engine.chat import Chat
 from dwarfstar.engine.events import (
@@ -147,14 +148,9 @@ def test_eos_ends_the_answer_and_is_never_fed(engine):
 
 def test_a_tool_call_streams_stops_at_its_close_and_the_next_request_reuses_it(engine):
     tok = engine.tokenizer
-    tools = [{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}]
+    tools = [WEATHER_TOOL]
     messages = [{"role": "system", "content": "", "tools": tools}, user("Weather in Rome?")]
-    completion = (
-        f'Checking.\n\n<{DSML}tool_calls>\n<{DSML}invoke name="get_weather">\n'
-        f'<{DSML}parameter name="city" string="true">Rome</{DSML}parameter>\n'
-        f'<{DSML}parameter name="days" string="false">2</{DSML}parameter>\n'
-        f"</{DSML}invoke>\n</{DSML}tool_calls>"
-    )
+    completion = weather_call()
     script = tok.encode(completion) + tok.encode("never sampled")
     conversation = Conversation(messages, thinking_mode="chat")
     generation = engine.generate(conversation, sampler=ScriptedSampler(script, end_id=tok.eos_id))

@@ -12,10 +12,10 @@ from importlib.resources import files
 
 import pytest
 import torch
+from chat_data import WEATHER_TOOL, weather_call
 from models import tiny_hf_config
 
 from dwarfstar.chat.conversation import Conversation
-from dwarfstar.chat.tokens import DSML
 from dwarfstar.engine import Engine, SamplingParams
 from dwarfstar.engine import kvfile as kvfile_module
 from dwarfstar.engine.diskcache import DiskCache, estimated_size, text_key
@@ -182,14 +182,9 @@ def test_two_engines_share_one_directory(shared, tmp_path):
 
 def test_a_client_that_reserializes_tool_call_arguments_still_hits_the_cache(shared, tmp_path):
     tok = shared.tokenizer
-    tools = [{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}]
+    tools = [WEATHER_TOOL]
     messages = [{"role": "system", "content": "", "tools": tools}, user("Weather in Rome?")]
-    completion = (
-        f'Checking.\n\n<{DSML}tool_calls>\n<{DSML}invoke name="get_weather">\n'
-        f'<{DSML}parameter name="city" string="true">Rome</{DSML}parameter>\n'
-        f'<{DSML}parameter name="days" string="false">2</{DSML}parameter>\n'
-        f"</{DSML}invoke>\n</{DSML}tool_calls>"
-    )
+    completion = weather_call()
     script = tok.encode(completion) + tok.encode("never sampled")
     opening = Conversation(messages, thinking_mode="chat")
 
@@ -274,12 +269,7 @@ def test_an_anthropic_client_sending_a_tool_use_back_with_reordered_input_hits_t
     question = {"role": "user", "content": "Weather in Rome?"}
     body = {"model": "deepseek-chat", "max_tokens": 8, "tools": tools, "messages": [question]}
     body["thinking"] = {"type": "disabled"}
-    completion = (
-        f'Checking.\n\n<{DSML}tool_calls>\n<{DSML}invoke name="get_weather">\n'
-        f'<{DSML}parameter name="city" string="true">Rome</{DSML}parameter>\n'
-        f'<{DSML}parameter name="days" string="false">2.0</{DSML}parameter>\n'
-        f"</{DSML}invoke>\n</{DSML}tool_calls>"
-    )
+    completion = weather_call(days="2.0")
     engine = Engine(shared.model, shared.tokenizer)
     script = tok.encode(completion) + tok.encode("never sampled")
     done = run(engine.generate(from_anthropic(body), sampler=ScriptedSampler(script, end_id=tok.eos_id)))
