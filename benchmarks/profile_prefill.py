@@ -1,7 +1,8 @@
 """Where a prefill's time goes: each part of the forward pass, exclusive of the parts it calls.
 
-Prefills one prompt (by default 512 tokens, one chunk, as bench_flash_layers does) and times
-the model's pieces: routed experts (`quant.expert_linear`), the other matrix products
+Prefills one prompt (by default 512 tokens, one chunk, as bench_flash_layers does) twice and
+times the second (the first also faults in the memory-mapped weights; --cold times that one)
+piece by piece: routed experts (`quant.expert_linear`), the other matrix products
 (`quant.linear`, split into decoding stored bands and torch's float32 GEMM on them), attention,
 compressors, indexer, hyper-connections, norms, rope, routing. Each row counts only its own
 time: attention's row excludes the projections and the compressor it calls, and so on. The
@@ -33,7 +34,8 @@ PIECES = (
     ("dwarfstar.quant.cpu", "_run_bands", "  banded GEMM (C band decoding + torch GEMM)"),
     ("dwarfstar.quant._cpu", "matmul", "  direct C kernel"),
     ("dwarfstar.quant", "take_rows", "embedding rows"),
-    ("dwarfstar.model.model", "attention", "attention (scores, softmax, values, rope)"),
+    ("dwarfstar.model.model", "attention", "attention: norms, rope, window, slicing"),
+    ("dwarfstar.model.attention", "_attend_block", "attention: blocks (scores, softmax, values)"),
     ("dwarfstar.model.attention", "compress", "compressors (pooling, norm, rope)"),
     ("dwarfstar.model.attention", "indexer_select", "indexer (scores, top-k)"),
     ("dwarfstar.model.model", "hc_pre", "hyper-connections: pre + Sinkhorn"),
@@ -86,11 +88,20 @@ def main() -> None:
     parser.add_argument("model", type=Path)
     parser.add_argument("--prompt", type=int, default=512)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument(
+        "--cold", action="store_true", help="profile the first prefill (it also faults in the mapped weights)"
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     model = Model.load(args.model)
     generator = torch.Generator().manual_seed(0)
     tokens = torch.randint(2, model.config.vocab_size, (args.prompt,), generator=generator)
+
+    first = None
+    if not args.cold:  # as bench_flash_layers: the compared prefill is the second
+        start = time.perf_counter()
+        model.forward(tokens, model.new_session(), all_logits=False)
+        first = time.perf_counter() - start
 
     timer = ExclusiveTimer()
     for module_name, function, row in PIECES:
@@ -105,7 +116,10 @@ def main() -> None:
     cpu = time.process_time() - cpu_start
 
     print(f"{args.model.name}: {model.config.n_layer} layers, {args.threads} threads, ", end="")
-    print(f"prefill of {args.prompt} tokens: {wall:.2f} s = {args.prompt / wall:.1f} tok/s")
+    which = "first" if first is None else "second"
+    print(f"{which} prefill of {args.prompt} tokens: {wall:.2f} s = {args.prompt / wall:.1f} tok/s")
+    if first is not None:
+        print(f"(the first, untimed by piece, which also faulted in the weights: {first:.2f} s)")
     print(f"{'':52} {'s':>7} {'share':>6} {'calls':>6}")
     for row, seconds in timer.spent.items():
         print(f"{row:52} {seconds:7.3f} {seconds / wall:6.1%} {timer.calls[row]:6d}")

@@ -7,7 +7,10 @@ creates every tensor on that device (tests/model/test_device.py checks it).
 
 from __future__ import annotations
 
+import ctypes
 import dataclasses
+import functools
+import platform
 import sys
 
 import torch
@@ -41,6 +44,31 @@ def resolve_device(name: str | torch.device | None) -> torch.device:
     if device.type not in (*DEVICES, "meta"):
         raise DeviceError(f"unknown device {name!r}: choose one of {', '.join(DEVICES)}")
     return device
+
+
+# glibc's mallopt parameters (malloc.h) and the bound below which tensors come from the heap.
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD, _M_ARENA_MAX = -1, -3, -8
+_HEAP_BLOCKS = 1 << 30
+
+
+@functools.cache
+def reuse_freed_host_memory() -> bool:
+    """Have glibc hand freed tensor memory to the next tensor instead of returning it to the system.
+
+    A prefill creates and frees about a gigabyte of temporaries (a 512-token chunk's queries
+    alone are 64 MiB per layer). By default glibc maps each block over 32 MiB afresh and unmaps
+    it when freed, and every page faults and is zeroed by the kernel on first touch: about 25 ms
+    for a 64 MiB tensor that takes 4 ms to write (docs/benchmarks.md). Here blocks up to 1 GiB
+    come from the heap and up to 1 GiB of free heap is kept, in one arena for every thread (the
+    server runs the model in a thread of its own, whose arena would map large blocks anyway).
+    Peak memory stays that of the largest set of live tensors. Returns whether it applied: on
+    glibc only (elsewhere nothing changes).
+    """
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        return False
+    mallopt = ctypes.CDLL(None).mallopt
+    settings = ((_M_MMAP_THRESHOLD, _HEAP_BLOCKS), (_M_TRIM_THRESHOLD, _HEAP_BLOCKS), (_M_ARENA_MAX, 1))
+    return all(mallopt(parameter, value) == 1 for parameter, value in settings)
 
 
 def device_memory(device: torch.device) -> int | None:

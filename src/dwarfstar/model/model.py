@@ -10,7 +10,7 @@ import torch
 from dwarfstar import quant
 from dwarfstar.model.attention import LayerContext, attention
 from dwarfstar.model.config import load_config
-from dwarfstar.model.device import resolve_device, upload
+from dwarfstar.model.device import resolve_device, reuse_freed_host_memory, upload
 from dwarfstar.model.hyper import hc_head, hc_post, hc_pre
 from dwarfstar.model.moe import moe
 from dwarfstar.model.norm import rms_norm
@@ -39,6 +39,8 @@ class Model:
         self.config = weights.config
         self.device = weights.norm.device
         self.quant_sim = self.config.is_flash if quant_sim is None else quant_sim
+        if self.device.type == "cpu":  # a prefill's temporaries reuse freed memory, no page faults
+            reuse_freed_host_memory()
         self.contexts = [
             LayerContext(
                 self.config, layer_rope(self.config, self.config.ratio(i)).to(self.device), self.quant_sim
