@@ -33,6 +33,7 @@ PIECES = (
     ("dwarfstar.quant", "linear", "dense Q8_0/F16 products (quant.linear)"),
     ("dwarfstar.quant.cpu", "_run_bands", "  banded GEMM (C band decoding + torch GEMM)"),
     ("dwarfstar.quant._cpu", "matmul", "  direct C kernel"),
+    ("dwarfstar.quant._cpu", "gemm", "  integer GEMM (C)"),
     ("dwarfstar.quant", "take_rows", "embedding rows"),
     ("dwarfstar.model.model", "attention", "attention: norms, rope, window, slicing"),
     ("dwarfstar.model.attention", "_attend_block", "attention: blocks (scores, softmax, values)"),

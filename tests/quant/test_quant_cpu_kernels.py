@@ -1,10 +1,10 @@
 """The compiled CPU kernels agree with dequantize-then-matmul, and the fallback works.
 
 The float kernels decode each weight exactly as the reference decoders do and sum in float32 in
-another order; the integer ones (AVX-512 VNNI) also round each input to three int8 parts per
-256 values (about 24 bits). Either way each output is within 1e-5 of sum_j |w_j x_j| (the scale
-of its rounding error) of the reference, and the integer rounding stays within its documented
-bound even when a block holds an outlier.
+another order; the integer ones (AVX-512 VNNI: the direct products and the integer GEMM) also
+round each input to three int8 parts per 256 values (about 24 bits). Either way each output is
+within 1e-5 of sum_j |w_j x_j| (the scale of its rounding error) of the reference, and the
+integer rounding stays within its documented bound even when a block holds an outlier.
 """
 
 import os
@@ -111,11 +111,11 @@ def test_linear_takes_non_contiguous_inputs_and_leading_dims(kind):
     generator = np.random.default_rng(5)
     cols = cols_for(kind)
     w = random_qtensor(kind, (9, cols), generator)
-    x = torch.from_numpy(generator.standard_normal((cols, 2, 3), dtype=np.float32)).permute(1, 2, 0)
+    x = torch.from_numpy(generator.standard_normal((cols, 2, 5), dtype=np.float32)).permute(1, 2, 0)
     assert not x.is_contiguous()
-    ours = linear(x, w)  # the entry point, through the registry
-    assert ours.shape == (2, 3, 9)
-    assert_within_bound(kind, ours.reshape(6, 9), x.reshape(6, cols), dequantize(w))
+    ours = linear(x, w)  # the entry point, through the registry (10 rows: a GEMM)
+    assert ours.shape == (2, 5, 9)
+    assert_within_bound(kind, ours.reshape(10, 9), x.reshape(10, cols), dequantize(w))
 
 
 @pytest.mark.parametrize("kind", COMPILED, ids=lambda kind: kind.name)
@@ -158,18 +158,21 @@ def test_many_experts_with_a_few_rows_each(kind, isa, threads):
 
 
 INTEGER = [kind for kind in COMPILED if kind not in (Q.F16, Q.BF16)]
+GEMM = pytest.mark.skipif(_cpu.isa() != "avx512vnni", reason="the integer GEMM needs AVX-512 VNNI")
 
 
 @pytest.mark.parametrize("kind", INTEGER, ids=lambda kind: kind.name)
-def test_integer_products_stay_within_their_rounding_bound(kind, isa):
+@pytest.mark.parametrize("batch", [3, 16], ids=["direct", "gemm"])
+def test_integer_products_stay_within_their_rounding_bound(kind, batch, isa):
     """Inputs with one large value per block: each value is rounded to s (a0 + a1/254 + a2/254^2),
     s = max|x| / 127 over its 256 values, so by at most s / (2 * 254^2); float32's own rounding
     of x / s and of the sums adds 2e-6 sum_j |w_j x_j|. The bound must hold for every output
-    (the float kernels meet it too), and is tight: one int8 part (s / 2) would be far off."""
+    (the float kernels meet it too), and is tight: one int8 part (s / 2) would be far off. With
+    16 rows the integer GEMM takes the product (on AVX-512 VNNI)."""
     generator = np.random.default_rng(3)
     cols = 512 + (32 if kind == Q.Q8_0 else 0)  # Q8_0: a last, short block of 32 too
     w = random_qtensor(kind, (29, cols), generator)
-    x = generator.standard_normal((3, cols)).astype(np.float32)
+    x = generator.standard_normal((batch, cols)).astype(np.float32)
     x[:, 5::256] *= 1000.0  # an outlier in every block
     x = torch.from_numpy(x)
     dense = dequantize(w).double()
@@ -179,6 +182,41 @@ def test_integer_products_stay_within_their_rounding_bound(kind, isa):
     bound = (step / (2 * 254**2)) @ dense.abs().T + 2e-6 * (x.abs().double() @ dense.abs().T)
     assert (error <= bound).all(), float((error / bound).max())
     assert (step / 2 @ dense.abs().T > 100 * bound).all()  # one int8 part could be this far off
+
+
+@GEMM
+@pytest.mark.parametrize("kind", INTEGER, ids=lambda kind: kind.name)
+@pytest.mark.parametrize("batch", [1, 2, 4, 7, 8, 64])
+def test_integer_gemm_agrees_with_dequantize_then_matmul(kind, batch, threads):
+    """The integer GEMM on its own, below its crossover too: 37 stored rows (a tile of 32 and
+    one of 5), an odd number of blocks, inputs in passes of 3, then 2 or 1."""
+    generator = np.random.default_rng(batch)
+    cols = cols_for(kind)
+    w = random_qtensor(kind, (37, cols), generator)
+    x = torch.from_numpy(generator.standard_normal((batch, cols), dtype=np.float32))
+    out = x.new_full((batch, 37), float("nan"))
+    cpu._integer_gemm(x, w, None, out)
+    assert_within_bound(kind, out, x, dequantize(w))
+
+
+@GEMM
+def test_integer_gemm_takes_long_prompts_in_slices_and_skips_unchosen_pairs(threads):
+    """8192 columns: 21 input rows fit in the L2 cache beside a tile, so an expert's 40-odd rows
+    take several slices; pairs with expert -1 are left to another kernel (untouched here)."""
+    generator = np.random.default_rng(23)
+    cols, n, k = 8192, 64, 2
+    w = random_qtensor(Q.Q8_0, (3, 37, cols), generator)
+    x = torch.from_numpy(generator.standard_normal((n, cols), dtype=np.float32))
+    ids = torch.from_numpy(generator.integers(-1, 3, size=(n, k)))
+    out = x.new_full((n * k, 37), float("nan"))
+    cpu._integer_gemm(x, w, ids, out)
+    dense = dequantize(w)
+    flat = ids.flatten()
+    assert out[flat < 0].isnan().all()
+    for e in range(3):
+        pairs = (flat == e).nonzero().flatten()
+        assert len(pairs) > 21
+        assert_within_bound(Q.Q8_0, out[pairs], x[pairs // k], dense[e])
 
 
 def test_expert_ids_out_of_range_raise():

@@ -51,22 +51,38 @@ GEMM_ROWS = {"avx512vnni": 16}
 C) and multiplying it with torch's float32 GEMM beats the direct kernels: 16 for the integer
 products (AVX-512 VNNI), 8 for the float ones (docs/benchmarks.md)."""
 
-GEMM_ROWS_BY_KIND = {("avx512vnni", GGMLQuantizationType.Q2_K): 320}
-"""Formats whose integer product beats the banded GEMM far beyond GEMM_ROWS: Q2_K's (a routed
-expert's down projection) runs at 1.1-1.4x the banded GEMM's speed up to 256 rows, on one
-thread (docs/benchmarks.md, "The crossover per format")."""
+INTEGER_GEMM_ROWS = {
+    GGMLQuantizationType.Q8_0: 4,
+    GGMLQuantizationType.Q2_K: 8,
+    GGMLQuantizationType.Q4_K: 4,
+    GGMLQuantizationType.IQ2_XXS: 4,
+}
+"""With AVX-512 VNNI, from this many input rows per matrix (or expert) on, the integer GEMM
+(`csrc/cpu_gemm.c`: a tile of stored rows decoded once to int8 for all the inputs) beats the
+direct integer kernels (docs/benchmarks.md, "The crossover per format")."""
+
+
+def integer_gemm(kind: GGMLQuantizationType) -> bool:
+    """Whether products on format ``kind`` with many input rows take the integer GEMM."""
+    return kind in INTEGER_GEMM_ROWS and _cpu.isa() == "avx512vnni"
 
 
 def gemm_rows(kind: GGMLQuantizationType | None = None) -> int:
-    """From how many input rows on format ``kind`` takes the banded GEMM, for the instruction
-    set in use."""
-    isa = _cpu.isa()
-    return GEMM_ROWS_BY_KIND.get((isa, kind), GEMM_ROWS.get(isa, 8))
+    """From how many input rows on format ``kind`` takes a GEMM (the integer one, else the
+    banded float32 one), for the instruction set in use."""
+    if integer_gemm(kind):
+        return INTEGER_GEMM_ROWS[kind]
+    return GEMM_ROWS.get(_cpu.isa(), 8)
 
 
 def linear(x: torch.Tensor, w: QTensor) -> torch.Tensor:
     """x (n, cols) @ W.T for one matrix W (rows, cols)."""
     rows, cols = w.shape
+    if x.shape[0] >= gemm_rows(w.kind) and integer_gemm(w.kind):
+        x = x.contiguous()
+        out = x.new_empty(x.shape[0], rows)
+        _integer_gemm(x, w, None, out)
+        return out
     if x.shape[0] >= gemm_rows(w.kind):
         out = x.new_empty(x.shape[0], rows)
         threads = torch.get_num_threads()
@@ -85,10 +101,11 @@ def linear(x: torch.Tensor, w: QTensor) -> torch.Tensor:
 def expert_linear(x: torch.Tensor, w: QTensor, ids: torch.Tensor) -> torch.Tensor:
     """x (n, cols) through experts ids (n, k) of W (experts, rows, cols): (n, k, rows).
 
-    Experts with at least gemm_rows(w.kind) rows (long prompts) take the banded GEMM on their rows,
-    gathered once in expert order, the experts shared out among the threads; all the other
-    (row, expert) pairs go through the direct kernel in one call, which groups them by expert
-    in C (each expert's rows read once for all its inputs).
+    Experts with at least gemm_rows(w.kind) rows (long prompts) take a GEMM: the integer one
+    in one call over all the pairs (it groups them by expert in C and skips the others), or the
+    banded float32 one on their rows gathered once in expert order, the experts shared out among
+    the threads; all the other (row, expert) pairs go through the direct kernel in one call,
+    which groups them by expert in C (each expert's rows read once for all its inputs).
     """
     least = gemm_rows(w.kind)
     if ids.numel() < least:
@@ -102,6 +119,13 @@ def expert_linear(x: torch.Tensor, w: QTensor, ids: torch.Tensor) -> torch.Tenso
         return _direct_expert_linear(x, w, ids)
     out = x.new_empty(n * k, rows)
     in_busy = busy[flat]
+    if integer_gemm(w.kind):
+        x = x.contiguous()
+        _integer_gemm(x, w, torch.where(in_busy, flat, -1).view(n, k), out)
+        rest = (~in_busy).nonzero().flatten()
+        if len(rest):
+            out[rest] = _direct_expert_linear(x[rest // k], w, flat[rest, None])[:, 0]
+        return out.view(n, k, -1)
     pairs = in_busy.nonzero().flatten()
     pairs = pairs[flat[pairs].argsort(stable=True)]  # grouped by expert
     inputs, results = x[pairs // k], x.new_empty(len(pairs), rows)
@@ -133,6 +157,19 @@ def _direct_expert_linear(x: torch.Tensor, w: QTensor, ids: torch.Tensor) -> tor
         x.data_ptr(), n, cols, ids.data_ptr(), k, experts, out.data_ptr(), torch.get_num_threads(),
     )  # fmt: skip
     return out
+
+
+def _integer_gemm(x: torch.Tensor, w: QTensor, ids: torch.Tensor | None, out: torch.Tensor) -> None:
+    """out = x @ W.T (one matrix, ids None) or each row through its experts ids (n, k) of W
+    (experts, rows, cols), out (n * k, rows); pairs whose expert is -1 are left alone."""
+    data = w.data
+    *stacked, rows, cols = w.shape
+    expert_stride = data.stride(0) * data.element_size() if stacked else 0
+    address, k, experts = (0, 1, 1) if ids is None else (ids.data_ptr(), ids.shape[1], stacked[0])
+    _cpu.gemm(
+        int(w.kind), data.data_ptr(), expert_stride, _row_stride(data), rows, cols,
+        x.data_ptr(), x.shape[0], cols, address, k, experts, out.data_ptr(), torch.get_num_threads(),
+    )  # fmt: skip
 
 
 WIDE_GEMM_ROWS = 64

@@ -14,8 +14,7 @@
  * with the reference to float32's rounding. Work is spread over a small pool of threads, one item
  * per band of output rows of one expert; the calling thread works too.
  */
-#define PY_SSIZE_T_CLEAN
-#include <Python.h>
+#include "cpu_shared.h" /* first: it includes Python.h */
 
 #include <math.h>
 #include <pthread.h>
@@ -24,15 +23,11 @@
 #include <stdlib.h>
 #include <string.h>
 
-#if defined(__x86_64__) || defined(_M_X64)
-#include <immintrin.h>
-#define HAVE_X86 1
-#endif
-
 #include "float_dot.h"
 
-/* GGML type numbers (gguf.GGMLQuantizationType). */
-enum { F16 = 1, Q8_0 = 8, Q2_K = 10, Q4_K = 12, IQ2_XXS = 16, BF16 = 30 };
+#ifdef HAVE_X86
+#include <immintrin.h>
+#endif
 
 /* ---------------------------------------------------------------- scalar helpers */
 
@@ -64,21 +59,10 @@ static inline float bf16_to_float(const uint8_t *p) {
     return f;
 }
 
-/* Q4_K's 6-bit scale and min of group j from its 12 packed bytes. */
-static inline void q4_k_scale_min(const uint8_t *packed, int j, int *scale, int *minimum) {
-    if (j < 4) {
-        *scale = packed[j] & 63;
-        *minimum = packed[j + 4] & 63;
-    } else {
-        *scale = (packed[j + 4] & 0xF) | ((packed[j - 4] >> 6) << 4);
-        *minimum = (packed[j + 4] >> 4) | ((packed[j] >> 6) << 4);
-    }
-}
-
 /* IQ2_XXS tables: ggml's kgrid_2bit_256 (8 magnitudes of 2 bits per point, standing for 8, 25
  * and 43), expanded at start-up into 8 bytes per point; and the 128 sign patterns (bit i set =
  * value i negative, value 7 negative when an odd number of the others are) as float sign bits. */
-static const uint16_t iq2_xxs_grid_codes[256] = {
+const uint16_t iq2_xxs_grid_codes[256] = {
     0,     2,     5,     8,     10,    17,    20,    32,    34,    40,    42,    65,    68,    80,
     88,    97,    100,   128,   130,   138,   162,   257,   260,   272,   277,   320,   388,   408,
     512,   514,   546,   642,   1025,  1028,  1040,  1057,  1060,  1088,  1090,  1096,  1120,  1153,
@@ -546,7 +530,6 @@ AVX512 static float fused_bf16_avx512(const uint8_t *w, const float *x, const fl
  * the three integer sums are combined in float once per register or block. The parts are stored
  * in the weight's order, so that one 64-byte load of stored codes meets one of input parts.
  * Q2_K and Q4_K's minimum terms use the input's float sums per 16 values. */
-#define ACT_BLOCK 256
 #define MAX_ROWS 2      /* input rows multiplied per pass over a stored row */
 #define INTEGER_TILE 4  /* stored rows per pass over the inputs */
 
@@ -571,16 +554,16 @@ static inline int64_t natural_position(int kind, int64_t p) {
 typedef void (*IntDotFn)(const uint8_t *w, const Activations *a, const int64_t *rows, int count, float *out);
 
 /* Constant vectors, filled by build_tables. */
-static uint8_t q2_k_expand[64];      /* byte 4s + t = s: sub-block s's scale to 4 bytes */
+uint8_t q2_k_expand[64]; /* these nine: see cpu_shared.h */
 static uint8_t q2_k_offsets[4][64];  /* register j, byte p: 4 * (its sub-block) */
-static uint8_t iq2_index_bytes[64];  /* word i = byte 8 (i / 4) + i % 4 of the 64 index/sign bytes */
-static uint16_t iq2_spread[4][32];   /* register j: qword q word 0 = code 8 j + q */
-static uint8_t iq2_grid_shifts[64];  /* byte t of each qword: bit 2 t */
-static uint8_t iq2_sign_shifts[64];  /* byte t < 4 of each qword: bit 32 + 7 t */
-static uint8_t iq2_magnitudes[64];   /* index & 3 -> 8, 25, 43, 0 */
-static uint8_t iq2_signs[128];       /* 7 sign bits + parity: bit t set = value t negative */
-static uint8_t iq2_sign_spread[4][64]; /* register j, byte p: its group's sign byte */
-static uint8_t bit_of_byte[64];      /* 1 << (p % 8) */
+uint8_t iq2_index_bytes[64];
+uint16_t iq2_spread[4][32];
+uint8_t iq2_grid_shifts[64];
+uint8_t iq2_sign_shifts[64];
+uint8_t iq2_magnitudes[64];
+uint8_t iq2_signs[128];
+uint8_t iq2_sign_spread[4][64];
+uint8_t bit_of_byte[64];
 static int32_t group_lanes[3][4][16]; /* Q8_0 (unused), Q4_K, IQ2_XXS: register j lane -> group */
 
 static void build_int_tables(void) {
@@ -619,7 +602,7 @@ VNNI static INLINE __m512 parts_to_float(__m512i s0, __m512i s1, __m512i s2) {
 
 /* Round input row x to its parts (in the weight's order) and scales, and its sums per 16
  * values when sum16 is given. */
-VNNI static void quantize_row_avx512(int kind, const float *x, int64_t cols, int64_t stride, int8_t *parts,
+VNNI void quantize_row_avx512(int kind, const float *x, int64_t cols, int64_t stride, int8_t *parts,
                                      float *scales, float *sum16) {
     const int rounding = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
     const __m512 radix = _mm512_set1_ps(254.0f);
@@ -873,6 +856,8 @@ static const Format formats[] = {
 enum { PORTABLE, USE_AVX2, USE_AVX512, USE_VNNI };
 static int isa = PORTABLE;
 
+int integer_products_in_use(void) { return isa == USE_VNNI; }
+
 static const Format *find_format(int kind) {
     for (size_t i = 0; i < sizeof(formats) / sizeof(formats[0]); i++)
         if (formats[i].kind == kind) return &formats[i];
@@ -880,8 +865,6 @@ static const Format *find_format(int kind) {
 }
 
 /* ---------------------------------------------------------------- thread pool */
-
-typedef void (*ItemFn)(void *context, int64_t item);
 
 #define MAX_WORKERS 255
 static struct {
@@ -929,8 +912,7 @@ static void forget_pool_in_child(void) {
     pool.started = 0;
 }
 
-/* fn(context, i) for i in [0, items), on `threads` threads including the caller. */
-static void parallel_for(ItemFn fn, void *context, int64_t items, int threads) {
+void parallel_for(ItemFn fn, void *context, int64_t items, int threads) {
     int workers = (int)(items < threads ? items : threads) - 1;
     if (workers > MAX_WORKERS) workers = MAX_WORKERS;
     if (workers <= 0) {
@@ -1252,6 +1234,8 @@ static PyObject *set_isa(PyObject *self, PyObject *name) {
 static PyMethodDef methods[] = {
     {"matmul", matmul, METH_VARARGS, "Matrix product straight from stored blocks (see the source)."},
     {"decode", decode, METH_VARARGS, "Stored rows to float32 (see the source)."},
+    {"gemm", gemm, METH_VARARGS, "Integer GEMM straight from stored blocks, many input rows (cpu_gemm.c)."},
+    {"gemm_kinds", gemm_kinds, METH_NOARGS, "GGML type numbers the integer GEMM takes (none without VNNI)."},
     {"kinds", kinds, METH_NOARGS, "GGML type numbers with a compiled kernel."},
     {"isa", get_isa, METH_NOARGS, "The instruction set in use: 'avx512', 'avx2' or 'portable'."},
     {"set_isa", set_isa, METH_O, "Choose the instruction set ('avx512', 'avx2', 'portable'), for tests."},

@@ -1,0 +1,540 @@
+/* The integer GEMM: products with many input rows (a prompt's tokens through a dense matrix, a
+ * routed expert's share of them, the grouped output projection), on AVX-512 VNNI.
+ *
+ * The direct products (cpu_kernels.c) decode each stored row again for every one or two input
+ * rows; here a tile of 32 stored rows is decoded once to unsigned 8-bit codes, in the layout
+ * `vpdpbusd` wants (one register = 16 rows x 4 consecutive values), and then meets every input
+ * row of its share of the product. The input rows are rounded as for the direct products: three
+ * int8 parts per value, x ≈ s (a0 + a1 / 254 + a2 / 254²), one scale s per 256 values, so the
+ * results agree with dequantize-then-matmul to float32's rounding (docs/model.md, "Kernels").
+ *
+ * The microkernel holds 2 x 3 x 3 int32 sums (two registers of rows, three input rows, three
+ * parts) and takes each part's four values as a broadcast dword beside the stored codes. Each
+ * code is made unsigned: Q8_0 and IQ2_XXS add a constant c (128, 43) to every value and take
+ * c times the parts' sums per 32 values off again (the sums start from that), Q2_K's codes
+ * times its 4-bit scales are at most 45, Q4_K's codes are 4-bit. The integer sums go to float
+ * once per scale group (32 values; 256 for Q2_K, whose scales are in the codes): converted,
+ * times the group's scale per row (and that over 254 and 254² for the other parts), added to a
+ * float sum per row and input; once per 256 values that sum times the input's scale goes to
+ * the output, less Q2_K and Q4_K's minimums times the input's sums per 16 or 32 values. On this
+ * CPU (Zen 5) the conversions hide behind the `vpdpbusd`: about 90% of its peak of two per
+ * cycle, about 300 GFLOP/s per core in float32 terms (docs/benchmarks.md).
+ */
+#include "cpu_shared.h"
+
+#include <stdlib.h>
+#include <string.h>
+
+#ifdef HAVE_X86
+#include <immintrin.h>
+
+#define VNNI __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,avx512vbmi,avx2,fma,f16c")))
+#define INLINE inline __attribute__((always_inline))
+
+#define TILE_ROWS 32 /* stored rows per tile: two registers of 16 */
+#define TOKENS 3     /* input rows per pass of the microkernel */
+#define PARTS 3
+#define CACHE_BUDGET (768 * 1024) /* bytes of the L2 cache for a tile and the input rows it meets */
+
+/* One stored row of `cols` values decoded: unsigned codes, the scale of each group and (Q2_K,
+ * Q4_K) the minimum of each sub-block, `step` floats apart (the tile's layout). */
+typedef void (*RowFn)(const uint8_t *w, int64_t cols, uint8_t *codes, float *scales, float *mins, int64_t step);
+
+typedef struct {
+    int kind;
+    int group;  /* values per scale: 32, or 256 */
+    int offset; /* c: code = value + c */
+    int sub;    /* values per minimum, 0: none */
+    RowFn row;
+} GemmFormat;
+
+VNNI static INLINE float half(const uint8_t *p) {
+    uint16_t h;
+    memcpy(&h, p, 2);
+    return _cvtsh_ss(h);
+}
+
+VNNI static void row_q8_0(const uint8_t *w, int64_t cols, uint8_t *codes, float *scales, float *mins,
+                         int64_t step) {
+    (void)mins;
+    const __m256i flip = _mm256_set1_epi8((char)0x80); /* q + 128 */
+    for (int64_t b = 0; b < cols / 32; b++, w += 34) {
+        scales[b * 3 * step] = half(w);
+        _mm256_storeu_si256((__m256i *)(codes + 32 * b),
+                            _mm256_xor_si256(_mm256_loadu_si256((const __m256i *)(w + 2)), flip));
+    }
+}
+
+/* Two 32-byte halves, the low one from `low`, the high one from `high`. */
+VNNI static INLINE __m512i halves(__m256i low, __m256i high) {
+    return _mm512_inserti64x4(_mm512_castsi256_si512(low), high, 1);
+}
+
+VNNI static void row_q2_k(const uint8_t *w, int64_t cols, uint8_t *codes, float *scales, float *mins,
+                         int64_t step) {
+    const __m512i three = _mm512_set1_epi8(3), low_nibbles = _mm512_set1_epi8(0xF);
+    const __m512i expand = _mm512_loadu_si512(q2_k_expand);
+    /* register j byte p: 4 * its sub-block (4 j + p / 16) */
+    const __m512i subs = _mm512_set_epi64(0x0C0C0C0C0C0C0C0Cll, 0x0C0C0C0C0C0C0C0Cll, 0x0808080808080808ll,
+                                          0x0808080808080808ll, 0x0404040404040404ll, 0x0404040404040404ll, 0, 0);
+    for (int64_t b = 0; b < cols / 256; b++, w += 84, codes += 256, mins += 16 * step) {
+        /* table byte 4s + t = t * scale of sub-block s: the codes come out scaled (≤ 45) */
+        __m128i packed = _mm_loadu_si128((const __m128i *)w);
+        __m512i scale = _mm512_and_si512(_mm512_permutexvar_epi8(expand, _mm512_castsi128_si512(packed)), low_nibbles);
+        __m512i table = _mm512_maskz_mov_epi8(0xEEEEEEEEEEEEEEEEull, scale);
+        table = _mm512_mask_add_epi8(table, 0xCCCCCCCCCCCCCCCCull, table, scale);
+        table = _mm512_mask_add_epi8(table, 0x8888888888888888ull, table, scale);
+        for (int j = 0; j < 4; j++) { /* values 64 j..: bits 4 (j % 2) and 4 (j % 2) + 2 of bytes 32 (j / 2).. */
+            __m256i bytes = _mm256_loadu_si256((const __m256i *)(w + 16 + 32 * (j / 2)));
+            __m512i both = halves(_mm256_srli_epi16(bytes, 4 * (j % 2)), _mm256_srli_epi16(bytes, 4 * (j % 2) + 2));
+            __m512i index = _mm512_ternarylogic_epi32(both, three, _mm512_add_epi8(subs, _mm512_set1_epi8((char)(16 * j))),
+                                                      0xEA); /* code | 4 sub-block */
+            _mm512_storeu_si512(codes + 64 * j, _mm512_permutexvar_epi8(index, table));
+        }
+        scales[b * 3 * step] = half(w + 80);
+        float dmin = half(w + 82);
+        for (int j = 0; j < 16; j++) mins[j * step] = dmin * (float)(w[j] >> 4);
+    }
+}
+
+VNNI static void row_q4_k(const uint8_t *w, int64_t cols, uint8_t *codes, float *scales, float *mins,
+                         int64_t step) {
+    const __m256i low_nibbles = _mm256_set1_epi8(0xF);
+    for (int64_t b = 0; b < cols / 256; b++, w += 144, codes += 256, scales += 24 * step, mins += 8 * step) {
+        float d = half(w), dmin = half(w + 2);
+        for (int j = 0; j < 4; j++) { /* values 64 j..: low, then high nibbles of bytes 32 j.. */
+            __m256i bytes = _mm256_loadu_si256((const __m256i *)(w + 16 + 32 * j));
+            _mm512_storeu_si512(codes + 64 * j, halves(_mm256_and_si256(bytes, low_nibbles),
+                                                       _mm256_and_si256(_mm256_srli_epi16(bytes, 4), low_nibbles)));
+        }
+        for (int g = 0; g < 8; g++) {
+            int scale, minimum;
+            q4_k_scale_min(w + 4, g, &scale, &minimum);
+            scales[g * 3 * step] = d * (float)scale;
+            mins[g * step] = dmin * (float)minimum;
+        }
+    }
+}
+
+VNNI static void row_iq2_xxs(const uint8_t *w, int64_t cols, uint8_t *codes, float *scales, float *mins,
+                            int64_t step) {
+    (void)mins;
+    __m512i grid[8];
+    for (int i = 0; i < 8; i++) grid[i] = _mm512_loadu_si512(iq2_xxs_grid_codes + 32 * i);
+    const __m512i offset = _mm512_set1_epi8(43), index_bytes = _mm512_loadu_si512(iq2_index_bytes);
+    const __m512i sign_shifts = _mm512_loadu_si512(iq2_sign_shifts), grid_shifts = _mm512_loadu_si512(iq2_grid_shifts);
+    const __m512i signs_low = _mm512_loadu_si512(iq2_signs), signs_high = _mm512_loadu_si512(iq2_signs + 64);
+    const __m512i magnitudes = _mm512_loadu_si512(iq2_magnitudes), bits = _mm512_loadu_si512(bit_of_byte);
+    for (int64_t b = 0; b < cols / 256; b++, w += 66, codes += 256, scales += 24 * step) {
+        __m512i data = _mm512_loadu_si512(w + 2); /* qword g: group g's 4 indices, then signs and scale */
+        __m512i index = _mm512_maskz_permutexvar_epi8(0x5555555555555555ull, index_bytes, data);
+        __mmask32 bit6 = _mm512_test_epi16_mask(index, _mm512_set1_epi16(64));
+        __mmask32 bit7 = _mm512_test_epi16_mask(index, _mm512_set1_epi16(128));
+        __m512i points = _mm512_mask_blend_epi16(
+            bit7,
+            _mm512_mask_blend_epi16(bit6, _mm512_permutex2var_epi16(grid[0], index, grid[1]),
+                                    _mm512_permutex2var_epi16(grid[2], index, grid[3])),
+            _mm512_mask_blend_epi16(bit6, _mm512_permutex2var_epi16(grid[4], index, grid[5]),
+                                    _mm512_permutex2var_epi16(grid[6], index, grid[7])));
+        __m512i sign_bytes =
+            _mm512_permutex2var_epi8(signs_low, _mm512_multishift_epi64_epi8(sign_shifts, data), signs_high);
+        for (int j = 0; j < 4; j++) {
+            __m512i spread = _mm512_permutexvar_epi16(_mm512_loadu_si512(iq2_spread[j]), points);
+            __m512i magnitude = _mm512_permutexvar_epi8(_mm512_multishift_epi64_epi8(grid_shifts, spread), magnitudes);
+            __mmask64 negative = _mm512_test_epi8_mask(
+                _mm512_permutexvar_epi8(_mm512_loadu_si512(iq2_sign_spread[j]), sign_bytes), bits);
+            _mm512_storeu_si512(codes + 64 * j, _mm512_mask_sub_epi8(_mm512_add_epi8(offset, magnitude), negative,
+                                                                     offset, magnitude));
+        }
+        /* group scales d (0.5 + s) / 4 = d (2 s + 1) / 8, exact in float */
+        __m256 odd = _mm256_cvtepi32_ps(_mm512_cvtepi64_epi32(
+            _mm512_or_si512(_mm512_slli_epi64(_mm512_srli_epi64(data, 60), 1), _mm512_set1_epi64(1))));
+        float group_scales[8];
+        _mm256_storeu_ps(group_scales, _mm256_mul_ps(odd, _mm256_set1_ps(half(w) * 0.125f)));
+        for (int g = 0; g < 8; g++) scales[g * 3 * step] = group_scales[g];
+    }
+}
+
+static const GemmFormat gemm_formats[] = {
+    {Q8_0, 32, 128, 0, row_q8_0},
+    {Q2_K, 256, 0, 16, row_q2_k},
+    {Q4_K, 32, 0, 32, row_q4_k},
+    {IQ2_XXS, 32, 43, 0, row_iq2_xxs},
+};
+
+static const GemmFormat *find_gemm_format(int kind) {
+    for (size_t i = 0; i < sizeof(gemm_formats) / sizeof(gemm_formats[0]); i++)
+        if (gemm_formats[i].kind == kind) return &gemm_formats[i];
+    return NULL;
+}
+
+/* ---------------------------------------------------------------- the inputs */
+
+typedef struct {
+    int8_t *parts;  /* (n, 3, stride): part p of input row i at parts + (3 i + p) stride, natural order */
+    float *scales;  /* (n, blocks of 256) */
+    int32_t *corr;  /* (n, 3, groups of 32): -c times the part's sum over the group (Q8_0, IQ2_XXS) */
+    float *sums;    /* (n, cols / 16): the input's float sums per sub-block (Q2_K 16, Q4_K 32, the rest unused) */
+    int64_t cols, blocks, groups, stride;
+} GemmInput;
+
+typedef struct {
+    const GemmFormat *format;
+    const float *x;
+    int64_t x_stride;
+    GemmInput *in;
+} Rounding;
+
+VNNI static void round_item(void *context, int64_t i) {
+    Rounding *r = context;
+    GemmInput *in = r->in;
+    const GemmFormat *f = r->format;
+    int8_t *parts = in->parts + 3 * i * in->stride;
+    float *sum16 = f->sub ? in->sums + i * (in->cols / 16) : NULL; /* first per 16, then per sub */
+    quantize_row_avx512(Q8_0, r->x + i * r->x_stride, in->cols, in->stride, parts, in->scales + i * in->blocks, sum16);
+    if (f->sub == 32)
+        for (int64_t j = 0; j < in->cols / 32; j++) sum16[j] = sum16[2 * j] + sum16[2 * j + 1];
+    if (f->offset) {
+        const __m512i ones = _mm512_set1_epi8(1);
+        for (int p = 0; p < PARTS; p++) {
+            int32_t *corr = in->corr + (3 * i + p) * in->groups;
+            const int8_t *part = parts + p * in->stride;
+            for (int64_t g = 0; g < in->groups; g += 2) {
+                __m512i sums4 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), ones, _mm512_loadu_si512(part + 32 * g));
+                corr[g] = -f->offset * _mm512_mask_reduce_add_epi32(0x00FF, sums4);
+                if (g + 1 < in->groups) corr[g + 1] = -f->offset * _mm512_mask_reduce_add_epi32(0xFF00, sums4);
+            }
+        }
+    }
+}
+
+/* ---------------------------------------------------------------- tiles */
+
+typedef struct {
+    uint8_t *codes; /* (cols / 4, 2, 64): k-step j, rows 16 h.. 16 h + 15, four values each */
+    float *scales;  /* (cols / group, 3, 32): d, d / 254, d / 254² per row */
+    float *mins;    /* (cols / sub, 32) */
+    uint8_t *rows;  /* (16, cols + 64): 16 rows' codes as decoded, before the transposition */
+} Tile;
+
+/* This thread's tile buffer, kept between calls (the pool's threads live on). */
+static _Thread_local uint8_t *tile_buffer;
+static _Thread_local size_t tile_bytes;
+
+static int tile_for(const GemmFormat *f, int64_t cols, Tile *tile) {
+    size_t groups = (size_t)(cols / f->group), subs = f->sub ? (size_t)(cols / f->sub) : 0;
+    size_t sizes[4] = {(size_t)cols * TILE_ROWS, sizeof(float) * 3 * TILE_ROWS * groups, sizeof(float) * TILE_ROWS * subs,
+                       16 * (size_t)(cols + 64)};
+    size_t bytes = 0;
+    for (int i = 0; i < 4; i++) bytes += (sizes[i] + 63) / 64 * 64;
+    if (tile_bytes < bytes) {
+        free(tile_buffer);
+        tile_bytes = 0;
+        if (posix_memalign((void **)&tile_buffer, 64, bytes) != 0) {
+            tile_buffer = NULL;
+            return -1;
+        }
+        tile_bytes = bytes;
+    }
+    uint8_t *at[4], *next = tile_buffer;
+    for (int i = 0; i < 4; i++) {
+        at[i] = next;
+        next += (sizes[i] + 63) / 64 * 64;
+    }
+    *tile = (Tile){at[0], (float *)at[1], (float *)at[2], at[3]};
+    return 0;
+}
+
+/* Sixteen registers of 16 dwords transposed: r[i] dword j <-> r[j] dword i. */
+VNNI static INLINE void transpose16(__m512i r[16]) {
+    __m512i t[16];
+    for (int i = 0; i < 8; i++) {
+        t[2 * i] = _mm512_unpacklo_epi32(r[2 * i], r[2 * i + 1]);
+        t[2 * i + 1] = _mm512_unpackhi_epi32(r[2 * i], r[2 * i + 1]);
+    }
+    for (int i = 0; i < 4; i++) { /* r[4 i + m], 128-bit lane L: dword 4 L + m of rows 4 i.. 4 i + 3 */
+        r[4 * i] = _mm512_unpacklo_epi64(t[4 * i], t[4 * i + 2]);
+        r[4 * i + 1] = _mm512_unpackhi_epi64(t[4 * i], t[4 * i + 2]);
+        r[4 * i + 2] = _mm512_unpacklo_epi64(t[4 * i + 1], t[4 * i + 3]);
+        r[4 * i + 3] = _mm512_unpackhi_epi64(t[4 * i + 1], t[4 * i + 3]);
+    }
+    for (int m = 0; m < 4; m++) {
+        __m512i even_low = _mm512_shuffle_i32x4(r[m], r[4 + m], 0x88), odd_low = _mm512_shuffle_i32x4(r[m], r[4 + m], 0xDD);
+        __m512i even_high = _mm512_shuffle_i32x4(r[8 + m], r[12 + m], 0x88);
+        __m512i odd_high = _mm512_shuffle_i32x4(r[8 + m], r[12 + m], 0xDD);
+        t[m] = _mm512_shuffle_i32x4(even_low, even_high, 0x88);
+        t[8 + m] = _mm512_shuffle_i32x4(even_low, even_high, 0xDD);
+        t[4 + m] = _mm512_shuffle_i32x4(odd_low, odd_high, 0x88);
+        t[12 + m] = _mm512_shuffle_i32x4(odd_low, odd_high, 0xDD);
+    }
+    for (int i = 0; i < 16; i++) r[i] = t[i];
+}
+
+/* Decode stored rows [first, first + count) into the tile (count ≤ 32; the rest of it weighs
+ * nothing): each block of 16 rows row by row into `rows` (16, cols + 64), then transposed. */
+VNNI static void decode_tile(const GemmFormat *f, const uint8_t *w, int64_t row_stride, int64_t count,
+                             int64_t cols, const Tile *tile) {
+    int64_t stride = cols + 64; /* rows 4 KiB apart would share the L1 cache's sets */
+    int64_t groups = cols / f->group, subs = f->sub ? cols / f->sub : 0;
+    const float third = 1.0f / 254.0f, fourth = 1.0f / (254.0f * 254.0f);
+    for (int h = 0; h < 2; h++) {
+        for (int64_t r = 0; r < 16; r++) {
+            float *scales = tile->scales + 16 * h + r, *mins = tile->mins + 16 * h + r;
+            if (16 * h + r < count) {
+                f->row(w + (16 * h + r) * row_stride, cols, tile->rows + r * stride, scales, mins, TILE_ROWS);
+            } else {
+                memset(tile->rows + r * stride, 0, (size_t)cols);
+                for (int64_t g = 0; g < groups; g++) scales[3 * g * TILE_ROWS] = 0.0f;
+                for (int64_t j = 0; j < subs; j++) mins[j * TILE_ROWS] = 0.0f;
+            }
+        }
+        for (int64_t start = 0; start < cols; start += 64) {
+            __m512i regs[16];
+            for (int r = 0; r < 16; r++) regs[r] = _mm512_loadu_si512(tile->rows + r * stride + start);
+            transpose16(regs);
+            int64_t steps = cols - start < 64 ? (cols - start) / 4 : 16;
+            uint8_t *out = tile->codes + (start / 4 * 2 + h) * 64;
+            for (int64_t s = 0; s < steps; s++) _mm512_store_si512(out + 128 * s, regs[s]);
+        }
+    }
+    for (int64_t g = 0; g < groups; g++) /* the other parts' scales */
+        for (int h = 0; h < 2; h++) {
+            float *at = tile->scales + 3 * g * TILE_ROWS + 16 * h;
+            __m512 d = _mm512_load_ps(at);
+            _mm512_store_ps(at + TILE_ROWS, _mm512_mul_ps(d, _mm512_set1_ps(third)));
+            _mm512_store_ps(at + 2 * TILE_ROWS, _mm512_mul_ps(d, _mm512_set1_ps(fourth)));
+        }
+}
+
+/* ---------------------------------------------------------------- the microkernel */
+
+/* out[t][0..32) (masked by m0, m1) = tile @ input row inputs[t], for t < T, 32 values at a time
+ * (8 k-steps); FOLDED: one scale per 256 values (Q2_K), else one per 32; CORR: the sums start
+ * from corr; SUB: values per minimum (0: none). */
+VNNI static INLINE void pass(const Tile *tile, const GemmInput *in, const int64_t *inputs, float *const *outs,
+                             __mmask16 m0, __mmask16 m1, const int T, const int FOLDED, const int CORR, const int SUB) {
+    const __mmask16 masks[2] = {m0, m1};
+    const int8_t *parts[TOKENS];
+    for (int t = 0; t < T; t++) parts[t] = in->parts + 3 * inputs[t] * in->stride;
+    for (int64_t b = 0, start = 0; start < in->cols; b++, start += 256) {
+        int64_t stop = in->cols - start < 256 ? in->cols : start + 256;
+        __m512 sums[2][TOKENS];
+        __m512i acc[2][TOKENS][PARTS];
+        for (int t = 0; t < T; t++) sums[0][t] = sums[1][t] = _mm512_setzero_ps();
+        for (int64_t g0 = start; g0 < stop; g0 += 32) {
+            int64_t g = g0 / 32;
+            if (!FOLDED || g0 == start)
+                for (int t = 0; t < T; t++)
+                    for (int p = 0; p < PARTS; p++) {
+                        acc[0][t][p] = CORR ? _mm512_set1_epi32(in->corr[(3 * inputs[t] + p) * in->groups + g])
+                                            : _mm512_setzero_si512();
+                        acc[1][t][p] = acc[0][t][p];
+                    }
+            const uint8_t *codes = tile->codes + g0 / 4 * 128;
+#pragma GCC unroll 8
+            for (int s = 0; s < 8; s++) {
+                __m512i w0 = _mm512_load_si512(codes + 128 * s), w1 = _mm512_load_si512(codes + 128 * s + 64);
+                for (int t = 0; t < T; t++)
+                    for (int p = 0; p < PARTS; p++) {
+                        int32_t four;
+                        memcpy(&four, parts[t] + p * in->stride + g0 + 4 * s, 4);
+                        __m512i a = _mm512_set1_epi32(four);
+                        acc[0][t][p] = _mm512_dpbusd_epi32(acc[0][t][p], w0, a);
+                        acc[1][t][p] = _mm512_dpbusd_epi32(acc[1][t][p], w1, a);
+                    }
+            }
+            if (!FOLDED || g0 + 32 == stop) {
+                const float *scale = tile->scales + 3 * (FOLDED ? b : g) * TILE_ROWS;
+                for (int r = 0; r < 2; r++)
+                    for (int t = 0; t < T; t++)
+                        for (int p = 0; p < PARTS; p++)
+                            sums[r][t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc[r][t][p]),
+                                                         _mm512_load_ps(scale + p * TILE_ROWS + 16 * r), sums[r][t]);
+            }
+        }
+        for (int t = 0; t < T; t++) {
+            __m512 s = _mm512_set1_ps(in->scales[inputs[t] * in->blocks + b]);
+            for (int r = 0; r < 2; r++) {
+                float *o = outs[t] + 16 * r;
+                __m512 value = b == 0 ? _mm512_mul_ps(sums[r][t], s)
+                                      : _mm512_fmadd_ps(sums[r][t], s, _mm512_maskz_loadu_ps(masks[r], o));
+                if (SUB) {
+                    const float *x_sums = in->sums + inputs[t] * (in->cols / 16); /* row stride: see GemmInput */
+                    for (int64_t j = start / SUB; j < stop / SUB; j++)
+                        value = _mm512_fnmadd_ps(_mm512_load_ps(tile->mins + j * TILE_ROWS + 16 * r),
+                                                 _mm512_set1_ps(x_sums[j]), value);
+                }
+                _mm512_mask_storeu_ps(o, masks[r], value);
+            }
+        }
+    }
+}
+
+typedef void (*PassFn)(const Tile *, const GemmInput *, const int64_t *, float *const *, __mmask16, __mmask16, int);
+
+/* One function per format family, specialised for 1, 2 or 3 input rows. */
+#define PASS(name, FOLDED, CORR, SUB)                                                                            \
+    VNNI static void name(const Tile *tile, const GemmInput *in, const int64_t *inputs, float *const *outs,      \
+                          __mmask16 m0, __mmask16 m1, int count) {                                               \
+        if (count == 3)                                                                                          \
+            pass(tile, in, inputs, outs, m0, m1, 3, FOLDED, CORR, SUB);                                          \
+        else if (count == 2)                                                                                     \
+            pass(tile, in, inputs, outs, m0, m1, 2, FOLDED, CORR, SUB);                                          \
+        else                                                                                                     \
+            pass(tile, in, inputs, outs, m0, m1, 1, FOLDED, CORR, SUB);                                          \
+    }
+PASS(pass_offset, 0, 1, 0) /* Q8_0, IQ2_XXS */
+PASS(pass_q2_k, 1, 0, 16)
+PASS(pass_q4_k, 0, 0, 32)
+
+static PassFn pass_for(int kind) {
+    return kind == Q2_K ? pass_q2_k : kind == Q4_K ? pass_q4_k : pass_offset;
+}
+
+/* ---------------------------------------------------------------- the product */
+
+typedef struct {
+    int64_t expert, first, last; /* pairs pair_order[first..last) of one expert */
+} Slice;
+
+typedef struct {
+    const GemmFormat *format;
+    PassFn pass;
+    const uint8_t *w;
+    int64_t expert_stride, row_stride, rows, cols, k, tiles;
+    const GemmInput *in;
+    const int64_t *pair_order;
+    const Slice *slices;
+    float *out;
+    int failed;
+} Gemm;
+
+VNNI static void gemm_item(void *context, int64_t item) {
+    Gemm *g = context;
+    const Slice *slice = &g->slices[item / g->tiles];
+    int64_t first_row = item % g->tiles * TILE_ROWS;
+    int64_t count = g->rows - first_row < TILE_ROWS ? g->rows - first_row : TILE_ROWS;
+    Tile tile;
+    if (tile_for(g->format, g->cols, &tile) != 0) {
+        g->failed = 1;
+        return;
+    }
+    decode_tile(g->format, g->w + slice->expert * g->expert_stride + first_row * g->row_stride, g->row_stride, count,
+                g->cols, &tile);
+    __mmask16 m0 = count >= 16 ? 0xFFFF : (__mmask16)((1u << count) - 1);
+    __mmask16 m1 = count >= 32 ? 0xFFFF : count <= 16 ? 0 : (__mmask16)((1u << (count - 16)) - 1);
+    for (int64_t s = slice->first; s < slice->last; s += TOKENS) {
+        int n = slice->last - s < TOKENS ? (int)(slice->last - s) : TOKENS;
+        int64_t inputs[TOKENS];
+        float *outs[TOKENS];
+        for (int t = 0; t < n; t++) {
+            int64_t pair = g->pair_order[s + t];
+            inputs[t] = pair / g->k;
+            outs[t] = g->out + pair * g->rows + first_row;
+        }
+        g->pass(&tile, g->in, inputs, outs, m0, m1, n);
+    }
+}
+#endif
+
+/* gemm(kind, w, expert_stride, row_stride, rows, cols, x, n, x_stride, ids, k, experts, out,
+ *      threads): as `matmul` (cpu_kernels.c), through the integer GEMM; pairs whose expert id is
+ *      negative are skipped (their outputs left as they are). */
+PyObject *gemm(PyObject *self, PyObject *args) {
+    (void)self;
+    int kind, threads;
+    unsigned long long w, x, ids_address, out;
+    long long expert_stride, row_stride, rows, cols, n, x_stride, k, experts;
+    if (!PyArg_ParseTuple(args, "iKLLLLKLLKLLKi", &kind, &w, &expert_stride, &row_stride, &rows, &cols, &x, &n,
+                          &x_stride, &ids_address, &k, &experts, &out, &threads))
+        return NULL;
+#ifdef HAVE_X86
+    const GemmFormat *format = find_gemm_format(kind);
+    if (format == NULL || !integer_products_in_use())
+        return PyErr_Format(PyExc_ValueError, "no integer GEMM for GGML type %d here", kind);
+    if (cols % (format->kind == Q8_0 ? 32 : 256) != 0)
+        return PyErr_Format(PyExc_ValueError, "%lld columns is not a whole number of blocks", cols);
+    if (k < 1 || experts < 1 || n < 0 || rows < 0) return PyErr_Format(PyExc_ValueError, "bad product shape");
+    int64_t pairs = n * k;
+    const int64_t *ids = (const int64_t *)(uintptr_t)ids_address;
+    GemmInput in = {NULL, NULL, NULL, NULL, cols, (cols + 255) / 256, cols / 32, cols + 64};
+    int64_t *counts = calloc((size_t)experts + 1, sizeof(int64_t));
+    int64_t *pair_order = malloc(sizeof(int64_t) * (size_t)(pairs ? pairs : 1));
+    Slice *slices = NULL;
+    in.parts = malloc((size_t)(3 * n * in.stride + 64));
+    in.scales = malloc(sizeof(float) * (size_t)(n * in.blocks + 1));
+    if (format->offset) in.corr = malloc(sizeof(int32_t) * (size_t)(3 * n * in.groups + 1));
+    if (format->sub) in.sums = malloc(sizeof(float) * (size_t)(n * (cols / 16) + 1));
+    if (!counts || !pair_order || !in.parts || !in.scales || (format->offset && !in.corr) ||
+        (format->sub && !in.sums)) {
+        PyErr_NoMemory();
+        goto done;
+    }
+    for (int64_t s = 0; s < pairs; s++) { /* counting sort of the pairs by expert (stable) */
+        int64_t e = ids ? ids[s] : 0;
+        if (e < 0) continue; /* left to another kernel */
+        if (e >= experts) {
+            PyErr_Format(PyExc_IndexError, "expert %lld out of range for %lld experts", (long long)e, experts);
+            goto done;
+        }
+        counts[e + 1]++;
+    }
+    /* Each expert's pairs in slices of as many input rows as fit in the L2 cache beside a tile. */
+    int64_t per_slice = (CACHE_BUDGET - (int64_t)TILE_ROWS * cols) / (3 * in.stride) / TOKENS * TOKENS;
+    if (per_slice < TOKENS) per_slice = TOKENS;
+    int64_t slice_count = 0;
+    for (int64_t e = 0; e < experts; e++) slice_count += (counts[e + 1] + per_slice - 1) / per_slice;
+    slices = malloc(sizeof(Slice) * (size_t)(slice_count ? slice_count : 1));
+    if (!slices) {
+        PyErr_NoMemory();
+        goto done;
+    }
+    slice_count = 0;
+    for (int64_t e = 0; e < experts; e++) {
+        for (int64_t s = counts[e]; s < counts[e] + counts[e + 1]; s += per_slice) {
+            int64_t last = s + per_slice < counts[e] + counts[e + 1] ? s + per_slice : counts[e] + counts[e + 1];
+            slices[slice_count++] = (Slice){e, s, last};
+        }
+        counts[e + 1] += counts[e];
+    }
+    for (int64_t s = 0; s < pairs; s++)
+        if (!ids || ids[s] >= 0) pair_order[counts[ids ? ids[s] : 0]++] = s;
+
+    Rounding rounding = {format, (const float *)(uintptr_t)x, x_stride, &in};
+    Gemm g = {format, pass_for(kind), (const uint8_t *)(uintptr_t)w, expert_stride, row_stride, rows, cols, k,
+              (rows + TILE_ROWS - 1) / TILE_ROWS, &in, pair_order, slices, (float *)(uintptr_t)out, 0};
+    Py_BEGIN_ALLOW_THREADS;
+    if (n > 0) parallel_for(round_item, &rounding, n, threads);
+    if (rows > 0) parallel_for(gemm_item, &g, slice_count * g.tiles, threads);
+    Py_END_ALLOW_THREADS;
+    if (g.failed) PyErr_NoMemory();
+
+done:
+    free(counts);
+    free(pair_order);
+    free(slices);
+    free(in.parts);
+    free(in.scales);
+    free(in.corr);
+    free(in.sums);
+    if (PyErr_Occurred()) return NULL;
+    Py_RETURN_NONE;
+#else
+    (void)kind, (void)threads, (void)w, (void)x, (void)ids_address, (void)out, (void)expert_stride, (void)row_stride,
+        (void)rows, (void)cols, (void)n, (void)x_stride, (void)k, (void)experts;
+    return PyErr_Format(PyExc_ValueError, "no integer GEMM on this CPU");
+#endif
+}
+
+PyObject *gemm_kinds(PyObject *self, PyObject *unused) {
+    (void)self, (void)unused;
+    PyObject *list = PyList_New(0);
+#ifdef HAVE_X86
+    for (size_t i = 0; list && integer_products_in_use() && i < sizeof(gemm_formats) / sizeof(gemm_formats[0]); i++) {
+        PyObject *number = PyLong_FromLong(gemm_formats[i].kind);
+        if (!number || PyList_Append(list, number) < 0) Py_CLEAR(list);
+        Py_XDECREF(number);
+    }
+#endif
+    return list;
+}

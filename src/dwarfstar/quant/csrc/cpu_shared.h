@@ -1,0 +1,61 @@
+/* What the two C files of the compiled kernels share: `cpu_kernels.c` (the module, the direct
+ * products, the thread pool, the inputs' integer parts) and `cpu_gemm.c` (the integer GEMM). */
+#ifndef DWARFSTAR_CPU_SHARED_H
+#define DWARFSTAR_CPU_SHARED_H
+
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <stdint.h>
+
+#if defined(__x86_64__) || defined(_M_X64)
+#define HAVE_X86 1
+#endif
+
+/* GGML type numbers (gguf.GGMLQuantizationType). */
+enum { F16 = 1, Q8_0 = 8, Q2_K = 10, Q4_K = 12, IQ2_XXS = 16, BF16 = 30 };
+
+/* ggml's kgrid_2bit_256: IQ2_XXS's 256 grid points, 2 bits per value (standing for 8, 25, 43). */
+extern const uint16_t iq2_xxs_grid_codes[256];
+
+/* The constant vectors of the integer products' decoders (cpu_kernels.c, build_int_tables). */
+extern uint8_t q2_k_expand[64];        /* byte 4s + t = s: sub-block s's scale to 4 bytes */
+extern uint8_t iq2_index_bytes[64];    /* word i = byte 8 (i / 4) + i % 4 of the 64 index/sign bytes */
+extern uint16_t iq2_spread[4][32];     /* register j: qword q word 0 = code 8 j + q */
+extern uint8_t iq2_grid_shifts[64];    /* byte t of each qword: bit 2 t */
+extern uint8_t iq2_sign_shifts[64];    /* byte t < 4 of each qword: bit 32 + 7 t */
+extern uint8_t iq2_magnitudes[64];     /* index & 3 -> 8, 25, 43, 0 */
+extern uint8_t iq2_signs[128];         /* 7 sign bits + parity: bit t set = value t negative */
+extern uint8_t iq2_sign_spread[4][64]; /* register j, byte p: its group's sign byte */
+extern uint8_t bit_of_byte[64];        /* 1 << (p % 8) */
+
+/* Q4_K's 6-bit scale and min of group j from its 12 packed bytes. */
+static inline void q4_k_scale_min(const uint8_t *packed, int j, int *scale, int *minimum) {
+    if (j < 4) {
+        *scale = packed[j] & 63;
+        *minimum = packed[j + 4] & 63;
+    } else {
+        *scale = (packed[j + 4] & 0xF) | ((packed[j - 4] >> 6) << 4);
+        *minimum = (packed[j + 4] >> 4) | ((packed[j] >> 6) << 4);
+    }
+}
+
+/* fn(context, i) for i in [0, items), on `threads` threads including the caller. */
+typedef void (*ItemFn)(void *context, int64_t item);
+void parallel_for(ItemFn fn, void *context, int64_t items, int threads);
+
+/* Whether the integer products (AVX-512 VNNI and VBMI) are in use. */
+int integer_products_in_use(void);
+
+/* An input row rounded to three int8 parts per value (x ≈ s (a0 + a1 / 254 + a2 / 254²)), one
+ * scale s per ACT_BLOCK values; see "integer products" in cpu_kernels.c. */
+#define ACT_BLOCK 256
+#ifdef HAVE_X86
+void quantize_row_avx512(int kind, const float *x, int64_t cols, int64_t stride, int8_t *parts, float *scales,
+                         float *sum16);
+#endif
+
+/* The integer GEMM (cpu_gemm.c): same arguments as `matmul`. */
+PyObject *gemm(PyObject *self, PyObject *args);
+PyObject *gemm_kinds(PyObject *self, PyObject *unused);
+
+#endif
