@@ -128,13 +128,25 @@ def test_hc_head(isa, n):
     same(hyper.hc_head, randn(2, n, width, seed=2), hc, 1e-6, 1e-6)
 
 
+def _attention_layer(heads: int, dim: int, ratio: int):
+    config = ModelConfig(n_head=heads, o_groups=1, head_dim=dim, value_dim=dim, window=16)
+    ctx = attention.LayerContext(config, layer_rope(config, 0), False)
+    w = type("W", (), {"sinks": randn(heads, seed=1), "compressor": type("C", (), {"ratio": ratio})()})()
+    return w, ctx
+
+
+def attend_block(w, ctx, q, positions, first, raw, raw_start, rows, picks, valid):
+    """``attention._attend_block``'s output for a block of queries."""
+    out = torch.full_like(q, float("nan"))
+    attention._attend_block(w, ctx, q, positions, first, raw, raw_start, rows, picks, valid, out)
+    return out
+
+
 @pytest.mark.parametrize("kind", ["window", "csa", "hca"])
 def test_attention_of_one_query(isa, kind):
     heads, dim, first = 3, 72, 40
-    config = ModelConfig(n_head=heads, o_groups=1, head_dim=dim, value_dim=dim, window=16)
-    ctx = attention.LayerContext(config, layer_rope(config, 0), False)
     ratio = {"window": 0, "csa": 4, "hca": 128}[kind]
-    w = type("W", (), {"sinks": randn(heads, seed=1), "compressor": type("C", (), {"ratio": ratio})()})()
+    w, ctx = _attention_layer(heads, dim, ratio)
     q, raw = randn(1, heads, dim, seed=2), randn(20, dim, seed=3)
     rows = picks = valid = None
     if kind == "csa":
@@ -145,7 +157,21 @@ def test_attention_of_one_query(isa, kind):
         first = 300
         rows = randn(5, dim, seed=4)  # 2 of them visible to a query at 300
     positions = torch.tensor([first])
-    same(attention._attend_block, w, ctx, q, positions, first, raw, first - 19, rows, picks, valid)
+    same(attend_block, w, ctx, q, positions, first, raw, first - 19, rows, picks, valid)
+
+
+@pytest.mark.parametrize("ratio", [0, 4, 128])
+@pytest.mark.parametrize(("first", "cached", "queries"), [(0, 0, 7), (9, 9, 13), (290, 15, 5), (41, 15, 21)])
+def test_attention_of_a_block_of_queries(isa, ratio, first, cached, queries):
+    """A prefill's block: queries at first.. over the raw rows from first - cached on (a window of
+    16, so that most blocks see only part of them) and the compressed rows some queries see."""
+    heads, dim = 5, 72
+    w, ctx = _attention_layer(heads, dim, ratio)
+    q = randn(queries, heads, dim, seed=2)
+    raw = randn(cached + queries, dim, seed=3)
+    rows = None if ratio == 0 else randn(max(1, (first + queries) // ratio), dim, seed=4)
+    positions = torch.arange(first, first + queries)
+    same(attend_block, w, ctx, q, positions, first, raw, first - cached, rows, None, None)
 
 
 def test_pool():

@@ -147,20 +147,45 @@ def attend(
     valid: torch.Tensor | None,
     sinks: torch.Tensor,
     scale: float,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """One query's attention (H, D) over the ``raw`` rows and the compressed ``rows`` (the
-    ``picks`` (k,) marked ``valid`` (k,), or all), with a sink logit per head."""
+    ``picks`` (k,) marked ``valid`` (k,), or all), with a sink logit per head; written into
+    ``out`` (contiguous) when given."""
     heads, dim = q.shape
     q, raw = q.contiguous(), raw.contiguous()
     rows = None if rows is None else rows.contiguous()
     picks, valid = _contiguous(picks, torch.int64), _contiguous(valid, torch.bool)
     n_rows = 0 if rows is None else (rows.shape[0] if picks is None else picks.shape[0])
-    out = q.new_empty(heads, dim)
+    out = q.new_empty(heads, dim) if out is None else out
+    assert out.is_contiguous() and out.shape == (heads, dim)
     _fused.attend(
         q.data_ptr(), heads, dim, raw.data_ptr(), raw.shape[0], _address(rows), _address(picks),
         _address(valid), n_rows, sinks.contiguous().data_ptr(), scale, out.data_ptr(),
     )  # fmt: skip
     return out
+
+
+def window_softmax(
+    scores: torch.Tensor,
+    n_raw: int,
+    offset: int,
+    window: int,
+    first: int,
+    ratio: int,
+    sinks: torch.Tensor,
+    scale: float,
+) -> None:
+    """In place: the softmax of a block of queries' (queries, heads, keys) scores, each scaled,
+    with a sink logit per head. Query t sees raw key j < ``n_raw`` when 0 <= ``offset`` + t - j
+    < ``window`` and compressed row r (key ``n_raw`` + r) when r < (``first`` + t + 1) //
+    ``ratio`` (none when ``ratio`` is 0); the keys it does not see get probability 0."""
+    queries, heads, keys = scores.shape
+    assert scores.is_contiguous()
+    _fused.window_softmax(
+        scores.data_ptr(), queries, heads, n_raw, keys - n_raw, offset, window, first, ratio,
+        _contiguous(sinks, torch.float32).data_ptr(), scale,
+    )  # fmt: skip
 
 
 def pool(kv: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:

@@ -211,6 +211,26 @@ AVX2 static float exp_sum_avx2(float *s, int64_t n, float top) {
     return sum;
 }
 
+/* s[k] *= scale for k < n; returns the largest of top and the scaled values. */
+AVX2 static float scale_max_avx2(float *s, int64_t n, float scale, float top) {
+    __m256 factor = _mm256_set1_ps(scale), most = _mm256_set1_ps(top);
+    int64_t k = 0;
+    for (; k + 8 <= n; k += 8) {
+        __m256 v = _mm256_mul_ps(_mm256_loadu_ps(s + k), factor);
+        _mm256_storeu_ps(s + k, v);
+        most = _mm256_max_ps(most, v);
+    }
+    __m128 h = _mm_max_ps(_mm256_castps256_ps128(most), _mm256_extractf128_ps(most, 1));
+    h = _mm_max_ps(h, _mm_movehl_ps(h, h));
+    h = _mm_max_ss(h, _mm_movehdup_ps(h));
+    top = _mm_cvtss_f32(h);
+    for (; k < n; k++) {
+        s[k] *= scale;
+        top = s[k] > top ? s[k] : top;
+    }
+    return top;
+}
+
 /* SwiGLU of one row, 8 values at a time (the portable loop below finishes it). */
 AVX2 static int64_t swiglu_avx2(const float *gate, const float *up, float limit, float *out, int64_t width) {
     __m256 high = _mm256_set1_ps(limit), low = _mm256_set1_ps(-limit), one = _mm256_set1_ps(1.0f);
@@ -244,11 +264,20 @@ static float exp_sum_portable(float *s, int64_t n, float top) {
     return sum;
 }
 
+static float scale_max_portable(float *s, int64_t n, float scale, float top) {
+    for (int64_t k = 0; k < n; k++) {
+        s[k] *= scale;
+        top = s[k] > top ? s[k] : top;
+    }
+    return top;
+}
+
 static void dot4x2_portable(const float *a, int64_t stride, const float *const *b, int64_t n, float *out);
 static void axpy4x2_portable(float *y, int64_t stride, const float *alpha, int64_t alpha_stride,
                              const float *const *x, int64_t n);
 
 static float (*exp_sum)(float *, int64_t, float) = exp_sum_portable;
+static float (*scale_max)(float *, int64_t, float, float) = scale_max_portable;
 static void (*dot4x2)(const float *, int64_t, const float *const *, int64_t, float *) = dot4x2_portable;
 static void (*axpy4x2)(float *, int64_t, const float *, int64_t, const float *const *, int64_t) = axpy4x2_portable;
 static void (*dot4)(const float *, const float *const *, int64_t, float *) = dot4_portable;
@@ -544,6 +573,47 @@ static PyObject *py_attend(PyObject *self, PyObject *args) {
     Py_RETURN_NONE;
 }
 
+/* window_softmax(scores, queries, heads, n_raw, n_rows, offset, window, first, ratio, sinks, scale):
+ * the softmax of a block of consecutive queries' attention, in place over their scores
+ * (queries, heads, n_raw + n_rows), each the product of a query head and a key. Query t (at
+ * position first + t) sees raw key j when 0 <= offset + t - j < window (offset: the first
+ * query's position less the first raw key's) and compressed row r (score n_raw + r) when
+ * r < (first + t + 1) / ratio (none when ratio is 0). Scores seen are scaled, and share the
+ * softmax with a sink logit per head; the others become 0. */
+static PyObject *py_window_softmax(PyObject *self, PyObject *args) {
+    (void)self;
+    unsigned long long scores_address, sinks_address;
+    long long queries, heads, n_raw, n_rows, offset, window, first, ratio;
+    float scale;
+    if (!PyArg_ParseTuple(args, "KLLLLLLLLKf", &scores_address, &queries, &heads, &n_raw, &n_rows, &offset,
+                          &window, &first, &ratio, &sinks_address, &scale))
+        return NULL;
+    float *scores = PTR(float, scores_address);
+    const float *sinks = PTR(const float, sinks_address);
+    int64_t keys = n_raw + n_rows;
+    Py_BEGIN_ALLOW_THREADS;
+    for (int64_t t = 0; t < queries; t++) {
+        int64_t lo = offset + t - window + 1, hi = offset + t + 1;
+        lo = lo < 0 ? 0 : (lo > n_raw ? n_raw : lo);
+        hi = hi > n_raw ? n_raw : (hi < lo ? lo : hi);
+        int64_t seen_rows = ratio > 0 ? (first + t + 1) / ratio : 0;
+        seen_rows = seen_rows < 0 ? 0 : (seen_rows > n_rows ? n_rows : seen_rows);
+        for (int64_t h = 0; h < heads; h++) {
+            float *s = scores + (t * heads + h) * keys, *rows = s + n_raw;
+            float top = scale_max(rows, seen_rows, scale, scale_max(s + lo, hi - lo, scale, sinks[h]));
+            float total = exp_sum(s + lo, hi - lo, top) + exp_sum(rows, seen_rows, top) + expf(sinks[h] - top);
+            float inverse = 1.0f / total;
+            for (int64_t k = lo; k < hi; k++) s[k] *= inverse;
+            for (int64_t k = 0; k < seen_rows; k++) rows[k] *= inverse;
+            memset(s, 0, sizeof(float) * (size_t)lo);
+            memset(s + hi, 0, sizeof(float) * (size_t)(n_raw - hi));
+            memset(rows + seen_rows, 0, sizeof(float) * (size_t)(n_rows - seen_rows));
+        }
+    }
+    Py_END_ALLOW_THREADS;
+    Py_RETURN_NONE;
+}
+
 /* pool(kv, gate, windows, slots, width, out): a compressor's gated pooling,
  * out[w, j] = Σ_s kv[w, s, j] · softmax_s(gate[w, :, j]) (a slot with gate -inf weighs 0). */
 static PyObject *py_pool(PyObject *self, PyObject *args) {
@@ -753,7 +823,7 @@ static const char *isa = "portable";
 static int use_isa(const char *name) {
     if (strcmp(name, "portable") == 0) {
         dot = dot_portable, axpy = axpy_portable, swiglu_start = swiglu_portable, isa = "portable";
-        dot4 = dot4_portable, axpy4 = axpy4_portable, exp_sum = exp_sum_portable;
+        dot4 = dot4_portable, axpy4 = axpy4_portable, exp_sum = exp_sum_portable, scale_max = scale_max_portable;
         dot4x2 = dot4x2_portable, axpy4x2 = axpy4x2_portable;
         return 1;
     }
@@ -762,13 +832,13 @@ static int use_isa(const char *name) {
     int avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
     if (strcmp(name, "avx2") == 0 && avx2) {
         dot = dot_avx2, axpy = axpy_avx2, swiglu_start = swiglu_avx2, isa = "avx2";
-        dot4 = dot4_avx2, axpy4 = axpy4_avx2, exp_sum = exp_sum_avx2;
+        dot4 = dot4_avx2, axpy4 = axpy4_avx2, exp_sum = exp_sum_avx2, scale_max = scale_max_avx2;
         dot4x2 = dot4x2_portable, axpy4x2 = axpy4x2_portable;
         return 1;
     }
     if (strcmp(name, "avx512") == 0 && avx2 && __builtin_cpu_supports("avx512f")) {
         dot = dot_avx512, axpy = axpy_avx512, swiglu_start = swiglu_avx2, isa = "avx512";
-        dot4 = dot4_avx512, axpy4 = axpy4_avx512, exp_sum = exp_sum_avx2;
+        dot4 = dot4_avx512, axpy4 = axpy4_avx512, exp_sum = exp_sum_avx2, scale_max = scale_max_avx2;
         dot4x2 = dot4x2_avx512, axpy4x2 = axpy4x2_avx512;
         return 1;
     }
@@ -798,6 +868,7 @@ static PyMethodDef methods[] = {
     {"hc_head", py_hc_head, METH_VARARGS, "Hyper-connection head collapse (see the source)."},
     {"hc_post", py_hc_post, METH_VARARGS, "Hyper-connection expansion (see the source)."},
     {"attend", py_attend, METH_VARARGS, "Attention of one query with sinks (see the source)."},
+    {"window_softmax", py_window_softmax, METH_VARARGS, "Masked softmax of a block of queries (see the source)."},
     {"pool", py_pool, METH_VARARGS, "A compressor's gated pooling (see the source)."},
     {"route", py_route, METH_VARARGS, "Expert routing after the router's projection (see the source)."},
     {"swiglu", py_swiglu, METH_VARARGS, "Clamped SwiGLU, optionally weighted per row (see the source)."},
