@@ -38,8 +38,8 @@
 #define AHEAD 8                   /* stored rows prefetched ahead of the one decoded */
 
 /* One stored row of `cols` values decoded: unsigned codes, the scale of each group and (Q2_K,
- * Q4_K) the minimum of each sub-block, `step` floats apart (the tile's layout). */
-typedef void (*RowFn)(const uint8_t *w, int64_t cols, uint8_t *codes, float *scales, float *mins, int64_t step);
+ * Q4_K) the minimum of each sub-block. */
+typedef void (*RowFn)(const uint8_t *w, int64_t cols, uint8_t *codes, float *scales, float *mins);
 
 typedef struct {
     int kind;
@@ -56,12 +56,11 @@ VNNI static INLINE float half(const uint8_t *p) {
     return _cvtsh_ss(h);
 }
 
-VNNI static void row_q8_0(const uint8_t *w, int64_t cols, uint8_t *codes, float *scales, float *mins,
-                         int64_t step) {
+VNNI static void row_q8_0(const uint8_t *w, int64_t cols, uint8_t *codes, float *scales, float *mins) {
     (void)mins;
     const __m256i flip = _mm256_set1_epi8((char)0x80); /* q + 128 */
     for (int64_t b = 0; b < cols / 32; b++, w += 34) {
-        scales[b * 3 * step] = half(w);
+        scales[b] = half(w);
         _mm256_storeu_si256((__m256i *)(codes + 32 * b),
                             _mm256_xor_si256(_mm256_loadu_si256((const __m256i *)(w + 2)), flip));
     }
@@ -72,14 +71,13 @@ VNNI static INLINE __m512i halves(__m256i low, __m256i high) {
     return _mm512_inserti64x4(_mm512_castsi256_si512(low), high, 1);
 }
 
-VNNI static void row_q2_k(const uint8_t *w, int64_t cols, uint8_t *codes, float *scales, float *mins,
-                         int64_t step) {
+VNNI static void row_q2_k(const uint8_t *w, int64_t cols, uint8_t *codes, float *scales, float *mins) {
     const __m512i three = _mm512_set1_epi8(3), low_nibbles = _mm512_set1_epi8(0xF);
     const __m512i expand = _mm512_loadu_si512(q2_k_expand);
     /* register j byte p: 4 * its sub-block (4 j + p / 16) */
     const __m512i subs = _mm512_set_epi64(0x0C0C0C0C0C0C0C0Cll, 0x0C0C0C0C0C0C0C0Cll, 0x0808080808080808ll,
                                           0x0808080808080808ll, 0x0404040404040404ll, 0x0404040404040404ll, 0, 0);
-    for (int64_t b = 0; b < cols / 256; b++, w += 84, codes += 256, mins += 16 * step) {
+    for (int64_t b = 0; b < cols / 256; b++, w += 84, codes += 256, mins += 16) {
         /* table byte 4s + t = t * scale of sub-block s: the codes come out scaled (≤ 45) */
         __m128i packed = _mm_loadu_si128((const __m128i *)w);
         __m512i scale = _mm512_and_si512(_mm512_permutexvar_epi8(expand, _mm512_castsi128_si512(packed)), low_nibbles);
@@ -93,16 +91,16 @@ VNNI static void row_q2_k(const uint8_t *w, int64_t cols, uint8_t *codes, float 
                                                       0xEA); /* code | 4 sub-block */
             _mm512_storeu_si512(codes + 64 * j, _mm512_permutexvar_epi8(index, table));
         }
-        scales[b * 3 * step] = half(w + 80);
-        float dmin = half(w + 82);
-        for (int j = 0; j < 16; j++) mins[j * step] = dmin * (float)(w[j] >> 4);
+        scales[b] = half(w + 80);
+        __m512 minimums =
+            _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_and_si128(_mm_srli_epi16(packed, 4), _mm_set1_epi8(0xF))));
+        _mm512_storeu_ps(mins, _mm512_mul_ps(minimums, _mm512_set1_ps(half(w + 82))));
     }
 }
 
-VNNI static void row_q4_k(const uint8_t *w, int64_t cols, uint8_t *codes, float *scales, float *mins,
-                         int64_t step) {
+VNNI static void row_q4_k(const uint8_t *w, int64_t cols, uint8_t *codes, float *scales, float *mins) {
     const __m256i low_nibbles = _mm256_set1_epi8(0xF);
-    for (int64_t b = 0; b < cols / 256; b++, w += 144, codes += 256, scales += 24 * step, mins += 8 * step) {
+    for (int64_t b = 0; b < cols / 256; b++, w += 144, codes += 256, scales += 8, mins += 8) {
         float d = half(w), dmin = half(w + 2);
         for (int j = 0; j < 4; j++) { /* values 64 j..: low, then high nibbles of bytes 32 j.. */
             __m256i bytes = _mm256_loadu_si256((const __m256i *)(w + 16 + 32 * j));
@@ -112,14 +110,13 @@ VNNI static void row_q4_k(const uint8_t *w, int64_t cols, uint8_t *codes, float 
         for (int g = 0; g < 8; g++) {
             int scale, minimum;
             q4_k_scale_min(w + 4, g, &scale, &minimum);
-            scales[g * 3 * step] = d * (float)scale;
-            mins[g * step] = dmin * (float)minimum;
+            scales[g] = d * (float)scale;
+            mins[g] = dmin * (float)minimum;
         }
     }
 }
 
-VNNI static void row_iq2_xxs(const uint8_t *w, int64_t cols, uint8_t *codes, float *scales, float *mins,
-                            int64_t step) {
+VNNI static void row_iq2_xxs(const uint8_t *w, int64_t cols, uint8_t *codes, float *scales, float *mins) {
     (void)mins;
     __m512i grid[8];
     for (int i = 0; i < 8; i++) grid[i] = _mm512_loadu_si512(iq2_xxs_grid_codes + 32 * i);
@@ -127,7 +124,7 @@ VNNI static void row_iq2_xxs(const uint8_t *w, int64_t cols, uint8_t *codes, flo
     const __m512i sign_shifts = _mm512_loadu_si512(iq2_sign_shifts), grid_shifts = _mm512_loadu_si512(iq2_grid_shifts);
     const __m512i signs_low = _mm512_loadu_si512(iq2_signs), signs_high = _mm512_loadu_si512(iq2_signs + 64);
     const __m512i magnitudes = _mm512_loadu_si512(iq2_magnitudes), bits = _mm512_loadu_si512(bit_of_byte);
-    for (int64_t b = 0; b < cols / 256; b++, w += 66, codes += 256, scales += 24 * step) {
+    for (int64_t b = 0; b < cols / 256; b++, w += 66, codes += 256, scales += 8) {
         __m512i data = _mm512_loadu_si512(w + 2); /* qword g: group g's 4 indices, then signs and scale */
         __m512i index = _mm512_maskz_permutexvar_epi8(0x5555555555555555ull, index_bytes, data);
         __mmask32 bit6 = _mm512_test_epi16_mask(index, _mm512_set1_epi16(64));
@@ -151,9 +148,7 @@ VNNI static void row_iq2_xxs(const uint8_t *w, int64_t cols, uint8_t *codes, flo
         /* group scales d (0.5 + s) / 4 = d (2 s + 1) / 8, exact in float */
         __m256 odd = _mm256_cvtepi32_ps(_mm512_cvtepi64_epi32(
             _mm512_or_si512(_mm512_slli_epi64(_mm512_srli_epi64(data, 60), 1), _mm512_set1_epi64(1))));
-        float group_scales[8];
-        _mm256_storeu_ps(group_scales, _mm256_mul_ps(odd, _mm256_set1_ps(half(w) * 0.125f)));
-        for (int g = 0; g < 8; g++) scales[g * 3 * step] = group_scales[g];
+        _mm256_storeu_ps(scales, _mm256_mul_ps(odd, _mm256_set1_ps(half(w) * 0.125f)));
     }
 }
 
@@ -217,6 +212,7 @@ typedef struct {
     float *scales;  /* (cols / group, 3, 32): d, d / 254, d / 254² per row */
     float *mins;    /* (cols / sub, 32) */
     uint8_t *rows;  /* (16, cols + 64): 16 rows' codes as decoded, before the transposition */
+    float *row_scales, *row_mins; /* (16, cols / group), (16, cols / sub): theirs */
 } Tile;
 
 /* This thread's tile buffer, kept between calls (the pool's threads live on). */
@@ -225,10 +221,10 @@ static _Thread_local size_t tile_bytes;
 
 static int tile_for(const GemmFormat *f, int64_t cols, Tile *tile) {
     size_t groups = (size_t)(cols / f->group), subs = f->sub ? (size_t)(cols / f->sub) : 0;
-    size_t sizes[4] = {(size_t)cols * TILE_ROWS, sizeof(float) * 3 * TILE_ROWS * groups, sizeof(float) * TILE_ROWS * subs,
-                       16 * (size_t)(cols + 64)};
+    size_t sizes[6] = {(size_t)cols * TILE_ROWS, sizeof(float) * 3 * TILE_ROWS * groups, sizeof(float) * TILE_ROWS * subs,
+                       16 * (size_t)(cols + 64), sizeof(float) * 16 * groups, sizeof(float) * 16 * subs};
     size_t bytes = 0;
-    for (int i = 0; i < 4; i++) bytes += (sizes[i] + 63) / 64 * 64;
+    for (int i = 0; i < 6; i++) bytes += (sizes[i] + 63) / 64 * 64;
     if (tile_bytes < bytes) {
         free(tile_buffer);
         tile_bytes = 0;
@@ -238,12 +234,12 @@ static int tile_for(const GemmFormat *f, int64_t cols, Tile *tile) {
         }
         tile_bytes = bytes;
     }
-    uint8_t *at[4], *next = tile_buffer;
-    for (int i = 0; i < 4; i++) {
+    uint8_t *at[6], *next = tile_buffer;
+    for (int i = 0; i < 6; i++) {
         at[i] = next;
         next += (sizes[i] + 63) / 64 * 64;
     }
-    *tile = (Tile){at[0], (float *)at[1], (float *)at[2], at[3]};
+    *tile = (Tile){at[0], (float *)at[1], (float *)at[2], at[3], (float *)at[4], (float *)at[5]};
     return 0;
 }
 
@@ -282,16 +278,16 @@ VNNI static void decode_tile(const GemmFormat *f, const uint8_t *w, int64_t row_
     const float third = 1.0f / 254.0f, fourth = 1.0f / (254.0f * 254.0f);
     for (int h = 0; h < 2; h++) {
         for (int64_t r = 0; r < 16; r++) {
-            float *scales = tile->scales + 16 * h + r, *mins = tile->mins + 16 * h + r;
+            float *scales = tile->row_scales + r * groups, *mins = tile->row_mins + r * subs;
             if (16 * h + r + AHEAD < count) /* the stored bytes come from memory: ask for them early */
                 for (int64_t at = 0; at < row_bytes; at += 64)
                     _mm_prefetch((const char *)w + (16 * h + r + AHEAD) * row_stride + at, _MM_HINT_T0);
             if (16 * h + r < count) {
-                f->row(w + (16 * h + r) * row_stride, cols, tile->rows + r * stride, scales, mins, TILE_ROWS);
+                f->row(w + (16 * h + r) * row_stride, cols, tile->rows + r * stride, scales, mins);
             } else {
                 memset(tile->rows + r * stride, 0, (size_t)cols);
-                for (int64_t g = 0; g < groups; g++) scales[3 * g * TILE_ROWS] = 0.0f;
-                for (int64_t j = 0; j < subs; j++) mins[j * TILE_ROWS] = 0.0f;
+                memset(scales, 0, sizeof(float) * (size_t)groups);
+                memset(mins, 0, sizeof(float) * (size_t)subs);
             }
         }
         for (int64_t start = 0; start < cols; start += 64) {
@@ -302,14 +298,28 @@ VNNI static void decode_tile(const GemmFormat *f, const uint8_t *w, int64_t row_
             uint8_t *out = tile->codes + (start / 4 * 2 + h) * 64;
             for (int64_t s = 0; s < steps; s++) _mm512_store_si512(out + 128 * s, regs[s]);
         }
-    }
-    for (int64_t g = 0; g < groups; g++) /* the other parts' scales */
-        for (int h = 0; h < 2; h++) {
-            float *at = tile->scales + 3 * g * TILE_ROWS + 16 * h;
-            __m512 d = _mm512_load_ps(at);
-            _mm512_store_ps(at + TILE_ROWS, _mm512_mul_ps(d, _mm512_set1_ps(third)));
-            _mm512_store_ps(at + 2 * TILE_ROWS, _mm512_mul_ps(d, _mm512_set1_ps(fourth)));
+        /* the scales and minimums, 16 rows x 16 groups at a time transposed the same way */
+        for (int64_t g0 = 0; g0 < groups; g0 += 16) {
+            __mmask16 valid = groups - g0 >= 16 ? 0xFFFF : (__mmask16)((1u << (groups - g0)) - 1);
+            __m512i regs[16];
+            for (int r = 0; r < 16; r++) regs[r] = _mm512_maskz_loadu_epi32(valid, tile->row_scales + r * groups + g0);
+            transpose16(regs);
+            for (int64_t g = g0; g < groups && g < g0 + 16; g++) {
+                __m512 d = _mm512_castsi512_ps(regs[g - g0]);
+                float *at = tile->scales + 3 * g * TILE_ROWS + 16 * h;
+                _mm512_store_ps(at, d);
+                _mm512_store_ps(at + TILE_ROWS, _mm512_mul_ps(d, _mm512_set1_ps(third)));
+                _mm512_store_ps(at + 2 * TILE_ROWS, _mm512_mul_ps(d, _mm512_set1_ps(fourth)));
+            }
         }
+        for (int64_t j0 = 0; j0 < subs; j0 += 16) {
+            __mmask16 valid = subs - j0 >= 16 ? 0xFFFF : (__mmask16)((1u << (subs - j0)) - 1);
+            __m512i regs[16];
+            for (int r = 0; r < 16; r++) regs[r] = _mm512_maskz_loadu_epi32(valid, tile->row_mins + r * subs + j0);
+            transpose16(regs);
+            for (int64_t j = j0; j < subs && j < j0 + 16; j++) _mm512_store_si512(tile->mins + j * TILE_ROWS + 16 * h, regs[j - j0]);
+        }
+    }
 }
 
 /* ---------------------------------------------------------------- the microkernel */
