@@ -162,7 +162,7 @@ GEMM = pytest.mark.skipif(_cpu.isa() != "avx512vnni", reason="the integer GEMM n
 
 
 @pytest.mark.parametrize("kind", INTEGER, ids=lambda kind: kind.name)
-@pytest.mark.parametrize("batch", [3, 16], ids=["direct", "gemm"])
+@pytest.mark.parametrize("batch", [2, 16], ids=["direct", "gemm"])
 def test_integer_products_stay_within_their_rounding_bound(kind, batch, isa):
     """Inputs with one large value per block: each value is rounded to s (a0 + a1/254 + a2/254^2),
     s = max|x| / 127 over its 256 values, so by at most s / (2 * 254^2); float32's own rounding

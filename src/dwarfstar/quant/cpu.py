@@ -52,10 +52,10 @@ C) and multiplying it with torch's float32 GEMM beats the direct kernels: 16 for
 products (AVX-512 VNNI), 8 for the float ones (docs/benchmarks.md)."""
 
 INTEGER_GEMM_ROWS = {
-    GGMLQuantizationType.Q8_0: 4,
-    GGMLQuantizationType.Q2_K: 8,
-    GGMLQuantizationType.Q4_K: 4,
-    GGMLQuantizationType.IQ2_XXS: 4,
+    GGMLQuantizationType.Q8_0: 3,
+    GGMLQuantizationType.Q2_K: 4,
+    GGMLQuantizationType.Q4_K: 3,
+    GGMLQuantizationType.IQ2_XXS: 3,
 }
 """With AVX-512 VNNI, from this many input rows per matrix (or expert) on, the integer GEMM
 (`csrc/cpu_gemm.c`: a tile of stored rows decoded once to int8 for all the inputs) beats the
