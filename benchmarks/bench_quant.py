@@ -8,7 +8,9 @@ kernels too read from memory, as they do in the model.
 
 Then the grouped expert path, `quant.expert_linear`, as in a prefill: tokens each routed to 6
 of 32 stacked experts, about 12 or 64 rows per expert (a 512-token prompt gives 512 x 6 / 256 =
-12 rows to each of ds4's 256 experts); GB/s counts the bytes of the experts used.
+12 rows to each of ds4's 256 experts); GB/s counts the bytes of the experts used. GFLOP/s
+counts 2 x rows x cols per input row and matrix: what a prefill's products (512 rows: the
+integer GEMM on AVX-512 VNNI) are bound by.
 
     python benchmarks/bench_quant.py [--kinds Q8_0 IQ2_XXS] [--repeats 15] [--threads 1]
                                      [--isa avx512]   # the compiled kernels' instruction set
@@ -31,7 +33,7 @@ from dwarfstar.synthetic.blocks import random_blocks
 
 KINDS = (Q.F16, Q.BF16, Q.Q8_0, Q.Q2_K, Q.Q4_K, Q.IQ2_XXS, Q.MXFP4)
 SHAPES = ((2048, 4096), (4096, 2048))
-BATCHES = (1, 2, 4, 12, 64)
+BATCHES = (1, 2, 4, 12, 64, 512)
 EXPERTS, EXPERTS_USED, ROWS_PER_EXPERT = 32, 6, (12, 64)
 # Copies of a weight cycled through: together at least this many bytes, well over the L3 cache.
 POOL_BYTES = 256 << 20
@@ -108,7 +110,10 @@ def main() -> None:
     bandwidth = read_bandwidth(args.repeats)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
     print(f"streaming read: {bandwidth / 1e9:.1f} GB/s (floor = weight bytes / this)")
-    print(f"{'kind':8} {'shape':>10} {'MB':>6} {'x rows':>6} {'ms':>9} {'GB/s':>7} {'x floor':>8}")
+    print(
+        f"{'kind':8} {'shape':>10} {'MB':>6} {'x rows':>6} {'ms':>9} {'GB/s':>7} {'x floor':>8} "
+        f"{'GFLOP/s':>8}"
+    )
     generator = np.random.default_rng(0)
     for name in args.kinds:
         kind = Q[name]
@@ -119,19 +124,22 @@ def main() -> None:
             for batch in BATCHES:
                 x = torch.from_numpy(generator.standard_normal((batch, shape[1]), dtype=np.float32))
                 seconds = linear_seconds(x, copies, args.repeats)
+                flop = 2 * batch * shape[0] * shape[1]
                 print(
                     f"{name:8} {shape[0]:>5}x{shape[1]:<4} {nbytes / 1e6:6.2f} {batch:6} "
-                    f"{seconds * 1e3:9.2f} {nbytes / seconds / 1e9:7.2f} {seconds / floor:8.1f}"
+                    f"{seconds * 1e3:9.2f} {nbytes / seconds / 1e9:7.2f} {seconds / floor:8.1f} "
+                    f"{flop / seconds / 1e9:8.1f}"
                 )
     print(f"\nexpert_linear, {EXPERTS} experts, {EXPERTS_USED} per token")
-    print(f"{'kind':8} {'shape':>10} {'MB used':>7} {'rows/expert':>11} {'ms':>9} {'GB/s':>7}")
+    print(f"{'kind':8} {'shape':>10} {'MB used':>7} {'rows/expert':>11} {'ms':>9} {'GB/s':>7} {'GFLOP/s':>8}")
     for name in args.kinds:
         for rows_per_expert in ROWS_PER_EXPERT:
             shape = SHAPES[0]
             seconds, nbytes = expert_seconds(Q[name], shape, rows_per_expert, args.repeats, generator)
+            flop = 2 * rows_per_expert * EXPERTS * shape[0] * shape[1]  # = tokens x 6 products
             print(
                 f"{name:8} {shape[0]:>5}x{shape[1]:<4} {nbytes / 1e6:7.1f} {rows_per_expert:11} "
-                f"{seconds * 1e3:9.2f} {nbytes / seconds / 1e9:7.2f}"
+                f"{seconds * 1e3:9.2f} {nbytes / seconds / 1e9:7.2f} {flop / seconds / 1e9:8.1f}"
             )
 
 
