@@ -18,10 +18,12 @@
 
 #include <math.h>
 #include <pthread.h>
+#include <sched.h>
 #include <stdatomic.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 
 #include "float_dot.h"
 
@@ -537,21 +539,27 @@ typedef struct {
     int8_t *parts; /* (n, 3, stride): part k of input row i at parts + (3 i + k) stride */
     float *scales; /* (n, blocks of ACT_BLOCK, the last possibly short) */
     float *sum16;  /* (n, cols / 16): sums of x per 16 values, natural order (Q2_K, Q4_K) */
+    int32_t *offsets; /* (n, blocks, 3, 16): -43 x each lane's sum of a part (IQ2_XXS) */
     int64_t cols, blocks;
     int64_t stride; /* cols + 64: rows of parts 4 KiB apart would share the L1 cache's sets */
 } Activations;
 
-/* Where value p of a 256-value block sits in the natural order: Q2_K and Q4_K registers hold two
- * 32-value runs that are 128 (Q2_K) or 64 (Q4_K) values apart (see their kernels). */
-static inline int64_t natural_position(int kind, int64_t p) {
-    int64_t j = p / 64, half = (p % 64) / 32, offset = p % 32;
+/* Where value p of a 256-value block sits in the natural order. Q2_K and Q4_K registers hold two
+ * 32-value runs that are 128 (Q2_K) or 64 (Q4_K) values apart; IQ2_XXS register k holds values
+ * k and k + 4 of each of the block's 32 runs of 8, so that each 4-byte lane of every register
+ * holds values of one group of 32, the same group in all four (see their kernels). */
+static int natural_position(int kind, int p) {
+    int j = p / 64, half = (p % 64) / 32, offset = p % 32, q = p % 64;
     if (kind == Q2_K) return 32 * j + 128 * half + offset;
     if (kind == Q4_K) return 32 * (4 * (j / 2) + 2 * half + (j % 2)) + offset;
+    if (kind == IQ2_XXS) return 8 * (q / 2) + j + 4 * (q % 2);
     return p;
 }
 
-/* out[r] = stored row w (cols values) @ input row rows[r], for r < count ≤ MAX_ROWS. */
-typedef void (*IntDotFn)(const uint8_t *w, const Activations *a, const int64_t *rows, int count, float *out);
+/* out[MAX_ROWS i + r] = stored row i (at w + i row_stride, cols values) @ input row rows[r], for
+ * i < stored and r < count ≤ MAX_ROWS. */
+typedef void (*IntDotFn)(const uint8_t *w, int64_t row_stride, int stored, const Activations *a, const int64_t *rows,
+                         int count, float *out);
 
 /* Constant vectors, filled by build_tables. */
 uint8_t q2_k_expand[64]; /* these nine: see cpu_shared.h */
@@ -565,6 +573,16 @@ uint8_t iq2_signs[128];
 uint8_t iq2_sign_spread[4][64];
 uint8_t bit_of_byte[64];
 static int32_t group_lanes[3][4][16]; /* Q8_0 (unused), Q4_K, IQ2_XXS: register j lane -> group */
+static uint8_t layouts[3][256];     /* Q2_K, Q4_K, IQ2_XXS: natural_position */
+static uint8_t iq2_sign_pairs[64];  /* bytes 2l, 2l + 1 of each qword: bit 32 + 7 l */
+static uint8_t iq2_offset_weights[128]; /* index bits 0-1: code, bit 6: sign -> 43 + the signed weight */
+static uint8_t iq2_code_bytes[2][256]; /* low, high byte of each grid point's code */
+static uint8_t iq2_pair_index[64];  /* lane q: bytes 0-7 the first block's word 8 q.. index, 8-15 the second's */
+
+/* The layout of the inputs' parts for format `kind`, NULL for the natural order. */
+static const uint8_t *layout_of(int kind) {
+    return kind == Q2_K ? layouts[0] : kind == Q4_K ? layouts[1] : kind == IQ2_XXS ? layouts[2] : NULL;
+}
 
 static void build_int_tables(void) {
     for (int p = 0; p < 64; p++) {
@@ -573,6 +591,9 @@ static void build_int_tables(void) {
         iq2_sign_shifts[p] = (uint8_t)(p % 8 < 4 ? 32 + 7 * (p % 8) : 0);
         iq2_magnitudes[p] = (uint8_t)((const uint8_t[]){8, 25, 43, 0})[p & 3];
         bit_of_byte[p] = (uint8_t)(1 << (p % 8));
+        iq2_sign_pairs[p] = (uint8_t)(32 + 7 * ((p % 8) / 2));
+        iq2_offset_weights[p] = (uint8_t)(43 + iq2_magnitudes[p]);
+        iq2_offset_weights[64 + p] = (uint8_t)(43 - iq2_magnitudes[p]);
         iq2_index_bytes[p] = (uint8_t)(p % 2 ? 0 : 8 * (p / 8) + (p / 2) % 4);
         for (int j = 0; j < 4; j++) {
             int lane = p / 16, subs[4] = {2 * j, 2 * j + 1, 8 + 2 * j, 9 + 2 * j};
@@ -588,6 +609,17 @@ static void build_int_tables(void) {
         }
     }
     for (int i = 0; i < 128; i++) iq2_signs[i] = (uint8_t)(i | (__builtin_popcount(i) & 1) << 7);
+    for (int p = 0; p < 64; p++) { /* word i = 8 q + p % 8 of a block: group i / 4, point i % 4 */
+        int q = p / 16, i = 8 * q + p % 8;
+        iq2_pair_index[p] = (uint8_t)(64 * ((p % 16) / 8) + 8 * (i / 4) + i % 4);
+    }
+    for (int p = 0; p < 256; p++) {
+        iq2_code_bytes[0][p] = (uint8_t)(iq2_xxs_grid_codes[p] & 0xFF);
+        iq2_code_bytes[1][p] = (uint8_t)(iq2_xxs_grid_codes[p] >> 8);
+        layouts[0][p] = (uint8_t)natural_position(Q2_K, p);
+        layouts[1][p] = (uint8_t)natural_position(Q4_K, p);
+        layouts[2][p] = (uint8_t)natural_position(IQ2_XXS, p);
+    }
 }
 
 #ifdef HAVE_X86
@@ -600,12 +632,25 @@ VNNI static INLINE __m512 parts_to_float(__m512i s0, __m512i s1, __m512i s2) {
     return _mm512_fmadd_ps(_mm512_cvtepi32_ps(s2), _mm512_set1_ps(1.0f / (254.0f * 254.0f)), value);
 }
 
+/* 256 bytes at p in the order `layout` (byte i = p[layout[i]]), in place. */
+VNNI static void permute_block(int8_t *p, const uint8_t *layout) {
+    __m512i n0 = _mm512_loadu_si512(p), n1 = _mm512_loadu_si512(p + 64), n2 = _mm512_loadu_si512(p + 128);
+    __m512i n3 = _mm512_loadu_si512(p + 192);
+    for (int j = 0; j < 4; j++) {
+        __m512i index = _mm512_loadu_si512(layout + 64 * j);
+        _mm512_storeu_si512(p + 64 * j, _mm512_mask_blend_epi8(_mm512_movepi8_mask(index),
+                                                               _mm512_permutex2var_epi8(n0, index, n1),
+                                                               _mm512_permutex2var_epi8(n2, index, n3)));
+    }
+}
+
 /* Round input row x to its parts (in the weight's order) and scales, and its sums per 16
  * values when sum16 is given. */
 VNNI void quantize_row_avx512(int kind, const float *x, int64_t cols, int64_t stride, int8_t *parts,
                                      float *scales, float *sum16) {
     const int rounding = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
     const __m512 radix = _mm512_set1_ps(254.0f);
+    const uint8_t *layout = layout_of(kind);
     for (int64_t b = 0, start = 0; start < cols; b++, start += ACT_BLOCK) {
         int64_t length = cols - start < ACT_BLOCK ? cols - start : ACT_BLOCK; /* a multiple of 32 */
         const float *xb = x + start;
@@ -619,7 +664,7 @@ VNNI void quantize_row_avx512(int kind, const float *x, int64_t cols, int64_t st
         scales[b] = s;
         __m512 divisor = _mm512_set1_ps(s > 0.0f ? s : 1.0f);
         for (int64_t p = 0; p < length; p += 16) {
-            __m512 r = _mm512_div_ps(_mm512_loadu_ps(xb + natural_position(kind, p)), divisor);
+            __m512 r = _mm512_div_ps(_mm512_loadu_ps(xb + p), divisor);
             __m512 a0 = _mm512_roundscale_ps(r, rounding);
             r = _mm512_mul_ps(_mm512_sub_ps(r, a0), radix);
             __m512 a1 = _mm512_roundscale_ps(r, rounding);
@@ -629,9 +674,24 @@ VNNI void quantize_row_avx512(int kind, const float *x, int64_t cols, int64_t st
             _mm_storeu_si128((__m128i *)(parts + stride + start + p), _mm512_cvtepi32_epi8(_mm512_cvtps_epi32(a1)));
             _mm_storeu_si128((__m128i *)(parts + 2 * stride + start + p), _mm512_cvtepi32_epi8(_mm512_cvtps_epi32(a2)));
         }
+        if (layout) /* formats with a layout have whole blocks of 256 */
+            for (int k = 0; k < 3; k++) permute_block(parts + k * stride + start, layout);
     }
     if (sum16)
         for (int64_t j = 0; j < cols / 16; j++) sum16[j] = _mm512_reduce_add_ps(_mm512_loadu_ps(x + 16 * j));
+}
+
+/* IQ2_XXS's sums start from -43 times each lane's sum of the part (its weights are 43 more than
+ * the signed ones, see int_iq2_xxs_rows). */
+VNNI static void offset_sums(const int8_t *parts, int64_t stride, int64_t cols, int32_t *offsets) {
+    const __m512i offset = _mm512_set1_epi8(43);
+    for (int64_t b = 0; b < cols / 256; b++)
+        for (int k = 0; k < 3; k++) {
+            __m512i sum = _mm512_setzero_si512();
+            for (int j = 0; j < 4; j++)
+                sum = _mm512_dpbusd_epi32(sum, offset, _mm512_loadu_si512(parts + k * stride + 256 * b + 64 * j));
+            _mm512_storeu_si512(offsets + (3 * b + k) * 16, _mm512_sub_epi32(_mm512_setzero_si512(), sum));
+        }
 }
 
 /* Part k of input row rows[r] at value `at`. */
@@ -758,62 +818,98 @@ VNNI static INLINE void int_q4_k_rows(const uint8_t *w, const Activations *a, co
     for (int r = 0; r < count; r++) out[r] = _mm512_reduce_add_ps(acc[r]);
 }
 
+/* IQ2_XXS, three parts per 256-value block: the 32 grid points' 16-bit codes (2 bits per value)
+ * are looked up for two blocks at a time (a low and a high byte table); register k takes values
+ * k and k + 4 of each point (a word shift), its sign goes into bit 6 of each byte, and one byte
+ * lookup gives 43 + the signed weight (unsigned, 0 to 86). The inputs' parts are laid out to
+ * match (natural_position), so each 4-byte lane of the four registers sums values of one group
+ * of 32 (lane L: group L / 2): the three integer sums run over the whole block, starting from
+ * -43 times the lane's sum of the part, and the group scales are applied once per block. */
+typedef struct {
+    __m512i code_bytes[2][4]; /* low, high byte of the 256 points' codes */
+    __m512i pair_index, sign_pairs, signs_low, signs_high, weights_low, weights_high;
+} Iq2Tables;
+
+/* One block: `data` its 64 bytes after d, `codes` word 4 g + l the code of its point (g, l). */
+VNNI static INLINE void iq2_xxs_block(const Iq2Tables *t, const uint8_t *w, __m512i data, __m512i codes,
+                                      const Activations *a, const int64_t *rows, const int count, int64_t b,
+                                      __m512 *acc) {
+    const __m512i bit6 = _mm512_set1_epi8(0x40);
+    /* word 4 g + l: point (g, l)'s sign byte, then the same shifted right by 4 (values 4-7) */
+    __m512i signs = _mm512_permutex2var_epi8(t->signs_low, _mm512_multishift_epi64_epi8(t->sign_pairs, data),
+                                             t->signs_high);
+    signs = _mm512_mask_blend_epi8(0xAAAAAAAAAAAAAAAAull, signs, _mm512_srli_epi16(signs, 4));
+    /* lane L: group L / 2's scale d (0.5 + s) / 4 = d (2 s + 1) / 8, exact in float */
+    __m512i odd = _mm512_or_si512(_mm512_srli_epi32(_mm512_shuffle_epi32(data, _MM_PERM_DDBB), 27),
+                                  _mm512_set1_epi32(1));
+    __m512 lane_scales = _mm512_mul_ps(_mm512_cvtepi32_ps(odd), _mm512_set1_ps(half(w) * 0.125f));
+    __m512i weights[4]; /* select (bit 6 ? sign : code) = 0xE4 */
+    weights[0] = _mm512_permutex2var_epi8(
+        t->weights_low, _mm512_ternarylogic_epi32(_mm512_slli_epi16(signs, 6), codes, bit6, 0xE4), t->weights_high);
+    weights[1] = _mm512_permutex2var_epi8(
+        t->weights_low, _mm512_ternarylogic_epi32(_mm512_slli_epi16(signs, 5), _mm512_srli_epi16(codes, 2), bit6, 0xE4),
+        t->weights_high);
+    weights[2] = _mm512_permutex2var_epi8(
+        t->weights_low, _mm512_ternarylogic_epi32(_mm512_slli_epi16(signs, 4), _mm512_srli_epi16(codes, 4), bit6, 0xE4),
+        t->weights_high);
+    weights[3] = _mm512_permutex2var_epi8(
+        t->weights_low, _mm512_ternarylogic_epi32(_mm512_slli_epi16(signs, 3), _mm512_srli_epi16(codes, 6), bit6, 0xE4),
+        t->weights_high);
+    for (int r = 0; r < count; r++) {
+        const int8_t *part = a->parts + 3 * rows[r] * a->stride + 256 * b;
+        const int32_t *offsets = a->offsets + (rows[r] * a->blocks + b) * 48;
+        __m512i s0 = _mm512_loadu_si512(offsets), s1 = _mm512_loadu_si512(offsets + 16);
+        __m512i s2 = _mm512_loadu_si512(offsets + 32);
+        for (int j = 0; j < 4; j++) {
+            s0 = _mm512_dpbusd_epi32(s0, weights[j], _mm512_loadu_si512(part + 64 * j));
+            s1 = _mm512_dpbusd_epi32(s1, weights[j], _mm512_loadu_si512(part + a->stride + 64 * j));
+            s2 = _mm512_dpbusd_epi32(s2, weights[j], _mm512_loadu_si512(part + 2 * a->stride + 64 * j));
+        }
+        acc[r] = _mm512_fmadd_ps(parts_to_float(s0, s1, s2), _mm512_mul_ps(lane_scales, _mm512_set1_ps(SCALE(r, b))),
+                                 acc[r]);
+    }
+}
+
 VNNI static INLINE void int_iq2_xxs_rows(const uint8_t *w, const Activations *a, const int64_t *rows, const int count,
                                          float *out) {
-    /* the 256 grid points' 16-bit codes (2 bits per value) in eight registers */
-    __m512i grid[8];
-    for (int i = 0; i < 8; i++) grid[i] = _mm512_loadu_si512(iq2_xxs_grid_codes + 32 * i);
-    const __m512i index_bytes = _mm512_loadu_si512(iq2_index_bytes), grid_shifts = _mm512_loadu_si512(iq2_grid_shifts);
-    const __m512i sign_shifts = _mm512_loadu_si512(iq2_sign_shifts), magnitudes = _mm512_loadu_si512(iq2_magnitudes);
-    const __m512i signs_low = _mm512_loadu_si512(iq2_signs), signs_high = _mm512_loadu_si512(iq2_signs + 64);
-    const __m512i bits = _mm512_loadu_si512(bit_of_byte);
+    Iq2Tables t;
+    for (int h = 0; h < 2; h++)
+        for (int i = 0; i < 4; i++) t.code_bytes[h][i] = _mm512_loadu_si512(iq2_code_bytes[h] + 64 * i);
+    t.pair_index = _mm512_loadu_si512(iq2_pair_index);
+    t.sign_pairs = _mm512_loadu_si512(iq2_sign_pairs);
+    t.signs_low = _mm512_loadu_si512(iq2_signs);
+    t.signs_high = _mm512_loadu_si512(iq2_signs + 64);
+    t.weights_low = _mm512_loadu_si512(iq2_offset_weights);
+    t.weights_high = _mm512_loadu_si512(iq2_offset_weights + 64);
     __m512 acc[MAX_ROWS];
     for (int r = 0; r < count; r++) acc[r] = _mm512_setzero_ps();
-    for (int64_t b = 0; b < a->cols / 256; b++, w += 66) {
-        __m512i data = _mm512_loadu_si512(w + 2); /* qword g: group g's 4 indices, then signs and scale */
-        __m512i index = _mm512_maskz_permutexvar_epi8(0x5555555555555555ull, index_bytes, data);
-        __mmask32 bit6 = _mm512_test_epi16_mask(index, _mm512_set1_epi16(64));
-        __mmask32 bit7 = _mm512_test_epi16_mask(index, _mm512_set1_epi16(128));
-        __m512i codes = _mm512_mask_blend_epi16(
-            bit7,
-            _mm512_mask_blend_epi16(bit6, _mm512_permutex2var_epi16(grid[0], index, grid[1]),
-                                    _mm512_permutex2var_epi16(grid[2], index, grid[3])),
-            _mm512_mask_blend_epi16(bit6, _mm512_permutex2var_epi16(grid[4], index, grid[5]),
-                                    _mm512_permutex2var_epi16(grid[6], index, grid[7])));
-        __m512i sign_bytes =
-            _mm512_permutex2var_epi8(signs_low, _mm512_multishift_epi64_epi8(sign_shifts, data), signs_high);
-        /* group scales d (0.5 + s) / 4 = d (2 s + 1) / 8, exact in float */
-        __m256 odd = _mm256_cvtepi32_ps(_mm512_cvtepi64_epi32(
-            _mm512_or_si512(_mm512_slli_epi64(_mm512_srli_epi64(data, 60), 1), _mm512_set1_epi64(1))));
-        __m512 group_scales = _mm512_castps256_ps512(_mm256_mul_ps(odd, _mm256_set1_ps(half(w) * 0.125f)));
-        __m512i weights[4];
-        __mmask64 negative[4];
-        __m512 lane_scales[4];
-        for (int j = 0; j < 4; j++) {
-            __m512i spread = _mm512_permutexvar_epi16(_mm512_loadu_si512(iq2_spread[j]), codes);
-            weights[j] = _mm512_permutexvar_epi8(_mm512_multishift_epi64_epi8(grid_shifts, spread), magnitudes);
-            negative[j] = _mm512_test_epi8_mask(
-                _mm512_permutexvar_epi8(_mm512_loadu_si512(iq2_sign_spread[j]), sign_bytes), bits);
-            lane_scales[j] = _mm512_permutexvar_ps(_mm512_loadu_si512(group_lanes[2][j]), group_scales);
-        }
-        for (int r = 0; r < count; r++) {
-            __m512 block = _mm512_setzero_ps();
-            for (int j = 0; j < 4; j++)
-                block = _mm512_fmadd_ps(times_parts(weights[j], negative[j], a, rows[r], 256 * b + 64 * j),
-                                        lane_scales[j], block);
-            acc[r] = _mm512_fmadd_ps(block, _mm512_set1_ps(SCALE(r, b)), acc[r]);
-        }
+    int64_t blocks = a->cols / 256;
+    for (int64_t b = 0; b < blocks; b += 2, w += 132) {
+        /* both blocks' 32 indices, then their points' codes: low bytes, high bytes, interleaved */
+        __m512i first = _mm512_loadu_si512(w + 2);
+        __m512i second = b + 1 < blocks ? _mm512_loadu_si512(w + 68) : _mm512_setzero_si512();
+        __m512i index = _mm512_permutex2var_epi8(first, t.pair_index, second);
+        __mmask64 upper = _mm512_movepi8_mask(index);
+        __m512i low = _mm512_mask_blend_epi8(upper, _mm512_permutex2var_epi8(t.code_bytes[0][0], index, t.code_bytes[0][1]),
+                                             _mm512_permutex2var_epi8(t.code_bytes[0][2], index, t.code_bytes[0][3]));
+        __m512i high = _mm512_mask_blend_epi8(upper, _mm512_permutex2var_epi8(t.code_bytes[1][0], index, t.code_bytes[1][1]),
+                                              _mm512_permutex2var_epi8(t.code_bytes[1][2], index, t.code_bytes[1][3]));
+        iq2_xxs_block(&t, w, first, _mm512_unpacklo_epi8(low, high), a, rows, count, b, acc);
+        if (b + 1 < blocks) iq2_xxs_block(&t, w + 66, second, _mm512_unpackhi_epi8(low, high), a, rows, count, b + 1, acc);
     }
     for (int r = 0; r < count; r++) out[r] = _mm512_reduce_add_ps(acc[r]);
 }
 
 /* One function per format taking 1 or MAX_ROWS = 2 rows, a copy specialised for each count. */
-#define INT_DOT(name)                                                                                          \
-    VNNI static void name(const uint8_t *w, const Activations *a, const int64_t *rows, int count, float *out) { \
-        if (count == 1)                                                                                         \
-            name##_rows(w, a, rows, 1, out);                                                                    \
-        else                                                                                                    \
-            name##_rows(w, a, rows, 2, out);                                                                    \
+#define INT_DOT(name)                                                                                        \
+    VNNI static void name(const uint8_t *w, int64_t row_stride, int stored, const Activations *a,                 \
+                          const int64_t *rows, int count, float *out) {                                           \
+        for (int i = 0; i < stored; i++) { /* in one function: the constants stay in registers */                 \
+            if (count == 1)                                                                                       \
+                name##_rows(w + i * row_stride, a, rows, 1, out + MAX_ROWS * i);                                  \
+            else                                                                                                  \
+                name##_rows(w + i * row_stride, a, rows, 2, out + MAX_ROWS * i);                                  \
+        }                                                                                                         \
     }
 INT_DOT(int_q8_0)
 INT_DOT(int_q2_k)
@@ -870,8 +966,9 @@ static const Format *find_format(int kind) {
 static struct {
     pthread_mutex_t lock, calls;
     pthread_cond_t start, finished;
-    int started, wanted, busy;
-    uint64_t generation;
+    int started, wanted;
+    atomic_int busy;             /* written under the lock, also read without it while spinning */
+    atomic_ullong generation;    /* idem */
     ItemFn fn;
     void *context;
     int64_t items;
@@ -887,18 +984,53 @@ static void drain(void) {
 /* The generation each worker was started in: it joins the next one. */
 static uint64_t worker_start[MAX_WORKERS];
 
+/* Waking a sleeping thread costs 15-40 us here (more than a 2048x4096 one-row product's share
+ * of work on a few cores), so a thread that waits first spins this long on the value it waits
+ * for, then sleeps: back-to-back calls (a decode step) then find their workers awake. */
+#define SPIN_MICROSECONDS 100
+
+static uint64_t microseconds(void) {
+    struct timespec now;
+    clock_gettime(CLOCK_MONOTONIC, &now);
+    return (uint64_t)now.tv_sec * 1000000u + (uint64_t)now.tv_nsec / 1000u;
+}
+
+/* One step of a spin that lasts up to SPIN_MICROSECONDS from the first call (a fresh spin
+ * starts with *deadline = 0); now and then it yields the core to whatever else wants it (a busy
+ * machine). False when the time is up. */
+static int keep_spinning(unsigned *steps, uint64_t *deadline) {
+#ifdef HAVE_X86
+    _mm_pause();
+#endif
+    if (++*steps % 256 == 0) {
+        uint64_t now = microseconds();
+        if (*deadline == 0) *deadline = now + SPIN_MICROSECONDS;
+        else if (now > *deadline) return 0;
+        sched_yield();
+    }
+    return 1;
+}
+
 static void *worker(void *arg) {
     int id = (int)(intptr_t)arg;
     pthread_mutex_lock(&pool.lock);
     uint64_t seen = worker_start[id];
     for (;;) {
-        while (pool.generation == seen) pthread_cond_wait(&pool.start, &pool.lock);
-        seen = pool.generation;
+        if (atomic_load(&pool.generation) == seen) {
+            pthread_mutex_unlock(&pool.lock);
+            unsigned steps = 0;
+            uint64_t deadline = 0;
+            while (atomic_load_explicit(&pool.generation, memory_order_relaxed) == seen && keep_spinning(&steps, &deadline)) {
+            }
+            pthread_mutex_lock(&pool.lock);
+        }
+        while (atomic_load(&pool.generation) == seen) pthread_cond_wait(&pool.start, &pool.lock);
+        seen = atomic_load(&pool.generation);
         if (id >= pool.wanted) continue;
         pthread_mutex_unlock(&pool.lock);
         drain();
         pthread_mutex_lock(&pool.lock);
-        if (--pool.busy == 0) pthread_cond_signal(&pool.finished);
+        if (atomic_fetch_sub(&pool.busy, 1) == 1) pthread_cond_signal(&pool.finished);
     }
     return NULL;
 }
@@ -923,7 +1055,7 @@ void parallel_for(ItemFn fn, void *context, int64_t items, int threads) {
     pthread_mutex_lock(&pool.lock);
     while (pool.started < workers) {
         pthread_t thread;
-        worker_start[pool.started] = pool.generation;
+        worker_start[pool.started] = atomic_load(&pool.generation);
         if (pthread_create(&thread, NULL, worker, (void *)(intptr_t)pool.started) != 0) break;
         pthread_detach(thread);
         pool.started++;
@@ -934,13 +1066,17 @@ void parallel_for(ItemFn fn, void *context, int64_t items, int threads) {
     pool.items = items;
     atomic_store(&pool.next, 0);
     pool.wanted = workers;
-    pool.busy = workers;
-    pool.generation++;
+    atomic_store(&pool.busy, workers);
+    atomic_fetch_add(&pool.generation, 1);
     pthread_cond_broadcast(&pool.start);
     pthread_mutex_unlock(&pool.lock);
     drain();
+    unsigned steps = 0;
+    uint64_t deadline = 0;
+    while (atomic_load_explicit(&pool.busy, memory_order_relaxed) > 0 && keep_spinning(&steps, &deadline)) {
+    }
     pthread_mutex_lock(&pool.lock);
-    while (pool.busy > 0) pthread_cond_wait(&pool.finished, &pool.lock);
+    while (atomic_load(&pool.busy) > 0) pthread_cond_wait(&pool.finished, &pool.lock);
     pthread_mutex_unlock(&pool.lock);
     pthread_mutex_unlock(&pool.calls);
 }
@@ -978,12 +1114,13 @@ static void product_item(void *context, int64_t item) {
             for (int64_t s = group_first; s < group_last; s += MAX_ROWS) {
                 int count = group_last - s < MAX_ROWS ? (int)(group_last - s) : MAX_ROWS;
                 int64_t inputs[MAX_ROWS];
-                float results[MAX_ROWS];
+                float results[INTEGER_TILE * MAX_ROWS];
                 for (int c = 0; c < count; c++) inputs[c] = p->pair_order[s + c] / p->k;
-                for (int64_t r = tile; r < tile_last; r++) {
-                    p->integer(weights + r * p->row_stride, p->activations, inputs, count, results);
-                    for (int c = 0; c < count; c++) p->out[p->pair_order[s + c] * p->rows + r] = results[c];
-                }
+                p->integer(weights + tile * p->row_stride, p->row_stride, (int)(tile_last - tile), p->activations,
+                           inputs, count, results);
+                for (int64_t r = tile; r < tile_last; r++)
+                    for (int c = 0; c < count; c++)
+                        p->out[p->pair_order[s + c] * p->rows + r] = results[MAX_ROWS * (r - tile) + c];
             }
         }
         return;
@@ -1027,6 +1164,7 @@ static void quantize_item(void *context, int64_t i) {
     Activations *a = q->a;
     quantize_row_avx512(q->kind, q->x + i * q->x_stride, a->cols, a->stride, a->parts + 3 * i * a->stride,
                         a->scales + i * a->blocks, a->sum16 ? a->sum16 + i * (a->cols / 16) : NULL);
+    if (a->offsets) offset_sums(a->parts + 3 * i * a->stride, a->stride, a->cols, a->offsets + i * a->blocks * 48);
 }
 #endif
 
@@ -1049,7 +1187,7 @@ static PyObject *matmul(PyObject *self, PyObject *args) {
 
     int64_t pairs = n * k;
     float *sum16 = NULL; /* the input's sums per 16 values, for the fused Q2_K and Q4_K */
-    Activations activations = {NULL, NULL, NULL, cols, (cols + ACT_BLOCK - 1) / ACT_BLOCK, cols + 64}; /* integer products */
+    Activations activations = {NULL, NULL, NULL, NULL, cols, (cols + ACT_BLOCK - 1) / ACT_BLOCK, cols + 64}; /* integer products */
     const int64_t *ids = (const int64_t *)(uintptr_t)ids_address;
     int64_t *counts = calloc((size_t)experts + 1, sizeof(int64_t));
     int64_t *pair_order = malloc(sizeof(int64_t) * (size_t)(pairs ? pairs : 1));
@@ -1093,7 +1231,9 @@ static PyObject *matmul(PyObject *self, PyObject *args) {
         activations.parts = malloc((size_t)(3 * n * activations.stride + 64));
         activations.scales = malloc(sizeof(float) * (size_t)(n * activations.blocks));
         if (format->needs_sum16) activations.sum16 = malloc(sizeof(float) * (size_t)(n * (cols / 16) + 1));
-        if (!activations.parts || !activations.scales || (format->needs_sum16 && !activations.sum16)) {
+        if (kind == IQ2_XXS) activations.offsets = malloc(sizeof(int32_t) * (size_t)(n * activations.blocks * 48));
+        if (!activations.parts || !activations.scales || (format->needs_sum16 && !activations.sum16) ||
+            (kind == IQ2_XXS && !activations.offsets)) {
             PyErr_NoMemory();
             goto done;
         }
@@ -1134,6 +1274,7 @@ done:
     free(activations.parts);
     free(activations.scales);
     free(activations.sum16);
+    free(activations.offsets);
     free(sum16);
     free(counts);
     free(pair_order);
