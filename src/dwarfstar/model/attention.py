@@ -19,6 +19,7 @@ from dwarfstar.model.norm import rms_norm
 from dwarfstar.model.rope import Rope
 from dwarfstar.model.state import CompressorState, LayerState
 from dwarfstar.model.weights import Attention, Compressor, Indexer
+from dwarfstar.quant import threads
 
 # Bound on the elements of one block of queries' attention temporaries: its scores (queries ×
 # heads × keys) and, on ratio-4 layers, the compressed rows gathered for it (queries × top-k ×
@@ -257,12 +258,19 @@ def attention(
     # operations); the fused CPU path, two GEMMs and a softmax per block, a sixteenth (5%).
     step = min(step, max(1, c.window // (16 if fused_cpu.applies(q) else 2)))
     out = q.new_empty(q.shape)
-    for s in range(0, n_tok, step):
-        block = slice(s, s + step)
+
+    def attend_block(start: int) -> None:
+        block = slice(start, start + step)
         chosen = (None, None) if picks is None else (picks[block], valid[block])
-        _attend_block(
-            w, ctx, q[block], positions[block], first + s, raw, raw_start, rows, *chosen, out[block]
-        )
+        args = (q[block], positions[block], first + start, raw, raw_start, rows, *chosen, out[block])
+        _attend_block(w, ctx, *args)
+
+    starts = range(0, n_tok, step)
+    if fused_cpu.applies(q):  # the blocks shared out among threads, torch on one thread in each
+        threads.share_out(attend_block, starts, torch.get_num_threads())
+    else:
+        for start in starts:
+            attend_block(start)
     out = ctx.rope.apply(out, positions, inverse=True)
 
     # Grouped output projection: each group of heads has its own block of out_a.

@@ -13,7 +13,6 @@ import importlib.util
 import os
 import threading
 import warnings
-from concurrent.futures import ThreadPoolExecutor
 
 import torch
 from gguf import GGMLQuantizationType
@@ -21,6 +20,7 @@ from gguf import GGMLQuantizationType
 from . import formats
 from .ops import EXPERT_KERNELS, LINEAR_KERNELS
 from .tensor import QTensor
+from .threads import share_out
 
 try:
     from . import _cpu
@@ -221,49 +221,10 @@ def _band_buffer(values: int) -> torch.Tensor:
     return buffer[:values]
 
 
-_pools: dict[int, ThreadPoolExecutor] = {}
-_pools_lock = threading.Lock()
-os.register_at_fork(after_in_child=_pools.clear)  # a forked child has none of the threads
-
-
 def _run_bands(work: list[tuple], threads: int) -> None:
-    """Run ``_multiply_bands`` on each item of ``work``, shared out among ``threads`` threads.
-
-    One pool does everything, each thread decoding its own bands and running torch's GEMM on
-    one thread: the items go to whichever thread is free, so a thread the system deschedules
-    delays only its current item, where torch's OpenMP threads (and a second pool of ours
-    beside them) would wait for each other at the end of every GEMM.
-    """
-    if threads == 1 or len(work) == 1:
-        for item in work:
-            _multiply_bands(*item)
-        return
-    inference = torch.is_inference_mode_enabled()  # a thread's own: the pool's threads follow the caller
-
-    def multiply(item: tuple) -> None:
-        with torch.inference_mode(inference):
-            _multiply_bands(*item)
-
-    for _ in _pool(threads).map(multiply, work):
-        pass
-
-
-def _pool(threads: int) -> ThreadPoolExecutor:
-    """The pool of ``threads`` threads, each with torch set to one thread of its own."""
-    with _pools_lock:
-        pool = _pools.get(threads)
-        if pool is None:
-            pool = ThreadPoolExecutor(
-                threads, "dwarfstar-gemm", initializer=torch.set_num_threads, initargs=(1,)
-            )
-            # Start every thread now; torch.set_num_threads(1) in them also set the count that
-            # threads started later begin with, so set the caller's count back afterwards.
-            started = threading.Barrier(threads)
-            for _ in pool.map(lambda _: started.wait(), range(threads)):
-                pass
-            torch.set_num_threads(threads)
-            _pools[threads] = pool
-    return pool
+    """Run ``_multiply_bands`` on each item of ``work``, shared out among ``threads`` threads
+    (`threads.py`: each decoding its own bands and running torch's GEMM on one thread)."""
+    share_out(lambda item: _multiply_bands(*item), work, threads)
 
 
 def _row_stride(data: torch.Tensor) -> int:
