@@ -1,8 +1,9 @@
 """The compiled CPU kernels agree with dequantize-then-matmul, and the fallback works.
 
 The float kernels decode each weight exactly as the reference decoders do and sum in float32 in
-another order; the integer ones (AVX-512 VNNI: the direct products and the integer GEMM) also
-round each input to three int8 parts per 256 values (about 24 bits). Either way each output is
+another order (so does the compiled GEMM's float32 path for F16/BF16); the integer ones (AVX-512
+VNNI: the direct products and the integer GEMM) also round each input to three int8 parts per
+256 values (about 24 bits). Either way each output is
 within 1e-5 of sum_j |w_j x_j| (the scale of its rounding error) of the reference, and the
 integer rounding stays within its documented bound even when a block holds an outlier.
 """
@@ -84,8 +85,10 @@ def test_linear_agrees_with_dequantize_then_matmul(kind, batch, isa, threads):
 @pytest.mark.parametrize("batch", [16, 64])
 def test_bands_shared_out_among_threads_inside_inference_mode(batch, monkeypatch):
     """The model runs in inference mode, a per-thread state: the pool's threads writing results
-    of a product cut into many bands (a band of 4 rows here) follow it."""
+    of a product cut into many bands (a band of 4 rows here) follow it. (The banded GEMM, as on
+    a CPU without VNNI, where the compiled GEMM does not run.)"""
     monkeypatch.setattr(formats, "BAND_VALUES", 4 * cols_for(Q.Q8_0))
+    monkeypatch.setattr(cpu, "compiled_gemm", lambda kind: False)
     generator = np.random.default_rng(3)
     cols, before = cols_for(Q.Q8_0), torch.get_num_threads()
     w = random_qtensor(Q.Q8_0, (37, cols), generator)
@@ -158,7 +161,7 @@ def test_many_experts_with_a_few_rows_each(kind, isa, threads):
 
 
 INTEGER = [kind for kind in COMPILED if kind not in (Q.F16, Q.BF16)]
-GEMM = pytest.mark.skipif(_cpu.isa() != "avx512vnni", reason="the integer GEMM needs AVX-512 VNNI")
+GEMM = pytest.mark.skipif(_cpu.isa() != "avx512vnni", reason="the compiled GEMM needs AVX-512 VNNI")
 
 
 @pytest.mark.parametrize("kind", INTEGER, ids=lambda kind: kind.name)
@@ -185,22 +188,23 @@ def test_integer_products_stay_within_their_rounding_bound(kind, batch, isa):
 
 
 @GEMM
-@pytest.mark.parametrize("kind", INTEGER, ids=lambda kind: kind.name)
-@pytest.mark.parametrize("batch", [1, 2, 4, 7, 8, 64])
-def test_integer_gemm_agrees_with_dequantize_then_matmul(kind, batch, threads):
-    """The integer GEMM on its own, below its crossover too: 37 stored rows (a tile of 32 and
-    one of 5), an odd number of blocks, inputs in passes of 3, then 2 or 1."""
+@pytest.mark.parametrize("kind", COMPILED, ids=lambda kind: kind.name)
+@pytest.mark.parametrize("batch", [1, 2, 4, 7, 8, 13, 64])
+def test_compiled_gemm_agrees_with_dequantize_then_matmul(kind, batch, threads):
+    """The compiled GEMM on its own, below its crossover too: 37 stored rows (a tile of 32 and
+    one of 5), an odd number of blocks (F16/BF16: 101 columns), inputs in passes of 3, then 2
+    or 1 (integer), of 12, 4 and 1 (float32)."""
     generator = np.random.default_rng(batch)
     cols = cols_for(kind)
     w = random_qtensor(kind, (37, cols), generator)
     x = torch.from_numpy(generator.standard_normal((batch, cols), dtype=np.float32))
     out = x.new_full((batch, 37), float("nan"))
-    cpu._integer_gemm(x, w, None, out)
+    cpu._compiled_gemm(x, w, None, out)
     assert_within_bound(kind, out, x, dequantize(w))
 
 
 @GEMM
-def test_integer_gemm_takes_long_prompts_in_slices_and_skips_unchosen_pairs(threads):
+def test_compiled_gemm_takes_long_prompts_in_slices_and_skips_unchosen_pairs(threads):
     """16384 columns: a slice (the input rows one decoded tile meets) holds 340 rows' 16 MiB of
     parts, so an expert's 400-odd rows take two; pairs with expert -1 are left to another
     kernel (untouched here)."""
@@ -210,7 +214,7 @@ def test_integer_gemm_takes_long_prompts_in_slices_and_skips_unchosen_pairs(thre
     x = torch.from_numpy(generator.standard_normal((n, cols), dtype=np.float32))
     ids = torch.from_numpy(generator.integers(-1, 2, size=(n, k)))
     out = x.new_full((n * k, 37), float("nan"))
-    cpu._integer_gemm(x, w, ids, out)
+    cpu._compiled_gemm(x, w, ids, out)
     dense = dequantize(w)
     flat = ids.flatten()
     assert out[flat < 0].isnan().all()

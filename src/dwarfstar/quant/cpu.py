@@ -51,37 +51,40 @@ GEMM_ROWS = {"avx512vnni": 16}
 C) and multiplying it with torch's float32 GEMM beats the direct kernels: 16 for the integer
 products (AVX-512 VNNI), 8 for the float ones (docs/benchmarks.md)."""
 
-INTEGER_GEMM_ROWS = {
+COMPILED_GEMM_ROWS = {
     GGMLQuantizationType.Q8_0: 3,
     GGMLQuantizationType.Q2_K: 4,
     GGMLQuantizationType.Q4_K: 3,
     GGMLQuantizationType.IQ2_XXS: 3,
+    GGMLQuantizationType.F16: 4,
+    GGMLQuantizationType.BF16: 4,
 }
-"""With AVX-512 VNNI, from this many input rows per matrix (or expert) on, the integer GEMM
-(`csrc/cpu_gemm.c`: a tile of stored rows decoded once to int8 for all the inputs) beats the
-direct integer kernels (docs/benchmarks.md, "The crossover per format")."""
+"""With AVX-512 VNNI, from this many input rows per matrix (or expert) on, the compiled GEMM
+(`csrc/cpu_gemm.c`: a tile of stored rows decoded once, to int8 for the block formats, to
+float32 for F16/BF16, for all the inputs) beats the direct kernels (docs/benchmarks.md, "The
+integer GEMM")."""
 
 
-def integer_gemm(kind: GGMLQuantizationType) -> bool:
-    """Whether products on format ``kind`` with many input rows take the integer GEMM."""
-    return kind in INTEGER_GEMM_ROWS and _cpu.isa() == "avx512vnni"
+def compiled_gemm(kind: GGMLQuantizationType) -> bool:
+    """Whether products on format ``kind`` with many input rows take the compiled GEMM."""
+    return kind in COMPILED_GEMM_ROWS and _cpu.isa() == "avx512vnni"
 
 
 def gemm_rows(kind: GGMLQuantizationType | None = None) -> int:
-    """From how many input rows on format ``kind`` takes a GEMM (the integer one, else the
+    """From how many input rows on format ``kind`` takes a GEMM (the compiled one, else the
     banded float32 one), for the instruction set in use."""
-    if integer_gemm(kind):
-        return INTEGER_GEMM_ROWS[kind]
+    if compiled_gemm(kind):
+        return COMPILED_GEMM_ROWS[kind]
     return GEMM_ROWS.get(_cpu.isa(), 8)
 
 
 def linear(x: torch.Tensor, w: QTensor) -> torch.Tensor:
     """x (n, cols) @ W.T for one matrix W (rows, cols)."""
     rows, cols = w.shape
-    if x.shape[0] >= gemm_rows(w.kind) and integer_gemm(w.kind):
+    if x.shape[0] >= gemm_rows(w.kind) and compiled_gemm(w.kind):
         x = x.contiguous()
         out = x.new_empty(x.shape[0], rows)
-        _integer_gemm(x, w, None, out)
+        _compiled_gemm(x, w, None, out)
         return out
     if x.shape[0] >= gemm_rows(w.kind):
         out = x.new_empty(x.shape[0], rows)
@@ -101,7 +104,7 @@ def linear(x: torch.Tensor, w: QTensor) -> torch.Tensor:
 def expert_linear(x: torch.Tensor, w: QTensor, ids: torch.Tensor) -> torch.Tensor:
     """x (n, cols) through experts ids (n, k) of W (experts, rows, cols): (n, k, rows).
 
-    Experts with at least gemm_rows(w.kind) rows (long prompts) take a GEMM: the integer one
+    Experts with at least gemm_rows(w.kind) rows (long prompts) take a GEMM: the compiled one
     in one call over all the pairs (it groups them by expert in C and skips the others), or the
     banded float32 one on their rows gathered once in expert order, the experts shared out among
     the threads; all the other (row, expert) pairs go through the direct kernel in one call,
@@ -119,9 +122,9 @@ def expert_linear(x: torch.Tensor, w: QTensor, ids: torch.Tensor) -> torch.Tenso
         return _direct_expert_linear(x, w, ids)
     out = x.new_empty(n * k, rows)
     in_busy = busy[flat]
-    if integer_gemm(w.kind):
+    if compiled_gemm(w.kind):
         x = x.contiguous()
-        _integer_gemm(x, w, torch.where(in_busy, flat, -1).view(n, k), out)
+        _compiled_gemm(x, w, torch.where(in_busy, flat, -1).view(n, k), out)
         rest = (~in_busy).nonzero().flatten()
         if len(rest):
             out[rest] = _direct_expert_linear(x[rest // k], w, flat[rest, None])[:, 0]
@@ -159,7 +162,7 @@ def _direct_expert_linear(x: torch.Tensor, w: QTensor, ids: torch.Tensor) -> tor
     return out
 
 
-def _integer_gemm(x: torch.Tensor, w: QTensor, ids: torch.Tensor | None, out: torch.Tensor) -> None:
+def _compiled_gemm(x: torch.Tensor, w: QTensor, ids: torch.Tensor | None, out: torch.Tensor) -> None:
     """out = x @ W.T (one matrix, ids None) or each row through its experts ids (n, k) of W
     (experts, rows, cols), out (n * k, rows); pairs whose expert is -1 are left alone."""
     data = w.data

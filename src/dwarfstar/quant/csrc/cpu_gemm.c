@@ -157,6 +157,8 @@ static const GemmFormat gemm_formats[] = {
     {Q2_K, 256, 84, 256, 0, 16, row_q2_k},
     {Q4_K, 256, 144, 32, 0, 32, row_q4_k},
     {IQ2_XXS, 256, 66, 32, 43, 0, row_iq2_xxs},
+    {F16, 1, 2, 0, 0, 0, NULL}, /* the float path below */
+    {BF16, 1, 2, 0, 0, 0, NULL},
 };
 
 static const GemmFormat *find_gemm_format(int kind) {
@@ -423,6 +425,8 @@ typedef struct {
     const GemmInput *in;
     const int64_t *pair_order;
     const Slice *slices;
+    const float *x; /* the float path's inputs */
+    int64_t x_stride;
     float *out;
     int failed;
 } Gemm;
@@ -454,6 +458,104 @@ VNNI static void gemm_item(void *context, int64_t item) {
         g->pass(&tile, g->in, inputs, outs, m0, m1, n);
     }
 }
+
+/* ---------------------------------------------------------------- F16 and BF16: a float32 GEMM */
+
+/* F16 and BF16 weights are not integers: their tiles are decoded to float32 (exactly), laid out
+ * (cols, 32) so that one register holds 16 rows of one column, and multiplied with each input
+ * value broadcast, FLOATS input rows per pass (2 x 12 float32 sums). Same results as the
+ * reference up to the order of the float32 sums. */
+#define FLOATS 12
+
+/* Rows [first, first + count) of an F16 or BF16 matrix (count ≤ 32) as float32 into tile (cols, 32). */
+VNNI static void decode_float_tile(int kind, const uint8_t *w, int64_t row_stride, int64_t count, int64_t cols,
+                                   float *tile) {
+    for (int h = 0; h < 2; h++)
+        for (int64_t start = 0; start < cols; start += 16) {
+            int64_t length = cols - start < 16 ? cols - start : 16;
+            __mmask16 valid = (__mmask16)((1u << length) - 1);
+            __m512i regs[16];
+            for (int r = 0; r < 16; r++) {
+                if (16 * h + r >= count) {
+                    regs[r] = _mm512_setzero_si512();
+                    continue;
+                }
+                __m256i bits = _mm256_maskz_loadu_epi16(valid, w + (16 * h + r) * row_stride + 2 * start);
+                regs[r] = kind == F16 ? _mm512_castps_si512(_mm512_cvtph_ps(bits))
+                                      : _mm512_slli_epi32(_mm512_cvtepu16_epi32(bits), 16);
+            }
+            transpose16(regs);
+            for (int64_t j = 0; j < length; j++) _mm512_store_si512(tile + (start + j) * TILE_ROWS + 16 * h, regs[j]);
+        }
+}
+
+/* outs[t][0..32) (masked) = tile (cols, 32) @ xs[t], for t < T. */
+VNNI static INLINE void float_pass(const float *tile, int64_t cols, const float *const *xs, float *const *outs,
+                                   __mmask16 m0, __mmask16 m1, const int T) {
+    __m512 acc[2][FLOATS];
+    for (int t = 0; t < T; t++) acc[0][t] = acc[1][t] = _mm512_setzero_ps();
+#pragma GCC unroll 2
+    for (int64_t j = 0; j < cols; j++) {
+        __m512 w0 = _mm512_load_ps(tile + j * TILE_ROWS), w1 = _mm512_load_ps(tile + j * TILE_ROWS + 16);
+        for (int t = 0; t < T; t++) {
+            __m512 x = _mm512_set1_ps(xs[t][j]);
+            acc[0][t] = _mm512_fmadd_ps(w0, x, acc[0][t]);
+            acc[1][t] = _mm512_fmadd_ps(w1, x, acc[1][t]);
+        }
+    }
+    for (int t = 0; t < T; t++) {
+        _mm512_mask_storeu_ps(outs[t], m0, acc[0][t]);
+        _mm512_mask_storeu_ps(outs[t] + 16, m1, acc[1][t]);
+    }
+}
+
+VNNI static void float_pass_12(const float *tile, int64_t cols, const float *const *xs, float *const *outs,
+                               __mmask16 m0, __mmask16 m1) {
+    float_pass(tile, cols, xs, outs, m0, m1, 12);
+}
+VNNI static void float_pass_4(const float *tile, int64_t cols, const float *const *xs, float *const *outs,
+                              __mmask16 m0, __mmask16 m1) {
+    float_pass(tile, cols, xs, outs, m0, m1, 4);
+}
+VNNI static void float_pass_1(const float *tile, int64_t cols, const float *const *xs, float *const *outs,
+                              __mmask16 m0, __mmask16 m1) {
+    float_pass(tile, cols, xs, outs, m0, m1, 1);
+}
+
+VNNI static void float_item(void *context, int64_t item) {
+    Gemm *g = context;
+    const Slice *slice = &g->slices[item / g->tiles];
+    int64_t first_row = item % g->tiles * TILE_ROWS;
+    int64_t count = g->rows - first_row < TILE_ROWS ? g->rows - first_row : TILE_ROWS;
+    size_t bytes = sizeof(float) * TILE_ROWS * (size_t)g->cols;
+    if (tile_bytes < bytes) {
+        free(tile_buffer);
+        tile_bytes = 0;
+        if (posix_memalign((void **)&tile_buffer, 64, bytes) != 0) {
+            tile_buffer = NULL;
+            g->failed = 1;
+            return;
+        }
+        tile_bytes = bytes;
+    }
+    float *tile = (float *)tile_buffer;
+    decode_float_tile(g->format->kind, g->w + slice->expert * g->expert_stride + first_row * g->row_stride,
+                      g->row_stride, count, g->cols, tile);
+    __mmask16 m0 = count >= 16 ? 0xFFFF : (__mmask16)((1u << count) - 1);
+    __mmask16 m1 = count >= 32 ? 0xFFFF : count <= 16 ? 0 : (__mmask16)((1u << (count - 16)) - 1);
+    for (int64_t s = slice->first, n; s < slice->last; s += n) {
+        int64_t left = slice->last - s;
+        n = left >= FLOATS ? FLOATS : left >= 4 ? 4 : 1;
+        const float *xs[FLOATS];
+        float *outs[FLOATS];
+        for (int t = 0; t < n; t++) {
+            int64_t pair = g->pair_order[s + t];
+            xs[t] = g->x + pair / g->k * g->x_stride;
+            outs[t] = g->out + pair * g->rows + first_row;
+        }
+        (n == FLOATS ? float_pass_12 : n == 4 ? float_pass_4 : float_pass_1)(tile, g->cols, xs, outs, m0, m1);
+    }
+}
 #endif
 
 /* gemm(kind, w, expert_stride, row_stride, rows, cols, x, n, x_stride, ids, k, experts, out,
@@ -470,7 +572,7 @@ PyObject *gemm(PyObject *self, PyObject *args) {
 #ifdef HAVE_X86
     const GemmFormat *format = find_gemm_format(kind);
     if (format == NULL || !integer_products_in_use())
-        return PyErr_Format(PyExc_ValueError, "no integer GEMM for GGML type %d here", kind);
+        return PyErr_Format(PyExc_ValueError, "no compiled GEMM for GGML type %d here", kind);
     if (cols % format->block != 0)
         return PyErr_Format(PyExc_ValueError, "%lld columns is not a whole number of blocks", cols);
     if (k < 1 || experts < 1 || n < 0 || rows < 0) return PyErr_Format(PyExc_ValueError, "bad product shape");
@@ -480,11 +582,14 @@ PyObject *gemm(PyObject *self, PyObject *args) {
     int64_t *counts = calloc((size_t)experts + 1, sizeof(int64_t));
     int64_t *pair_order = malloc(sizeof(int64_t) * (size_t)(pairs ? pairs : 1));
     Slice *slices = NULL;
-    in.parts = malloc((size_t)(3 * n * in.stride + 64));
-    in.scales = malloc(sizeof(float) * (size_t)(n * in.blocks + 1));
+    int floating = format->row == NULL; /* F16, BF16: the inputs are used as they are */
+    if (!floating) {
+        in.parts = malloc((size_t)(3 * n * in.stride + 64));
+        in.scales = malloc(sizeof(float) * (size_t)(n * in.blocks + 1));
+    }
     if (format->offset) in.corr = malloc(sizeof(int32_t) * (size_t)(3 * n * in.groups + 1));
     if (format->sub) in.sums = malloc(sizeof(float) * (size_t)(n * (cols / 16) + 1));
-    if (!counts || !pair_order || !in.parts || !in.scales || (format->offset && !in.corr) ||
+    if (!counts || !pair_order || (!floating && (!in.parts || !in.scales)) || (format->offset && !in.corr) ||
         (format->sub && !in.sums)) {
         PyErr_NoMemory();
         goto done;
@@ -501,7 +606,7 @@ PyObject *gemm(PyObject *self, PyObject *args) {
     /* Each expert's pairs in slices of as many input rows as the L3 cache holds well: a tile is
      * decoded once per slice (decoding it again for each L2-sized slice cost more than reading
      * the parts from L3: 265 against 158 GFLOP/s on a 4096 x 8192 Q8_0 matrix and 512 rows). */
-    int64_t per_slice = SLICE_BYTES / (3 * in.stride) / TOKENS * TOKENS;
+    int64_t per_slice = SLICE_BYTES / (floating ? 4 * cols : 3 * in.stride) / TOKENS * TOKENS;
     if (per_slice < TOKENS) per_slice = TOKENS;
     int64_t slice_count = 0;
     for (int64_t e = 0; e < experts; e++) slice_count += (counts[e + 1] + per_slice - 1) / per_slice;
@@ -523,10 +628,11 @@ PyObject *gemm(PyObject *self, PyObject *args) {
 
     Rounding rounding = {format, (const float *)(uintptr_t)x, x_stride, &in};
     Gemm g = {format, pass_for(kind), (const uint8_t *)(uintptr_t)w, expert_stride, row_stride, rows, cols, k,
-              (rows + TILE_ROWS - 1) / TILE_ROWS, &in, pair_order, slices, (float *)(uintptr_t)out, 0};
+              (rows + TILE_ROWS - 1) / TILE_ROWS, &in, pair_order, slices, (const float *)(uintptr_t)x, x_stride,
+              (float *)(uintptr_t)out, 0};
     Py_BEGIN_ALLOW_THREADS;
-    if (n > 0) parallel_for(round_item, &rounding, n, threads);
-    if (rows > 0) parallel_for(gemm_item, &g, slice_count * g.tiles, threads);
+    if (n > 0 && !floating) parallel_for(round_item, &rounding, n, threads);
+    if (rows > 0) parallel_for(floating ? float_item : gemm_item, &g, slice_count * g.tiles, threads);
     Py_END_ALLOW_THREADS;
     if (g.failed) PyErr_NoMemory();
 
