@@ -34,7 +34,7 @@ PIECES = (
     ("dwarfstar.quant", "linear", "dense Q8_0/F16 products (quant.linear)"),
     ("dwarfstar.quant.cpu", "_run_bands", "  banded GEMM (C band decoding + torch GEMM)"),
     ("dwarfstar.quant._cpu", "matmul", "  direct C kernel"),
-    ("dwarfstar.quant._cpu", "gemm", "  integer GEMM (C)"),
+    ("dwarfstar.quant._cpu", "gemm", "  compiled GEMM (C: integer, F16/BF16 float32)"),
     ("dwarfstar.quant", "take_rows", "embedding rows"),
     ("dwarfstar.model.model", "attention", "attention (scores, softmax, values, rope)"),
     ("dwarfstar.model.attention", "compress", "compressors (pooling, norm, rope)"),
