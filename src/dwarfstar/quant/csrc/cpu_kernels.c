@@ -541,7 +541,7 @@ typedef struct {
     float *sum16;  /* (n, cols / 16): sums of x per 16 values, natural order (Q2_K, Q4_K) */
     int32_t *offsets; /* (n, blocks, 3, 16): -43 x each lane's sum of a part (IQ2_XXS) */
     int64_t cols, blocks;
-    int64_t stride; /* cols + 64: rows of parts 4 KiB apart would share the L1 cache's sets */
+    int64_t stride; /* a multiple of 64 past cols + 64: rows 4 KiB apart would share the L1 cache's sets */
 } Activations;
 
 /* Where value p of a 256-value block sits in the natural order. Q2_K and Q4_K registers hold two
@@ -575,7 +575,8 @@ uint8_t bit_of_byte[64];
 static int32_t group_lanes[3][4][16]; /* Q8_0 (unused), Q4_K, IQ2_XXS: register j lane -> group */
 static uint8_t layouts[3][256];     /* Q2_K, Q4_K, IQ2_XXS: natural_position */
 static uint8_t iq2_sign_pairs[64];  /* bytes 2l, 2l + 1 of each qword: bit 32 + 7 l */
-static uint8_t iq2_offset_weights[128]; /* index bits 0-1: code, bit 6: sign -> 43 + the signed weight */
+/* 43 + the signed weight, from the 2-bit code at bits 2 j and the sign at bit 4 + j of the index */
+static uint8_t iq2_offset_weights[3][128];
 static uint8_t iq2_code_bytes[2][256]; /* low, high byte of each grid point's code */
 static uint8_t iq2_pair_index[64];  /* lane q: bytes 0-7 the first block's word 8 q.. index, 8-15 the second's */
 
@@ -592,8 +593,6 @@ static void build_int_tables(void) {
         iq2_magnitudes[p] = (uint8_t)((const uint8_t[]){8, 25, 43, 0})[p & 3];
         bit_of_byte[p] = (uint8_t)(1 << (p % 8));
         iq2_sign_pairs[p] = (uint8_t)(32 + 7 * ((p % 8) / 2));
-        iq2_offset_weights[p] = (uint8_t)(43 + iq2_magnitudes[p]);
-        iq2_offset_weights[64 + p] = (uint8_t)(43 - iq2_magnitudes[p]);
         iq2_index_bytes[p] = (uint8_t)(p % 2 ? 0 : 8 * (p / 8) + (p / 2) % 4);
         for (int j = 0; j < 4; j++) {
             int lane = p / 16, subs[4] = {2 * j, 2 * j + 1, 8 + 2 * j, 9 + 2 * j};
@@ -613,6 +612,11 @@ static void build_int_tables(void) {
         int q = p / 16, i = 8 * q + p % 8;
         iq2_pair_index[p] = (uint8_t)(64 * ((p % 16) / 8) + 8 * (i / 4) + i % 4);
     }
+    for (int j = 0; j < 3; j++)
+        for (int e = 0; e < 128; e++) {
+            int magnitude = iq2_magnitudes[(e >> (2 * j)) & 3];
+            iq2_offset_weights[j][e] = (uint8_t)(e >> (4 + j) & 1 ? 43 - magnitude : 43 + magnitude);
+        }
     for (int p = 0; p < 256; p++) {
         iq2_code_bytes[0][p] = (uint8_t)(iq2_xxs_grid_codes[p] & 0xFF);
         iq2_code_bytes[1][p] = (uint8_t)(iq2_xxs_grid_codes[p] >> 8);
@@ -820,41 +824,42 @@ VNNI static INLINE void int_q4_k_rows(const uint8_t *w, const Activations *a, co
 
 /* IQ2_XXS, three parts per 256-value block: the 32 grid points' 16-bit codes (2 bits per value)
  * are looked up for two blocks at a time (a low and a high byte table); register k takes values
- * k and k + 4 of each point (a word shift), its sign goes into bit 6 of each byte, and one byte
- * lookup gives 43 + the signed weight (unsigned, 0 to 86). The inputs' parts are laid out to
+ * k and k + 4 of each point, whose codes are at bits 2 k of each byte of the codes' words, puts
+ * their signs next to them (at bit 4 + k) and looks up 43 + the signed weight (unsigned, 0 to
+ * 86) in a table for bits 2 k and 4 + k (k = 3: both shifted to k = 2's places). The inputs' parts are laid out to
  * match (natural_position), so each 4-byte lane of the four registers sums values of one group
  * of 32 (lane L: group L / 2): the three integer sums run over the whole block, starting from
  * -43 times the lane's sum of the part, and the group scales are applied once per block. */
 typedef struct {
     __m512i code_bytes[2][4]; /* low, high byte of the 256 points' codes */
-    __m512i pair_index, sign_pairs, signs_low, signs_high, weights_low, weights_high;
+    __m512i pair_index, sign_pairs, signs_low, signs_high, weights[3][2];
 } Iq2Tables;
 
 /* One block: `data` its 64 bytes after d, `codes` word 4 g + l the code of its point (g, l). */
 VNNI static INLINE void iq2_xxs_block(const Iq2Tables *t, const uint8_t *w, __m512i data, __m512i codes,
                                       const Activations *a, const int64_t *rows, const int count, int64_t b,
                                       __m512 *acc) {
-    const __m512i bit6 = _mm512_set1_epi8(0x40);
-    /* word 4 g + l: point (g, l)'s sign byte, then the same shifted right by 4 (values 4-7) */
+    /* word 4 g + l: point (g, l)'s sign byte shifted left by 4, then the same unshifted: bit 4 + k
+     * of each byte is the sign of the value whose code is at bits 2 k */
     __m512i signs = _mm512_permutex2var_epi8(t->signs_low, _mm512_multishift_epi64_epi8(t->sign_pairs, data),
                                              t->signs_high);
-    signs = _mm512_mask_blend_epi8(0xAAAAAAAAAAAAAAAAull, signs, _mm512_srli_epi16(signs, 4));
+    signs = _mm512_mask_blend_epi8(0x5555555555555555ull, signs, _mm512_slli_epi16(signs, 4));
     /* lane L: group L / 2's scale d (0.5 + s) / 4 = d (2 s + 1) / 8, exact in float */
     __m512i odd = _mm512_or_si512(_mm512_srli_epi32(_mm512_shuffle_epi32(data, _MM_PERM_DDBB), 27),
                                   _mm512_set1_epi32(1));
     __m512 lane_scales = _mm512_mul_ps(_mm512_cvtepi32_ps(odd), _mm512_set1_ps(half(w) * 0.125f));
-    __m512i weights[4]; /* select (bit 6 ? sign : code) = 0xE4 */
+    __m512i weights[4]; /* index: (bit 4 + k of signs) else codes, select = 0xE4 */
     weights[0] = _mm512_permutex2var_epi8(
-        t->weights_low, _mm512_ternarylogic_epi32(_mm512_slli_epi16(signs, 6), codes, bit6, 0xE4), t->weights_high);
+        t->weights[0][0], _mm512_ternarylogic_epi32(signs, codes, _mm512_set1_epi8(0x10), 0xE4), t->weights[0][1]);
     weights[1] = _mm512_permutex2var_epi8(
-        t->weights_low, _mm512_ternarylogic_epi32(_mm512_slli_epi16(signs, 5), _mm512_srli_epi16(codes, 2), bit6, 0xE4),
-        t->weights_high);
+        t->weights[1][0], _mm512_ternarylogic_epi32(signs, codes, _mm512_set1_epi8(0x20), 0xE4), t->weights[1][1]);
     weights[2] = _mm512_permutex2var_epi8(
-        t->weights_low, _mm512_ternarylogic_epi32(_mm512_slli_epi16(signs, 4), _mm512_srli_epi16(codes, 4), bit6, 0xE4),
-        t->weights_high);
+        t->weights[2][0], _mm512_ternarylogic_epi32(signs, codes, _mm512_set1_epi8(0x40), 0xE4), t->weights[2][1]);
     weights[3] = _mm512_permutex2var_epi8(
-        t->weights_low, _mm512_ternarylogic_epi32(_mm512_slli_epi16(signs, 3), _mm512_srli_epi16(codes, 6), bit6, 0xE4),
-        t->weights_high);
+        t->weights[2][0],
+        _mm512_ternarylogic_epi32(_mm512_srli_epi16(signs, 1), _mm512_srli_epi16(codes, 2), _mm512_set1_epi8(0x40),
+                                  0xE4),
+        t->weights[2][1]);
     for (int r = 0; r < count; r++) {
         const int8_t *part = a->parts + 3 * rows[r] * a->stride + 256 * b;
         const int32_t *offsets = a->offsets + (rows[r] * a->blocks + b) * 48;
@@ -879,8 +884,8 @@ VNNI static INLINE void int_iq2_xxs_rows(const uint8_t *w, const Activations *a,
     t.sign_pairs = _mm512_loadu_si512(iq2_sign_pairs);
     t.signs_low = _mm512_loadu_si512(iq2_signs);
     t.signs_high = _mm512_loadu_si512(iq2_signs + 64);
-    t.weights_low = _mm512_loadu_si512(iq2_offset_weights);
-    t.weights_high = _mm512_loadu_si512(iq2_offset_weights + 64);
+    for (int j = 0; j < 3; j++)
+        for (int h = 0; h < 2; h++) t.weights[j][h] = _mm512_loadu_si512(iq2_offset_weights[j] + 64 * h);
     __m512 acc[MAX_ROWS];
     for (int r = 0; r < count; r++) acc[r] = _mm512_setzero_ps();
     int64_t blocks = a->cols / 256;
@@ -1187,7 +1192,8 @@ static PyObject *matmul(PyObject *self, PyObject *args) {
 
     int64_t pairs = n * k;
     float *sum16 = NULL; /* the input's sums per 16 values, for the fused Q2_K and Q4_K */
-    Activations activations = {NULL, NULL, NULL, NULL, cols, (cols + ACT_BLOCK - 1) / ACT_BLOCK, cols + 64}; /* integer products */
+    /* integer products: rows of parts 64-byte aligned (a load across two cache lines costs two) */
+    Activations activations = {NULL, NULL, NULL, NULL, cols, (cols + ACT_BLOCK - 1) / ACT_BLOCK, (cols + 63) / 64 * 64 + 64};
     const int64_t *ids = (const int64_t *)(uintptr_t)ids_address;
     int64_t *counts = calloc((size_t)experts + 1, sizeof(int64_t));
     int64_t *pair_order = malloc(sizeof(int64_t) * (size_t)(pairs ? pairs : 1));
@@ -1228,10 +1234,10 @@ static PyObject *matmul(PyObject *self, PyObject *args) {
 #ifdef HAVE_X86
     if (isa >= USE_VNNI && format->integer && n > 0) {
         /* 64 bytes of slack: the last odd Q8_0 block reads a whole register of parts */
-        activations.parts = malloc((size_t)(3 * n * activations.stride + 64));
+        activations.parts = aligned_alloc(64, (size_t)(3 * n * activations.stride + 64));
         activations.scales = malloc(sizeof(float) * (size_t)(n * activations.blocks));
         if (format->needs_sum16) activations.sum16 = malloc(sizeof(float) * (size_t)(n * (cols / 16) + 1));
-        if (kind == IQ2_XXS) activations.offsets = malloc(sizeof(int32_t) * (size_t)(n * activations.blocks * 48));
+        if (kind == IQ2_XXS) activations.offsets = aligned_alloc(64, sizeof(int32_t) * (size_t)(n * activations.blocks * 48));
         if (!activations.parts || !activations.scales || (format->needs_sum16 && !activations.sum16) ||
             (kind == IQ2_XXS && !activations.offsets)) {
             PyErr_NoMemory();
