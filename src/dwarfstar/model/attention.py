@@ -228,8 +228,7 @@ def attention(
     c = ctx.config
     n_tok = a.shape[0]
     qr = rms_norm(quant.linear(a, w.q_a), w.q_norm, c.rms_eps)
-    q = quant.linear(qr, w.q_b).unflatten(-1, (c.n_head, c.head_dim))
-    q = ctx.rope.apply(rms_norm(q, None, c.rms_eps), positions)
+    q = quant.linear(qr, w.q_b).unflatten(-1, (c.n_head, c.head_dim))  # normed and turned by block
     kv = ctx.rope.apply(rms_norm(quant.linear(a, w.kv), w.kv_norm, c.rms_eps), positions)
     if ctx.quant_sim:
         kv = quantsim.kv_round(kv, c.nope_dim)
@@ -260,10 +259,13 @@ def attention(
     out = q.new_empty(q.shape)
 
     def attend_block(start: int) -> None:
+        """A block's queries normed and turned, attended, turned back: in cache from end to end."""
         block = slice(start, start + step)
+        block_q = ctx.rope.apply(rms_norm(q[block], None, c.rms_eps), positions[block])
         chosen = (None, None) if picks is None else (picks[block], valid[block])
-        args = (q[block], positions[block], first + start, raw, raw_start, rows, *chosen, out[block])
+        args = (block_q, positions[block], first + start, raw, raw_start, rows, *chosen, out[block])
         _attend_block(w, ctx, *args)
+        out[block] = ctx.rope.apply(out[block], positions[block], inverse=True)
 
     starts = range(0, n_tok, step)
     if fused_cpu.applies(q):  # the blocks shared out among threads, torch on one thread in each
@@ -271,7 +273,6 @@ def attention(
     else:
         for start in starts:
             attend_block(start)
-    out = ctx.rope.apply(out, positions, inverse=True)
 
     # Grouped output projection: each group of heads has its own block of out_a.
     groups = out.reshape(n_tok, c.o_groups, -1)
