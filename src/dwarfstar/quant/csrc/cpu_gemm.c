@@ -271,9 +271,11 @@ VNNI static INLINE void transpose16(__m512i r[16]) {
 }
 
 /* Decode stored rows [first, first + count) into the tile (count ≤ 32; the rest of it weighs
- * nothing): each block of 16 rows row by row into `rows` (16, cols + 64), then transposed. */
+ * nothing): each block of 16 rows row by row into `rows` (16, cols + 64), then transposed. The
+ * stored rows are prefetched AHEAD ahead, into the next tile's too (`rows_left` rows from first
+ * on): with one thread that is the next item, with two the other thread's, found in L3. */
 VNNI static void decode_tile(const GemmFormat *f, const uint8_t *w, int64_t row_stride, int64_t count,
-                             int64_t cols, const Tile *tile) {
+                             int64_t rows_left, int64_t cols, const Tile *tile) {
     int64_t stride = cols + 64; /* rows 4 KiB apart would share the L1 cache's sets */
     int64_t groups = cols / f->group, subs = f->sub ? cols / f->sub : 0;
     int64_t row_bytes = cols / f->block * f->bytes;
@@ -281,7 +283,7 @@ VNNI static void decode_tile(const GemmFormat *f, const uint8_t *w, int64_t row_
     for (int h = 0; h < 2; h++) {
         for (int64_t r = 0; r < 16; r++) {
             float *scales = tile->row_scales + r * groups, *mins = tile->row_mins + r * subs;
-            if (16 * h + r + AHEAD < count) /* the stored bytes come from memory: ask for them early */
+            if (16 * h + r + AHEAD < rows_left) /* the stored bytes come from memory: ask for them early */
                 for (int64_t at = 0; at < row_bytes; at += 64)
                     _mm_prefetch((const char *)w + (16 * h + r + AHEAD) * row_stride + at, _MM_HINT_T0);
             if (16 * h + r < count) {
@@ -442,7 +444,7 @@ VNNI static void gemm_item(void *context, int64_t item) {
         return;
     }
     decode_tile(g->format, g->w + slice->expert * g->expert_stride + first_row * g->row_stride, g->row_stride, count,
-                g->cols, &tile);
+                g->rows - first_row, g->cols, &tile);
     __mmask16 m0 = count >= 16 ? 0xFFFF : (__mmask16)((1u << count) - 1);
     __mmask16 m1 = count >= 32 ? 0xFFFF : count <= 16 ? 0 : (__mmask16)((1u << (count - 16)) - 1);
     for (int64_t s = slice->first, n; s < slice->last; s += n) {
