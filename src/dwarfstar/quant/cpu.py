@@ -53,8 +53,8 @@ products (AVX-512 VNNI), 8 for the float ones (docs/benchmarks.md)."""
 
 COMPILED_GEMM_ROWS = {
     GGMLQuantizationType.Q8_0: 3,
-    GGMLQuantizationType.Q2_K: 4,
-    GGMLQuantizationType.Q4_K: 3,
+    GGMLQuantizationType.Q2_K: 5,
+    GGMLQuantizationType.Q4_K: 5,
     GGMLQuantizationType.IQ2_XXS: 3,
     GGMLQuantizationType.F16: 4,
     GGMLQuantizationType.BF16: 4,

@@ -270,6 +270,75 @@ VNNI static INLINE void transpose16(__m512i r[16]) {
     for (int i = 0; i < 16; i++) r[i] = t[i];
 }
 
+/* IQ2_XXS rows [16 h, 16 h + 16) of a tile (`valid` of them stored), straight into it: per block,
+ * the 16 rows' 64 bytes of indices, signs and scales transposed (a quarter of what the decoded
+ * codes would be), then decoded in place, one register of 16 rows x 4 values at a time: no
+ * transposition of the codes. The stored blocks are prefetched 4 blocks ahead, into the next
+ * 16 rows at the end (of `rows_left` from the tile's first). */
+VNNI static void decode_iq2_xxs_rows(const uint8_t *w, int64_t row_stride, int64_t valid, int64_t rows_left,
+                                     int64_t cols, const Tile *tile, int h) {
+    const float third = 1.0f / 254.0f, fourth = 1.0f / (254.0f * 254.0f);
+    __m512i grid[8];
+    for (int i = 0; i < 8; i++) grid[i] = _mm512_loadu_si512(iq2_xxs_grid_codes + 32 * i);
+    const __m512i offset = _mm512_set1_epi8(43), magnitudes = _mm512_loadu_si512(iq2_magnitudes);
+    const __m512i signs_low = _mm512_loadu_si512(iq2_signs), signs_high = _mm512_loadu_si512(iq2_signs + 64);
+    /* each dword's byte 0 to its four bytes; the values' bits of a sign byte; the codes' 2-bit values */
+    const __m512i replicate = _mm512_set4_epi32(0x0C0C0C0C, 0x08080808, 0x04040404, 0);
+    const __m512i sign_bits[2] = {_mm512_set1_epi32(0x08040201), _mm512_set1_epi32((int)0x80402010u)};
+    const __m512i value_bits[2] = {_mm512_set1_epi64(0x2624222006040200ll), _mm512_set1_epi64(0x2E2C2A280E0C0A08ll)};
+    int64_t blocks = cols / 256;
+    for (int64_t b = 0; b < blocks; b++) {
+        __m512i x[16];
+        float d[16];
+        for (int r = 0; r < 16; r++) {
+            int64_t ahead = b + 4 < blocks ? 16 * h + r : 16 * h + 16 + r, ahead_block = (b + 4) % blocks;
+            if (ahead < rows_left) {
+                const char *next = (const char *)w + ahead * row_stride + 66 * ahead_block;
+                _mm_prefetch(next, _MM_HINT_T0);
+                _mm_prefetch(next + 64, _MM_HINT_T0);
+            }
+            const uint8_t *block = w + (16 * h + r) * row_stride + 66 * b;
+            x[r] = r < valid ? _mm512_loadu_si512(block + 2) : _mm512_setzero_si512();
+            d[r] = r < valid ? half(block) : 0.0f;
+        }
+        transpose16(x); /* x[2 g]: group g's 4 indices, x[2 g + 1]: its signs and scale; lane = row */
+        __m512 eighth_d = _mm512_mul_ps(_mm512_loadu_ps(d), _mm512_set1_ps(0.125f));
+        for (int g = 0; g < 8; g++) {
+            __m512i indices = x[2 * g], aux = x[2 * g + 1];
+            /* group scale d (0.5 + s) / 4 = d (2 s + 1) / 8 */
+            __m512 scale = _mm512_mul_ps(
+                _mm512_cvtepi32_ps(_mm512_or_si512(_mm512_slli_epi32(_mm512_srli_epi32(aux, 28), 1), _mm512_set1_epi32(1))),
+                eighth_d);
+            float *at = tile->scales + 3 * (8 * b + g) * TILE_ROWS + 16 * h;
+            _mm512_store_ps(at, scale);
+            _mm512_store_ps(at + TILE_ROWS, _mm512_mul_ps(scale, _mm512_set1_ps(third)));
+            _mm512_store_ps(at + 2 * TILE_ROWS, _mm512_mul_ps(scale, _mm512_set1_ps(fourth)));
+            for (int p = 0; p < 4; p++) { /* grid point p: values 8 p.. of the group, two k-steps */
+                __m512i index = _mm512_srli_epi32(indices, 8 * p); /* in each dword's low word */
+                __mmask32 bit6 = _mm512_test_epi16_mask(index, _mm512_set1_epi16(64));
+                __mmask32 bit7 = _mm512_test_epi16_mask(index, _mm512_set1_epi16(128));
+                __m512i code = _mm512_mask_blend_epi16(
+                    bit7,
+                    _mm512_mask_blend_epi16(bit6, _mm512_permutex2var_epi16(grid[0], index, grid[1]),
+                                            _mm512_permutex2var_epi16(grid[2], index, grid[3])),
+                    _mm512_mask_blend_epi16(bit6, _mm512_permutex2var_epi16(grid[4], index, grid[5]),
+                                            _mm512_permutex2var_epi16(grid[6], index, grid[7])));
+                __m512i signs = _mm512_shuffle_epi8(
+                    _mm512_permutex2var_epi8(signs_low, _mm512_srli_epi32(aux, 7 * p), signs_high), replicate);
+                for (int half_index = 0; half_index < 2; half_index++) {
+                    __m512i magnitude =
+                        _mm512_permutexvar_epi8(_mm512_multishift_epi64_epi8(value_bits[half_index], code), magnitudes);
+                    __mmask64 negative = _mm512_test_epi8_mask(signs, sign_bits[half_index]);
+                    int64_t step = 64 * b + 8 * g + 2 * p + half_index;
+                    _mm512_store_si512(tile->codes + (step * 2 + h) * 64,
+                                       _mm512_mask_sub_epi8(_mm512_add_epi8(offset, magnitude), negative, offset,
+                                                            magnitude));
+                }
+            }
+        }
+    }
+}
+
 /* Decode stored rows [first, first + count) into the tile (count ≤ 32; the rest of it weighs
  * nothing): each block of 16 rows row by row into `rows` (16, cols + 64), then transposed. The
  * stored rows are prefetched AHEAD ahead, into the next tile's too (`rows_left` rows from first
@@ -281,6 +350,11 @@ VNNI static void decode_tile(const GemmFormat *f, const uint8_t *w, int64_t row_
     int64_t row_bytes = cols / f->block * f->bytes;
     const float third = 1.0f / 254.0f, fourth = 1.0f / (254.0f * 254.0f);
     for (int h = 0; h < 2; h++) {
+        if (f->kind == IQ2_XXS) {
+            int64_t valid = count - 16 * h < 0 ? 0 : count - 16 * h > 16 ? 16 : count - 16 * h;
+            decode_iq2_xxs_rows(w, row_stride, valid, rows_left, cols, tile, h);
+            continue;
+        }
         for (int64_t r = 0; r < 16; r++) {
             float *scales = tile->row_scales + r * groups, *mins = tile->row_mins + r * subs;
             if (16 * h + r + AHEAD < rows_left) /* the stored bytes come from memory: ask for them early */
