@@ -41,13 +41,21 @@
  * Q4_K) the minimum of each sub-block. */
 typedef void (*RowFn)(const uint8_t *w, int64_t cols, uint8_t *codes, float *scales, float *mins);
 
+/* Rows [16 h, 16 h + 16) of a tile (`valid` of them stored) decoded straight into it (Q2_K,
+ * IQ2_XXS: see decode_tile), prefetching into the rows after them (`rows_left` from the tile's
+ * first). */
+struct Tile;
+typedef void (*RowsFn)(const uint8_t *w, int64_t row_stride, int64_t valid, int64_t rows_left, int64_t cols,
+                       const struct Tile *tile, int h);
+
 typedef struct {
     int kind;
     int block, bytes; /* values and bytes per stored block */
     int group;  /* values per scale: 32, or 256 */
     int offset; /* c: code = value + c */
     int sub;    /* values per minimum, 0: none */
-    RowFn row;
+    RowFn row;    /* one row at a time, then the codes transposed (Q8_0, Q4_K) */
+    RowsFn rows;  /* or 16 rows at once from their transposed blocks (Q2_K, IQ2_XXS) */
 } GemmFormat;
 
 VNNI static INLINE float half(const uint8_t *p) {
@@ -71,33 +79,6 @@ VNNI static INLINE __m512i halves(__m256i low, __m256i high) {
     return _mm512_inserti64x4(_mm512_castsi256_si512(low), high, 1);
 }
 
-VNNI static void row_q2_k(const uint8_t *w, int64_t cols, uint8_t *codes, float *scales, float *mins) {
-    const __m512i three = _mm512_set1_epi8(3), low_nibbles = _mm512_set1_epi8(0xF);
-    const __m512i expand = _mm512_loadu_si512(q2_k_expand);
-    /* register j byte p: 4 * its sub-block (4 j + p / 16) */
-    const __m512i subs = _mm512_set_epi64(0x0C0C0C0C0C0C0C0Cll, 0x0C0C0C0C0C0C0C0Cll, 0x0808080808080808ll,
-                                          0x0808080808080808ll, 0x0404040404040404ll, 0x0404040404040404ll, 0, 0);
-    for (int64_t b = 0; b < cols / 256; b++, w += 84, codes += 256, mins += 16) {
-        /* table byte 4s + t = t * scale of sub-block s: the codes come out scaled (≤ 45) */
-        __m128i packed = _mm_loadu_si128((const __m128i *)w);
-        __m512i scale = _mm512_and_si512(_mm512_permutexvar_epi8(expand, _mm512_castsi128_si512(packed)), low_nibbles);
-        __m512i table = _mm512_maskz_mov_epi8(0xEEEEEEEEEEEEEEEEull, scale);
-        table = _mm512_mask_add_epi8(table, 0xCCCCCCCCCCCCCCCCull, table, scale);
-        table = _mm512_mask_add_epi8(table, 0x8888888888888888ull, table, scale);
-        for (int j = 0; j < 4; j++) { /* values 64 j..: bits 4 (j % 2) and 4 (j % 2) + 2 of bytes 32 (j / 2).. */
-            __m256i bytes = _mm256_loadu_si256((const __m256i *)(w + 16 + 32 * (j / 2)));
-            __m512i both = halves(_mm256_srli_epi16(bytes, 4 * (j % 2)), _mm256_srli_epi16(bytes, 4 * (j % 2) + 2));
-            __m512i index = _mm512_ternarylogic_epi32(both, three, _mm512_add_epi8(subs, _mm512_set1_epi8((char)(16 * j))),
-                                                      0xEA); /* code | 4 sub-block */
-            _mm512_storeu_si512(codes + 64 * j, _mm512_permutexvar_epi8(index, table));
-        }
-        scales[b] = half(w + 80);
-        __m512 minimums =
-            _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_and_si128(_mm_srli_epi16(packed, 4), _mm_set1_epi8(0xF))));
-        _mm512_storeu_ps(mins, _mm512_mul_ps(minimums, _mm512_set1_ps(half(w + 82))));
-    }
-}
-
 VNNI static void row_q4_k(const uint8_t *w, int64_t cols, uint8_t *codes, float *scales, float *mins) {
     const __m256i low_nibbles = _mm256_set1_epi8(0xF);
     for (int64_t b = 0; b < cols / 256; b++, w += 144, codes += 256, scales += 8, mins += 8) {
@@ -114,57 +95,6 @@ VNNI static void row_q4_k(const uint8_t *w, int64_t cols, uint8_t *codes, float 
             mins[g] = dmin * (float)minimum;
         }
     }
-}
-
-VNNI static void row_iq2_xxs(const uint8_t *w, int64_t cols, uint8_t *codes, float *scales, float *mins) {
-    (void)mins;
-    __m512i grid[8];
-    for (int i = 0; i < 8; i++) grid[i] = _mm512_loadu_si512(iq2_xxs_grid_codes + 32 * i);
-    const __m512i offset = _mm512_set1_epi8(43), index_bytes = _mm512_loadu_si512(iq2_index_bytes);
-    const __m512i sign_shifts = _mm512_loadu_si512(iq2_sign_shifts), grid_shifts = _mm512_loadu_si512(iq2_grid_shifts);
-    const __m512i signs_low = _mm512_loadu_si512(iq2_signs), signs_high = _mm512_loadu_si512(iq2_signs + 64);
-    const __m512i magnitudes = _mm512_loadu_si512(iq2_magnitudes), bits = _mm512_loadu_si512(bit_of_byte);
-    for (int64_t b = 0; b < cols / 256; b++, w += 66, codes += 256, scales += 8) {
-        __m512i data = _mm512_loadu_si512(w + 2); /* qword g: group g's 4 indices, then signs and scale */
-        __m512i index = _mm512_maskz_permutexvar_epi8(0x5555555555555555ull, index_bytes, data);
-        __mmask32 bit6 = _mm512_test_epi16_mask(index, _mm512_set1_epi16(64));
-        __mmask32 bit7 = _mm512_test_epi16_mask(index, _mm512_set1_epi16(128));
-        __m512i points = _mm512_mask_blend_epi16(
-            bit7,
-            _mm512_mask_blend_epi16(bit6, _mm512_permutex2var_epi16(grid[0], index, grid[1]),
-                                    _mm512_permutex2var_epi16(grid[2], index, grid[3])),
-            _mm512_mask_blend_epi16(bit6, _mm512_permutex2var_epi16(grid[4], index, grid[5]),
-                                    _mm512_permutex2var_epi16(grid[6], index, grid[7])));
-        __m512i sign_bytes =
-            _mm512_permutex2var_epi8(signs_low, _mm512_multishift_epi64_epi8(sign_shifts, data), signs_high);
-        for (int j = 0; j < 4; j++) {
-            __m512i spread = _mm512_permutexvar_epi16(_mm512_loadu_si512(iq2_spread[j]), points);
-            __m512i magnitude = _mm512_permutexvar_epi8(_mm512_multishift_epi64_epi8(grid_shifts, spread), magnitudes);
-            __mmask64 negative = _mm512_test_epi8_mask(
-                _mm512_permutexvar_epi8(_mm512_loadu_si512(iq2_sign_spread[j]), sign_bytes), bits);
-            _mm512_storeu_si512(codes + 64 * j, _mm512_mask_sub_epi8(_mm512_add_epi8(offset, magnitude), negative,
-                                                                     offset, magnitude));
-        }
-        /* group scales d (0.5 + s) / 4 = d (2 s + 1) / 8, exact in float */
-        __m256 odd = _mm256_cvtepi32_ps(_mm512_cvtepi64_epi32(
-            _mm512_or_si512(_mm512_slli_epi64(_mm512_srli_epi64(data, 60), 1), _mm512_set1_epi64(1))));
-        _mm256_storeu_ps(scales, _mm256_mul_ps(odd, _mm256_set1_ps(half(w) * 0.125f)));
-    }
-}
-
-static const GemmFormat gemm_formats[] = {
-    {Q8_0, 32, 34, 32, 128, 0, row_q8_0},
-    {Q2_K, 256, 84, 256, 0, 16, row_q2_k},
-    {Q4_K, 256, 144, 32, 0, 32, row_q4_k},
-    {IQ2_XXS, 256, 66, 32, 43, 0, row_iq2_xxs},
-    {F16, 1, 2, 0, 0, 0, NULL}, /* the float path below */
-    {BF16, 1, 2, 0, 0, 0, NULL},
-};
-
-static const GemmFormat *find_gemm_format(int kind) {
-    for (size_t i = 0; i < sizeof(gemm_formats) / sizeof(gemm_formats[0]); i++)
-        if (gemm_formats[i].kind == kind) return &gemm_formats[i];
-    return NULL;
 }
 
 /* ---------------------------------------------------------------- the inputs */
@@ -209,7 +139,7 @@ VNNI static void round_item(void *context, int64_t i) {
 
 /* ---------------------------------------------------------------- tiles */
 
-typedef struct {
+typedef struct Tile {
     uint8_t *codes; /* (cols / 4, 2, 64): k-step j, rows 16 h.. 16 h + 15, four values each */
     float *scales;  /* (cols / group, 3, 32): d, d / 254, d / 254² per row */
     float *mins;    /* (cols / sub, 32) */
@@ -339,6 +269,58 @@ VNNI static void decode_iq2_xxs_rows(const uint8_t *w, int64_t row_stride, int64
     }
 }
 
+/* Q2_K rows [16 h, 16 h + 16) of a tile the same way: the 16 rows' 2-bit codes (64 bytes) and
+ * sub-block scales (16 bytes) transposed, each register of 16 rows x 4 values then cut from its
+ * codes' dword and scaled through a byte table (entry 4 s + t = s t). */
+VNNI static void decode_q2_k_rows(const uint8_t *w, int64_t row_stride, int64_t valid, int64_t rows_left,
+                                  int64_t cols, const Tile *tile, int h) {
+    const float third = 1.0f / 254.0f, fourth = 1.0f / (254.0f * 254.0f);
+    uint8_t products[64];
+    for (int i = 0; i < 64; i++) products[i] = (uint8_t)((i / 4) * (i % 4));
+    const __m512i table = _mm512_loadu_si512(products), low_nibbles = _mm512_set1_epi8(0x0F);
+    const __m512i three = _mm512_set1_epi8(3), dwords = _mm512_set4_epi32(0x0C0C0C0C, 0x08080808, 0x04040404, 0);
+    int64_t blocks = cols / 256;
+    for (int64_t b = 0; b < blocks; b++) {
+        __m512i x[16], y[16];
+        float d[16], dmin[16];
+        for (int r = 0; r < 16; r++) {
+            int64_t ahead = b + 4 < blocks ? 16 * h + r : 16 * h + 16 + r, ahead_block = (b + 4) % blocks;
+            if (ahead < rows_left) {
+                const char *next = (const char *)w + ahead * row_stride + 84 * ahead_block;
+                _mm_prefetch(next, _MM_HINT_T0);
+                _mm_prefetch(next + 64, _MM_HINT_T0);
+            }
+            const uint8_t *block = w + (16 * h + r) * row_stride + 84 * b;
+            x[r] = r < valid ? _mm512_loadu_si512(block + 16) : _mm512_setzero_si512();
+            y[r] = r < valid ? _mm512_zextsi128_si512(_mm_loadu_si128((const __m128i *)block)) : _mm512_setzero_si512();
+            d[r] = r < valid ? half(block + 80) : 0.0f;
+            dmin[r] = r < valid ? half(block + 82) : 0.0f;
+        }
+        transpose16(x); /* x[i], lane r: the codes' dword i of row r */
+        transpose16(y); /* y[q < 4], lane r: scale bytes 4 q.. 4 q + 3 of row r */
+        __m512 scale = _mm512_loadu_ps(d), minimum = _mm512_loadu_ps(dmin);
+        float *at = tile->scales + 3 * b * TILE_ROWS + 16 * h;
+        _mm512_store_ps(at, scale);
+        _mm512_store_ps(at + TILE_ROWS, _mm512_mul_ps(scale, _mm512_set1_ps(third)));
+        _mm512_store_ps(at + 2 * TILE_ROWS, _mm512_mul_ps(scale, _mm512_set1_ps(fourth)));
+        for (int sub = 0; sub < 16; sub++) { /* values 16 sub.. */
+            /* byte sub % 4 of each dword to all four of its bytes */
+            __m512i packed = _mm512_shuffle_epi8(
+                y[sub / 4], _mm512_add_epi8(dwords, _mm512_set1_epi8((char)(sub % 4))));
+            __m512 m = _mm512_cvtepi32_ps(_mm512_and_si512(_mm512_srli_epi32(packed, 4), _mm512_set1_epi32(0xF)));
+            _mm512_store_ps(tile->mins + (16 * b + sub) * TILE_ROWS + 16 * h, _mm512_mul_ps(m, minimum));
+            __m512i scale_index = _mm512_slli_epi32(_mm512_and_si512(packed, low_nibbles), 2); /* 4 s per byte */
+            /* value 32 c + j: bits 2 (c % 4) of byte 32 (c / 4) + j */
+            int c = sub / 2, shift = 2 * (c % 4);
+            for (int u = 0; u < 4; u++) {
+                __m512i codes = _mm512_and_si512(_mm512_srli_epi32(x[8 * (c / 4) + 4 * (sub % 2) + u], shift), three);
+                _mm512_store_si512(tile->codes + ((64 * b + 4 * sub + u) * 2 + h) * 64,
+                                   _mm512_permutexvar_epi8(_mm512_or_si512(codes, scale_index), table));
+            }
+        }
+    }
+}
+
 /* Decode stored rows [first, first + count) into the tile (count ≤ 32; the rest of it weighs
  * nothing): each block of 16 rows row by row into `rows` (16, cols + 64), then transposed. The
  * stored rows are prefetched AHEAD ahead, into the next tile's too (`rows_left` rows from first
@@ -350,9 +332,9 @@ VNNI static void decode_tile(const GemmFormat *f, const uint8_t *w, int64_t row_
     int64_t row_bytes = cols / f->block * f->bytes;
     const float third = 1.0f / 254.0f, fourth = 1.0f / (254.0f * 254.0f);
     for (int h = 0; h < 2; h++) {
-        if (f->kind == IQ2_XXS) {
+        if (f->rows) {
             int64_t valid = count - 16 * h < 0 ? 0 : count - 16 * h > 16 ? 16 : count - 16 * h;
-            decode_iq2_xxs_rows(w, row_stride, valid, rows_left, cols, tile, h);
+            f->rows(w, row_stride, valid, rows_left, cols, tile, h);
             continue;
         }
         for (int64_t r = 0; r < 16; r++) {
@@ -398,6 +380,21 @@ VNNI static void decode_tile(const GemmFormat *f, const uint8_t *w, int64_t row_
             for (int64_t j = j0; j < subs && j < j0 + 16; j++) _mm512_store_si512(tile->mins + j * TILE_ROWS + 16 * h, regs[j - j0]);
         }
     }
+}
+
+static const GemmFormat gemm_formats[] = {
+    {Q8_0, 32, 34, 32, 128, 0, row_q8_0, NULL},
+    {Q2_K, 256, 84, 256, 0, 16, NULL, decode_q2_k_rows},
+    {Q4_K, 256, 144, 32, 0, 32, row_q4_k, NULL},
+    {IQ2_XXS, 256, 66, 32, 43, 0, NULL, decode_iq2_xxs_rows},
+    {F16, 1, 2, 0, 0, 0, NULL, NULL}, /* the float path below */
+    {BF16, 1, 2, 0, 0, 0, NULL, NULL},
+};
+
+static const GemmFormat *find_gemm_format(int kind) {
+    for (size_t i = 0; i < sizeof(gemm_formats) / sizeof(gemm_formats[0]); i++)
+        if (gemm_formats[i].kind == kind) return &gemm_formats[i];
+    return NULL;
 }
 
 /* ---------------------------------------------------------------- the microkernel */
@@ -658,7 +655,7 @@ PyObject *gemm(PyObject *self, PyObject *args) {
     int64_t *counts = calloc((size_t)experts + 1, sizeof(int64_t));
     int64_t *pair_order = malloc(sizeof(int64_t) * (size_t)(pairs ? pairs : 1));
     Slice *slices = NULL;
-    int floating = format->row == NULL; /* F16, BF16: the inputs are used as they are */
+    int floating = kind == F16 || kind == BF16; /* the inputs are used as they are */
     if (!floating) {
         in.parts = malloc((size_t)(3 * n * in.stride + 64));
         in.scales = malloc(sizeof(float) * (size_t)(n * in.blocks + 1));

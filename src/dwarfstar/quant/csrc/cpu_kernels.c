@@ -562,16 +562,16 @@ typedef void (*IntDotFn)(const uint8_t *w, int64_t row_stride, int stored, const
                          int count, float *out);
 
 /* Constant vectors, filled by build_tables. */
-uint8_t q2_k_expand[64]; /* these nine: see cpu_shared.h */
+static uint8_t q2_k_expand[64];      /* byte 4s + t = s: sub-block s's scale to 4 bytes */
 static uint8_t q2_k_offsets[4][64];  /* register j, byte p: 4 * (its sub-block) */
-uint8_t iq2_index_bytes[64];
-uint16_t iq2_spread[4][32];
-uint8_t iq2_grid_shifts[64];
-uint8_t iq2_sign_shifts[64];
-uint8_t iq2_magnitudes[64];
+static uint8_t iq2_index_bytes[64];  /* word i = byte 8 (i / 4) + i % 4 of the 64 index/sign bytes */
+static uint16_t iq2_spread[4][32];   /* register j: qword q word 0 = code 8 j + q */
+static uint8_t iq2_grid_shifts[64];  /* byte t of each qword: bit 2 t */
+static uint8_t iq2_sign_shifts[64];  /* byte t < 4 of each qword: bit 32 + 7 t */
+uint8_t iq2_magnitudes[64];          /* these two: see cpu_shared.h */
 uint8_t iq2_signs[128];
-uint8_t iq2_sign_spread[4][64];
-uint8_t bit_of_byte[64];
+static uint8_t iq2_sign_spread[4][64]; /* register j, byte p: its group's sign byte */
+static uint8_t bit_of_byte[64];      /* 1 << (p % 8) */
 static int32_t group_lanes[3][4][16]; /* Q8_0 (unused), Q4_K, IQ2_XXS: register j lane -> group */
 static uint8_t layouts[3][256];     /* Q2_K, Q4_K, IQ2_XXS: natural_position */
 static uint8_t iq2_sign_pairs[64];  /* bytes 2l, 2l + 1 of each qword: bit 32 + 7 l */

@@ -17,16 +17,9 @@ enum { F16 = 1, Q8_0 = 8, Q2_K = 10, Q4_K = 12, IQ2_XXS = 16, BF16 = 30 };
 /* ggml's kgrid_2bit_256: IQ2_XXS's 256 grid points, 2 bits per value (standing for 8, 25, 43). */
 extern const uint16_t iq2_xxs_grid_codes[256];
 
-/* The constant vectors of the integer products' decoders (cpu_kernels.c, build_int_tables). */
-extern uint8_t q2_k_expand[64];        /* byte 4s + t = s: sub-block s's scale to 4 bytes */
-extern uint8_t iq2_index_bytes[64];    /* word i = byte 8 (i / 4) + i % 4 of the 64 index/sign bytes */
-extern uint16_t iq2_spread[4][32];     /* register j: qword q word 0 = code 8 j + q */
-extern uint8_t iq2_grid_shifts[64];    /* byte t of each qword: bit 2 t */
-extern uint8_t iq2_sign_shifts[64];    /* byte t < 4 of each qword: bit 32 + 7 t */
-extern uint8_t iq2_magnitudes[64];     /* index & 3 -> 8, 25, 43, 0 */
-extern uint8_t iq2_signs[128];         /* 7 sign bits + parity: bit t set = value t negative */
-extern uint8_t iq2_sign_spread[4][64]; /* register j, byte p: its group's sign byte */
-extern uint8_t bit_of_byte[64];        /* 1 << (p % 8) */
+/* IQ2_XXS's constant vectors (cpu_kernels.c, build_int_tables). */
+extern uint8_t iq2_magnitudes[64]; /* index & 3 -> 8, 25, 43, 0 */
+extern uint8_t iq2_signs[128];     /* 7 sign bits + parity: bit t set = value t negative */
 
 /* Q4_K's 6-bit scale and min of group j from its 12 packed bytes. */
 static inline void q4_k_scale_min(const uint8_t *packed, int j, int *scale, int *minimum) {
