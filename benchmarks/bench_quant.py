@@ -15,6 +15,7 @@ integer GEMM on AVX-512 VNNI) are bound by.
     python benchmarks/bench_quant.py [--kinds Q8_0 IQ2_XXS] [--repeats 15] [--threads 1]
                                      [--isa avx512]   # the compiled kernels' instruction set
                                      [--best]         # fastest of the repeats, not the median
+                                     [--rows 1]       # only these input rows, no expert_linear
 """
 
 from __future__ import annotations
@@ -96,6 +97,9 @@ def main() -> None:
     parser.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
     parser.add_argument("--isa", help="instruction set of the compiled kernels (default: the best)")
     parser.add_argument("--best", action="store_true", help="fastest of the repeats, not the median")
+    parser.add_argument(
+        "--rows", nargs="+", type=int, help="only these input rows (e.g. 1: decode), no expert_linear"
+    )
     args = parser.parse_args()
     global STATISTIC
     if args.best:
@@ -121,7 +125,7 @@ def main() -> None:
             copies = weight_copies(kind, shape, generator)
             nbytes = copies[0].nbytes
             floor = nbytes / bandwidth
-            for batch in BATCHES:
+            for batch in args.rows or BATCHES:
                 x = torch.from_numpy(generator.standard_normal((batch, shape[1]), dtype=np.float32))
                 seconds = linear_seconds(x, copies, args.repeats)
                 flop = 2 * batch * shape[0] * shape[1]
@@ -130,6 +134,8 @@ def main() -> None:
                     f"{seconds * 1e3:9.2f} {nbytes / seconds / 1e9:7.2f} {seconds / floor:8.1f} "
                     f"{flop / seconds / 1e9:8.1f}"
                 )
+    if args.rows:
+        return
     print(f"\nexpert_linear, {EXPERTS} experts, {EXPERTS_USED} per token")
     print(f"{'kind':8} {'shape':>10} {'MB used':>7} {'rows/expert':>11} {'ms':>9} {'GB/s':>7} {'GFLOP/s':>8}")
     for name in args.kinds:

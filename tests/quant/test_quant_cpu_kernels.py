@@ -166,14 +166,16 @@ GEMM = pytest.mark.skipif(_cpu.isa() != "avx512vnni", reason="the compiled GEMM 
 
 @pytest.mark.parametrize("kind", INTEGER, ids=lambda kind: kind.name)
 @pytest.mark.parametrize("batch", [2, 16], ids=["direct", "gemm"])
-def test_integer_products_stay_within_their_rounding_bound(kind, batch, isa):
+@pytest.mark.parametrize("blocks", [2, 5], ids=lambda n: f"{n}blocks")
+def test_integer_products_stay_within_their_rounding_bound(kind, batch, blocks, isa):
     """Inputs with one large value per block: each value is rounded to s (a0 + a1/254 + a2/254^2),
     s = max|x| / 127 over its 256 values, so by at most s / (2 * 254^2); float32's own rounding
     of x / s and of the sums adds 2e-6 sum_j |w_j x_j|. The bound must hold for every output
     (the float kernels meet it too), and is tight: one int8 part (s / 2) would be far off. With
-    16 rows the integer GEMM takes the product (on AVX-512 VNNI)."""
+    16 rows the integer GEMM takes the product (on AVX-512 VNNI). Two and five blocks of 256:
+    the direct IQ2_XXS product decodes blocks in pairs, the last one alone when odd."""
     generator = np.random.default_rng(3)
-    cols = 512 + (32 if kind == Q.Q8_0 else 0)  # Q8_0: a last, short block of 32 too
+    cols = 256 * blocks + (32 if kind == Q.Q8_0 else 0)  # Q8_0: a last, short block of 32 too
     w = random_qtensor(kind, (29, cols), generator)
     x = generator.standard_normal((batch, cols)).astype(np.float32)
     x[:, 5::256] *= 1000.0  # an outlier in every block

@@ -528,9 +528,11 @@ AVX512 static float fused_bf16_avx512(const uint8_t *w, const float *x, const fl
  * x / s), where one int8 part (llama.cpp's Q8_K) leaves s / 2 and moves a 2-bit model's logits by
  * whole units. Each stored weight group is decoded once to 8-bit integers (scale folded in where
  * it fits: Q2_K's 4-bit scale times its 2-bit codes), multiplied with the three parts by
- * `vpdpbusd` (unsigned weights, signed parts: signs of Q8_0 and IQ2_XXS go onto the parts), and
- * the three integer sums are combined in float once per register or block. The parts are stored
- * in the weight's order, so that one 64-byte load of stored codes meets one of input parts.
+ * `vpdpbusd` (unsigned weights, signed parts: Q8_0's signs go onto the parts, IQ2_XXS's weights
+ * are 43 more than the signed ones), and the three integer sums are combined in float once per
+ * register or block. The parts are stored in the weight's order (natural_position, applied to
+ * each rounded block by permute_block), so that one 64-byte load of stored codes meets one of
+ * input parts.
  * Q2_K and Q4_K's minimum terms use the input's float sums per 16 values. */
 #define MAX_ROWS 2      /* input rows multiplied per pass over a stored row */
 #define INTEGER_TILE 4  /* stored rows per pass over the inputs */
@@ -989,9 +991,9 @@ static void drain(void) {
 /* The generation each worker was started in: it joins the next one. */
 static uint64_t worker_start[MAX_WORKERS];
 
-/* Waking a sleeping thread costs 15-40 us here (more than a 2048x4096 one-row product's share
- * of work on a few cores), so a thread that waits first spins this long on the value it waits
- * for, then sleeps: back-to-back calls (a decode step) then find their workers awake. */
+/* Waking a sleeping thread costs 15-40 us here (a one-row 2048x4096 product takes 80-170 us on
+ * two cores), so a thread that waits first spins this long on the value it waits for, then
+ * sleeps: back-to-back calls (a decode step) find their workers awake. */
 #define SPIN_MICROSECONDS 100
 
 static uint64_t microseconds(void) {
