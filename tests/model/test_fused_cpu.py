@@ -7,6 +7,7 @@ Tolerance: float32 sums in another order and libm's exp/sin/cos against torch's,
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import subprocess
 import sys
@@ -174,6 +175,24 @@ def test_attention_of_a_block_of_queries(isa, ratio, first, cached, queries):
     same(attend_block, w, ctx, q, positions, first, raw, first - cached, rows, None, None)
 
 
+@pytest.mark.parametrize(("first", "cached", "queries"), [(40, 15, 7), (60, 0, 13)])
+def test_attention_of_a_block_of_queries_over_an_indexer_s_picks(isa, first, cached, queries):
+    """CSA past the indexer's top-k: each query its own picks of the compressed rows, some not
+    valid (past its position), with the raw rows of its window."""
+    heads, dim, k = 5, 72, 6
+    w, ctx = _attention_layer(heads, dim, 4)
+    q = randn(queries, heads, dim, seed=2)
+    raw = randn(cached + queries, dim, seed=3)
+    rows = randn((first + queries) // 4, dim, seed=4)
+    generator = torch.Generator().manual_seed(5)
+    picks = torch.randint(0, rows.shape[0], (queries, k), generator=generator)
+    positions = torch.arange(first, first + queries)
+    valid = picks < ((positions + 1) // 4)[:, None]
+    valid[0] = False  # a query with no compressed row at all
+    assert valid.any() and not valid.all()
+    same(attend_block, w, ctx, q, positions, first, raw, first - cached, rows, picks, valid)
+
+
 def test_pool():
     gate = randn(3, 8, 37, seed=1, scale=4)
     gate[0, :4] = float("-inf")  # the first window has no previous one
@@ -239,6 +258,21 @@ def test_decoded_logits_match_the_torch_code(tmp_path):
     tokens = torch.randint(0, 129280, (140,), generator=torch.Generator().manual_seed(0))
     ours = compiled(model.prefill, tokens, model.new_session(), 1)
     reference = torch_code(model.prefill, tokens, model.new_session(), 1)
+    assert reference.abs().max() > 1
+    torch.testing.assert_close(ours, reference, rtol=1e-4, atol=1e-4)
+
+
+def test_prefilled_logits_match_the_torch_code(tmp_path):
+    """The same model and tokens in chunks of 60 (the last one shorter): blocks of 4 queries (a
+    window of 64) over the window, the compressed rows each sees and, past the indexer's top-k,
+    its picks."""
+    path = tmp_path / "small.gguf"
+    config = dataclasses.replace(SMALL, window=64)
+    write_random_model(path, config, lambda name, shape: stored_kind(name, shape, T.F32), seed=4)
+    model = Model.load(path, quant_sim=False)
+    tokens = torch.randint(0, 129280, (140,), generator=torch.Generator().manual_seed(1))
+    ours = compiled(model.prefill, tokens, model.new_session(), 60)
+    reference = torch_code(model.prefill, tokens, model.new_session(), 60)
     assert reference.abs().max() > 1
     torch.testing.assert_close(ours, reference, rtol=1e-4, atol=1e-4)
 

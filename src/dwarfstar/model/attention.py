@@ -169,22 +169,30 @@ def _attend_block(
     lo = max(0, first - c.window + 1 - raw_start)
     keys = raw[lo : last + 1 - raw_start]
     scale = c.head_dim**-0.5
-    if fused_cpu.applies(q) and (picks is None or q.shape[0] == 1):
+    if fused_cpu.applies(q):
         if rows is not None and picks is None:
             rows = rows[: (last + 1) // w.compressor.ratio]  # those the block's last query sees
         if q.shape[0] == 1:  # one decoded token: every key it sees, one call
             picks, valid = (None, None) if picks is None else (picks[0], valid[0])
             fused_cpu.attend(q[0], keys, rows, picks, valid, w.sinks, scale, out[0])
             return
-        # Every query of the block against every key any of them sees, as two float32 GEMMs
-        # around one fused softmax that gives the keys a query does not see probability 0.
+        # Every query of the block against every key any of them sees, as float32 GEMMs around
+        # one fused softmax that gives the keys a query does not see probability 0: the keys
+        # shared by the block (raw, and the compressed rows without an indexer's picks), then
+        # each query's own picks.
         n_raw, ratio = keys.shape[0], 0 if rows is None else w.compressor.ratio
-        if rows is not None:
+        if rows is not None and picks is None:
             keys = torch.cat((keys, rows))
         scores = torch.mm(q.reshape(-1, q.shape[-1]), keys.T).view(*q.shape[:2], -1)
+        if picks is not None:
+            chosen = rows[picks]  # (B, k, d)
+            scores = torch.cat((scores, torch.bmm(q, chosen.transpose(1, 2))), dim=-1)
         offset = first - (raw_start + lo)
-        fused_cpu.window_softmax(scores, n_raw, offset, c.window, first, ratio, w.sinks, scale)
-        torch.mm(scores.view(-1, keys.shape[0]), keys, out=out.view(-1, keys.shape[1]))
+        fused_cpu.window_softmax(scores, n_raw, offset, c.window, first, ratio, valid, w.sinks, scale)
+        shared = scores.view(-1, scores.shape[-1])[:, : keys.shape[0]]
+        torch.mm(shared, keys, out=out.view(-1, keys.shape[1]))
+        if picks is not None:
+            out.baddbmm_(scores[..., keys.shape[0] :], chosen)
         return
     key_positions = torch.arange(raw_start + lo, raw_start + lo + keys.shape[0], device=keys.device)
     delta = positions[:, None] - key_positions[None, :]
@@ -254,7 +262,7 @@ def attention(
     step = _query_block(n_tok, c.n_head, c.window + compressed_keys + 1, gathered)  # + 1: the sink
     # A block of B queries scores its raw keys (B + window - 1) for all of them. The torch code
     # takes blocks of half a window (the window mask throws a third of the scores away, in few
-    # operations); the fused CPU path, two GEMMs and a softmax per block, a sixteenth (5%).
+    # operations); the fused CPU path, a few GEMMs and a softmax per block, a sixteenth (5%).
     step = min(step, max(1, c.window // (16 if fused_cpu.applies(q) else 2)))
     out = q.new_empty(q.shape)
 

@@ -173,17 +173,21 @@ def window_softmax(
     window: int,
     first: int,
     ratio: int,
+    valid: torch.Tensor | None,
     sinks: torch.Tensor,
     scale: float,
 ) -> None:
     """In place: the softmax of a block of queries' (queries, heads, keys) scores, each scaled,
     with a sink logit per head. Query t sees raw key j < ``n_raw`` when 0 <= ``offset`` + t - j
-    < ``window`` and compressed row r (key ``n_raw`` + r) when r < (``first`` + t + 1) //
-    ``ratio`` (none when ``ratio`` is 0); the keys it does not see get probability 0."""
+    < ``window``, and compressed row r (key ``n_raw`` + r) when ``valid[t, r]`` or, without
+    ``valid``, when r < (``first`` + t + 1) // ``ratio`` (none when ``ratio`` is 0); the keys
+    it does not see get probability 0."""
     queries, heads, keys = scores.shape
     assert scores.is_contiguous()
+    valid = _contiguous(valid, torch.bool)
+    assert valid is None or valid.shape == (queries, keys - n_raw)
     _fused.window_softmax(
-        scores.data_ptr(), queries, heads, n_raw, keys - n_raw, offset, window, first, ratio,
+        scores.data_ptr(), queries, heads, n_raw, keys - n_raw, offset, window, first, ratio, _address(valid),
         _contiguous(sinks, torch.float32).data_ptr(), scale,
     )  # fmt: skip
 

@@ -573,38 +573,43 @@ static PyObject *py_attend(PyObject *self, PyObject *args) {
     Py_RETURN_NONE;
 }
 
-/* window_softmax(scores, queries, heads, n_raw, n_rows, offset, window, first, ratio, sinks, scale):
- * the softmax of a block of consecutive queries' attention, in place over their scores
+/* window_softmax(scores, queries, heads, n_raw, n_rows, offset, window, first, ratio, valid, sinks,
+ * scale): the softmax of a block of consecutive queries' attention, in place over their scores
  * (queries, heads, n_raw + n_rows), each the product of a query head and a key. Query t (at
  * position first + t) sees raw key j when 0 <= offset + t - j < window (offset: the first
- * query's position less the first raw key's) and compressed row r (score n_raw + r) when
+ * query's position less the first raw key's) and compressed row r (score n_raw + r) when its
+ * byte valid[t, r] is set (valid: queries x n_rows) or, without valid, when
  * r < (first + t + 1) / ratio (none when ratio is 0). Scores seen are scaled, and share the
  * softmax with a sink logit per head; the others become 0. */
 static PyObject *py_window_softmax(PyObject *self, PyObject *args) {
     (void)self;
-    unsigned long long scores_address, sinks_address;
+    unsigned long long scores_address, valid_address, sinks_address;
     long long queries, heads, n_raw, n_rows, offset, window, first, ratio;
     float scale;
-    if (!PyArg_ParseTuple(args, "KLLLLLLLLKf", &scores_address, &queries, &heads, &n_raw, &n_rows, &offset,
-                          &window, &first, &ratio, &sinks_address, &scale))
+    if (!PyArg_ParseTuple(args, "KLLLLLLLLKKf", &scores_address, &queries, &heads, &n_raw, &n_rows, &offset,
+                          &window, &first, &ratio, &valid_address, &sinks_address, &scale))
         return NULL;
     float *scores = PTR(float, scores_address);
     const float *sinks = PTR(const float, sinks_address);
+    const uint8_t *valid = PTR(const uint8_t, valid_address);
     int64_t keys = n_raw + n_rows;
     Py_BEGIN_ALLOW_THREADS;
     for (int64_t t = 0; t < queries; t++) {
         int64_t lo = offset + t - window + 1, hi = offset + t + 1;
         lo = lo < 0 ? 0 : (lo > n_raw ? n_raw : lo);
         hi = hi > n_raw ? n_raw : (hi < lo ? lo : hi);
-        int64_t seen_rows = ratio > 0 ? (first + t + 1) / ratio : 0;
+        int64_t seen_rows = valid ? n_rows : (ratio > 0 ? (first + t + 1) / ratio : 0);
         seen_rows = seen_rows < 0 ? 0 : (seen_rows > n_rows ? n_rows : seen_rows);
+        const uint8_t *picked = valid ? valid + t * n_rows : NULL;
         for (int64_t h = 0; h < heads; h++) {
             float *s = scores + (t * heads + h) * keys, *rows = s + n_raw;
+            if (picked) /* rows not picked: -inf through the softmax (exp gives ~0), 0 after it */
+                for (int64_t k = 0; k < n_rows; k++) rows[k] = picked[k] ? rows[k] : -INFINITY;
             float top = scale_max(rows, seen_rows, scale, scale_max(s + lo, hi - lo, scale, sinks[h]));
             float total = exp_sum(s + lo, hi - lo, top) + exp_sum(rows, seen_rows, top) + expf(sinks[h] - top);
             float inverse = 1.0f / total;
             for (int64_t k = lo; k < hi; k++) s[k] *= inverse;
-            for (int64_t k = 0; k < seen_rows; k++) rows[k] *= inverse;
+            for (int64_t k = 0; k < seen_rows; k++) rows[k] = picked && !picked[k] ? 0.0f : rows[k] * inverse;
             memset(s, 0, sizeof(float) * (size_t)lo);
             memset(s + hi, 0, sizeof(float) * (size_t)(n_raw - hi));
             memset(rows + seen_rows, 0, sizeof(float) * (size_t)(n_rows - seen_rows));
