@@ -1,10 +1,12 @@
-/* The integer GEMM: products with many input rows (a prompt's tokens through a dense matrix, a
- * routed expert's share of them, the grouped output projection), on AVX-512 VNNI.
+/* The compiled GEMM: products with many input rows (a prompt's tokens through a dense matrix, a
+ * routed expert's share of them, the grouped output projection), on AVX-512 VNNI; an integer
+ * GEMM for the block formats, a float32 one for F16 and BF16 (at the end).
  *
  * The direct products (cpu_kernels.c) decode each stored row again for every one or two input
  * rows; here a tile of 32 stored rows is decoded once to unsigned 8-bit codes, in the layout
- * `vpdpbusd` wants (one register = 16 rows x 4 consecutive values), and then meets every input
- * row of its share of the product. The input rows are rounded as for the direct products: three
+ * `vpdpbusd` wants (one register = 16 rows x 4 consecutive values: Q8_0 and Q4_K rows decoded
+ * then transposed, Q2_K and IQ2_XXS decoded from their 16 rows' stored blocks transposed), and
+ * then meets every input row of its share of the product. The input rows are rounded as for the direct products: three
  * int8 parts per value, x ≈ s (a0 + a1 / 254 + a2 / 254²), one scale s per 256 values, so the
  * results agree with dequantize-then-matmul to float32's rounding (docs/model.md, "Kernels").
  *
