@@ -175,21 +175,25 @@ def test_attention_of_a_block_of_queries(isa, ratio, first, cached, queries):
     same(attend_block, w, ctx, q, positions, first, raw, first - cached, rows, None, None)
 
 
-@pytest.mark.parametrize(("first", "cached", "queries"), [(40, 15, 7), (60, 0, 13)])
-def test_attention_of_a_block_of_queries_over_an_indexer_s_picks(isa, first, cached, queries):
+@pytest.mark.parametrize("shared", [True, False])
+@pytest.mark.parametrize(("first", "cached", "queries"), [(120, 15, 7), (140, 0, 13)])
+def test_attention_of_a_block_of_queries_over_an_indexer_s_picks(isa, shared, first, cached, queries):
     """CSA past the indexer's top-k: each query its own picks of the compressed rows, some not
-    valid (past its position), with the raw rows of its window."""
+    valid (past its position), with the raw rows of its window; the picks few enough in all to
+    be scored as keys shared by the block, or not."""
     heads, dim, k = 5, 72, 6
     w, ctx = _attention_layer(heads, dim, 4)
     q = randn(queries, heads, dim, seed=2)
     raw = randn(cached + queries, dim, seed=3)
     rows = randn((first + queries) // 4, dim, seed=4)
     generator = torch.Generator().manual_seed(5)
-    picks = torch.randint(0, rows.shape[0], (queries, k), generator=generator)
+    choice = k + 1 if shared else rows.shape[0]  # the rows picks are drawn from
+    picks = torch.stack([torch.randperm(choice, generator=generator)[:k] for _ in range(queries)])
     positions = torch.arange(first, first + queries)
-    valid = picks < ((positions + 1) // 4)[:, None]
+    valid = picks < ((positions + 1) // 4)[:, None] - (0 if shared else 10)
     valid[0] = False  # a query with no compressed row at all
     assert valid.any() and not valid.all()
+    assert (attention._shared_picks(picks, valid) is not None) == shared
     same(attend_block, w, ctx, q, positions, first, raw, first - cached, rows, picks, valid)
 
 
