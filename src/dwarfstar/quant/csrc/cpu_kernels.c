@@ -566,15 +566,9 @@ typedef void (*IntDotFn)(const uint8_t *w, int64_t row_stride, int stored, const
 /* Constant vectors, filled by build_tables. */
 static uint8_t q2_k_expand[64];      /* byte 4s + t = s: sub-block s's scale to 4 bytes */
 static uint8_t q2_k_offsets[4][64];  /* register j, byte p: 4 * (its sub-block) */
-static uint8_t iq2_index_bytes[64];  /* word i = byte 8 (i / 4) + i % 4 of the 64 index/sign bytes */
-static uint16_t iq2_spread[4][32];   /* register j: qword q word 0 = code 8 j + q */
-static uint8_t iq2_grid_shifts[64];  /* byte t of each qword: bit 2 t */
-static uint8_t iq2_sign_shifts[64];  /* byte t < 4 of each qword: bit 32 + 7 t */
 uint8_t iq2_magnitudes[64];          /* these two: see cpu_shared.h */
 uint8_t iq2_signs[128];
-static uint8_t iq2_sign_spread[4][64]; /* register j, byte p: its group's sign byte */
-static uint8_t bit_of_byte[64];      /* 1 << (p % 8) */
-static int32_t group_lanes[3][4][16]; /* Q8_0 (unused), Q4_K, IQ2_XXS: register j lane -> group */
+static int32_t q4_k_lanes[4][16];    /* register j, lane: its group */
 static uint8_t layouts[3][256];     /* Q2_K, Q4_K, IQ2_XXS: natural_position */
 static uint8_t iq2_sign_pairs[64];  /* bytes 2l, 2l + 1 of each qword: bit 32 + 7 l */
 /* 43 + the signed weight, from the 2-bit code at bits 2 j and the sign at bit 4 + j of the index */
@@ -590,25 +584,15 @@ static const uint8_t *layout_of(int kind) {
 static void build_int_tables(void) {
     for (int p = 0; p < 64; p++) {
         q2_k_expand[p] = (uint8_t)(p / 4);
-        iq2_grid_shifts[p] = (uint8_t)(2 * (p % 8));
-        iq2_sign_shifts[p] = (uint8_t)(p % 8 < 4 ? 32 + 7 * (p % 8) : 0);
         iq2_magnitudes[p] = (uint8_t)((const uint8_t[]){8, 25, 43, 0})[p & 3];
-        bit_of_byte[p] = (uint8_t)(1 << (p % 8));
         iq2_sign_pairs[p] = (uint8_t)(32 + 7 * ((p % 8) / 2));
-        iq2_index_bytes[p] = (uint8_t)(p % 2 ? 0 : 8 * (p / 8) + (p / 2) % 4);
         for (int j = 0; j < 4; j++) {
             int lane = p / 16, subs[4] = {2 * j, 2 * j + 1, 8 + 2 * j, 9 + 2 * j};
             q2_k_offsets[j][p] = (uint8_t)(4 * subs[lane]);
-            iq2_sign_spread[j][p] = (uint8_t)(8 * (2 * j + p / 32) + (p % 32) / 8);
         }
     }
-    for (int j = 0; j < 4; j++) {
-        for (int w = 0; w < 32; w++) iq2_spread[j][w] = (uint16_t)(8 * j + w / 4);
-        for (int lane = 0; lane < 16; lane++) {
-            group_lanes[1][j][lane] = 4 * (j / 2) + (j % 2) + 2 * (lane / 8);
-            group_lanes[2][j][lane] = 2 * j + lane / 8;
-        }
-    }
+    for (int j = 0; j < 4; j++)
+        for (int lane = 0; lane < 16; lane++) q4_k_lanes[j][lane] = 4 * (j / 2) + (j % 2) + 2 * (lane / 8);
     for (int i = 0; i < 128; i++) iq2_signs[i] = (uint8_t)(i | (__builtin_popcount(i) & 1) << 7);
     for (int p = 0; p < 64; p++) { /* word i = 8 q + p % 8 of a block: group i / 4, point i % 4 */
         int q = p / 16, i = 8 * q + p % 8;
@@ -812,7 +796,7 @@ VNNI static INLINE void int_q4_k_rows(const uint8_t *w, const Activations *a, co
         weights[3] = _mm512_and_si512(_mm512_srli_epi16(high, 4), low_nibbles);
         __m512 lane_scales[4];
         for (int j = 0; j < 4; j++)
-            lane_scales[j] = _mm512_permutexvar_ps(_mm512_loadu_si512(group_lanes[1][j]), group_scales);
+            lane_scales[j] = _mm512_permutexvar_ps(_mm512_loadu_si512(q4_k_lanes[j]), group_scales);
         for (int r = 0; r < count; r++) {
             __m512 block = _mm512_setzero_ps();
             for (int j = 0; j < 4; j++)
