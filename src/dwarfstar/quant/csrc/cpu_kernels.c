@@ -1159,6 +1159,28 @@ static void quantize_item(void *context, int64_t i) {
 }
 #endif
 
+int sort_pairs_by_expert(const int64_t *ids, int64_t pairs, int64_t experts, int skip_negative, int64_t *starts,
+                         int64_t *pair_order) {
+    memset(starts, 0, sizeof(int64_t) * (size_t)(experts + 1));
+    for (int64_t s = 0; s < pairs; s++) { /* counts, each at starts[e + 1] */
+        int64_t e = ids ? ids[s] : 0;
+        if (e < 0 && skip_negative) continue;
+        if (e < 0 || e >= experts) {
+            PyErr_Format(PyExc_IndexError, "expert %lld out of range for %lld experts", (long long)e, (long long)experts);
+            return -1;
+        }
+        starts[e + 1]++;
+    }
+    for (int64_t e = 0; e < experts; e++) starts[e + 1] += starts[e];
+    for (int64_t s = 0; s < pairs; s++) { /* placing the pairs moves each expert's start to its end */
+        int64_t e = ids ? ids[s] : 0;
+        if (e >= 0) pair_order[starts[e]++] = s;
+    }
+    for (int64_t e = experts; e > 0; e--) starts[e] = starts[e - 1]; /* ends -> starts */
+    starts[0] = 0;
+    return 0;
+}
+
 /* matmul(kind, w, expert_stride, row_stride, rows, cols, x, n, x_stride, ids, k, experts, out,
  *        threads): out (n * k, rows) = for each input row i and slot j, x[i] @ W[ids[i, j]].T.
  * Addresses are integers (tensor.data_ptr()); ids = 0 means one matrix (k = 1, expert 0). */
@@ -1181,33 +1203,22 @@ static PyObject *matmul(PyObject *self, PyObject *args) {
     /* integer products: rows of parts 64-byte aligned (a load across two cache lines costs two) */
     Activations activations = {NULL, NULL, NULL, NULL, cols, (cols + ACT_BLOCK - 1) / ACT_BLOCK, (cols + 63) / 64 * 64 + 64};
     const int64_t *ids = (const int64_t *)(uintptr_t)ids_address;
-    int64_t *counts = calloc((size_t)experts + 1, sizeof(int64_t));
+    int64_t *starts = malloc(sizeof(int64_t) * (size_t)(experts + 1));
     int64_t *pair_order = malloc(sizeof(int64_t) * (size_t)(pairs ? pairs : 1));
     int64_t *group_start = malloc(sizeof(int64_t) * (size_t)(experts + 1));
     int64_t *group_expert = malloc(sizeof(int64_t) * (size_t)experts);
-    if (!counts || !pair_order || !group_start || !group_expert) {
+    if (!starts || !pair_order || !group_start || !group_expert) {
         PyErr_NoMemory();
         goto done;
     }
-    /* Counting sort of the pairs by expert (stable). */
-    for (int64_t s = 0; s < pairs; s++) {
-        int64_t e = ids ? ids[s] : 0;
-        if (e < 0 || e >= experts) {
-            PyErr_Format(PyExc_IndexError, "expert %lld out of range for %lld experts", (long long)e, experts);
-            goto done;
-        }
-        counts[e + 1]++;
-    }
-    int64_t groups = 0;
-    for (int64_t e = 0; e < experts; e++) {
-        if (counts[e + 1] > 0) {
+    if (sort_pairs_by_expert(ids, pairs, experts, 0, starts, pair_order) != 0) goto done;
+    int64_t groups = 0; /* the experts with pairs */
+    for (int64_t e = 0; e < experts; e++)
+        if (starts[e + 1] > starts[e]) {
             group_expert[groups] = e;
-            group_start[groups++] = counts[e];
+            group_start[groups++] = starts[e];
         }
-        counts[e + 1] += counts[e];
-    }
     group_start[groups] = pairs;
-    for (int64_t s = 0; s < pairs; s++) pair_order[counts[ids ? ids[s] : 0]++] = s;
 
     /* Bands of output rows: enough items to balance the threads, at least 4 rows each. */
     int64_t target = 8 * (int64_t)(threads > 0 ? threads : 1);
@@ -1268,7 +1279,7 @@ done:
     free(activations.sum16);
     free(activations.offsets);
     free(sum16);
-    free(counts);
+    free(starts);
     free(pair_order);
     free(group_start);
     free(group_expert);
@@ -1367,8 +1378,8 @@ static PyObject *set_isa(PyObject *self, PyObject *name) {
 static PyMethodDef methods[] = {
     {"matmul", matmul, METH_VARARGS, "Matrix product straight from stored blocks (see the source)."},
     {"decode", decode, METH_VARARGS, "Stored rows to float32 (see the source)."},
-    {"gemm", gemm, METH_VARARGS, "Integer GEMM straight from stored blocks, many input rows (cpu_gemm.c)."},
-    {"gemm_kinds", gemm_kinds, METH_NOARGS, "GGML type numbers the integer GEMM takes (none without VNNI)."},
+    {"gemm", gemm, METH_VARARGS, "The compiled GEMM straight from stored blocks, many input rows (cpu_gemm.c)."},
+    {"gemm_kinds", gemm_kinds, METH_NOARGS, "GGML type numbers the compiled GEMM takes (none without VNNI)."},
     {"kinds", kinds, METH_NOARGS, "GGML type numbers with a compiled kernel."},
     {"isa", get_isa, METH_NOARGS, "The instruction set in use: 'avx512', 'avx2' or 'portable'."},
     {"set_isa", set_isa, METH_O, "Choose the instruction set ('avx512', 'avx2', 'portable'), for tests."},

@@ -36,6 +36,13 @@ static inline void q4_k_scale_min(const uint8_t *packed, int j, int *scale, int 
 typedef void (*ItemFn)(void *context, int64_t item);
 void parallel_for(ItemFn fn, void *context, int64_t items, int threads);
 
+/* The pairs s < pairs (input row s / k, expert ids[s]; ids NULL: all expert 0) in order of
+ * expert, stably (a counting sort): expert e's at pair_order[starts[e]..starts[e + 1]) (starts:
+ * experts + 1). A negative expert is left out when skip_negative (its pair left to another
+ * kernel), else out of range. Returns 0, or -1 with an IndexError set (with the GIL held). */
+int sort_pairs_by_expert(const int64_t *ids, int64_t pairs, int64_t experts, int skip_negative, int64_t *starts,
+                         int64_t *pair_order);
+
 /* Whether the integer products (AVX-512 VNNI and VBMI) are in use. */
 int integer_products_in_use(void);
 
