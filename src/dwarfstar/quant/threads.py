@@ -21,7 +21,17 @@ Item = TypeVar("Item")
 
 _pools: dict[int, ThreadPoolExecutor] = {}
 _pools_lock = threading.Lock()
-os.register_at_fork(after_in_child=_pools.clear)  # a forked child has none of the threads
+
+
+def _forget_pools_in_child() -> None:
+    """A forked child has none of the pools' threads, and the lock, were another thread making a
+    pool at the fork, would stay held for ever."""
+    global _pools_lock
+    _pools.clear()
+    _pools_lock = threading.Lock()
+
+
+os.register_at_fork(after_in_child=_forget_pools_in_child)
 
 
 def share_out(work: Callable[[Item], None], items: Iterable[Item], threads: int) -> None:

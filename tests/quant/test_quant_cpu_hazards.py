@@ -1,0 +1,146 @@
+"""The compiled CPU kernels where a careless kernel would go wrong: non-finite inputs, two Python
+threads calling at once, a forked child, expert ids out of range on every path.
+
+Expected values come from the reference (dequantize, then torch's matmul) or from the same call
+made alone, never from the path under test.
+"""
+
+import os
+import signal
+import threading
+
+import numpy as np
+import pytest
+import torch
+from gguf import GGMLQuantizationType as Q
+
+from dwarfstar.quant import QTensor, cpu, dequantize
+from dwarfstar.quant.threads import share_out
+from dwarfstar.synthetic.blocks import random_blocks
+
+try:
+    from dwarfstar.quant import _cpu
+except ImportError as error:  # fail, never skip: `make test` builds the extension
+    raise ImportError("the compiled kernels are not built: python setup.py build_ext --inplace") from error
+
+ISAS = ["portable", "avx2", "avx512", "avx512vnni"]
+ISAS = ISAS[: ISAS.index(_cpu.isa()) + 1]
+VNNI = pytest.mark.skipif(_cpu.isa() != "avx512vnni", reason="the compiled GEMM needs AVX-512 VNNI")
+
+
+@pytest.fixture(params=ISAS)
+def isa(request):
+    best = _cpu.isa()
+    _cpu.set_isa(request.param)
+    yield request.param
+    _cpu.set_isa(best)
+
+
+@pytest.fixture
+def two_threads():
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(before)
+
+
+def random_qtensor(kind, shape, seed) -> QTensor:
+    return QTensor.from_numpy(kind, shape, random_blocks(kind, shape, np.random.default_rng(seed)))
+
+
+def columns(kind) -> int:
+    return 512 if kind not in (Q.F16, Q.BF16) else 101
+
+
+@pytest.mark.parametrize("kind", cpu.kinds(), ids=lambda kind: kind.name)
+@pytest.mark.parametrize("batch", [1, 2, 16], ids=["one-row", "direct", "gemm"])
+def test_non_finite_inputs_reach_their_outputs_only(kind, batch, isa):
+    """A NaN in an input row makes its outputs NaN and an infinity makes them non-finite, as in
+    the reference, on every path (the integer ones round each block of 256 inputs by its largest
+    magnitude, which a NaN must not slip past); the other rows stay finite."""
+    cols = columns(kind)
+    w = random_qtensor(kind, (29, cols), batch)
+    x = torch.from_numpy(np.random.default_rng(batch).standard_normal((batch, cols), dtype=np.float32))
+    x[0, 3] = float("nan")
+    if batch > 1:
+        x[1, cols - 1] = float("inf")
+    ours, reference = cpu.linear(x, w), x @ dequantize(w).T
+    assert reference[0].isnan().all() and ours[0].isnan().all()
+    if batch > 1:
+        assert not reference[1].isfinite().any() and not ours[1].isfinite().any()
+    assert ours[2:].isfinite().all()
+
+
+def test_two_python_threads_calling_at_once_get_what_each_gets_alone(two_threads):
+    """The server's model thread and another thread may call the kernels at the same time: their
+    calls share one pool of C threads (and the GEMM keeps a tile buffer per thread), so each must
+    get exactly the outputs it gets alone: a one-row product, a GEMM and its float32 variant."""
+    work = []
+    for seed, (kind, batch) in enumerate([(Q.IQ2_XXS, 1), (Q.Q8_0, 24), (Q.Q2_K, 9), (Q.F16, 20)]):
+        w = random_qtensor(kind, (70, 1024), seed)
+        x = torch.from_numpy(np.random.default_rng(seed).standard_normal((batch, 1024), dtype=np.float32))
+        work.append((x, w, cpu.linear(x, w)))
+    mismatches = []
+
+    def repeat(x, w, alone):
+        for _ in range(100):
+            if not torch.equal(cpu.linear(x, w), alone):
+                mismatches.append(w.kind.name)
+
+    callers = [threading.Thread(target=repeat, args=item) for item in work]
+    for caller in callers:
+        caller.start()
+    for caller in callers:
+        caller.join()
+    assert mismatches == []
+
+
+def test_a_forked_child_runs_the_kernels_and_the_pools(two_threads):
+    """A child forked after the C pool and the Python pool have run has none of their threads:
+    it must start its own (not wait for ever on the parent's) and get the parent's outputs."""
+    w = random_qtensor(Q.Q8_0, (70, 1024), 0)
+    x = torch.from_numpy(np.random.default_rng(0).standard_normal((24, 1024), dtype=np.float32))
+    alone = [cpu.linear(x[:1], w), cpu.linear(x, w)]
+    shared = torch.zeros(4)
+    share_out(lambda i: shared.__setitem__(i, i + 1), range(4), 2)
+    pid = os.fork()
+    if pid == 0:  # the child: exit 0 on success, killed by the alarm if it hangs
+        signal.alarm(60)
+        try:
+            ok = torch.equal(cpu.linear(x[:1], w), alone[0]) and torch.equal(cpu.linear(x, w), alone[1])
+            share_out(lambda i: shared.__setitem__(i, 10 * (i + 1)), range(4), 2)
+            ok = ok and shared.tolist() == [10.0, 20.0, 30.0, 40.0]
+        finally:
+            os._exit(0 if ok else 1)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+
+
+@pytest.mark.parametrize("ids", [[[0, 3]], [[-1, 0]]], ids=["past-the-last", "negative"])
+def test_the_direct_kernel_refuses_experts_out_of_range(ids):
+    w = random_qtensor(Q.Q8_0, (3, 4, 64), 0)
+    with pytest.raises(IndexError, match="out of range"):
+        cpu._direct_expert_linear(torch.zeros(1, 64), w, torch.tensor(ids))
+
+
+@VNNI
+def test_the_compiled_gemm_refuses_experts_past_the_last():
+    """(Negative experts are skipped there: test_quant_cpu_kernels.py.)"""
+    w = random_qtensor(Q.Q8_0, (3, 4, 64), 0)
+    out = torch.zeros(8, 4)
+    with pytest.raises(IndexError, match="out of range"):
+        cpu._compiled_gemm(torch.zeros(4, 64), w, torch.tensor([[0, 1], [2, 3], [0, 1], [2, 0]]), out)
+
+
+@VNNI
+def test_without_vnni_the_compiled_gemm_is_not_offered():
+    """Forcing an older instruction set (as on a CPU without AVX-512 VNNI) takes the GEMM out:
+    the products fall back to the banded float32 GEMM, and a direct call says why."""
+    w = random_qtensor(Q.Q8_0, (4, 64), 0)
+    _cpu.set_isa("avx512")
+    try:
+        assert _cpu.gemm_kinds() == [] and not cpu.compiled_gemm(Q.Q8_0)
+        with pytest.raises(ValueError, match="no compiled GEMM"):
+            cpu._compiled_gemm(torch.zeros(4, 64), w, None, torch.zeros(4, 4))
+    finally:
+        _cpu.set_isa("avx512vnni")
