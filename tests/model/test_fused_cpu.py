@@ -197,6 +197,24 @@ def test_attention_of_a_block_of_queries_over_an_indexer_s_picks(isa, shared, fi
     same(attend_block, w, ctx, q, positions, first, raw, first - cached, rows, picks, valid)
 
 
+def test_the_softmaxes_take_sinks_of_any_dtype_and_layout():
+    """The sinks are converted to contiguous float32 and held through the call (a temporary's
+    address would point at freed memory by then): float64 sinks, every other one of a tensor,
+    give the float32 sinks' result."""
+    heads, dim = 3, 16
+    sinks = randn(heads, seed=1)
+    strided = torch.stack((sinks, sinks), dim=1).double()[:, 0]
+    assert not strided.is_contiguous()
+    q, raw = randn(heads, dim, seed=2), randn(9, dim, seed=3)
+    want = fused_cpu.attend(q, raw, None, None, None, sinks, 0.25)
+    torch.testing.assert_close(fused_cpu.attend(q, raw, None, None, None, strided, 0.25), want)
+    scores = randn(4, heads, 9, seed=4)
+    theirs = scores.clone()
+    fused_cpu.window_softmax(theirs, 9, 5, 4, 10, 0, None, sinks, 0.25)
+    fused_cpu.window_softmax(scores, 9, 5, 4, 10, 0, None, strided, 0.25)
+    torch.testing.assert_close(scores, theirs)
+
+
 def test_pool():
     gate = randn(3, 8, 37, seed=1, scale=4)
     gate[0, :4] = float("-inf")  # the first window has no previous one

@@ -157,11 +157,12 @@ def attend(
     rows = None if rows is None else rows.contiguous()
     picks, valid = _contiguous(picks, torch.int64), _contiguous(valid, torch.bool)
     n_rows = 0 if rows is None else (rows.shape[0] if picks is None else picks.shape[0])
+    sinks = _contiguous(sinks, torch.float32)  # held here: a temporary would be freed before the call
     out = q.new_empty(heads, dim) if out is None else out
     assert out.is_contiguous() and out.shape == (heads, dim)
     _fused.attend(
         q.data_ptr(), heads, dim, raw.data_ptr(), raw.shape[0], _address(rows), _address(picks),
-        _address(valid), n_rows, sinks.contiguous().data_ptr(), scale, out.data_ptr(),
+        _address(valid), n_rows, sinks.data_ptr(), scale, out.data_ptr(),
     )  # fmt: skip
     return out
 
@@ -184,11 +185,11 @@ def window_softmax(
     it does not see get probability 0."""
     queries, heads, keys = scores.shape
     assert scores.is_contiguous()
-    valid = _contiguous(valid, torch.bool)
+    valid, sinks = _contiguous(valid, torch.bool), _contiguous(sinks, torch.float32)
     assert valid is None or valid.shape == (queries, keys - n_raw)
     _fused.window_softmax(
         scores.data_ptr(), queries, heads, n_raw, keys - n_raw, offset, window, first, ratio, _address(valid),
-        _contiguous(sinks, torch.float32).data_ptr(), scale,
+        sinks.data_ptr(), scale,
     )  # fmt: skip
 
 
