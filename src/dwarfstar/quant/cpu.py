@@ -46,10 +46,10 @@ def kinds() -> tuple[GGMLQuantizationType, ...]:
     return () if _cpu is None else tuple(GGMLQuantizationType(kind) for kind in _cpu.kinds())
 
 
-GEMM_ROWS = {"avx512vnni": 16}
-"""From this many input rows per matrix (or expert) on, decoding a band of rows at a time (in
-C) and multiplying it with torch's float32 GEMM beats the direct kernels: 16 for the integer
-products (AVX-512 VNNI), 8 for the float ones (docs/benchmarks.md)."""
+BANDED_GEMM_ROWS = 8
+"""Without the compiled GEMM (no AVX-512 VNNI), from this many input rows per matrix (or expert)
+on, decoding a band of rows at a time (in C) and multiplying it with torch's float32 GEMM beats
+the direct kernels (docs/benchmarks.md)."""
 
 COMPILED_GEMM_ROWS = {
     GGMLQuantizationType.Q8_0: 3,
@@ -70,23 +70,22 @@ def compiled_gemm(kind: GGMLQuantizationType) -> bool:
     return kind in COMPILED_GEMM_ROWS and _cpu.isa() == "avx512vnni"
 
 
-def gemm_rows(kind: GGMLQuantizationType | None = None) -> int:
+def gemm_rows(kind: GGMLQuantizationType) -> int:
     """From how many input rows on format ``kind`` takes a GEMM (the compiled one, else the
     banded float32 one), for the instruction set in use."""
-    if compiled_gemm(kind):
-        return COMPILED_GEMM_ROWS[kind]
-    return GEMM_ROWS.get(_cpu.isa(), 8)
+    return COMPILED_GEMM_ROWS[kind] if compiled_gemm(kind) else BANDED_GEMM_ROWS
 
 
 def linear(x: torch.Tensor, w: QTensor) -> torch.Tensor:
     """x (n, cols) @ W.T for one matrix W (rows, cols)."""
     rows, cols = w.shape
-    if x.shape[0] >= gemm_rows(w.kind) and compiled_gemm(w.kind):
+    many = x.shape[0] >= gemm_rows(w.kind)
+    if many and compiled_gemm(w.kind):
         x = x.contiguous()
         out = x.new_empty(x.shape[0], rows)
         _compiled_gemm(x, w, None, out)
         return out
-    if x.shape[0] >= gemm_rows(w.kind):
+    if many:
         out = x.new_empty(x.shape[0], rows)
         threads = torch.get_num_threads()
         _run_bands([(x, w, out, first, last) for first, last in _spans(rows, cols, 4 * threads)], threads)
