@@ -1006,8 +1006,9 @@ static void *worker(void *arg) {
     int id = (int)(intptr_t)arg;
     pthread_mutex_lock(&pool.lock);
     uint64_t seen = worker_start[id];
+    int worked = 1; /* in the last call: a worker a call left out (fewer items than threads) sleeps at once */
     for (;;) {
-        if (atomic_load(&pool.generation) == seen) {
+        if (worked && atomic_load(&pool.generation) == seen) {
             pthread_mutex_unlock(&pool.lock);
             unsigned steps = 0;
             uint64_t deadline = 0;
@@ -1017,7 +1018,8 @@ static void *worker(void *arg) {
         }
         while (atomic_load(&pool.generation) == seen) pthread_cond_wait(&pool.start, &pool.lock);
         seen = atomic_load(&pool.generation);
-        if (id >= pool.wanted) continue;
+        worked = id < pool.wanted;
+        if (!worked) continue;
         pthread_mutex_unlock(&pool.lock);
         drain();
         pthread_mutex_lock(&pool.lock);
