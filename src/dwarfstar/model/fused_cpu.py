@@ -159,7 +159,7 @@ def attend(
     n_rows = 0 if rows is None else (rows.shape[0] if picks is None else picks.shape[0])
     sinks = _contiguous(sinks, torch.float32)  # held here: a temporary would be freed before the call
     out = q.new_empty(heads, dim) if out is None else out
-    assert out.is_contiguous() and out.shape == (heads, dim)
+    assert out.is_contiguous() and out.shape == (heads, dim) and out.dtype == torch.float32
     _fused.attend(
         q.data_ptr(), heads, dim, raw.data_ptr(), raw.shape[0], _address(rows), _address(picks),
         _address(valid), n_rows, sinks.data_ptr(), scale, out.data_ptr(),
@@ -184,7 +184,7 @@ def window_softmax(
     ``valid``, when r < (``first`` + t + 1) // ``ratio`` (none when ``ratio`` is 0); the keys
     it does not see get probability 0."""
     queries, heads, keys = scores.shape
-    assert scores.is_contiguous()
+    assert scores.is_contiguous() and scores.dtype == torch.float32
     valid, sinks = _contiguous(valid, torch.bool), _contiguous(sinks, torch.float32)
     assert valid is None or valid.shape == (queries, keys - n_raw)
     _fused.window_softmax(

@@ -1,8 +1,11 @@
 """The compiled CPU kernels (the C extension `dwarfstar.quant._cpu`), registered on import.
 
 They multiply straight from the stored blocks, for the formats in `_cpu.kinds()`, on CPU
-tensors, decoding one row at a time into a buffer that stays in cache (`csrc/cpu_kernels.c`);
-they agree with the reference path up to the order of the float32 sums. When
+tensors: the direct products for a few input rows (`csrc/cpu_kernels.c`, each stored row
+decoded in cache), and for many, the compiled GEMM with AVX-512 VNNI (`csrc/cpu_gemm.c`, a
+tile of stored rows decoded once for all of them) or else bands of rows decoded for torch's
+GEMM. They agree with the reference path up to the order of the float32 sums and, with VNNI,
+the inputs' rounding to three int8 parts (docs/model.md, "Kernels"). When
 the extension was not built (no C compiler at install time), `dwarfstar.quant` warns once and
 keeps the reference path. DWARFSTAR_KERNELS=reference forces the reference path.
 """
