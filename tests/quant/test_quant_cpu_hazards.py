@@ -71,6 +71,34 @@ def test_non_finite_inputs_reach_their_outputs_only(kind, batch, isa):
     assert ours[2:].isfinite().all()
 
 
+# Per format: the stored bytes of the codes (and sub-block scales) in each block, set to their
+# largest so that one group's integer sum is as large as a format allows.
+LARGEST_CODES = {
+    Q.Q8_0: [(slice(2, 34), 0x7F)],  # q = 127: code 255 once offset by 128
+    Q.Q2_K: [(slice(0, 16), 0xFF), (slice(16, 80), 0xFF)],  # scales and mins 15, codes 3
+    Q.Q4_K: [(slice(4, 16), 0xFF), (slice(16, 144), 0xFF)],  # scales and mins 63, codes 15
+}
+
+
+@pytest.mark.parametrize("kind", sorted(LARGEST_CODES), ids=lambda kind: kind.name)
+@pytest.mark.parametrize("batch", [1, 2, 16], ids=["one-row", "direct", "gemm"])
+def test_the_largest_codes_against_the_largest_parts_do_not_overflow(kind, batch, isa):
+    """Every code at its largest meets inputs that all round to the largest part (127): the
+    integer sums over a scale group (Q2_K: 256 values) are at their largest, and must still
+    match the reference within the usual bound."""
+    cols = 1024
+    blocks = random_blocks(kind, (19, cols), np.random.default_rng(7))
+    block_bytes = blocks.reshape(-1, {Q.Q8_0: 34, Q.Q2_K: 84, Q.Q4_K: 144}[kind])
+    for where, value in LARGEST_CODES[kind]:
+        block_bytes[:, where] = value
+    w = QTensor.from_numpy(kind, (19, cols), blocks)
+    x = torch.full((batch, cols), 0.5)
+    x[:, ::2] = 3.0  # each block of 256 rounds to s = 3 / 127: 3.0 -> 127, 0.5 -> 21 + parts
+    dense = dequantize(w).double()
+    error = (cpu.linear(x, w).double() - x.double() @ dense.T).abs()
+    assert (error <= 1e-5 * (x.abs().double() @ dense.abs().T)).all()
+
+
 def test_two_python_threads_calling_at_once_get_what_each_gets_alone(two_threads):
     """The server's model thread and another thread may call the kernels at the same time: their
     calls share one pool of C threads (and the GEMM keeps a tile buffer per thread), so each must
