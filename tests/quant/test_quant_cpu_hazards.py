@@ -5,6 +5,8 @@ Expected values come from the reference (dequantize, then torch's matmul) or fro
 made alone, never from the path under test.
 """
 
+import ctypes
+import mmap
 import os
 import signal
 import threading
@@ -69,6 +71,52 @@ def test_non_finite_inputs_reach_their_outputs_only(kind, batch, isa):
     if batch > 1:
         assert not reference[1].isfinite().any() and not ours[1].isfinite().any()
     assert ours[2:].isfinite().all()
+
+
+def between_guard_pages(array: np.ndarray, mappings: list) -> list[np.ndarray]:
+    """Two copies of ``array``: one whose first byte follows an inaccessible page, one whose
+    last byte precedes one (a file's first and last tensors border its mapping so). A kernel
+    that reads a byte before or after them faults. The mappings go to ``mappings``."""
+    pages = -(-array.nbytes // mmap.PAGESIZE)
+    mprotect = ctypes.CDLL(None).mprotect
+    mprotect.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    copies = []
+    for start in (mmap.PAGESIZE, (pages + 1) * mmap.PAGESIZE - array.nbytes):
+        mapping = mmap.mmap(-1, (pages + 2) * mmap.PAGESIZE)
+        copy = np.frombuffer(mapping, dtype=array.dtype, count=array.size, offset=start).reshape(array.shape)
+        copy[...] = array
+        base = ctypes.addressof(ctypes.c_char.from_buffer(mapping))
+        for guard in (0, pages + 1):
+            assert mprotect(base + guard * mmap.PAGESIZE, mmap.PAGESIZE, 0) == 0  # PROT_NONE
+        mappings.append(mapping)
+        copies.append(copy)
+    return copies
+
+
+@pytest.mark.skipif(not hasattr(ctypes.CDLL(None), "mprotect"), reason="needs mprotect")
+@pytest.mark.parametrize("kind", cpu.kinds(), ids=lambda kind: kind.name)
+def test_no_kernel_reads_past_the_ends_of_weights_or_inputs(kind, isa, two_threads):
+    """Weights and inputs that start right after and end right before an inaccessible page, on
+    every path (one row, direct, GEMM; one matrix and experts) and instruction set: no read past
+    either end (a prefetch may, it never faults; a load may not), and the products are right.
+    Odd shapes: 37 rows (a partial tile), Q8_0 7 blocks of 32, F16/BF16 101 columns."""
+    cols = {Q.F16: 101, Q.BF16: 101, Q.Q8_0: 32 * 7}.get(kind, 256 * 3)
+    generator, mappings = np.random.default_rng(1), []
+    for shape in ((37, cols), (3, 21, cols)):
+        blocks = random_blocks(kind, shape, generator)
+        dense = dequantize(QTensor.from_numpy(kind, shape, blocks))
+        for weights in between_guard_pages(blocks, mappings):
+            w = QTensor.from_numpy(kind, shape, weights)
+            for n in (1, 2, 5, 16):
+                inputs = generator.standard_normal((n, cols), dtype=np.float32)
+                ids = torch.from_numpy(generator.integers(0, 3, size=(n, 2)))
+                for x in map(torch.from_numpy, between_guard_pages(inputs, mappings)):
+                    if len(shape) == 2:
+                        ours, reference = cpu.linear(x, w), x @ dense.T
+                    else:
+                        ours = cpu.expert_linear(x, w, ids)
+                        reference = torch.einsum("nc,nkrc->nkr", x, dense[ids])
+                    torch.testing.assert_close(ours, reference, rtol=1e-4, atol=1e-4)
 
 
 # Per format: the stored bytes of the codes (and sub-block scales) in each block, set to their
