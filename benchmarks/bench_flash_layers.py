@@ -11,8 +11,9 @@ file (ratios 4, 128, 4, 128; about 9.8 GB) and reports what one more layer costs
 
 Each engine runs in its own subprocess, so peak RSS is that engine's own, on the same prompt
 of random token ids: load time, prefill of --prompt tokens (last logits only) twice, then
---decode tokens one at a time. The second prefill is the one compared: the first also pulls
-the mapped weights into memory, which llama.cpp does while loading and DwarfStar on first use
+--decode tokens one at a time. The file is read into the page cache before each engine starts,
+so neither reads it from disk. The second prefill is the one compared: the first also maps the
+weights into the process, which llama.cpp does while loading and DwarfStar on first use
 (`1st prefill tok/s`). The run also streams a large buffer to measure the machine's memory
 read bandwidth, and counts the bytes of weights one decoded token touches, which together
 give a floor on decode time per token.
@@ -165,8 +166,21 @@ def timings(marks: list[float], n_prompt: int, n_decode: int) -> dict[str, float
 ENGINES = {"dwarfstar": run_ours, "llama.cpp": run_llama_cpp}
 
 
+def read_into_page_cache(path: Path) -> None:
+    """Read the file through once, so that no engine's figures include reading it from disk.
+
+    Otherwise whichever engine runs first after the file left the page cache pays for the disk
+    (at 1-2 GB/s here, seconds), inside its load (llama.cpp) or its first prefill (DwarfStar).
+    """
+    chunk = bytearray(64 << 20)
+    with open(path, "rb", buffering=0) as f:
+        while f.readinto(chunk):
+            pass
+
+
 def measure(engine: str, path: Path, n_prompt: int, n_decode: int) -> dict[str, float]:
     """Run one engine in a fresh interpreter; its last stdout line is the JSON of its figures."""
+    read_into_page_cache(path)
     command = [sys.executable, __file__, "--engine", engine, "--model", str(path)]
     command += ["--prompt", str(n_prompt), "--decode", str(n_decode)]
     done = subprocess.run(command, stdout=subprocess.PIPE, text=True, check=True)
