@@ -5,7 +5,8 @@ tensors: the direct products for a few input rows (`csrc/cpu_kernels.c`, each st
 decoded in cache), and for many, the compiled GEMM with AVX-512 VNNI (`csrc/cpu_gemm.c`, a
 tile of stored rows decoded once for all of them) or else bands of rows decoded for torch's
 GEMM. They agree with the reference path up to the order of the float32 sums and, with VNNI,
-the inputs' rounding to three int8 parts (docs/model.md, "Kernels"). When
+the inputs' rounding to three int8 parts (two for IQ2_XXS's direct products, within s / 508
+per value: docs/model.md, "Kernels"). When
 the extension was not built (no C compiler at install time), `dwarfstar.quant` warns once and
 keeps the reference path. DWARFSTAR_KERNELS=reference forces the reference path.
 """
@@ -79,26 +80,29 @@ def gemm_rows(kind: GGMLQuantizationType) -> int:
     return COMPILED_GEMM_ROWS[kind] if compiled_gemm(kind) else BANDED_GEMM_ROWS
 
 
+FEWEST_GEMM_ROWS = min(BANDED_GEMM_ROWS, *COMPILED_GEMM_ROWS.values())
+"""Below this many input rows every product takes the direct kernels (no need to ask which)."""
+
+
 def linear(x: torch.Tensor, w: QTensor) -> torch.Tensor:
     """x (n, cols) @ W.T for one matrix W (rows, cols)."""
     rows, cols = w.shape
-    many = x.shape[0] >= gemm_rows(w.kind)
-    if many and compiled_gemm(w.kind):
-        x = x.contiguous()
-        out = x.new_empty(x.shape[0], rows)
-        _compiled_gemm(x, w, None, out)
+    n = x.shape[0]
+    if n >= FEWEST_GEMM_ROWS and n >= gemm_rows(w.kind):
+        out = x.new_empty(n, rows)
+        if compiled_gemm(w.kind):
+            _compiled_gemm(x.contiguous(), w, None, out)
+        else:
+            threads = torch.get_num_threads()
+            _run_bands([(x, w, out, first, last) for first, last in _spans(rows, cols, 4 * threads)], threads)
         return out
-    if many:
-        out = x.new_empty(x.shape[0], rows)
-        threads = torch.get_num_threads()
-        _run_bands([(x, w, out, first, last) for first, last in _spans(rows, cols, 4 * threads)], threads)
-        return out
+    # A decode step's path: kept short, its Python costs a few microseconds of every call.
     x = x.contiguous()
-    out = x.new_empty(x.shape[0], rows)
+    out = x.new_empty(n, rows)
     data = w.data
     _cpu.matmul(
         int(w.kind), data.data_ptr(), 0, _row_stride(data), rows, cols,
-        x.data_ptr(), x.shape[0], cols, 0, 1, 1, out.data_ptr(), torch.get_num_threads(),
+        x.data_ptr(), n, cols, 0, 1, 1, out.data_ptr(), torch.get_num_threads(),
     )  # fmt: skip
     return out
 
@@ -234,9 +238,10 @@ def _run_bands(work: list[tuple], threads: int) -> None:
 
 def _row_stride(data: torch.Tensor) -> int:
     """Bytes from one stored row to the next; each row's bytes must be contiguous."""
-    if data.stride(-1) != 1:
+    *_, row, value = data.stride()
+    if value != 1:
         raise ValueError("compiled kernels need each stored row contiguous")
-    return data.stride(-2) * data.element_size()
+    return row * data.element_size()
 
 
 def register() -> None:

@@ -11,7 +11,8 @@
  * AVX-512 (x86-64, chosen at run time from what the CPU has). On CPUs with AVX-512 VNNI (and
  * VBMI), Q8_0, Q2_K, Q4_K and IQ2_XXS instead multiply integers: the inputs are rounded once per
  * call to three int8 parts (about 24 bits, see "integer products"), so the results still agree
- * with the reference to float32's rounding. Work is spread over a small pool of threads, one item
+ * with the reference to float32's rounding (IQ2_XXS uses two of them: within s / 508 per value,
+ * docs/model.md). Work is spread over a small pool of threads, one item
  * per band of output rows of one expert; the calling thread works too.
  */
 #include "cpu_shared.h" /* first: it includes Python.h */
@@ -541,7 +542,7 @@ typedef struct {
     int8_t *parts; /* (n, 3, stride): part k of input row i at parts + (3 i + k) stride */
     float *scales; /* (n, blocks of ACT_BLOCK, the last possibly short) */
     float *sum16;  /* (n, cols / 16): sums of x per 16 values, natural order (Q2_K, Q4_K) */
-    int32_t *offsets; /* (n, blocks, 3, 16): -43 x each lane's sum of a part (IQ2_XXS) */
+    int32_t *offsets; /* (n, blocks, 2, 16): -43 x each lane's sum of parts 0, 1 (IQ2_XXS) */
     int64_t cols, blocks;
     int64_t stride; /* a multiple of 64 past cols + 64: rows 4 KiB apart would share the L1 cache's sets */
 } Activations;
@@ -672,15 +673,15 @@ VNNI void quantize_row_avx512(int kind, const float *x, int64_t cols, int64_t st
 }
 
 /* IQ2_XXS's sums start from -43 times each lane's sum of the part (its weights are 43 more than
- * the signed ones, see int_iq2_xxs_rows). */
+ * the signed ones, see int_iq2_xxs_rows); it takes two parts only. */
 VNNI static void offset_sums(const int8_t *parts, int64_t stride, int64_t cols, int32_t *offsets) {
     const __m512i offset = _mm512_set1_epi8(43);
     for (int64_t b = 0; b < cols / 256; b++)
-        for (int k = 0; k < 3; k++) {
+        for (int k = 0; k < 2; k++) {
             __m512i sum = _mm512_setzero_si512();
             for (int j = 0; j < 4; j++)
                 sum = _mm512_dpbusd_epi32(sum, offset, _mm512_loadu_si512(parts + k * stride + 256 * b + 64 * j));
-            _mm512_storeu_si512(offsets + (3 * b + k) * 16, _mm512_sub_epi32(_mm512_setzero_si512(), sum));
+            _mm512_storeu_si512(offsets + (2 * b + k) * 16, _mm512_sub_epi32(_mm512_setzero_si512(), sum));
         }
 }
 
@@ -808,13 +809,14 @@ VNNI static INLINE void int_q4_k_rows(const uint8_t *w, const Activations *a, co
     for (int r = 0; r < count; r++) out[r] = _mm512_reduce_add_ps(acc[r]);
 }
 
-/* IQ2_XXS, three parts per 256-value block: the 32 grid points' 16-bit codes (2 bits per value)
+/* IQ2_XXS, two parts (docs/model.md: decode-bound, it drops the third; the input rounded to
+ * within s / 508 per value) per 256-value block: the 32 grid points' 16-bit codes (2 bits per value)
  * are looked up for two blocks at a time (a low and a high byte table); register k takes values
  * k and k + 4 of each point, whose codes are at bits 2 k of each byte of the codes' words, puts
  * their signs next to them (at bit 4 + k) and looks up 43 + the signed weight (unsigned, 0 to
  * 86) in a table for bits 2 k and 4 + k (k = 3: both shifted to k = 2's places). The inputs' parts are laid out to
  * match (natural_position), so each 4-byte lane of the four registers sums values of one group
- * of 32 (lane L: group L / 2): the three integer sums run over the whole block, starting from
+ * of 32 (lane L: group L / 2): the two integer sums run over the whole block, starting from
  * -43 times the lane's sum of the part, and the group scales are applied once per block. */
 typedef struct {
     __m512i code_bytes[2][4]; /* low, high byte of the 256 points' codes */
@@ -848,16 +850,14 @@ VNNI static INLINE void iq2_xxs_block(const Iq2Tables *t, const uint8_t *w, __m5
         t->weights[2][1]);
     for (int r = 0; r < count; r++) {
         const int8_t *part = a->parts + 3 * rows[r] * a->stride + 256 * b;
-        const int32_t *offsets = a->offsets + (rows[r] * a->blocks + b) * 48;
+        const int32_t *offsets = a->offsets + (rows[r] * a->blocks + b) * 32;
         __m512i s0 = _mm512_loadu_si512(offsets), s1 = _mm512_loadu_si512(offsets + 16);
-        __m512i s2 = _mm512_loadu_si512(offsets + 32);
         for (int j = 0; j < 4; j++) {
             s0 = _mm512_dpbusd_epi32(s0, weights[j], _mm512_loadu_si512(part + 64 * j));
             s1 = _mm512_dpbusd_epi32(s1, weights[j], _mm512_loadu_si512(part + a->stride + 64 * j));
-            s2 = _mm512_dpbusd_epi32(s2, weights[j], _mm512_loadu_si512(part + 2 * a->stride + 64 * j));
         }
-        acc[r] = _mm512_fmadd_ps(parts_to_float(s0, s1, s2), _mm512_mul_ps(lane_scales, _mm512_set1_ps(SCALE(r, b))),
-                                 acc[r]);
+        __m512 sum = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s1), _mm512_set1_ps(1.0f / 254.0f), _mm512_cvtepi32_ps(s0));
+        acc[r] = _mm512_fmadd_ps(sum, _mm512_mul_ps(lane_scales, _mm512_set1_ps(SCALE(r, b))), acc[r]);
     }
 }
 
@@ -1157,7 +1157,7 @@ static void quantize_item(void *context, int64_t i) {
     Activations *a = q->a;
     quantize_row_avx512(q->kind, q->x + i * q->x_stride, a->cols, a->stride, a->parts + 3 * i * a->stride,
                         a->scales + i * a->blocks, a->sum16 ? a->sum16 + i * (a->cols / 16) : NULL);
-    if (a->offsets) offset_sums(a->parts + 3 * i * a->stride, a->stride, a->cols, a->offsets + i * a->blocks * 48);
+    if (a->offsets) offset_sums(a->parts + 3 * i * a->stride, a->stride, a->cols, a->offsets + i * a->blocks * 32);
 }
 #endif
 
@@ -1236,7 +1236,7 @@ static PyObject *matmul(PyObject *self, PyObject *args) {
         activations.parts = aligned_alloc(64, (size_t)(3 * n * activations.stride + 64));
         activations.scales = malloc(sizeof(float) * (size_t)(n * activations.blocks));
         if (format->needs_sum16) activations.sum16 = malloc(sizeof(float) * (size_t)(n * (cols / 16) + 1));
-        if (kind == IQ2_XXS) activations.offsets = aligned_alloc(64, sizeof(int32_t) * (size_t)(n * activations.blocks * 48));
+        if (kind == IQ2_XXS) activations.offsets = aligned_alloc(64, sizeof(int32_t) * (size_t)(n * activations.blocks * 32));
         if (!activations.parts || !activations.scales || (format->needs_sum16 && !activations.sum16) ||
             (kind == IQ2_XXS && !activations.offsets)) {
             PyErr_NoMemory();
