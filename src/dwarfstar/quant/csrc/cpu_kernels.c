@@ -1222,8 +1222,10 @@ static PyObject *matmul(PyObject *self, PyObject *args) {
         }
     group_start[groups] = pairs;
 
-    /* Bands of output rows: enough items to balance the threads, at least 4 rows each. */
-    int64_t target = 8 * (int64_t)(threads > 0 ? threads : 1);
+    /* Bands of output rows, at least 4 rows each: one contiguous band per thread (per expert when
+     * several), since each thread then streams one run of memory; eight bands per thread, handed
+     * out in turn, made one-row products 10-15% slower (docs/benchmarks.md). */
+    int64_t target = (int64_t)(threads > 0 ? threads : 1);
     int64_t band = (rows * (groups ? groups : 1) + target - 1) / target;
     if (band < 4) band = 4;
     if (band > rows) band = rows > 0 ? rows : 1;
