@@ -25,17 +25,7 @@ try:
 except ImportError as error:  # fail, never skip: `make test` builds the extension
     raise ImportError("the compiled kernels are not built: python setup.py build_ext --inplace") from error
 
-ISAS = ["portable", "avx2", "avx512", "avx512vnni"]
-ISAS = ISAS[: ISAS.index(_cpu.isa()) + 1]
 VNNI = pytest.mark.skipif(_cpu.isa() != "avx512vnni", reason="the compiled GEMM needs AVX-512 VNNI")
-
-
-@pytest.fixture(params=ISAS)
-def isa(request):
-    best = _cpu.isa()
-    _cpu.set_isa(request.param)
-    yield request.param
-    _cpu.set_isa(best)
 
 
 @pytest.fixture

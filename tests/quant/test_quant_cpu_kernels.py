@@ -29,16 +29,6 @@ except ImportError as error:  # fail, never skip: `make test` builds the extensi
     raise ImportError("the compiled kernels are not built: python setup.py build_ext --inplace") from error
 
 COMPILED = cpu.kinds()
-ISAS = ["portable", "avx2", "avx512", "avx512vnni"]
-ISAS = ISAS[: ISAS.index(_cpu.isa()) + 1]  # every instruction set up to the best this CPU has
-
-
-@pytest.fixture(params=ISAS)
-def isa(request):
-    best = _cpu.isa()
-    _cpu.set_isa(request.param)
-    yield request.param
-    _cpu.set_isa(best)
 
 
 @pytest.fixture(params=[1, 2], ids=lambda n: f"{n}threads")

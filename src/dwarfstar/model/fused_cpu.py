@@ -79,6 +79,13 @@ def _stream_strides(streams: torch.Tensor) -> tuple[torch.Tensor, int, int]:
     return streams, streams.stride(0), streams.stride(1)
 
 
+def _mixer_inputs(
+    mixes: torch.Tensor, scale: torch.Tensor, base: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The projected mixes, and the mixer's scale and base, as the C functions read them."""
+    return mixes.contiguous(), _contiguous(scale, torch.float32), _contiguous(base, torch.float32)
+
+
 def hc_pre(
     streams: torch.Tensor,
     mixes: torch.Tensor,
@@ -90,11 +97,7 @@ def hc_pre(
     """`hyper.hc_pre` from the projected ``mixes`` (T, 2n + n²): (collapsed, post, comb)."""
     tokens, n, width = streams.shape
     streams, token_stride, stream_stride = _stream_strides(streams)
-    mixes, scale, base = (
-        mixes.contiguous(),
-        _contiguous(scale, torch.float32),
-        _contiguous(base, torch.float32),
-    )
+    mixes, scale, base = _mixer_inputs(mixes, scale, base)
     collapsed = streams.new_empty(tokens, width)
     post = streams.new_empty(tokens, n)
     comb = streams.new_empty(tokens, n, n)
@@ -112,11 +115,7 @@ def hc_head(
     """`hyper.hc_head` from the projected ``mixes`` (T, n): the collapsed streams (T, D)."""
     tokens, n, width = streams.shape
     streams, token_stride, stream_stride = _stream_strides(streams)
-    mixes, scale, base = (
-        mixes.contiguous(),
-        _contiguous(scale, torch.float32),
-        _contiguous(base, torch.float32),
-    )
+    mixes, scale, base = _mixer_inputs(mixes, scale, base)
     out = streams.new_empty(tokens, width)
     _fused.hc_head(
         streams.data_ptr(), token_stride, stream_stride, mixes.data_ptr(), scale.data_ptr(), base.data_ptr(),

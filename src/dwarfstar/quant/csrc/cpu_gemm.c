@@ -209,6 +209,18 @@ VNNI static INLINE void transpose16(__m512i r[16]) {
     for (int i = 0; i < 16; i++) r[i] = t[i];
 }
 
+/* Ask for the stored block (of `block_bytes`, at most 128) four blocks after block b of row `row`,
+ * or near the row's end the same block of the row 16 further on, while it is within `rows_left`. */
+VNNI static INLINE void prefetch_block_ahead(const uint8_t *w, int64_t row_stride, int64_t block_bytes,
+                                             int64_t rows_left, int64_t row, int64_t b, int64_t blocks) {
+    int64_t ahead = b + 4 < blocks ? row : row + 16;
+    if (ahead < rows_left) {
+        const char *next = (const char *)w + ahead * row_stride + block_bytes * ((b + 4) % blocks);
+        _mm_prefetch(next, _MM_HINT_T0);
+        _mm_prefetch(next + 64, _MM_HINT_T0);
+    }
+}
+
 /* IQ2_XXS rows [16 h, 16 h + 16) of a tile (`valid` of them stored), straight into it: per block,
  * the 16 rows' 64 bytes of indices, signs and scales transposed (a quarter of what the decoded
  * codes would be), then decoded in place, one register of 16 rows x 4 values at a time: no
@@ -230,12 +242,7 @@ VNNI static void decode_iq2_xxs_rows(const uint8_t *w, int64_t row_stride, int64
         __m512i x[16];
         float d[16];
         for (int r = 0; r < 16; r++) {
-            int64_t ahead = b + 4 < blocks ? 16 * h + r : 16 * h + 16 + r, ahead_block = (b + 4) % blocks;
-            if (ahead < rows_left) {
-                const char *next = (const char *)w + ahead * row_stride + 66 * ahead_block;
-                _mm_prefetch(next, _MM_HINT_T0);
-                _mm_prefetch(next + 64, _MM_HINT_T0);
-            }
+            prefetch_block_ahead(w, row_stride, 66, rows_left, 16 * h + r, b, blocks);
             const uint8_t *block = w + (16 * h + r) * row_stride + 66 * b;
             x[r] = r < valid ? _mm512_loadu_si512(block + 2) : _mm512_setzero_si512();
             d[r] = r < valid ? half(block) : 0.0f;
@@ -293,12 +300,7 @@ VNNI static void decode_q2_k_rows(const uint8_t *w, int64_t row_stride, int64_t 
         __m512i x[16], y[16];
         float d[16], dmin[16];
         for (int r = 0; r < 16; r++) {
-            int64_t ahead = b + 4 < blocks ? 16 * h + r : 16 * h + 16 + r, ahead_block = (b + 4) % blocks;
-            if (ahead < rows_left) {
-                const char *next = (const char *)w + ahead * row_stride + 84 * ahead_block;
-                _mm_prefetch(next, _MM_HINT_T0);
-                _mm_prefetch(next + 64, _MM_HINT_T0);
-            }
+            prefetch_block_ahead(w, row_stride, 84, rows_left, 16 * h + r, b, blocks);
             const uint8_t *block = w + (16 * h + r) * row_stride + 84 * b;
             x[r] = r < valid ? _mm512_loadu_si512(block + 16) : _mm512_setzero_si512();
             y[r] = r < valid ? _mm512_zextsi128_si512(_mm_loadu_si128((const __m128i *)block)) : _mm512_setzero_si512();
