@@ -571,7 +571,7 @@ uint8_t iq2_magnitudes[64];          /* these two: see cpu_shared.h */
 uint8_t iq2_signs[128];
 static int32_t q4_k_lanes[4][16];    /* register j, lane: its group */
 static uint8_t layouts[3][256];     /* Q2_K, Q4_K, IQ2_XXS: natural_position */
-static uint8_t iq2_sign_pairs[64];  /* bytes 2l, 2l + 1 of each qword: bit 32 + 7 l */
+static uint8_t iq2_sign_pairs[64];  /* bytes 2l, 2l + 1 of each qword: bits 28 + 7 l, 32 + 7 l */
 /* 43 + the signed weight, from the 2-bit code at bits 2 j and the sign at bit 4 + j of the index */
 static uint8_t iq2_offset_weights[3][128];
 static uint8_t iq2_code_bytes[2][256]; /* low, high byte of each grid point's code */
@@ -586,7 +586,7 @@ static void build_int_tables(void) {
     for (int p = 0; p < 64; p++) {
         q2_k_expand[p] = (uint8_t)(p / 4);
         iq2_magnitudes[p] = (uint8_t)((const uint8_t[]){8, 25, 43, 0})[p & 3];
-        iq2_sign_pairs[p] = (uint8_t)(32 + 7 * ((p % 8) / 2));
+        iq2_sign_pairs[p] = (uint8_t)(32 + 7 * ((p % 8) / 2) - 4 * (p % 2 == 0));
         for (int j = 0; j < 4; j++) {
             int lane = p / 16, subs[4] = {2 * j, 2 * j + 1, 8 + 2 * j, 9 + 2 * j};
             q2_k_offsets[j][p] = (uint8_t)(4 * subs[lane]);
@@ -827,15 +827,16 @@ typedef struct {
 VNNI static INLINE void iq2_xxs_block(const Iq2Tables *t, const uint8_t *w, __m512i data, __m512i codes,
                                       const Activations *a, const int64_t *rows, const int count, int64_t b,
                                       __m512 *acc) {
-    /* word 4 g + l: point (g, l)'s sign byte shifted left by 4, then the same unshifted: bit 4 + k
-     * of each byte is the sign of the value whose code is at bits 2 k */
-    __m512i signs = _mm512_permutex2var_epi8(t->signs_low, _mm512_multishift_epi64_epi8(t->sign_pairs, data),
-                                             t->signs_high);
-    signs = _mm512_mask_blend_epi8(0x5555555555555555ull, signs, _mm512_slli_epi16(signs, 4));
-    /* lane L: group L / 2's scale d (0.5 + s) / 4 = d (2 s + 1) / 8, exact in float */
-    __m512i odd = _mm512_or_si512(_mm512_srli_epi32(_mm512_shuffle_epi32(data, _MM_PERM_DDBB), 27),
-                                  _mm512_set1_epi32(1));
-    __m512 lane_scales = _mm512_mul_ps(_mm512_cvtepi32_ps(odd), _mm512_set1_ps(half(w) * 0.125f));
+    /* word 4 g + l: point (g, l)'s signs, bit 4 + k of each byte the sign of the value whose code
+     * is at bits 2 k: the low byte takes its 7-bit sign index from bit 4 on (values 0-3's signs
+     * are its bits 0-3, no table needed), the high byte the index itself, through the table
+     * (values 4-7, the last one's sign the parity of the seven) */
+    __m512i signs = _mm512_mask2_permutex2var_epi8(t->signs_low, _mm512_multishift_epi64_epi8(t->sign_pairs, data),
+                                                   0xAAAAAAAAAAAAAAAAull, t->signs_high);
+    /* lane L: group L / 2's 2 s + 1; its scale d (0.5 + s) / 4 = d (2 s + 1) / 8, exact in float */
+    __m512 lane_odd = _mm512_cvtepi32_ps(_mm512_or_si512(
+        _mm512_srli_epi32(_mm512_shuffle_epi32(data, _MM_PERM_DDBB), 27), _mm512_set1_epi32(1)));
+    float d = half(w) * 0.125f;
     __m512i weights[4]; /* index: (bit 4 + k of signs) else codes, select = 0xE4 */
     weights[0] = _mm512_permutex2var_epi8(
         t->weights[0][0], _mm512_ternarylogic_epi32(signs, codes, _mm512_set1_epi8(0x10), 0xE4), t->weights[0][1]);
@@ -857,7 +858,7 @@ VNNI static INLINE void iq2_xxs_block(const Iq2Tables *t, const uint8_t *w, __m5
             s1 = _mm512_dpbusd_epi32(s1, weights[j], _mm512_loadu_si512(part + a->stride + 64 * j));
         }
         __m512 sum = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s1), _mm512_set1_ps(1.0f / 254.0f), _mm512_cvtepi32_ps(s0));
-        acc[r] = _mm512_fmadd_ps(sum, _mm512_mul_ps(lane_scales, _mm512_set1_ps(SCALE(r, b))), acc[r]);
+        acc[r] = _mm512_fmadd_ps(sum, _mm512_mul_ps(lane_odd, _mm512_set1_ps(d * SCALE(r, b))), acc[r]);
     }
 }
 
