@@ -2,9 +2,13 @@
 
 Decoding a token is bound by memory bandwidth: each weight is streamed once per token. So the
 yardstick is a floor, measured in the same run: bytes of the weight / the bandwidth of a plain
-streaming read (`torch.sum` over a float32 buffer far larger than the caches). Each timed call
-uses another copy of the weight, cycling over copies that together overflow the caches, so the
-kernels too read from memory, as they do in the model.
+streaming read (`torch.sum` over a float32 buffer far larger than the caches). The read is
+timed for each row of the table, between its runs of kernel calls: on a shared machine the
+bandwidth on offer moves by 2x within minutes, and each ratio compares like with like. (torch's
+OpenMP threads are made to sleep as soon as a read is done, OMP_WAIT_POLICY=PASSIVE, as the
+engine has them: spinning, they take the cores from the kernels for milliseconds after.)
+Each timed call uses another copy of the weight, cycling over copies that together overflow the
+caches, so the kernels too read from memory, as they do in the model.
 
 Then the grouped expert path, `quant.expert_linear`, as in a prefill: tokens each routed to 6
 of 32 stacked experts, about 12 or 64 rows per expert (a 512-token prompt gives 512 x 6 / 256 =
@@ -21,9 +25,12 @@ integer GEMM on AVX-512 VNNI) are bound by.
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import time
 from collections.abc import Callable
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads OpenMP: see above
 
 import numpy as np
 import torch
@@ -57,15 +64,32 @@ def median_seconds(fn: Callable[[int], object], repeats: int) -> float:
     return STATISTIC(times)
 
 
-def read_bandwidth(repeats: int) -> float:
-    """Bytes per second of a streaming read of a buffer far larger than the caches."""
-    buffer = torch.zeros(POOL_BYTES // 4)
-    return POOL_BYTES / median_seconds(lambda _: buffer.sum(), repeats)
+def alternating_seconds(
+    kernel: Callable[[int], object], read: Callable[[], object], repeats: int, run: int = 8
+) -> tuple[float, float]:
+    """STATISTIC of `repeats` timed kernel calls and of the reads between them: runs of `run`
+    back-to-back calls (as in a decode step, after one untimed call that wakes the pool's
+    threads), each followed by one read. Call i of the kernel is given i (each its own copy)."""
+    kernel_times, read_times, calls = [], [], 0
+    while len(kernel_times) < repeats:
+        for timed in [False] + [True] * run:
+            start = time.perf_counter()
+            kernel(calls)
+            calls += 1
+            if timed:
+                kernel_times.append(time.perf_counter() - start)
+        start = time.perf_counter()
+        read()
+        read_times.append(time.perf_counter() - start)
+    return STATISTIC(kernel_times), STATISTIC(read_times)
 
 
-def linear_seconds(x: torch.Tensor, copies: list[quant.QTensor], repeats: int) -> float:
-    """Median time of `quant.linear(x, w)`, each call on the next copy of the weight."""
-    return median_seconds(lambda i: quant.linear(x, copies[i % len(copies)]), repeats)
+def linear_and_read_seconds(
+    x: torch.Tensor, copies: list[quant.QTensor], buffer: torch.Tensor, repeats: int
+) -> tuple[float, float]:
+    """The time of `quant.linear(x, w)`, each call on the next copy of the weight, and of a
+    streaming read of `buffer`, taken in turn."""
+    return alternating_seconds(lambda i: quant.linear(x, copies[i % len(copies)]), buffer.sum, repeats)
 
 
 def expert_seconds(
@@ -111,12 +135,12 @@ def main() -> None:
 
         _cpu.set_isa(args.isa)
 
-    bandwidth = read_bandwidth(args.repeats)
+    buffer = torch.zeros(POOL_BYTES // 4)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
-    print(f"streaming read: {bandwidth / 1e9:.1f} GB/s (floor = weight bytes / this)")
+    print("read: a streaming read's GB/s, timed in turn with the row's calls; floor = MB / read")
     print(
-        f"{'kind':8} {'shape':>10} {'MB':>6} {'x rows':>6} {'ms':>9} {'GB/s':>7} {'x floor':>8} "
-        f"{'GFLOP/s':>8}"
+        f"{'kind':8} {'shape':>10} {'MB':>6} {'x rows':>6} {'ms':>9} {'GB/s':>7} {'read':>6} "
+        f"{'of read':>7} {'x floor':>8} {'GFLOP/s':>8}"
     )
     generator = np.random.default_rng(0)
     for name in args.kinds:
@@ -124,15 +148,15 @@ def main() -> None:
         for shape in SHAPES:
             copies = weight_copies(kind, shape, generator)
             nbytes = copies[0].nbytes
-            floor = nbytes / bandwidth
             for batch in args.rows or BATCHES:
                 x = torch.from_numpy(generator.standard_normal((batch, shape[1]), dtype=np.float32))
-                seconds = linear_seconds(x, copies, args.repeats)
+                seconds, read_seconds = linear_and_read_seconds(x, copies, buffer, args.repeats)
+                speed, read = nbytes / seconds, buffer.nbytes / read_seconds
                 flop = 2 * batch * shape[0] * shape[1]
                 print(
                     f"{name:8} {shape[0]:>5}x{shape[1]:<4} {nbytes / 1e6:6.2f} {batch:6} "
-                    f"{seconds * 1e3:9.2f} {nbytes / seconds / 1e9:7.2f} {seconds / floor:8.1f} "
-                    f"{flop / seconds / 1e9:8.1f}"
+                    f"{seconds * 1e3:9.2f} {speed / 1e9:7.2f} {read / 1e9:6.1f} {speed / read:7.0%} "
+                    f"{read / speed:8.1f} {flop / seconds / 1e9:8.1f}"
                 )
     if args.rows:
         return
