@@ -1,15 +1,17 @@
 """The model's logits with the compiled CPU kernels stay within 1e-3 of the reference path.
 
 The model is stored like ds4's 2-bit file at small widths: routed gate/up IQ2_XXS, routed down
-Q2_K, the shared expert Q4_K, the other matrices Q8_0, F16 and BF16, so every compiled format
-and the grouped expert path are on the way.
+Q2_K, the shared expert Q4_K, the other matrices Q8_0, F16 and BF16, and the last layer's routed
+experts MXFP4 (as converted from DeepSeek's FP4 release), so every compiled format and the grouped
+expert path are on the way.
 
 The random 2-bit matrices are scaled like the float ones (root mean square 1/sqrt(fan_in)), so
 activations stay O(1)..O(50) and float32 rounding is not blown up: over prompt seeds 0-5 the
-compiled kernels differ from the reference path by at most 1.3e-4 (whole prompt) and 5.0e-4
-(token by token), nearly all of it the inputs' rounding to two int8 parts in the direct IQ2_XXS
-products (docs/model.md; with the float kernels, `_cpu.set_isa("avx512")`: 7.3e-6 and 1.3e-5).
-Q2_K on two parts too would reach 1.05e-3 token by token, past this bound. Int8 activations move seed 0's logits by 1.8, relative noise on every product
+compiled kernels differ from the reference path by at most 1.5e-4 (whole prompt) and 5.4e-4
+(token by token; 1.3e-4 and 5.0e-4 with the last layer's experts IQ2_XXS and Q2_K too), nearly all
+of it the inputs' rounding to two int8 parts in the direct IQ2_XXS products (docs/model.md; with
+the float kernels, `_cpu.set_isa("avx512")`: 8.0e-6 and 1.2e-5). Q2_K on two parts too would
+reach 1.05e-3 token by token, past this bound. Int8 activations move seed 0's logits by 1.8, relative noise on every product
 by 7e-3 (1e-4), 1.1e-3 (3e-5) and 4e-4 (1e-5: below this bound; the kernel tests hold each
 product to 1e-5).
 """
@@ -36,6 +38,8 @@ def two_bit_kind(name: str, shape: tuple[int, ...]) -> T:
     kind = stored_kind(name, shape, T.Q8_0)
     if kind != T.Q8_0:  # vectors, position biases, the hash table
         return kind
+    if name.startswith("blk.2.") and "_exps" in name:  # the last layer's experts as DeepSeek's FP4 ones
+        return T.MXFP4
     if name.endswith(("ffn_gate_exps.weight", "ffn_up_exps.weight")):
         return T.IQ2_XXS
     if name.endswith("ffn_down_exps.weight"):

@@ -89,8 +89,8 @@ def test_no_kernel_reads_past_the_ends_of_weights_or_inputs(kind, isa, two_threa
     """Weights and inputs that start right after and end right before an inaccessible page, on
     every path (one row, direct, GEMM; one matrix and experts) and instruction set: no read past
     either end (a prefetch may, it never faults; a load may not), and the products are right.
-    Odd shapes: 37 rows (a partial tile), Q8_0 7 blocks of 32, F16/BF16 101 columns."""
-    cols = {Q.F16: 101, Q.BF16: 101, Q.Q8_0: 32 * 7}.get(kind, 256 * 3)
+    Odd shapes: 37 rows (a partial tile), Q8_0 and MXFP4 7 blocks of 32, F16/BF16 101 columns."""
+    cols = {Q.F16: 101, Q.BF16: 101, Q.Q8_0: 32 * 7, Q.MXFP4: 32 * 7}.get(kind, 256 * 3)
     generator, mappings = np.random.default_rng(1), []
     for shape in ((37, cols), (3, 21, cols)):
         blocks = random_blocks(kind, shape, generator)
@@ -123,6 +123,7 @@ LARGEST_CODES = {
     Q.Q8_0: [(slice(2, 34), 0x7F)],  # q = 127: code 255 once offset by 128
     Q.Q2_K: [(slice(0, 16), 0xFF), (slice(16, 80), 0xFF)],  # scales and mins 15, codes 3
     Q.Q4_K: [(slice(4, 16), 0xFF), (slice(16, 144), 0xFF)],  # scales and mins 63, codes 15
+    Q.MXFP4: [(slice(1, 17), 0x77)],  # e2m1 6.0 (doubled 12) everywhere
 }
 
 
@@ -134,7 +135,7 @@ def test_the_largest_codes_against_the_largest_parts_do_not_overflow(kind, batch
     match the reference within the usual bound."""
     cols = 1024
     blocks = random_blocks(kind, (19, cols), np.random.default_rng(7))
-    block_bytes = blocks.reshape(-1, {Q.Q8_0: 34, Q.Q2_K: 84, Q.Q4_K: 144}[kind])
+    block_bytes = blocks.reshape(-1, {Q.Q8_0: 34, Q.Q2_K: 84, Q.Q4_K: 144, Q.MXFP4: 17}[kind])
     for where, value in LARGEST_CODES[kind]:
         block_bytes[:, where] = value
     w = QTensor.from_numpy(kind, (19, cols), blocks)

@@ -72,7 +72,7 @@ def cols_for(kind) -> int:
 
 
 def test_the_compiled_formats_are_registered_for_cpu():
-    assert set(COMPILED) == {Q.Q8_0, Q.Q2_K, Q.Q4_K, Q.IQ2_XXS, Q.F16, Q.BF16}
+    assert set(COMPILED) == {Q.Q8_0, Q.Q2_K, Q.Q4_K, Q.IQ2_XXS, Q.MXFP4, Q.F16, Q.BF16}
     if os.environ.get(cpu.ENVIRONMENT) != "reference":
         for kind in COMPILED:
             assert ops.LINEAR_KERNELS["cpu", kind] is cpu.linear
@@ -185,7 +185,7 @@ def test_integer_products_stay_within_their_rounding_bound(kind, batch, blocks, 
     16 rows the integer GEMM takes the product (on AVX-512 VNNI). Two and five blocks of 256:
     the direct IQ2_XXS product decodes blocks in pairs, the last one alone when odd."""
     generator = np.random.default_rng(3)
-    cols = 256 * blocks + (32 if kind == Q.Q8_0 else 0)  # Q8_0: a last, short block of 32 too
+    cols = 256 * blocks + (32 if kind in (Q.Q8_0, Q.MXFP4) else 0)  # a last, short block of 32 too
     w = random_qtensor(kind, (29, cols), generator)
     x = generator.standard_normal((batch, cols)).astype(np.float32)
     x[:, 5::256] *= 1000.0  # an outlier in every block
@@ -197,6 +197,44 @@ def test_integer_products_stay_within_their_rounding_bound(kind, batch, blocks, 
     bound = (step / rounding) @ dense.abs().T + 2e-6 * (x.abs().double() @ dense.abs().T)
     assert (error <= bound).all(), float((error / bound).max())
     assert (step / 2 @ dense.abs().T > 100 * bound).all()  # one int8 part could be this far off
+
+
+def mxfp4_rows(exponents, rows: int, cols: int, generator) -> QTensor:
+    """MXFP4 rows of random codes, each block's exponent byte drawn from ``exponents``."""
+    blocks = generator.integers(0, 256, size=(rows, cols // 32, 17), dtype=np.uint8)
+    blocks[..., 0] = generator.choice(np.asarray(exponents), size=(rows, cols // 32))
+    return QTensor.from_numpy(Q.MXFP4, (rows, cols), blocks.reshape(rows, -1))
+
+
+def test_mxfp4_decodes_every_exponent_and_code_exactly(isa):
+    """The C decoder (the banded GEMM's) gives formats.mxfp4's bits for every exponent byte: the
+    subnormal scales (e < 2), the infinite values of the largest (e > 252) too; row e holds
+    every code byte once."""
+    blocks = np.zeros((256, 16, 17), dtype=np.uint8)
+    blocks[..., 0] = np.arange(256)[:, None]
+    blocks[..., 1:] = np.arange(256, dtype=np.uint8).reshape(16, 16)
+    w = QTensor.from_numpy(Q.MXFP4, (256, 512), blocks.reshape(256, -1))
+    ours = torch.full((256, 512), float("nan"))
+    _cpu.decode(int(Q.MXFP4), w.data.data_ptr(), 16 * 17, 256, 512, ours.data_ptr(), 1)
+    reference = dequantize(w)
+    assert reference[253:].isinf().any() and (reference[:2] != 0).any()  # the edges are there
+    assert torch.equal(ours.view(torch.int32), reference.view(torch.int32))
+
+
+@pytest.mark.parametrize("batch", [1, 2, 16], ids=["one-row", "direct", "gemm"])
+def test_mxfp4_products_at_the_extreme_exponents(batch, isa):
+    """Blocks with subnormal scales (e < 2) and with the largest exponents the integer kernels
+    take for any input (e <= 237: values up to 12 * 2^109; their sums hold the inputs in units of
+    their rounding step, docs/model.md), and rows mixing all of them: each product within 1e-5
+    sum_j |x_j w_j| of the exact one, with inputs scaled down where the weights are large."""
+    generator = np.random.default_rng(31)
+    cols = 32 * 9
+    for exponents, x_scale in (([0, 1, 2, 3], 1.0), (range(230, 238), 2.0**-40), (range(238), 2.0**-40)):
+        w = mxfp4_rows(exponents, 21, cols, generator)
+        x = torch.from_numpy(generator.standard_normal((batch, cols), dtype=np.float32)) * x_scale
+        dense = dequantize(w).double()
+        error = (cpu.linear(x, w).double() - x.double() @ dense.T).abs()
+        assert (error <= 1e-5 * (x.abs().double() @ dense.abs().T)).all(), list(exponents)[:3]
 
 
 @GEMM

@@ -60,6 +60,7 @@ COMPILED_GEMM_ROWS = {
     GGMLQuantizationType.Q2_K: 5,
     GGMLQuantizationType.Q4_K: 5,
     GGMLQuantizationType.IQ2_XXS: 3,
+    GGMLQuantizationType.MXFP4: 3,
     GGMLQuantizationType.F16: 4,
     GGMLQuantizationType.BF16: 4,
 }

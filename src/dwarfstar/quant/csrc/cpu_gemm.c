@@ -4,16 +4,16 @@
  *
  * The direct products (cpu_kernels.c) decode each stored row again for every one or two input
  * rows; here a tile of 32 stored rows is decoded once to unsigned 8-bit codes, in the layout
- * `vpdpbusd` wants (one register = 16 rows x 4 consecutive values: Q8_0 and Q4_K rows decoded
- * then transposed, Q2_K and IQ2_XXS decoded from their 16 rows' stored blocks transposed), and
+ * `vpdpbusd` wants (one register = 16 rows x 4 consecutive values: Q8_0, Q4_K and MXFP4 rows
+ * decoded then transposed, Q2_K and IQ2_XXS decoded from their 16 rows' stored blocks transposed), and
  * then meets every input row of its share of the product. The input rows are rounded as for the direct products: three
  * int8 parts per value, x ≈ s (a0 + a1 / 254 + a2 / 254²), one scale s per 256 values, so the
  * results agree with dequantize-then-matmul to float32's rounding (docs/model.md, "Kernels").
  *
  * The microkernel holds 2 x 3 x 3 int32 sums (two registers of rows, three input rows, three
  * parts) and takes each part's four values as a broadcast dword beside the stored codes. Each
- * code is made unsigned: Q8_0 and IQ2_XXS add a constant c (128, 43) to every value and take
- * c times the parts' sums per 32 values off again (the sums start from that), Q2_K's codes
+ * code is made unsigned: Q8_0, IQ2_XXS and MXFP4 add a constant c (128, 43, 12) to every value and
+ * take c times the parts' sums per 32 values off again (the sums start from that), Q2_K's codes
  * times its 4-bit scales are at most 45, Q4_K's codes are 4-bit. The integer sums go to float
  * once per scale group (32 values; 256 for Q2_K, whose scales are in the codes): converted,
  * times the group's scale per row (and that over 254 and 254² for the other parts), added to a
@@ -57,7 +57,7 @@ typedef struct {
     int group;  /* values per scale: 32, or 256 */
     int offset; /* c: code = value + c */
     int sub;    /* values per minimum, 0: none */
-    RowFn row;    /* one row at a time, then the codes transposed (Q8_0, Q4_K) */
+    RowFn row;    /* one row at a time, then the codes transposed (Q8_0, Q4_K, MXFP4) */
     RowsFn rows;  /* or 16 rows at once from their transposed blocks (Q2_K, IQ2_XXS) */
 } GemmFormat;
 
@@ -74,6 +74,21 @@ VNNI static void row_q8_0(const uint8_t *w, int64_t cols, uint8_t *codes, float 
         scales[b] = half(w);
         _mm256_storeu_si256((__m256i *)(codes + 32 * b),
                             _mm256_xor_si256(_mm256_loadu_si256((const __m256i *)(w + 2)), flip));
+    }
+}
+
+/* MXFP4: each code's doubled value + 12 (0 to 24) from a table (`vpshufb` on the nibbles: low
+ * nibbles are values 0-15, high ones 16-31), the block's scale 2^(e - 128) its group's. */
+VNNI static void row_mxfp4(const uint8_t *w, int64_t cols, uint8_t *codes, float *scales, float *mins) {
+    (void)mins;
+    const __m128i table = _mm_add_epi8(_mm_loadu_si128((const __m128i *)mxfp4_doubled), _mm_set1_epi8(12));
+    const __m128i low_nibbles = _mm_set1_epi8(0xF);
+    for (int64_t b = 0; b < cols / 32; b++, w += 17) {
+        scales[b] = mxfp4_half_scale(w[0]);
+        __m128i bytes = _mm_loadu_si128((const __m128i *)(w + 1));
+        _mm_storeu_si128((__m128i *)(codes + 32 * b), _mm_shuffle_epi8(table, _mm_and_si128(bytes, low_nibbles)));
+        _mm_storeu_si128((__m128i *)(codes + 32 * b + 16),
+                         _mm_shuffle_epi8(table, _mm_and_si128(_mm_srli_epi16(bytes, 4), low_nibbles)));
     }
 }
 
@@ -105,7 +120,7 @@ VNNI static void row_q4_k(const uint8_t *w, int64_t cols, uint8_t *codes, float 
 typedef struct {
     int8_t *parts;  /* (n, 3, stride): part p of input row i at parts + (3 i + p) stride, natural order */
     float *scales;  /* (n, blocks of 256) */
-    int32_t *corr;  /* (n, 3, groups of 32): -c times the part's sum over the group (Q8_0, IQ2_XXS) */
+    int32_t *corr;  /* (n, 3, groups of 32): -c times the part's sum over the group (Q8_0, IQ2_XXS, MXFP4) */
     float *sums;    /* (n, cols / 16): the input's float sums per sub-block (Q2_K 16, Q4_K 32, the rest unused) */
     int64_t cols, blocks, groups, stride;
 } GemmInput;
@@ -398,6 +413,7 @@ static const GemmFormat gemm_formats[] = {
     {Q2_K, 256, 84, 256, 0, 16, NULL, decode_q2_k_rows},
     {Q4_K, 256, 144, 32, 0, 32, row_q4_k, NULL},
     {IQ2_XXS, 256, 66, 32, 43, 0, NULL, decode_iq2_xxs_rows},
+    {MXFP4, 32, 17, 32, 12, 0, row_mxfp4, NULL},
     {F16, 1, 2, 0, 0, 0, NULL, NULL}, /* the float path below */
     {BF16, 1, 2, 0, 0, 0, NULL, NULL},
 };
@@ -487,7 +503,7 @@ typedef void (*PassFn)(const Tile *, const GemmInput *, const int64_t *, float *
         else                                                                                                     \
             pass(tile, in, inputs, outs, m0, m1, 1, FOLDED, CORR, SUB);                                          \
     }
-PASS(pass_offset, 0, 1, 0) /* Q8_0, IQ2_XXS */
+PASS(pass_offset, 0, 1, 0) /* Q8_0, IQ2_XXS, MXFP4 */
 PASS(pass_q2_k, 1, 0, 16)
 PASS(pass_q4_k, 0, 0, 32)
 

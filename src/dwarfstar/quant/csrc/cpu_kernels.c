@@ -9,10 +9,10 @@
  *
  * Each format has a portable C decoder and an AVX2 one, and fused products for AVX2 and
  * AVX-512 (x86-64, chosen at run time from what the CPU has). On CPUs with AVX-512 VNNI (and
- * VBMI), Q8_0, Q2_K, Q4_K and IQ2_XXS instead multiply integers: the inputs are rounded once per
- * call to three int8 parts (about 24 bits, see "integer products"), so the results still agree
- * with the reference to float32's rounding (IQ2_XXS uses two of them: within s / 508 per value,
- * docs/model.md). Work is spread over a small pool of threads, one item
+ * VBMI), Q8_0, Q2_K, Q4_K, IQ2_XXS and MXFP4 instead multiply integers: the inputs are rounded
+ * once per call to three int8 parts (about 24 bits, see "integer products"), so the results still
+ * agree with the reference to float32's rounding (IQ2_XXS uses two of them: within s / 508 per
+ * value, docs/model.md). Work is spread over a small pool of threads, one item
  * per band of output rows of one expert; the calling thread works too.
  */
 #include "cpu_shared.h" /* first: it includes Python.h */
@@ -176,6 +176,16 @@ static void decode_iq2_xxs(const uint8_t *w, float *out, int64_t cols) {
     }
 }
 
+static void decode_mxfp4(const uint8_t *w, float *out, int64_t cols) {
+    for (int64_t b = 0; b < cols / 32; b++, w += 17, out += 32) {
+        float scale = mxfp4_half_scale(w[0]);
+        for (int j = 0; j < 16; j++) { /* byte j: value j in its low nibble, value 16 + j in its high one */
+            out[j] = (float)mxfp4_doubled[w[1 + j] & 0xF] * scale;
+            out[16 + j] = (float)mxfp4_doubled[w[1 + j] >> 4] * scale;
+        }
+    }
+}
+
 static void decode_f16(const uint8_t *w, float *out, int64_t cols) {
     for (int64_t i = 0; i < cols; i++) out[i] = half_to_float(w + 2 * i);
 }
@@ -265,6 +275,27 @@ AVX2 static void decode_iq2_xxs_avx2(const uint8_t *w, float *out, int64_t cols)
                 _mm256_storeu_ps(out + 32 * g + 8 * l, _mm256_mul_ps(scale, _mm256_xor_ps(grid, signs)));
             }
         }
+    }
+}
+
+/* MXFP4's 32 doubled values of a block (bytes 1..16 at p) as int8: low nibbles then high ones,
+ * through the value table (`vpshufb`). */
+AVX2 static inline __m256i mxfp4_values(const uint8_t *p, __m128i table) {
+    const __m128i low_nibbles = _mm_set1_epi8(0xF);
+    __m128i bytes = _mm_loadu_si128((const __m128i *)p);
+    return _mm256_set_m128i(_mm_shuffle_epi8(table, _mm_and_si128(_mm_srli_epi16(bytes, 4), low_nibbles)),
+                            _mm_shuffle_epi8(table, _mm_and_si128(bytes, low_nibbles)));
+}
+
+AVX2 static void decode_mxfp4_avx2(const uint8_t *w, float *out, int64_t cols) {
+    const __m128i table = _mm_loadu_si128((const __m128i *)mxfp4_doubled);
+    for (int64_t b = 0; b < cols / 32; b++, w += 17, out += 32) {
+        __m256 scale = _mm256_set1_ps(mxfp4_half_scale(w[0]));
+        __m256i values = mxfp4_values(w + 1, table);
+        __m128i low = _mm256_castsi256_si128(values), high = _mm256_extracti128_si256(values, 1);
+        __m128i eights[4] = {low, _mm_srli_si128(low, 8), high, _mm_srli_si128(high, 8)};
+        for (int i = 0; i < 4; i++)
+            _mm256_storeu_ps(out + 8 * i, _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(eights[i])), scale));
     }
 }
 
@@ -375,6 +406,22 @@ AVX2 static float fused_iq2_xxs_avx2(const uint8_t *w, const float *x, const flo
             }
             acc = _mm256_fmadd_ps(sum, _mm256_set1_ps(d * (0.5f + (float)(aux >> 28)) * 0.25f), acc);
         }
+    }
+    return hsum(acc);
+}
+
+AVX2 static float fused_mxfp4_avx2(const uint8_t *w, const float *x, const float *sum16, int64_t cols) {
+    (void)sum16;
+    const __m128i table = _mm_loadu_si128((const __m128i *)mxfp4_doubled);
+    __m256 acc = _mm256_setzero_ps();
+    for (int64_t b = 0; b < cols / 32; b++, w += 17, x += 32) {
+        __m256i values = mxfp4_values(w + 1, table);
+        __m128i low = _mm256_castsi256_si128(values), high = _mm256_extracti128_si256(values, 1);
+        __m128i eights[4] = {low, _mm_srli_si128(low, 8), high, _mm_srli_si128(high, 8)};
+        __m256 sum = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(eights[0])), _mm256_loadu_ps(x));
+        for (int i = 1; i < 4; i++)
+            sum = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(eights[i])), _mm256_loadu_ps(x + 8 * i), sum);
+        acc = _mm256_fmadd_ps(sum, _mm256_set1_ps(mxfp4_half_scale(w[0])), acc);
     }
     return hsum(acc);
 }
@@ -501,6 +548,20 @@ AVX512 static float fused_iq2_xxs_avx512(const uint8_t *w, const float *x, const
     return _mm512_reduce_add_ps(acc);
 }
 
+AVX512 static float fused_mxfp4_avx512(const uint8_t *w, const float *x, const float *sum16, int64_t cols) {
+    (void)sum16;
+    const __m128i table = _mm_loadu_si128((const __m128i *)mxfp4_doubled);
+    __m512 acc = _mm512_setzero_ps();
+    for (int64_t b = 0; b < cols / 32; b++, w += 17, x += 32) {
+        __m256i values = mxfp4_values(w + 1, table);
+        __m512 low = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_castsi256_si128(values)));
+        __m512 high = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_extracti128_si256(values, 1)));
+        __m512 sum = _mm512_fmadd_ps(high, _mm512_loadu_ps(x + 16), _mm512_mul_ps(low, _mm512_loadu_ps(x)));
+        acc = _mm512_fmadd_ps(sum, _mm512_set1_ps(mxfp4_half_scale(w[0])), acc);
+    }
+    return _mm512_reduce_add_ps(acc);
+}
+
 /* As float_row_dot_avx2, 16 values a step. */
 AVX512 static INLINE_AVX float float_row_dot_avx512(__m512 (*load16)(const uint8_t *), float (*scalar)(const uint8_t *),
                                                     const uint8_t *w, const float *x, int64_t cols) {
@@ -544,10 +605,10 @@ AVX512 static float fused_bf16_avx512(const uint8_t *w, const float *x, const fl
  * whole units. Each stored weight group is decoded once to 8-bit integers (scale folded in where
  * it fits: Q2_K's 4-bit scale times its 2-bit codes), multiplied with the three parts by
  * `vpdpbusd` (unsigned weights, signed parts: Q8_0's signs go onto the parts, IQ2_XXS's weights
- * are 43 more than the signed ones), and the three integer sums are combined in float once per
- * register or block. The parts are stored in the weight's order (natural_position, applied to
- * each rounded block by permute_block), so that one 64-byte load of stored codes meets one of
- * input parts.
+ * are 43 more than the signed ones; MXFP4 the other way round, see int_mxfp4_rows), and the
+ * three integer sums are combined in float once per register or block. The parts are stored in
+ * the weight's order (natural_position, applied to each rounded block by permute_block), so that
+ * one 64-byte load of stored codes meets one of input parts.
  * Q2_K and Q4_K's minimum terms use the input's float sums per 16 values. */
 #define MAX_ROWS 2      /* input rows multiplied per pass over a stored row */
 #define INTEGER_TILE 4  /* stored rows per pass over the inputs */
@@ -590,6 +651,9 @@ static uint8_t iq2_sign_pairs[64];  /* bytes 2l, 2l + 1 of each qword: bits 28 +
 static uint8_t iq2_offset_weights[3][128];
 static uint8_t iq2_code_bytes[2][256]; /* low, high byte of each grid point's code */
 static uint8_t iq2_pair_index[64];  /* lane q: bytes 0-7 the first block's word 8 q.. index, 8-15 the second's */
+static uint8_t mxfp4_spread[64];    /* two MXFP4 blocks' code bytes 1..16, 18..33: each twice */
+static int8_t mxfp4_values64[64];   /* mxfp4_doubled four times: indexed by the low 6 bits */
+static float mxfp4_scales[256];     /* mxfp4_half_scale of each exponent byte */
 
 /* The layout of the inputs' parts for format `kind`, NULL for the natural order. */
 static const uint8_t *layout_of(int kind) {
@@ -613,6 +677,10 @@ static void build_int_tables(void) {
         int q = p / 16, i = 8 * q + p % 8;
         iq2_pair_index[p] = (uint8_t)(64 * ((p % 16) / 8) + 8 * (i / 4) + i % 4);
     }
+    for (int p = 0; p < 64; p++) {
+        mxfp4_spread[p] = (uint8_t)(17 * (p / 32) + 1 + p % 16);
+        mxfp4_values64[p] = mxfp4_doubled[p % 16];
+    }
     for (int j = 0; j < 3; j++)
         for (int e = 0; e < 128; e++) {
             int magnitude = iq2_magnitudes[(e >> (2 * j)) & 3];
@@ -624,6 +692,7 @@ static void build_int_tables(void) {
         layouts[0][p] = (uint8_t)natural_position(Q2_K, p);
         layouts[1][p] = (uint8_t)natural_position(Q4_K, p);
         layouts[2][p] = (uint8_t)natural_position(IQ2_XXS, p);
+        mxfp4_scales[p] = mxfp4_half_scale((uint8_t)p);
     }
 }
 
@@ -682,6 +751,11 @@ VNNI void quantize_row_avx512(int kind, const float *x, int64_t cols, int64_t st
         if (layout) /* formats with a layout have whole blocks of 256 */
             for (int k = 0; k < 3; k++) permute_block(parts + k * stride + start, layout);
     }
+    if (kind == MXFP4) /* unsigned parts, a + 128 (see int_mxfp4_rows) */
+        for (int k = 0; k < 3; k++)
+            for (int64_t p = 0; p < cols; p += 64)
+                _mm512_storeu_si512(parts + k * stride + p, _mm512_xor_si512(_mm512_loadu_si512(parts + k * stride + p),
+                                                                             _mm512_set1_epi8((char)0x80)));
     if (sum16)
         for (int64_t j = 0; j < cols / 16; j++) sum16[j] = _mm512_reduce_add_ps(_mm512_loadu_ps(x + 16 * j));
 }
@@ -742,6 +816,49 @@ VNNI static INLINE void int_q8_0_rows(const uint8_t *w, const Activations *a, co
             __m512i magnitude = _mm512_abs_epi8(q);
             for (int r = 0; r < count; r++)
                 block[r] = _mm512_fmadd_ps(times_parts(magnitude, negative, a, rows[r], at), scale, block[r]);
+        }
+        for (int r = 0; r < count; r++) acc[r] = _mm512_fmadd_ps(block[r], _mm512_set1_ps(SCALE(r, b)), acc[r]);
+    }
+    for (int r = 0; r < count; r++) out[r] = _mm512_reduce_add_ps(acc[r]);
+}
+
+/* MXFP4: two blocks (64 values) per register. The first block's 16 code bytes go to both
+ * quarters of the register's lower half, the second's to its upper half (a masked load, one
+ * byte permute); `vpmultishiftqb` takes each byte's low nibble in the first copy, its high
+ * nibble in the second: codes in the values' natural order (with junk above bit 3, which the
+ * value table, 16 entries four times, ignores). The doubled values (-12 to 12) are signed
+ * weights: the input's parts are stored 128 more, unsigned (quantize_row_avx512), so
+ * Σ (a + 128) w = Σ a w + 128 Σ w, and the sums start from -128 Σ w (per register, for every row
+ * and part). Each block's scale 2^(e - 128), from a table, multiplies its half of the register. */
+VNNI static INLINE void int_mxfp4_rows(const uint8_t *w, const Activations *a, const int64_t *rows, const int count,
+                                       float *out) {
+    const __m512i table = _mm512_loadu_si512(mxfp4_values64), spread = _mm512_loadu_si512(mxfp4_spread);
+    const __m512i nibbles = _mm512_set_epi64(0x3C342C241C140C04ll, 0x3C342C241C140C04ll, 0x3830282018100800ll,
+                                             0x3830282018100800ll, 0x3C342C241C140C04ll, 0x3C342C241C140C04ll,
+                                             0x3830282018100800ll, 0x3830282018100800ll);
+    const __m512i offset = _mm512_set1_epi8((char)0x80), zero = _mm512_setzero_si512();
+    __m512 acc[MAX_ROWS];
+    for (int r = 0; r < count; r++) acc[r] = _mm512_setzero_ps();
+    int64_t cols = a->cols;
+    for (int64_t start = 0, b = 0; start < cols; start += ACT_BLOCK, b++) {
+        int64_t stop = start + ACT_BLOCK < cols ? start + ACT_BLOCK : cols;
+        __m512 block[MAX_ROWS];
+        for (int r = 0; r < count; r++) block[r] = _mm512_setzero_ps();
+        for (int64_t at = start; at < stop; at += 64, w += 34) {
+            int pair = at + 64 <= stop; /* else a last odd block: the upper half's codes are zero */
+            __m512i bytes = _mm512_maskz_loadu_epi8(pair ? 0x3FFFFFFFFull : 0x1FFFFull, w);
+            __m512i weights = _mm512_permutexvar_epi8(
+                _mm512_multishift_epi64_epi8(nibbles, _mm512_permutexvar_epi8(spread, bytes)), table);
+            __m512i first = _mm512_sub_epi32(zero, _mm512_dpbusd_epi32(zero, offset, weights));
+            __m512 scale = _mm512_mask_blend_ps(0xFF00, _mm512_set1_ps(mxfp4_scales[w[0]]),
+                                                _mm512_set1_ps(pair ? mxfp4_scales[w[17]] : 0.0f));
+            for (int r = 0; r < count; r++) {
+                const int8_t *part = a->parts + 3 * rows[r] * a->stride + at;
+                __m512i s0 = _mm512_dpbusd_epi32(first, _mm512_loadu_si512(part), weights);
+                __m512i s1 = _mm512_dpbusd_epi32(first, _mm512_loadu_si512(part + a->stride), weights);
+                __m512i s2 = _mm512_dpbusd_epi32(first, _mm512_loadu_si512(part + 2 * a->stride), weights);
+                block[r] = _mm512_fmadd_ps(parts_to_float(s0, s1, s2), scale, block[r]);
+            }
         }
         for (int r = 0; r < count; r++) acc[r] = _mm512_fmadd_ps(block[r], _mm512_set1_ps(SCALE(r, b)), acc[r]);
     }
@@ -921,6 +1038,7 @@ INT_DOT(int_q8_0)
 INT_DOT(int_q2_k)
 INT_DOT(int_q4_k)
 INT_DOT(int_iq2_xxs)
+INT_DOT(int_mxfp4)
 #endif
 
 /* ---------------------------------------------------------------- dispatch */
@@ -947,6 +1065,8 @@ static const Format formats[] = {
     {Q2_K, 256, 1, decode_q2_k, X86(decode_q2_k_avx2), X86(fused_q2_k_avx2), X86(fused_q2_k_avx512), X86(int_q2_k)},
     {Q4_K, 256, 1, decode_q4_k, X86(decode_q4_k_avx2), X86(fused_q4_k_avx2), X86(fused_q4_k_avx512), X86(int_q4_k)},
     {IQ2_XXS, 256, 0, decode_iq2_xxs, X86(decode_iq2_xxs_avx2), X86(fused_iq2_xxs_avx2), X86(fused_iq2_xxs_avx512), X86(int_iq2_xxs)},
+    {MXFP4, 32, 0, decode_mxfp4, X86(decode_mxfp4_avx2), X86(fused_mxfp4_avx2), X86(fused_mxfp4_avx512),
+     X86(int_mxfp4)},
     {F16, 1, 0, decode_f16, X86(decode_f16_avx2), X86(fused_f16_avx2), X86(fused_f16_avx512), NULL},
     {BF16, 1, 0, decode_bf16, X86(decode_bf16_avx2), X86(fused_bf16_avx2), X86(fused_bf16_avx512), NULL},
 };

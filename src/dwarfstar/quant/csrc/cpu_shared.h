@@ -6,13 +6,27 @@
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 #include <stdint.h>
+#include <string.h>
 
 #if defined(__x86_64__) || defined(_M_X64)
 #define HAVE_X86 1
 #endif
 
 /* GGML type numbers (gguf.GGMLQuantizationType). */
-enum { F16 = 1, Q8_0 = 8, Q2_K = 10, Q4_K = 12, IQ2_XXS = 16, BF16 = 30 };
+enum { F16 = 1, Q8_0 = 8, Q2_K = 10, Q4_K = 12, IQ2_XXS = 16, BF16 = 30, MXFP4 = 39 };
+
+/* MXFP4's e2m1 values doubled (integers; bit 3 of the code the sign) and its scale halved to
+ * match: 2^(e - 128) from the block's e8m0 byte e, built from its float32 bits (a subnormal for
+ * e < 2), exactly as formats.mxfp4. Each value is then one exact product (or an infinity: e > 252
+ * with the largest codes). */
+static const int8_t mxfp4_doubled[16] = {0, 1, 2, 3, 4, 6, 8, 12, 0, -1, -2, -3, -4, -6, -8, -12};
+
+static inline float mxfp4_half_scale(uint8_t e) {
+    uint32_t bits = e < 2 ? 0x00200000u << e : (uint32_t)(e - 1) << 23;
+    float scale;
+    memcpy(&scale, &bits, 4);
+    return scale;
+}
 
 /* ggml's kgrid_2bit_256: IQ2_XXS's 256 grid points, 2 bits per value (standing for 8, 25, 43). */
 extern const uint16_t iq2_xxs_grid_codes[256];
