@@ -11,9 +11,9 @@ compiled kernels differ from the reference path by at most 1.5e-4 (whole prompt)
 (token by token; 1.3e-4 and 5.0e-4 with the last layer's experts IQ2_XXS and Q2_K too), nearly all
 of it the inputs' rounding to two int8 parts in the direct IQ2_XXS products (docs/model.md; with
 the float kernels, `_cpu.set_isa("avx512")`: 8.0e-6 and 1.2e-5). Q2_K on two parts too would
-reach 1.05e-3 token by token, past this bound. Int8 activations move seed 0's logits by 1.8, relative noise on every product
-by 7e-3 (1e-4), 1.1e-3 (3e-5) and 4e-4 (1e-5: below this bound; the kernel tests hold each
-product to 1e-5).
+reach 1.05e-3 token by token, past this bound. Int8 activations move seed 0's logits by 1.8,
+relative noise on every product by 7e-3 (1e-4), 1.1e-3 (3e-5) and 4e-4 (1e-5: below this bound;
+the kernel tests hold each product to 1e-5).
 """
 
 import pytest
