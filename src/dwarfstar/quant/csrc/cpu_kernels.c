@@ -614,7 +614,7 @@ AVX512 static float fused_bf16_avx512(const uint8_t *w, const float *x, const fl
 #define INTEGER_TILE 4  /* stored rows per pass over the inputs */
 
 typedef struct {
-    int8_t *parts; /* (n, 3, stride): part k of input row i at parts + (3 i + k) stride */
+    int8_t *parts; /* (n, 3, stride): part k of input row i at parts + (3 i + k) stride (MXFP4: a + 128) */
     float *scales; /* (n, blocks of ACT_BLOCK, the last possibly short) */
     float *sum16;  /* (n, cols / 16): sums of x per 16 values, natural order (Q2_K, Q4_K) */
     int32_t *offsets; /* (n, blocks, 2, 16): -43 x each lane's sum of parts 0, 1 (IQ2_XXS) */
@@ -718,8 +718,8 @@ VNNI static void permute_block(int8_t *p, const uint8_t *layout) {
     }
 }
 
-/* Round input row x to its parts (in the weight's order) and scales, and its sums per 16
- * values when sum16 is given. */
+/* Round input row x to its parts (in the weight's order; for MXFP4 unsigned, 128 more) and
+ * scales, and its sums per 16 values when sum16 is given. */
 VNNI void quantize_row_avx512(int kind, const float *x, int64_t cols, int64_t stride, int8_t *parts,
                                      float *scales, float *sum16) {
     const int rounding = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
