@@ -2,11 +2,12 @@
 
 The float kernels decode each weight exactly as the reference decoders do and sum in float32 in
 another order (so does the compiled GEMM's float32 path for F16/BF16); the integer ones (AVX-512
-VNNI: the direct products and the integer GEMM) also round each input to three int8 parts per
+VNNI: the direct products and the integer GEMM; AVX2 and AVX-512F: the direct Q2_K, Q4_K and
+IQ2_XXS products of a few rows) also round each input to three int8 parts per
 256 values (about 24 bits). Either way each output is
 within 1e-5 of sum_j |w_j x_j| (the scale of its rounding error) of the reference, and the
 integer rounding stays within its documented bound even when a block holds an outlier. The
-direct IQ2_XXS products (one or two input rows, a decode step's) take two parts only: each
+direct IQ2_XXS integer products (a decode step's) take two parts only: each
 output within sum_j |w_j| s_j / 508 (s_j = max|x| / 127 of value j's block), plus float32's
 rounding, of the reference (docs/model.md, "Integer products").
 """
@@ -49,10 +50,18 @@ def block_steps(x: torch.Tensor) -> torch.Tensor:
     return torch.cat(steps, -1).double() / 127
 
 
+AVX2_IQ2_XXS_ROWS = 4
+"""Without VNNI (AVX2, AVX-512F), IQ2_XXS products of at most this many input rows take the
+integer kernel (`formats[]` in cpu_kernels.c); Q2_K and Q4_K all their direct products."""
+
+
 def two_parts(kind, rows: int) -> bool:
-    """Whether a product of ``rows`` input rows on ``kind`` takes the direct IQ2_XXS integer
-    kernel, which rounds its inputs to two int8 parts."""
-    return kind == Q.IQ2_XXS and _cpu.isa() == "avx512vnni" and rows < cpu.gemm_rows(kind)
+    """Whether a product of ``rows`` input rows on ``kind`` takes a direct IQ2_XXS integer
+    kernel (AVX-512 VNNI: below the GEMM's crossover; AVX2, AVX-512F: up to 4 rows), which
+    rounds its inputs to two int8 parts."""
+    if kind != Q.IQ2_XXS or _cpu.isa() == "portable":
+        return False
+    return rows < cpu.gemm_rows(kind) if _cpu.isa() == "avx512vnni" else rows <= AVX2_IQ2_XXS_ROWS
 
 
 def assert_within_bound(kind, ours, x, dense):

@@ -4,9 +4,10 @@ They multiply straight from the stored blocks, for the formats in `_cpu.kinds()`
 tensors: the direct products for a few input rows (`csrc/cpu_kernels.c`, each stored row
 decoded in cache), and for many, the compiled GEMM with AVX-512 VNNI (`csrc/cpu_gemm.c`, a
 tile of stored rows decoded once for all of them) or else bands of rows decoded for torch's
-GEMM. They agree with the reference path up to the order of the float32 sums and, with VNNI,
-the inputs' rounding to three int8 parts (two for IQ2_XXS's direct products, within s / 508
-per value: docs/model.md, "Kernels"). When
+GEMM. They agree with the reference path up to the order of the float32 sums and, with VNNI
+(and for the direct Q2_K, Q4_K and IQ2_XXS products with AVX2 alone), the inputs' rounding to
+three int8 parts (two for IQ2_XXS's direct products, within s / 508 per value: docs/model.md,
+"Kernels"). When
 the extension was not built (no C compiler at install time), `dwarfstar.quant` warns once and
 keeps the reference path. DWARFSTAR_KERNELS=reference forces the reference path.
 """

@@ -12,7 +12,8 @@
  * VBMI), Q8_0, Q2_K, Q4_K, IQ2_XXS and MXFP4 instead multiply integers: the inputs are rounded
  * once per call to three int8 parts (about 24 bits, see "integer products"), so the results still
  * agree with the reference to float32's rounding (IQ2_XXS uses two of them: within s / 508 per
- * value, docs/model.md). Work is spread over a small pool of threads, one item
+ * value, docs/model.md). With AVX2 alone (or AVX-512 without VNNI), Q2_K, Q4_K and IQ2_XXS
+ * do the same for a few input rows ("integer products (AVX2)"). Work is spread over a small pool of threads, one item
  * per band of output rows of one expert; the calling thread works too.
  */
 #include "cpu_shared.h" /* first: it includes Python.h */
@@ -718,46 +719,21 @@ VNNI static void permute_block(int8_t *p, const uint8_t *layout) {
     }
 }
 
-/* Round input row x to its parts (in the weight's order; for MXFP4 unsigned, 128 more) and
- * scales, and its sums per 16 values when sum16 is given. */
+/* Round input row x to its parts in the weight's order (quantize_row_avx2, then each block of a
+ * format with a layout permuted to it; for MXFP4 unsigned, 128 more), its scales, and its sums
+ * per 16 values when sum16 is given. */
 VNNI void quantize_row_avx512(int kind, const float *x, int64_t cols, int64_t stride, int8_t *parts,
                                      float *scales, float *sum16) {
-    const int rounding = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
-    const __m512 radix = _mm512_set1_ps(254.0f);
+    quantize_row_avx2(x, cols, stride, parts, scales, sum16);
     const uint8_t *layout = layout_of(kind);
-    for (int64_t b = 0, start = 0; start < cols; b++, start += ACT_BLOCK) {
-        int64_t length = cols - start < ACT_BLOCK ? cols - start : ACT_BLOCK; /* a multiple of 32 */
-        const float *xb = x + start;
-        __m512 largest = _mm512_setzero_ps();
-        for (int64_t j = 0; j < length; j += 16) largest = _mm512_max_ps(largest, _mm512_abs_ps(_mm512_loadu_ps(xb + j)));
-        float top = _mm512_reduce_max_ps(largest);
-        for (int64_t j = 0; j < length; j += 16) /* max drops nan: look again */
-            if (_mm512_cmp_ps_mask(_mm512_loadu_ps(xb + j), _mm512_loadu_ps(xb + j), _CMP_UNORD_Q)) top = NAN;
-        if (!(top < INFINITY)) top = NAN;
-        float s = top / 127.0f;
-        scales[b] = s;
-        __m512 divisor = _mm512_set1_ps(s > 0.0f ? s : 1.0f);
-        for (int64_t p = 0; p < length; p += 16) {
-            __m512 r = _mm512_div_ps(_mm512_loadu_ps(xb + p), divisor);
-            __m512 a0 = _mm512_roundscale_ps(r, rounding);
-            r = _mm512_mul_ps(_mm512_sub_ps(r, a0), radix);
-            __m512 a1 = _mm512_roundscale_ps(r, rounding);
-            r = _mm512_mul_ps(_mm512_sub_ps(r, a1), radix);
-            __m512 a2 = _mm512_roundscale_ps(r, rounding);
-            _mm_storeu_si128((__m128i *)(parts + start + p), _mm512_cvtepi32_epi8(_mm512_cvtps_epi32(a0)));
-            _mm_storeu_si128((__m128i *)(parts + stride + start + p), _mm512_cvtepi32_epi8(_mm512_cvtps_epi32(a1)));
-            _mm_storeu_si128((__m128i *)(parts + 2 * stride + start + p), _mm512_cvtepi32_epi8(_mm512_cvtps_epi32(a2)));
-        }
-        if (layout) /* formats with a layout have whole blocks of 256 */
+    if (layout) /* formats with a layout have whole blocks of 256 */
+        for (int64_t start = 0; start < cols; start += ACT_BLOCK)
             for (int k = 0; k < 3; k++) permute_block(parts + k * stride + start, layout);
-    }
     if (kind == MXFP4) /* unsigned parts, a + 128 (see int_mxfp4_rows) */
         for (int k = 0; k < 3; k++)
             for (int64_t p = 0; p < cols; p += 64)
                 _mm512_storeu_si512(parts + k * stride + p, _mm512_xor_si512(_mm512_loadu_si512(parts + k * stride + p),
                                                                              _mm512_set1_epi8((char)0x80)));
-    if (sum16)
-        for (int64_t j = 0; j < cols / 16; j++) sum16[j] = _mm512_reduce_add_ps(_mm512_loadu_ps(x + 16 * j));
 }
 
 /* IQ2_XXS's sums start from -43 times each lane's sum of the part (its weights are 43 more than
@@ -1024,9 +1000,9 @@ VNNI static INLINE void int_iq2_xxs_rows(const uint8_t *w, const Activations *a,
 }
 
 /* One function per format taking 1 or MAX_ROWS = 2 rows, a copy specialised for each count. */
-#define INT_DOT(name)                                                                                        \
-    VNNI static void name(const uint8_t *w, int64_t row_stride, int stored, const Activations *a,                 \
-                          const int64_t *rows, int count, float *out) {                                           \
+#define INT_DOT(target, name)                                                                                \
+    target static void name(const uint8_t *w, int64_t row_stride, int stored, const Activations *a,               \
+                            const int64_t *rows, int count, float *out) {                                         \
         for (int i = 0; i < stored; i++) { /* in one function: the constants stay in registers */                 \
             if (count == 1)                                                                                       \
                 name##_rows(w + i * row_stride, a, rows, 1, out + MAX_ROWS * i);                                  \
@@ -1034,11 +1010,234 @@ VNNI static INLINE void int_iq2_xxs_rows(const uint8_t *w, const Activations *a,
                 name##_rows(w + i * row_stride, a, rows, 2, out + MAX_ROWS * i);                                  \
         }                                                                                                         \
     }
-INT_DOT(int_q8_0)
-INT_DOT(int_q2_k)
-INT_DOT(int_q4_k)
-INT_DOT(int_iq2_xxs)
-INT_DOT(int_mxfp4)
+INT_DOT(VNNI, int_q8_0)
+INT_DOT(VNNI, int_q2_k)
+INT_DOT(VNNI, int_q4_k)
+INT_DOT(VNNI, int_iq2_xxs)
+INT_DOT(VNNI, int_mxfp4)
+#endif
+
+/* ---------------------------------------------------------------- integer products (AVX2) */
+
+/* The integer products for CPUs with AVX2 but not AVX-512 VNNI, 32 values per register: the
+ * inputs are rounded exactly as above (quantize_row_avx2), but kept in their natural order, since
+ * one register of 32 values is one scale group (IQ2_XXS, Q4_K; Q2_K: one per 128-bit half)
+ * and each stored row's bytes go into registers in that order as they are. `vpmaddubsw`
+ * multiplies unsigned 8-bit weights with the signed parts and adds neighbours to int16, then
+ * `vpmaddwd` multiplies those with the group's integer scale and adds neighbours to int32. An
+ * int16 sum of two products cannot saturate: the weights are at most 43 (IQ2_XXS's magnitudes,
+ * their signs moved onto the parts, which leaves no offset to take off), 3 (Q2_K's codes) and
+ * 15 (Q4_K's), so 2·43·127 = 10922 at most; and the int32 sums of a block stay below 2^24
+ * (IQ2_XXS: 8 groups · 2 · 10922 · 31 ≈ 5.4e6), so they go to float exactly, once per block. */
+
+/* Constant vectors, filled by build_avx2_int_tables. */
+static uint8_t q2_k_first_scales[32]; /* low 128 bits: bytes 0, 0x80 (byte 0 as int16); high: 1, 0x80 */
+static uint8_t q4_k_first_scale[32];  /* bytes 0, 0x80 (byte 0 as int16) */
+static uint64_t iq2_sign_masks[128];  /* byte t: -1 where value t is negative (iq2_signs), else 1 */
+
+static void build_avx2_int_tables(void) {
+    for (int p = 0; p < 32; p++) {
+        q2_k_first_scales[p] = p % 2 ? 0x80 : (uint8_t)(p / 16);
+        q4_k_first_scale[p] = p % 2 ? 0x80 : 0;
+    }
+    for (int i = 0; i < 128; i++) {
+        uint8_t bytes[8];
+        for (int t = 0; t < 8; t++) bytes[t] = (iq2_signs[i] >> t) & 1 ? 0xFF : 0x01;
+        memcpy(&iq2_sign_masks[i], bytes, 8);
+    }
+}
+
+#ifdef HAVE_X86
+/* Round input row x to its three parts in the natural order, its scales per ACT_BLOCK values,
+ * and its sums per 16 values when sum16 is given (the rounding of "integer products"). */
+AVX2 void quantize_row_avx2(const float *x, int64_t cols, int64_t stride, int8_t *parts, float *scales,
+                            float *sum16) {
+    const int rounding = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
+    const __m256 radix = _mm256_set1_ps(254.0f), magnitude = _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFFFFFF));
+    const __m256i in_order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7); /* undoes the packs' interleaving */
+    for (int64_t b = 0, start = 0; start < cols; b++, start += ACT_BLOCK) {
+        int64_t length = cols - start < ACT_BLOCK ? cols - start : ACT_BLOCK; /* a multiple of 32 */
+        const float *xb = x + start;
+        __m256 largest = _mm256_setzero_ps(), unordered = _mm256_setzero_ps();
+        for (int64_t j = 0; j < length; j += 8) {
+            __m256 v = _mm256_loadu_ps(xb + j);
+            largest = _mm256_max_ps(largest, _mm256_and_ps(v, magnitude));
+            unordered = _mm256_or_ps(unordered, _mm256_cmp_ps(v, v, _CMP_UNORD_Q)); /* max drops nan */
+        }
+        __m128 top4 = _mm_max_ps(_mm256_castps256_ps128(largest), _mm256_extractf128_ps(largest, 1));
+        top4 = _mm_max_ps(top4, _mm_movehl_ps(top4, top4));
+        float top = _mm_cvtss_f32(_mm_max_ss(top4, _mm_movehdup_ps(top4)));
+        if (_mm256_movemask_ps(unordered) || !(top < INFINITY)) top = NAN;
+        float s = top / 127.0f;
+        scales[b] = s;
+        __m256 divisor = _mm256_set1_ps(s > 0.0f ? s : 1.0f);
+        for (int64_t p = 0; p < length; p += 32) {
+            __m256i part[3][4];
+            for (int i = 0; i < 4; i++) {
+                __m256 r = _mm256_div_ps(_mm256_loadu_ps(xb + p + 8 * i), divisor);
+                for (int k = 0; k < 3; k++) {
+                    __m256 rounded = _mm256_round_ps(r, rounding);
+                    part[k][i] = _mm256_cvtps_epi32(rounded);
+                    r = _mm256_mul_ps(_mm256_sub_ps(r, rounded), radix);
+                }
+            }
+            for (int k = 0; k < 3; k++) {
+                __m256i bytes = _mm256_packs_epi16(_mm256_packs_epi32(part[k][0], part[k][1]),
+                                                   _mm256_packs_epi32(part[k][2], part[k][3]));
+                _mm256_storeu_si256((__m256i *)(parts + k * stride + start + p),
+                                    _mm256_permutevar8x32_epi32(bytes, in_order));
+            }
+        }
+    }
+    if (sum16)
+        for (int64_t j = 0; j < cols / 16; j++)
+            sum16[j] = hsum(_mm256_add_ps(_mm256_loadu_ps(x + 16 * j), _mm256_loadu_ps(x + 16 * j + 8)));
+}
+
+/* The float value of three parts' integer sums s0 + s1 / 254 + s2 / 254². */
+AVX2 static INLINE_AVX __m256 parts_to_float_avx2(const __m256i *s) {
+    __m256 value = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s[1]), _mm256_set1_ps(1.0f / 254.0f), _mm256_cvtepi32_ps(s[0]));
+    return _mm256_fmadd_ps(_mm256_cvtepi32_ps(s[2]), _mm256_set1_ps(1.0f / (254.0f * 254.0f)), value);
+}
+
+/* Adds to s[0..parts) the products of 32 unsigned weights with the parts of row `row` at value
+ * `at`, their pairs times `scale` (int16). */
+AVX2 static INLINE_AVX void add_products(__m256i *s, int parts, __m256i weights, __m256i scale, const Activations *a,
+                                         int64_t row, int64_t at) {
+    const int8_t *part = a->parts + 3 * row * a->stride + at;
+    for (int k = 0; k < parts; k++) {
+        __m256i pairs = _mm256_maddubs_epi16(weights, _mm256_loadu_si256((const __m256i *)(part + k * a->stride)));
+        s[k] = _mm256_add_epi32(s[k], _mm256_madd_epi16(pairs, scale));
+    }
+}
+
+/* Q2_K: register (h, c) holds code c of each of the 32 bytes of half h, values 128 h + 32 c..,
+ * sub-blocks 8 h + 2 c (low 128 bits) and 8 h + 2 c + 1 (high 128 bits); `pick` takes their
+ * 4-bit scales out of the 16 as int16, and moves on by two sub-blocks per register. The
+ * minimums are applied in float to the input's sums per 16 values. */
+AVX2 static INLINE_AVX void int_q2_k_avx2_rows(const uint8_t *w, const Activations *a, const int64_t *rows,
+                                              const int count, float *out) {
+    const __m256i codes_mask = _mm256_set1_epi8(3), two = _mm256_set1_epi8(2);
+    const __m128i nibble = _mm_set1_epi8(0xF);
+    __m256 acc[MAX_ROWS];
+    for (int r = 0; r < count; r++) acc[r] = _mm256_setzero_ps();
+    for (int64_t b = 0; b < a->cols / 256; b++, w += 84) {
+        __m128i packed = _mm_loadu_si128((const __m128i *)w);
+        __m256i scales = _mm256_broadcastsi128_si256(_mm_and_si128(packed, nibble));
+        __m128i min_bytes = _mm_and_si128(_mm_srli_epi16(packed, 4), nibble);
+        __m256 dmin = _mm256_set1_ps(half(w + 82));
+        __m256 mins_low = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(min_bytes)), dmin);
+        __m256 mins_high = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(min_bytes, 8))), dmin);
+        __m256i s[MAX_ROWS][3], pick = _mm256_loadu_si256((const __m256i *)q2_k_first_scales);
+        for (int r = 0; r < count; r++) s[r][0] = s[r][1] = s[r][2] = _mm256_setzero_si256();
+        for (int h = 0; h < 2; h++) {
+            __m256i bytes = _mm256_loadu_si256((const __m256i *)(w + 16 + 32 * h));
+            for (int c = 0; c < 4; c++, pick = _mm256_add_epi8(pick, two)) {
+                __m256i codes = _mm256_and_si256(_mm256_srli_epi16(bytes, 2 * c), codes_mask);
+                __m256i scale = _mm256_shuffle_epi8(scales, pick);
+                for (int r = 0; r < count; r++) add_products(s[r], 3, codes, scale, a, rows[r], 256 * b + 128 * h + 32 * c);
+            }
+        }
+        float d = half(w + 80);
+        for (int r = 0; r < count; r++) {
+            const float *sums = a->sum16 + rows[r] * (a->cols / 16) + 16 * b;
+            acc[r] = _mm256_fmadd_ps(parts_to_float_avx2(s[r]), _mm256_set1_ps(d * SCALE(r, b)), acc[r]);
+            acc[r] = _mm256_fnmadd_ps(mins_low, _mm256_loadu_ps(sums), acc[r]);
+            acc[r] = _mm256_fnmadd_ps(mins_high, _mm256_loadu_ps(sums + 8), acc[r]);
+        }
+    }
+    for (int r = 0; r < count; r++) out[r] = hsum(acc[r]);
+}
+
+/* Q4_K: register g holds group g (the low nibbles of bytes 32 (g / 2).. for even g, the high
+ * ones for odd g); `pick` takes its 6-bit scale out of the eight as int16. */
+AVX2 static INLINE_AVX void int_q4_k_avx2_rows(const uint8_t *w, const Activations *a, const int64_t *rows,
+                                              const int count, float *out) {
+    const __m256i nibbles = _mm256_set1_epi8(0xF), one = _mm256_set1_epi8(1);
+    __m256 acc[MAX_ROWS];
+    for (int r = 0; r < count; r++) acc[r] = _mm256_setzero_ps();
+    for (int64_t b = 0; b < a->cols / 256; b++, w += 144) {
+        /* the eight 6-bit scales and minimums (q4_k_scale_min), four at a time */
+        uint32_t packed[3];
+        memcpy(packed, w + 4, 12);
+        uint32_t scales_low = packed[0] & 0x3F3F3F3F, mins_low = packed[1] & 0x3F3F3F3F;
+        uint32_t scales_high = (packed[2] & 0x0F0F0F0F) | ((packed[0] >> 6) & 0x03030303) << 4;
+        uint32_t mins_high = ((packed[2] >> 4) & 0x0F0F0F0F) | ((packed[1] >> 6) & 0x03030303) << 4;
+        __m256i scales = _mm256_broadcastsi128_si256(_mm_set_epi32(0, 0, (int)scales_high, (int)scales_low));
+        __m128i min_bytes = _mm_set_epi32(0, 0, (int)mins_high, (int)mins_low);
+        __m128i mins_twice = _mm_unpacklo_epi8(min_bytes, min_bytes); /* one per 16 values */
+        __m256 dmin = _mm256_set1_ps(half(w + 2));
+        __m256 mins_low16 = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(mins_twice)), dmin);
+        __m256 mins_high16 = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(mins_twice, 8))), dmin);
+        __m256i s[MAX_ROWS][3], pick = _mm256_loadu_si256((const __m256i *)q4_k_first_scale);
+        for (int r = 0; r < count; r++) s[r][0] = s[r][1] = s[r][2] = _mm256_setzero_si256();
+        for (int g = 0; g < 8; g++, pick = _mm256_add_epi8(pick, one)) {
+            __m256i bytes = _mm256_loadu_si256((const __m256i *)(w + 16 + 32 * (g / 2)));
+            __m256i codes = _mm256_and_si256(g % 2 ? _mm256_srli_epi16(bytes, 4) : bytes, nibbles);
+            __m256i scale = _mm256_shuffle_epi8(scales, pick);
+            for (int r = 0; r < count; r++) add_products(s[r], 3, codes, scale, a, rows[r], 256 * b + 32 * g);
+        }
+        float d = half(w);
+        for (int r = 0; r < count; r++) {
+            const float *sums = a->sum16 + rows[r] * (a->cols / 16) + 16 * b;
+            acc[r] = _mm256_fmadd_ps(parts_to_float_avx2(s[r]), _mm256_set1_ps(d * SCALE(r, b)), acc[r]);
+            acc[r] = _mm256_fnmadd_ps(mins_low16, _mm256_loadu_ps(sums), acc[r]);
+            acc[r] = _mm256_fnmadd_ps(mins_high16, _mm256_loadu_ps(sums + 8), acc[r]);
+        }
+    }
+    for (int r = 0; r < count; r++) out[r] = hsum(acc[r]);
+}
+
+/* IQ2_XXS, two parts as its VNNI kernel: per group, the four grid points' magnitudes (8, 25 or
+ * 43) are looked up as 8 bytes each, and their sign patterns as 8 bytes of -1 or 1 each, which
+ * `vpsignb` puts onto the parts; `vpmaddwd` applies the group's 2 s + 1 (its scale is
+ * d (0.5 + s) / 4 = d (2 s + 1) / 8, exact in float). The eight lookups per group bound it (as
+ * they bound the float kernel): one 256 KiB table of signed weights for every grid point and
+ * sign pattern (one lookup per point) was slower here, its lookups missing L1, and so was
+ * spreading the sign bits to bytes in registers (more shuffles than the loads it saved). */
+AVX2 static INLINE_AVX __m256i four_table_rows(uint64_t first, uint64_t second, uint64_t third, uint64_t fourth) {
+    return _mm256_set_epi64x((long long)fourth, (long long)third, (long long)second, (long long)first);
+}
+
+AVX2 static INLINE_AVX void int_iq2_xxs_avx2_rows(const uint8_t *w, const Activations *a, const int64_t *rows,
+                                                 const int count, float *out) {
+    __m256 acc[MAX_ROWS];
+    for (int r = 0; r < count; r++) acc[r] = _mm256_setzero_ps();
+    for (int64_t b = 0; b < a->cols / 256; b++, w += 66) {
+        __m256i s[MAX_ROWS][2];
+        for (int r = 0; r < count; r++) s[r][0] = s[r][1] = _mm256_setzero_si256();
+        for (int g = 0; g < 8; g++) {
+            const uint8_t *index = w + 2 + 8 * g;
+            uint32_t aux;
+            memcpy(&aux, index + 4, 4);
+            __m256i magnitudes = four_table_rows(iq2_xxs_grid[index[0]], iq2_xxs_grid[index[1]],
+                                                 iq2_xxs_grid[index[2]], iq2_xxs_grid[index[3]]);
+            __m256i signs = four_table_rows(iq2_sign_masks[aux & 127], iq2_sign_masks[(aux >> 7) & 127],
+                                            iq2_sign_masks[(aux >> 14) & 127], iq2_sign_masks[(aux >> 21) & 127]);
+            __m256i scale = _mm256_set1_epi16((short)(2 * (aux >> 28) + 1));
+            for (int r = 0; r < count; r++) {
+                const int8_t *part = a->parts + 3 * rows[r] * a->stride + 256 * b + 32 * g;
+                for (int k = 0; k < 2; k++) {
+                    __m256i signed_part =
+                        _mm256_sign_epi8(_mm256_loadu_si256((const __m256i *)(part + k * a->stride)), signs);
+                    __m256i pairs = _mm256_maddubs_epi16(magnitudes, signed_part);
+                    s[r][k] = _mm256_add_epi32(s[r][k], _mm256_madd_epi16(pairs, scale));
+                }
+            }
+        }
+        float d = half(w) * 0.125f;
+        for (int r = 0; r < count; r++) {
+            __m256 sum = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s[r][1]), _mm256_set1_ps(1.0f / 254.0f),
+                                         _mm256_cvtepi32_ps(s[r][0]));
+            acc[r] = _mm256_fmadd_ps(sum, _mm256_set1_ps(d * SCALE(r, b)), acc[r]);
+        }
+    }
+    for (int r = 0; r < count; r++) out[r] = hsum(acc[r]);
+}
+
+INT_DOT(AVX2, int_q2_k_avx2)
+INT_DOT(AVX2, int_q4_k_avx2)
+INT_DOT(AVX2, int_iq2_xxs_avx2)
 #endif
 
 /* ---------------------------------------------------------------- dispatch */
@@ -1052,6 +1251,8 @@ typedef struct {
     DecodeFn portable, avx2;
     FusedFn fused_avx2, fused_avx512;
     IntDotFn integer; /* AVX-512 VNNI, on the inputs' integer parts */
+    IntDotFn integer_avx2; /* the same with AVX2 (and AVX-512 without VNNI), NULL: the float ones */
+    int avx2_rows; /* ... for products of at most this many input rows (measured, docs/benchmarks.md) */
 } Format;
 
 #ifdef HAVE_X86
@@ -1062,9 +1263,12 @@ typedef struct {
 
 static const Format formats[] = {
     {Q8_0, 32, 0, decode_q8_0, X86(decode_q8_0_avx2), X86(fused_q8_0_avx2), X86(fused_q8_0_avx512), X86(int_q8_0)},
-    {Q2_K, 256, 1, decode_q2_k, X86(decode_q2_k_avx2), X86(fused_q2_k_avx2), X86(fused_q2_k_avx512), X86(int_q2_k)},
-    {Q4_K, 256, 1, decode_q4_k, X86(decode_q4_k_avx2), X86(fused_q4_k_avx2), X86(fused_q4_k_avx512), X86(int_q4_k)},
-    {IQ2_XXS, 256, 0, decode_iq2_xxs, X86(decode_iq2_xxs_avx2), X86(fused_iq2_xxs_avx2), X86(fused_iq2_xxs_avx512), X86(int_iq2_xxs)},
+    {Q2_K, 256, 1, decode_q2_k, X86(decode_q2_k_avx2), X86(fused_q2_k_avx2), X86(fused_q2_k_avx512), X86(int_q2_k),
+     X86(int_q2_k_avx2), 7},
+    {Q4_K, 256, 1, decode_q4_k, X86(decode_q4_k_avx2), X86(fused_q4_k_avx2), X86(fused_q4_k_avx512), X86(int_q4_k),
+     X86(int_q4_k_avx2), 7},
+    {IQ2_XXS, 256, 0, decode_iq2_xxs, X86(decode_iq2_xxs_avx2), X86(fused_iq2_xxs_avx2), X86(fused_iq2_xxs_avx512), X86(int_iq2_xxs),
+     X86(int_iq2_xxs_avx2), 4},
     {MXFP4, 32, 0, decode_mxfp4, X86(decode_mxfp4_avx2), X86(fused_mxfp4_avx2), X86(fused_mxfp4_avx512),
      X86(int_mxfp4)},
     {F16, 1, 0, decode_f16, X86(decode_f16_avx2), X86(fused_f16_avx2), X86(fused_f16_avx512), NULL},
@@ -1281,7 +1485,7 @@ static void product_item(void *context, int64_t item) {
 
 #ifdef HAVE_X86 /* the only place the integer products run */
 typedef struct {
-    int kind;
+    int kind, vnni; /* vnni: in the VNNI kernels' layout, else in the natural order (AVX2) */
     const float *x;
     int64_t x_stride;
     Activations *a;
@@ -1290,9 +1494,15 @@ typedef struct {
 static void quantize_item(void *context, int64_t i) {
     Quantizing *q = context;
     Activations *a = q->a;
-    quantize_row_avx512(q->kind, q->x + i * q->x_stride, a->cols, a->stride, a->parts + 3 * i * a->stride,
-                        a->scales + i * a->blocks, a->sum16 ? a->sum16 + i * (a->cols / 16) : NULL);
-    if (a->offsets) offset_sums(a->parts + 3 * i * a->stride, a->stride, a->cols, a->offsets + i * a->blocks * 32);
+    const float *x = q->x + i * q->x_stride;
+    int8_t *parts = a->parts + 3 * i * a->stride;
+    float *scales = a->scales + i * a->blocks, *sum16 = a->sum16 ? a->sum16 + i * (a->cols / 16) : NULL;
+    if (!q->vnni) {
+        quantize_row_avx2(x, a->cols, a->stride, parts, scales, sum16);
+        return;
+    }
+    quantize_row_avx512(q->kind, x, a->cols, a->stride, parts, scales, sum16);
+    if (a->offsets) offset_sums(parts, a->stride, a->cols, a->offsets + i * a->blocks * 32);
 }
 #endif
 
@@ -1368,22 +1578,27 @@ static PyObject *matmul(PyObject *self, PyObject *args) {
                  (const float *)(uintptr_t)x, x_stride, k, pair_order, group_start, group_expert, band,
                  (rows + band - 1) / band, (float *)(uintptr_t)out, 0};
 #ifdef HAVE_X86
-    if (isa >= USE_VNNI && format->integer && n > 0) {
+    IntDotFn integer = isa >= USE_VNNI                          ? format->integer
+                       : isa >= USE_AVX2 && n <= format->avx2_rows ? format->integer_avx2
+                                                                   : NULL;
+    int vnni = isa >= USE_VNNI;
+    if (integer && n > 0) {
         /* 64 bytes of slack: the last odd Q8_0 block reads a whole register of parts */
         activations.parts = aligned_alloc(64, (size_t)(3 * n * activations.stride + 64));
         activations.scales = malloc(sizeof(float) * (size_t)(n * activations.blocks));
         if (format->needs_sum16) activations.sum16 = malloc(sizeof(float) * (size_t)(n * (cols / 16) + 1));
-        if (kind == IQ2_XXS) activations.offsets = aligned_alloc(64, sizeof(int32_t) * (size_t)(n * activations.blocks * 32));
+        int offsets = vnni && kind == IQ2_XXS;
+        if (offsets) activations.offsets = aligned_alloc(64, sizeof(int32_t) * (size_t)(n * activations.blocks * 32));
         if (!activations.parts || !activations.scales || (format->needs_sum16 && !activations.sum16) ||
-            (kind == IQ2_XXS && !activations.offsets)) {
+            (offsets && !activations.offsets)) {
             PyErr_NoMemory();
             goto done;
         }
-        Quantizing quantizing = {kind, p.x, x_stride, &activations};
+        Quantizing quantizing = {kind, vnni, p.x, x_stride, &activations};
         Py_BEGIN_ALLOW_THREADS;
         parallel_for(quantize_item, &quantizing, n, threads);
         Py_END_ALLOW_THREADS;
-        p.integer = format->integer;
+        p.integer = integer;
         p.activations = &activations;
     } else if (isa >= USE_AVX2) {
         p.decode = format->avx2;
@@ -1530,6 +1745,7 @@ static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_cpu", NULL, -1, met
 PyMODINIT_FUNC PyInit__cpu(void) {
     build_tables();
     build_int_tables();
+    build_avx2_int_tables();
     isa = best_isa();
     pthread_atfork(NULL, NULL, forget_pool_in_child);
     return PyModule_Create(&module);
