@@ -50,18 +50,11 @@ def block_steps(x: torch.Tensor) -> torch.Tensor:
     return torch.cat(steps, -1).double() / 127
 
 
-AVX2_IQ2_XXS_ROWS = 4
-"""Without VNNI (AVX2, AVX-512F), IQ2_XXS products of at most this many input rows take the
-integer kernel (`formats[]` in cpu_kernels.c); Q2_K and Q4_K all their direct products."""
-
-
 def two_parts(kind, rows: int) -> bool:
     """Whether a product of ``rows`` input rows on ``kind`` takes a direct IQ2_XXS integer
-    kernel (AVX-512 VNNI: below the GEMM's crossover; AVX2, AVX-512F: up to 4 rows), which
-    rounds its inputs to two int8 parts."""
-    if kind != Q.IQ2_XXS or _cpu.isa() == "portable":
-        return False
-    return rows < cpu.gemm_rows(kind) if _cpu.isa() == "avx512vnni" else rows <= AVX2_IQ2_XXS_ROWS
+    kernel (AVX-512 VNNI or AVX2, below the GEMM's crossover), which rounds its inputs to two
+    int8 parts."""
+    return kind == Q.IQ2_XXS and _cpu.isa() != "portable" and rows < cpu.gemm_rows(kind)
 
 
 def assert_within_bound(kind, ours, x, dense):

@@ -54,7 +54,7 @@ def kinds() -> tuple[GGMLQuantizationType, ...]:
 BANDED_GEMM_ROWS = 8
 """Without the compiled GEMM (no AVX-512 VNNI), from this many input rows per matrix (or expert)
 on, decoding a band of rows at a time (in C) and multiplying it with torch's float32 GEMM beats
-the direct kernels (docs/benchmarks.md)."""
+the direct float kernels (docs/benchmarks.md; the integer ones: AVX2_INTEGER_ROWS)."""
 
 COMPILED_GEMM_ROWS = {
     GGMLQuantizationType.Q8_0: 3,
@@ -71,6 +71,16 @@ float32 for F16/BF16, for all the inputs) beats the direct kernels (docs/benchma
 integer GEMM")."""
 
 
+AVX2_INTEGER_ROWS = {
+    GGMLQuantizationType.Q2_K: 16,
+    GGMLQuantizationType.Q4_K: 12,
+    GGMLQuantizationType.IQ2_XXS: 12,
+}
+"""Without VNNI (AVX2, or AVX-512 without it), these formats' direct products multiply integers
+(`csrc/cpu_kernels.c`, "integer products (AVX2)"), and beat the banded GEMM below this many input
+rows, not below BANDED_GEMM_ROWS (docs/benchmarks.md, "Without VNNI")."""
+
+
 def compiled_gemm(kind: GGMLQuantizationType) -> bool:
     """Whether products on format ``kind`` with many input rows take the compiled GEMM."""
     return kind in COMPILED_GEMM_ROWS and _cpu.isa() == "avx512vnni"
@@ -79,7 +89,12 @@ def compiled_gemm(kind: GGMLQuantizationType) -> bool:
 def gemm_rows(kind: GGMLQuantizationType) -> int:
     """From how many input rows on format ``kind`` takes a GEMM (the compiled one, else the
     banded float32 one), for the instruction set in use."""
-    return COMPILED_GEMM_ROWS[kind] if compiled_gemm(kind) else BANDED_GEMM_ROWS
+    isa = _cpu.isa()
+    if kind in COMPILED_GEMM_ROWS and isa == "avx512vnni":
+        return COMPILED_GEMM_ROWS[kind]
+    if kind in AVX2_INTEGER_ROWS and isa in ("avx2", "avx512"):
+        return AVX2_INTEGER_ROWS[kind]
+    return BANDED_GEMM_ROWS
 
 
 FEWEST_GEMM_ROWS = min(BANDED_GEMM_ROWS, *COMPILED_GEMM_ROWS.values())

@@ -1251,8 +1251,7 @@ typedef struct {
     DecodeFn portable, avx2;
     FusedFn fused_avx2, fused_avx512;
     IntDotFn integer; /* AVX-512 VNNI, on the inputs' integer parts */
-    IntDotFn integer_avx2; /* the same with AVX2 (and AVX-512 without VNNI), NULL: the float ones */
-    int avx2_rows; /* ... for products of at most this many input rows (measured, docs/benchmarks.md) */
+    IntDotFn integer_avx2; /* the same with AVX2 alone (and AVX-512 without VNNI); NULL: the float ones */
 } Format;
 
 #ifdef HAVE_X86
@@ -1264,11 +1263,11 @@ typedef struct {
 static const Format formats[] = {
     {Q8_0, 32, 0, decode_q8_0, X86(decode_q8_0_avx2), X86(fused_q8_0_avx2), X86(fused_q8_0_avx512), X86(int_q8_0)},
     {Q2_K, 256, 1, decode_q2_k, X86(decode_q2_k_avx2), X86(fused_q2_k_avx2), X86(fused_q2_k_avx512), X86(int_q2_k),
-     X86(int_q2_k_avx2), 7},
+     X86(int_q2_k_avx2)},
     {Q4_K, 256, 1, decode_q4_k, X86(decode_q4_k_avx2), X86(fused_q4_k_avx2), X86(fused_q4_k_avx512), X86(int_q4_k),
-     X86(int_q4_k_avx2), 7},
+     X86(int_q4_k_avx2)},
     {IQ2_XXS, 256, 0, decode_iq2_xxs, X86(decode_iq2_xxs_avx2), X86(fused_iq2_xxs_avx2), X86(fused_iq2_xxs_avx512), X86(int_iq2_xxs),
-     X86(int_iq2_xxs_avx2), 4},
+     X86(int_iq2_xxs_avx2)},
     {MXFP4, 32, 0, decode_mxfp4, X86(decode_mxfp4_avx2), X86(fused_mxfp4_avx2), X86(fused_mxfp4_avx512),
      X86(int_mxfp4)},
     {F16, 1, 0, decode_f16, X86(decode_f16_avx2), X86(fused_f16_avx2), X86(fused_f16_avx512), NULL},
@@ -1578,9 +1577,7 @@ static PyObject *matmul(PyObject *self, PyObject *args) {
                  (const float *)(uintptr_t)x, x_stride, k, pair_order, group_start, group_expert, band,
                  (rows + band - 1) / band, (float *)(uintptr_t)out, 0};
 #ifdef HAVE_X86
-    IntDotFn integer = isa >= USE_VNNI                          ? format->integer
-                       : isa >= USE_AVX2 && n <= format->avx2_rows ? format->integer_avx2
-                                                                   : NULL;
+    IntDotFn integer = isa >= USE_VNNI ? format->integer : isa >= USE_AVX2 ? format->integer_avx2 : NULL;
     int vnni = isa >= USE_VNNI;
     if (integer && n > 0) {
         /* 64 bytes of slack: the last odd Q8_0 block reads a whole register of parts */
