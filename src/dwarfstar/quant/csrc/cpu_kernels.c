@@ -1058,12 +1058,15 @@ AVX2 void quantize_row_avx2(const float *x, int64_t cols, int64_t stride, int8_t
     for (int64_t b = 0, start = 0; start < cols; b++, start += ACT_BLOCK) {
         int64_t length = cols - start < ACT_BLOCK ? cols - start : ACT_BLOCK; /* a multiple of 32 */
         const float *xb = x + start;
-        __m256 largest = _mm256_setzero_ps(), unordered = _mm256_setzero_ps();
-        for (int64_t j = 0; j < length; j += 8) {
-            __m256 v = _mm256_loadu_ps(xb + j);
-            largest = _mm256_max_ps(largest, _mm256_and_ps(v, magnitude));
-            unordered = _mm256_or_ps(unordered, _mm256_cmp_ps(v, v, _CMP_UNORD_Q)); /* max drops nan */
-        }
+        __m256 most[4], unordered = _mm256_setzero_ps(); /* four maxima: one would wait on each max */
+        for (int i = 0; i < 4; i++) most[i] = _mm256_setzero_ps();
+        for (int64_t j = 0; j < length; j += 32)
+            for (int i = 0; i < 4; i++) {
+                __m256 v = _mm256_loadu_ps(xb + j + 8 * i);
+                most[i] = _mm256_max_ps(most[i], _mm256_and_ps(v, magnitude));
+                unordered = _mm256_or_ps(unordered, _mm256_cmp_ps(v, v, _CMP_UNORD_Q)); /* max drops nan */
+            }
+        __m256 largest = _mm256_max_ps(_mm256_max_ps(most[0], most[1]), _mm256_max_ps(most[2], most[3]));
         __m128 top4 = _mm_max_ps(_mm256_castps256_ps128(largest), _mm256_extractf128_ps(largest, 1));
         top4 = _mm_max_ps(top4, _mm_movehl_ps(top4, top4));
         float top = _mm_cvtss_f32(_mm_max_ss(top4, _mm_movehdup_ps(top4)));
