@@ -885,14 +885,9 @@ VNNI static INLINE void int_q4_k_rows(const uint8_t *w, const Activations *a, co
     __m512 acc[MAX_ROWS];
     for (int r = 0; r < count; r++) acc[r] = _mm512_setzero_ps();
     for (int64_t b = 0; b < a->cols / 256; b++, w += 144) {
-        /* the eight 6-bit scales and minimums (q4_k_scale_min), four at a time */
-        uint32_t packed[3];
-        memcpy(packed, w + 4, 12);
-        uint32_t scales_low = packed[0] & 0x3F3F3F3F, mins_low = packed[1] & 0x3F3F3F3F;
-        uint32_t scales_high = (packed[2] & 0x0F0F0F0F) | ((packed[0] >> 6) & 0x03030303) << 4;
-        uint32_t mins_high = ((packed[2] >> 4) & 0x0F0F0F0F) | ((packed[1] >> 6) & 0x03030303) << 4;
-        __m128i scale_bytes = _mm_set_epi32(0, 0, (int)scales_high, (int)scales_low);
-        __m128i min_bytes = _mm_set_epi32(0, 0, (int)mins_high, (int)mins_low);
+        uint64_t scales, minimums;
+        q4_k_scales_mins(w + 4, &scales, &minimums);
+        __m128i scale_bytes = _mm_cvtsi64_si128((long long)scales), min_bytes = _mm_cvtsi64_si128((long long)minimums);
         __m512 group_scales = _mm512_castps256_ps512(
             _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(scale_bytes)), _mm256_set1_ps(half(w))));
         __m512 min16 = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_unpacklo_epi8(min_bytes, min_bytes))),
@@ -1160,14 +1155,10 @@ AVX2 static INLINE_AVX void int_q4_k_avx2_rows(const uint8_t *w, const Activatio
     __m256 acc[MAX_ROWS];
     for (int r = 0; r < count; r++) acc[r] = _mm256_setzero_ps();
     for (int64_t b = 0; b < a->cols / 256; b++, w += 144) {
-        /* the eight 6-bit scales and minimums (q4_k_scale_min), four at a time */
-        uint32_t packed[3];
-        memcpy(packed, w + 4, 12);
-        uint32_t scales_low = packed[0] & 0x3F3F3F3F, mins_low = packed[1] & 0x3F3F3F3F;
-        uint32_t scales_high = (packed[2] & 0x0F0F0F0F) | ((packed[0] >> 6) & 0x03030303) << 4;
-        uint32_t mins_high = ((packed[2] >> 4) & 0x0F0F0F0F) | ((packed[1] >> 6) & 0x03030303) << 4;
-        __m256i scales = _mm256_broadcastsi128_si256(_mm_set_epi32(0, 0, (int)scales_high, (int)scales_low));
-        __m128i min_bytes = _mm_set_epi32(0, 0, (int)mins_high, (int)mins_low);
+        uint64_t scale_bits, minimums;
+        q4_k_scales_mins(w + 4, &scale_bits, &minimums);
+        __m256i scales = _mm256_broadcastsi128_si256(_mm_cvtsi64_si128((long long)scale_bits));
+        __m128i min_bytes = _mm_cvtsi64_si128((long long)minimums);
         __m128i mins_twice = _mm_unpacklo_epi8(min_bytes, min_bytes); /* one per 16 values */
         __m256 dmin = _mm256_set1_ps(half(w + 2));
         __m256 mins_low16 = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(mins_twice)), dmin);

@@ -46,6 +46,17 @@ static inline void q4_k_scale_min(const uint8_t *packed, int j, int *scale, int 
     }
 }
 
+/* All eight of them at once, four at a time: bytes 0-7 of *scales and *minimums are
+ * q4_k_scale_min's for j = 0..7. */
+static inline void q4_k_scales_mins(const uint8_t *packed, uint64_t *scales, uint64_t *minimums) {
+    uint32_t p[3];
+    memcpy(p, packed, 12);
+    uint32_t scales_high = (p[2] & 0x0F0F0F0F) | ((p[0] >> 6) & 0x03030303) << 4;
+    uint32_t mins_high = ((p[2] >> 4) & 0x0F0F0F0F) | ((p[1] >> 6) & 0x03030303) << 4;
+    *scales = (uint64_t)(p[0] & 0x3F3F3F3F) | (uint64_t)scales_high << 32;
+    *minimums = (uint64_t)(p[1] & 0x3F3F3F3F) | (uint64_t)mins_high << 32;
+}
+
 /* fn(context, i) for i in [0, items), on `threads` threads including the caller. */
 typedef void (*ItemFn)(void *context, int64_t item);
 void parallel_for(ItemFn fn, void *context, int64_t items, int threads);
