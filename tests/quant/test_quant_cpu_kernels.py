@@ -201,6 +201,27 @@ def test_integer_products_stay_within_their_rounding_bound(kind, batch, blocks, 
     assert (step / 2 @ dense.abs().T > 100 * bound).all()  # one int8 part could be this far off
 
 
+@pytest.mark.skipif(_cpu.isa() != "avx512vnni", reason="needs a CPU with AVX-512 VNNI")
+@pytest.mark.parametrize("kind", [Q.F16, Q.BF16], ids=lambda kind: kind.name)
+@pytest.mark.parametrize("batch", [1, 3])
+def test_with_vnni_16_bit_rows_take_the_avx512_float_kernels(kind, batch):
+    """F16 and BF16 have no integer products: with VNNI their direct products must still take
+    the 16-wide AVX-512 kernels, not the 8-wide AVX2 ones (1.5x slower a row, cache-warm). The
+    two add in different orders, so the outputs match AVX-512's bit for bit and not AVX2's."""
+    generator = np.random.default_rng(41)
+    w = random_qtensor(kind, (37, 4096 + 5), generator)
+    x = torch.from_numpy(generator.standard_normal((batch, 4096 + 5), dtype=np.float32))
+    outputs = {}
+    try:
+        for isa in ("avx2", "avx512", "avx512vnni"):
+            _cpu.set_isa(isa)
+            outputs[isa] = cpu.linear(x, w)
+    finally:
+        _cpu.set_isa("avx512vnni")
+    assert not torch.equal(outputs["avx2"], outputs["avx512"])  # the test can tell them apart
+    assert torch.equal(outputs["avx512vnni"], outputs["avx512"])
+
+
 def mxfp4_rows(exponents, rows: int, cols: int, generator) -> QTensor:
     """MXFP4 rows of random codes, each block's exponent byte drawn from ``exponents``."""
     blocks = generator.integers(0, 256, size=(rows, cols // 32, 17), dtype=np.uint8)

@@ -1594,7 +1594,7 @@ static PyObject *matmul(PyObject *self, PyObject *args) {
     } else if (isa >= USE_AVX2) {
         p.decode = format->avx2;
         p.dot = dot_avx2;
-        p.fused = isa == USE_AVX512 ? format->fused_avx512 : format->fused_avx2;
+        p.fused = isa >= USE_AVX512 ? format->fused_avx512 : format->fused_avx2; /* with VNNI: F16, BF16 */
         if (format->needs_sum16) {
             sum16 = malloc(sizeof(float) * (size_t)(n * (cols / 16) + 1));
             if (sum16 == NULL) {
