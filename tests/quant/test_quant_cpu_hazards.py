@@ -89,8 +89,10 @@ def test_no_kernel_reads_past_the_ends_of_weights_or_inputs(kind, isa, two_threa
     """Weights and inputs that start right after and end right before an inaccessible page, on
     every path (one row, direct, GEMM; one matrix and experts) and instruction set: no read past
     either end (a prefetch may, it never faults; a load may not), and the products are right.
-    Odd shapes: 37 rows (a partial tile), Q8_0 and MXFP4 7 blocks of 32, F16/BF16 101 columns."""
-    cols = {Q.F16: 101, Q.BF16: 101, Q.Q8_0: 32 * 7, Q.MXFP4: 32 * 7}.get(kind, 256 * 3)
+    Odd shapes: 37 rows (a partial tile), Q8_0 and MXFP4 9 blocks of 32 (the inputs' last block of
+    256 short, 32 values: one stored block where the direct integer kernels take two), the
+    K-formats and IQ2_XXS 3 blocks (one-row IQ2_XXS decodes blocks in pairs), F16/BF16 101 columns."""
+    cols = {Q.F16: 101, Q.BF16: 101, Q.Q8_0: 32 * 9, Q.MXFP4: 32 * 9}.get(kind, 256 * 3)
     generator, mappings = np.random.default_rng(1), []
     for shape in ((37, cols), (3, 21, cols)):
         blocks = random_blocks(kind, shape, generator)
