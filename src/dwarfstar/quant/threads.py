@@ -25,10 +25,13 @@ _pools_lock = threading.Lock()
 
 def _forget_pools_in_child() -> None:
     """A forked child has none of the pools' threads, and the lock, were another thread making a
-    pool at the fork, would stay held for ever."""
+    pool at the fork, would stay held for ever. Its torch runs on one thread: GNU OpenMP (torch's
+    threads in the Linux wheels) hangs a child's first parallel operation when the parent had
+    used its threads before the fork."""
     global _pools_lock
     _pools.clear()
     _pools_lock = threading.Lock()
+    torch.set_num_threads(1)
 
 
 os.register_at_fork(after_in_child=_forget_pools_in_child)
@@ -63,9 +66,10 @@ def _pool(threads: int) -> ThreadPoolExecutor:
             )
             # Start every thread now; torch.set_num_threads(1) in them also set the count that
             # threads started later begin with, so set the caller's count back afterwards.
+            before = torch.get_num_threads()
             started = threading.Barrier(threads)
             for _ in pool.map(lambda _: started.wait(), range(threads)):
                 pass
-            torch.set_num_threads(threads)
+            torch.set_num_threads(before)
             _pools[threads] = pool
     return pool
