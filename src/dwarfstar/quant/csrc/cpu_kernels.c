@@ -1726,8 +1726,8 @@ static PyMethodDef methods[] = {
     {"gemm", gemm, METH_VARARGS, "The compiled GEMM straight from stored blocks, many input rows (cpu_gemm.c)."},
     {"gemm_kinds", gemm_kinds, METH_NOARGS, "GGML type numbers the compiled GEMM takes (none without VNNI)."},
     {"kinds", kinds, METH_NOARGS, "GGML type numbers with a compiled kernel."},
-    {"isa", get_isa, METH_NOARGS, "The instruction set in use: 'avx512', 'avx2' or 'portable'."},
-    {"set_isa", set_isa, METH_O, "Choose the instruction set ('avx512', 'avx2', 'portable'), for tests."},
+    {"isa", get_isa, METH_NOARGS, "The instruction set in use: 'avx512vnni', 'avx512', 'avx2' or 'portable'."},
+    {"set_isa", set_isa, METH_O, "Choose the instruction set ('avx512vnni', 'avx512', 'avx2', 'portable'; at most the CPU's), for tests and benchmarks."},
     {NULL, NULL, 0, NULL},
 };
 
