@@ -269,17 +269,23 @@ SMALL = ModelConfig(
 )  # fmt: skip
 
 
+def prefilled_both_ways(tmp_path, config: ModelConfig, tokens_seed: int, chunk: int):
+    """The logits of 140 random tokens prefilled in chunks of ``chunk`` through a random float32
+    model of ``config``: with the compiled operations, and with the torch code they replace."""
+    path = tmp_path / "small.gguf"
+    write_random_model(path, config, lambda name, shape: stored_kind(name, shape, T.F32), seed=4)
+    model = Model.load(path, quant_sim=False)
+    tokens = torch.randint(0, 129280, (140,), generator=torch.Generator().manual_seed(tokens_seed))
+    ours = compiled(model.prefill, tokens, model.new_session(), chunk)
+    return ours, torch_code(model.prefill, tokens, model.new_session(), chunk)
+
+
 def test_decoded_logits_match_the_torch_code(tmp_path):
     """Token by token past the window, the indexer's top-k and a ratio-128 row: every fused
     operation and the one-query attention on the way. (Without the rounding simulation: with
     it, an ulp of difference before an FP4 rounding moves the value a whole step and can reorder
     the indexer's tied scores; its fused rounding is checked bit for bit above.)"""
-    path = tmp_path / "small.gguf"
-    write_random_model(path, SMALL, lambda name, shape: stored_kind(name, shape, T.F32), seed=4)
-    model = Model.load(path, quant_sim=False)
-    tokens = torch.randint(0, 129280, (140,), generator=torch.Generator().manual_seed(0))
-    ours = compiled(model.prefill, tokens, model.new_session(), 1)
-    reference = torch_code(model.prefill, tokens, model.new_session(), 1)
+    ours, reference = prefilled_both_ways(tmp_path, SMALL, tokens_seed=0, chunk=1)
     assert reference.abs().max() > 1
     torch.testing.assert_close(ours, reference, rtol=1e-4, atol=1e-4)
 
@@ -288,13 +294,8 @@ def test_prefilled_logits_match_the_torch_code(tmp_path):
     """The same model and tokens in chunks of 60 (the last one shorter): blocks of 4 queries (a
     window of 64) over the window, the compressed rows each sees and, past the indexer's top-k,
     its picks."""
-    path = tmp_path / "small.gguf"
     config = dataclasses.replace(SMALL, window=64)
-    write_random_model(path, config, lambda name, shape: stored_kind(name, shape, T.F32), seed=4)
-    model = Model.load(path, quant_sim=False)
-    tokens = torch.randint(0, 129280, (140,), generator=torch.Generator().manual_seed(1))
-    ours = compiled(model.prefill, tokens, model.new_session(), 60)
-    reference = torch_code(model.prefill, tokens, model.new_session(), 60)
+    ours, reference = prefilled_both_ways(tmp_path, config, tokens_seed=1, chunk=60)
     assert reference.abs().max() > 1
     torch.testing.assert_close(ours, reference, rtol=1e-4, atol=1e-4)
 
