@@ -641,8 +641,9 @@ typedef void (*IntDotFn)(const uint8_t *w, int64_t row_stride, int stored, const
                          int count, float *out);
 
 /* Constant vectors, filled by build_tables. */
-static uint8_t q2_k_expand[64];      /* byte 4s + t = s: sub-block s's scale to 4 bytes */
-static uint8_t q2_k_offsets[4][64];  /* register j, byte p: 4 * (its sub-block) */
+static uint32_t q2_k_multiples[16]; /* dword c: bytes 0, c, 2c, 3c */
+static uint8_t q2_k_spread[64];      /* byte 16 t + s of the code-at-bits-4-5 table: 4 s + t of the other */
+static uint8_t q2_k_offsets[4][64];  /* register j, byte p: its sub-block's bits in the index (see int_q2_k_rows) */
 uint8_t iq2_magnitudes[64];          /* these two: see cpu_shared.h */
 uint8_t iq2_signs[128];
 static int32_t q4_k_lanes[4][16];    /* register j, lane: its group */
@@ -663,14 +664,15 @@ static const uint8_t *layout_of(int kind) {
 
 static void build_int_tables(void) {
     for (int p = 0; p < 64; p++) {
-        q2_k_expand[p] = (uint8_t)(p / 4);
+        q2_k_spread[p] = (uint8_t)(4 * (p % 16) + p / 16);
         iq2_magnitudes[p] = (uint8_t)((const uint8_t[]){8, 25, 43, 0})[p & 3];
         iq2_sign_pairs[p] = (uint8_t)(32 + 7 * ((p % 8) / 2) - 4 * (p % 2 == 0));
         for (int j = 0; j < 4; j++) {
             int lane = p / 16, subs[4] = {2 * j, 2 * j + 1, 8 + 2 * j, 9 + 2 * j};
-            q2_k_offsets[j][p] = (uint8_t)(4 * subs[lane]);
+            q2_k_offsets[j][p] = (uint8_t)(j < 2 ? 4 * subs[lane] : subs[lane]);
         }
     }
+    for (int c = 0; c < 16; c++) q2_k_multiples[c] = (uint32_t)c * 0x03020100u;
     for (int j = 0; j < 4; j++)
         for (int lane = 0; lane < 16; lane++) q4_k_lanes[j][lane] = 4 * (j / 2) + (j % 2) + 2 * (lane / 8);
     for (int i = 0; i < 128; i++) iq2_signs[i] = (uint8_t)(i | (__builtin_popcount(i) & 1) << 7);
@@ -841,29 +843,40 @@ VNNI static INLINE void int_mxfp4_rows(const uint8_t *w, const Activations *a, c
     for (int r = 0; r < count; r++) out[r] = _mm512_reduce_add_ps(acc[r]);
 }
 
+/* Q2_K, 84 bytes per 256 values: a scale byte (minimum << 4 | scale) per sub-block of 16 values,
+ * 64 code bytes, d, dmin. Register j takes the codes at bits 2 j of the code bytes, values
+ * 32 j + p % 32 + 128 (p / 32) of the block (natural_position), so that its 128-bit lane L holds
+ * one sub-block, 2 j + {0, 1, 8, 9}[L]. One byte lookup per register gives the code times its
+ * 4-bit scale (≤ 45), from a table built per block in two instructions: the scale bytes,
+ * zero-extended to dwords, pick by their low 4 bits (`vpermd`) the dword of bytes 0, c, 2c, 3c of
+ * a constant, so that byte 4 s + t = t · scale s. Registers 0 and 1 index it by their code at bits
+ * 0-1 (of the code bytes, or of them shifted by 2) or'ed with 4 × the sub-block; registers 2 and 3
+ * leave their code at bits 4-5 (of the same two) and take the sub-block in bits 0-3, through the
+ * table permuted once (byte 16 t + s): one shift and one masked or (`vpternlogd`) per index for
+ * all four. The same dwords shifted by 4 are the minimums. */
 VNNI static INLINE void int_q2_k_rows(const uint8_t *w, const Activations *a, const int64_t *rows, const int count,
                                       float *out) {
-    const __m512i expand = _mm512_loadu_si512(q2_k_expand), low_nibbles = _mm512_set1_epi8(0xF);
-    const __m512i codes_mask = _mm512_set1_epi8(3);
+    const __m512i multiples = _mm512_loadu_si512(q2_k_multiples), spread = _mm512_loadu_si512(q2_k_spread);
+    const __m512i low_code = _mm512_set1_epi8(0x03), high_code = _mm512_set1_epi8(0x30);
+    __m512i offsets[4];
+    for (int j = 0; j < 4; j++) offsets[j] = _mm512_loadu_si512(q2_k_offsets[j]);
     __m512 acc[MAX_ROWS];
     for (int r = 0; r < count; r++) acc[r] = _mm512_setzero_ps();
     for (int64_t b = 0; b < a->cols / 256; b++, w += 84) {
-        /* table byte 4s + t = t * scale of sub-block s: the weights come out scaled (≤ 45) */
-        __m128i packed = _mm_loadu_si128((const __m128i *)w);
-        __m512i scale = _mm512_and_si512(_mm512_permutexvar_epi8(expand, _mm512_castsi128_si512(packed)), low_nibbles);
-        __m512i table = _mm512_maskz_mov_epi8(0xEEEEEEEEEEEEEEEEull, scale);
-        table = _mm512_mask_add_epi8(table, 0xCCCCCCCCCCCCCCCCull, table, scale);
-        table = _mm512_mask_add_epi8(table, 0x8888888888888888ull, table, scale);
-        __m512 mins = _mm512_mul_ps(
-            _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_and_si128(_mm_srli_epi16(packed, 4), _mm_set1_epi8(0xF)))),
-            _mm512_set1_ps(half(w + 82)));
-        __m512i bytes = _mm512_loadu_si512(w + 16), weights[4];
-        for (int j = 0; j < 4; j++)
-            weights[j] = _mm512_permutexvar_epi8(
-                _mm512_ternarylogic_epi32(_mm512_srli_epi16(bytes, 2 * j), codes_mask,
-                                          _mm512_loadu_si512(q2_k_offsets[j]), 0xEA),
-                table);
-        float d = half(w + 80);
+        __m512i scales = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)w));
+        __m512i table = _mm512_permutexvar_epi32(scales, multiples);
+        __m512i high_table = _mm512_permutexvar_epi8(spread, table);
+        int32_t d_dmin;
+        memcpy(&d_dmin, w + 80, 4);
+        __m512 halves = _mm512_cvtph_ps(_mm256_set1_epi32(d_dmin)); /* d, dmin, d, dmin, ... */
+        __m512 mins = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_srli_epi32(scales, 4)), _mm512_movehdup_ps(halves));
+        __m512 d = _mm512_moveldup_ps(halves);
+        __m512i bytes = _mm512_loadu_si512(w + 16), shifted = _mm512_srli_epi16(bytes, 2), weights[4];
+        weights[0] = _mm512_permutexvar_epi8(_mm512_ternarylogic_epi32(bytes, low_code, offsets[0], 0xEA), table);
+        weights[1] = _mm512_permutexvar_epi8(_mm512_ternarylogic_epi32(shifted, low_code, offsets[1], 0xEA), table);
+        weights[2] = _mm512_permutexvar_epi8(_mm512_ternarylogic_epi32(bytes, high_code, offsets[2], 0xEA), high_table);
+        weights[3] =
+            _mm512_permutexvar_epi8(_mm512_ternarylogic_epi32(shifted, high_code, offsets[3], 0xEA), high_table);
         for (int r = 0; r < count; r++) {
             const int8_t *part = a->parts + 3 * rows[r] * a->stride + 256 * b;
             __m512i s0 = _mm512_setzero_si512(), s1 = s0, s2 = s0;
@@ -872,7 +885,7 @@ VNNI static INLINE void int_q2_k_rows(const uint8_t *w, const Activations *a, co
                 s1 = _mm512_dpbusd_epi32(s1, weights[j], _mm512_loadu_si512(part + a->stride + 64 * j));
                 s2 = _mm512_dpbusd_epi32(s2, weights[j], _mm512_loadu_si512(part + 2 * a->stride + 64 * j));
             }
-            acc[r] = _mm512_fmadd_ps(parts_to_float(s0, s1, s2), _mm512_set1_ps(d * SCALE(r, b)), acc[r]);
+            acc[r] = _mm512_fmadd_ps(parts_to_float(s0, s1, s2), _mm512_mul_ps(d, _mm512_set1_ps(SCALE(r, b))), acc[r]);
             acc[r] = _mm512_fnmadd_ps(mins, _mm512_loadu_ps(a->sum16 + rows[r] * (a->cols / 16) + 16 * b), acc[r]);
         }
     }
