@@ -650,12 +650,13 @@ static int32_t q4_k_lanes[4][16];    /* register j, lane: its group */
 static uint8_t layouts[3][256];     /* Q2_K, Q4_K, IQ2_XXS: natural_position */
 static uint8_t iq2_sign_pairs[64];  /* bytes 2l, 2l + 1 of each qword: bits 28 + 7 l, 32 + 7 l */
 /* 43 + the signed weight, from the 2-bit code at bits 2 j and the sign at bit 4 + j of the index */
-static uint8_t iq2_offset_weights[3][128];
+static uint8_t iq2_offset_weights[2][128];
 static uint8_t iq2_code_bytes[2][256]; /* low, high byte of each grid point's code */
 static uint8_t iq2_pair_index[64];  /* lane q: bytes 0-7 the first block's word 8 q.. index, 8-15 the second's */
 static uint8_t mxfp4_spread[64];    /* two MXFP4 blocks' code bytes 1..16, 18..33: each twice */
 static int8_t mxfp4_values64[64];   /* mxfp4_doubled four times: indexed by the low 6 bits */
 static float mxfp4_scales[256];     /* mxfp4_half_scale of each exponent byte */
+static float iq2_group_scales[16];  /* (0.5 + s) / 4 = (2 s + 1) / 8 of each 4-bit group scale s */
 
 /* The layout of the inputs' parts for format `kind`, NULL for the natural order. */
 static const uint8_t *layout_of(int kind) {
@@ -672,7 +673,10 @@ static void build_int_tables(void) {
             q2_k_offsets[j][p] = (uint8_t)(j < 2 ? 4 * subs[lane] : subs[lane]);
         }
     }
-    for (int c = 0; c < 16; c++) q2_k_multiples[c] = (uint32_t)c * 0x03020100u;
+    for (int c = 0; c < 16; c++) {
+        q2_k_multiples[c] = (uint32_t)c * 0x03020100u;
+        iq2_group_scales[c] = (float)(2 * c + 1) / 8.0f;
+    }
     for (int j = 0; j < 4; j++)
         for (int lane = 0; lane < 16; lane++) q4_k_lanes[j][lane] = 4 * (j / 2) + (j % 2) + 2 * (lane / 8);
     for (int i = 0; i < 128; i++) iq2_signs[i] = (uint8_t)(i | (__builtin_popcount(i) & 1) << 7);
@@ -684,7 +688,7 @@ static void build_int_tables(void) {
         mxfp4_spread[p] = (uint8_t)(17 * (p / 32) + 1 + p % 16);
         mxfp4_values64[p] = mxfp4_doubled[p % 16];
     }
-    for (int j = 0; j < 3; j++)
+    for (int j = 0; j < 2; j++)
         for (int e = 0; e < 128; e++) {
             int magnitude = iq2_magnitudes[(e >> (2 * j)) & 3];
             iq2_offset_weights[j][e] = (uint8_t)(e >> (4 + j) & 1 ? 43 - magnitude : 43 + magnitude);
@@ -927,15 +931,19 @@ VNNI static INLINE void int_q4_k_rows(const uint8_t *w, const Activations *a, co
 /* IQ2_XXS, two parts (docs/model.md: decode-bound, it drops the third; the input rounded to
  * within s / 508 per value) per 256-value block: the 32 grid points' 16-bit codes (2 bits per value)
  * are looked up for two blocks at a time (a low and a high byte table); register k takes values
- * k and k + 4 of each point, whose codes are at bits 2 k of each byte of the codes' words, puts
- * their signs next to them (at bit 4 + k) and looks up 43 + the signed weight (unsigned, 0 to
- * 86) in a table for bits 2 k and 4 + k (k = 3: both shifted to k = 2's places). The inputs' parts are laid out to
- * match (natural_position), so each 4-byte lane of the four registers sums values of one group
- * of 32 (lane L: group L / 2): the two integer sums run over the whole block, starting from
- * -43 times the lane's sum of the part, and the group scales are applied once per block. */
+ * k and k + 4 of each point, whose codes are at bits 2 k of each byte of the codes' words, with
+ * their signs at bit 4 + k of a byte of signs: one byte of bits 0-3 of the codes and 4-7 of the
+ * signs indexes registers 0 and 1's tables of 43 + the signed weight (unsigned, 0 to 86; table k
+ * reads bits 2 k and 4 + k), the same with codes and signs shifted down by 4 and 2 registers 2
+ * and 3's (two tables of 128 bytes, two selections and two shifts for the four registers). The
+ * inputs' parts are laid out to match (natural_position), so each 4-byte lane of the four
+ * registers sums values of one group of 32 (lane L: group L / 2): the two integer sums run over
+ * the whole block, starting from -43 times the lane's sum of the part, and the group scales are
+ * applied once per block. */
 typedef struct {
     __m512i code_bytes[2][4]; /* low, high byte of the 256 points' codes */
-    __m512i pair_index, sign_pairs, signs_low, signs_high, weights[3][2];
+    __m512i pair_index, sign_pairs, signs_low, signs_high, weights[2][2];
+    __m512 group_scales; /* iq2_group_scales */
 } Iq2Tables;
 
 /* One block: `data` its 64 bytes after d, `codes` word 4 g + l the code of its point (g, l). */
@@ -948,22 +956,23 @@ VNNI static INLINE void iq2_xxs_block(const Iq2Tables *t, const uint8_t *w, __m5
      * (values 4-7, the last one's sign the parity of the seven) */
     __m512i signs = _mm512_mask2_permutex2var_epi8(t->signs_low, _mm512_multishift_epi64_epi8(t->sign_pairs, data),
                                                    0xAAAAAAAAAAAAAAAAull, t->signs_high);
-    /* lane L: group L / 2's 2 s + 1; its scale d (0.5 + s) / 4 = d (2 s + 1) / 8, exact in float */
-    __m512 lane_odd = _mm512_cvtepi32_ps(_mm512_or_si512(
-        _mm512_srli_epi32(_mm512_shuffle_epi32(data, _MM_PERM_DDBB), 27), _mm512_set1_epi32(1)));
-    float d = half(w) * 0.125f;
-    __m512i weights[4]; /* index: (bit 4 + k of signs) else codes, select = 0xE4 */
-    weights[0] = _mm512_permutex2var_epi8(
-        t->weights[0][0], _mm512_ternarylogic_epi32(signs, codes, _mm512_set1_epi8(0x10), 0xE4), t->weights[0][1]);
-    weights[1] = _mm512_permutex2var_epi8(
-        t->weights[1][0], _mm512_ternarylogic_epi32(signs, codes, _mm512_set1_epi8(0x20), 0xE4), t->weights[1][1]);
-    weights[2] = _mm512_permutex2var_epi8(
-        t->weights[2][0], _mm512_ternarylogic_epi32(signs, codes, _mm512_set1_epi8(0x40), 0xE4), t->weights[2][1]);
-    weights[3] = _mm512_permutex2var_epi8(
-        t->weights[2][0],
-        _mm512_ternarylogic_epi32(_mm512_srli_epi16(signs, 1), _mm512_srli_epi16(codes, 2), _mm512_set1_epi8(0x40),
-                                  0xE4),
-        t->weights[2][1]);
+    /* lane L: group L / 2's scale (0.5 + s) / 4 = (2 s + 1) / 8, exact in float, from a table: s is
+     * at bits 60-63 of the group's qword, one `vpmultishiftqb` brings it to the low bits of each of
+     * its dwords and the lookup ignores the rest */
+    __m512 lane_scales =
+        _mm512_permutexvar_ps(_mm512_multishift_epi64_epi8(_mm512_set1_epi8(60), data), t->group_scales);
+    __m512 d = _mm512_cvtph_ps(_mm256_set1_epi16((short)(w[0] | w[1] << 8)));
+    /* registers 0 and 1's index: bits 0-3 of the codes, 4-7 of the signs (select = 0xE4); 2 and 3's:
+     * the codes' bits 4-7 and the signs' 6-7 moved there (the lookups ignore bits 6 and 7) */
+    const __m512i high_nibbles = _mm512_set1_epi8((char)0xF0);
+    __m512i low = _mm512_ternarylogic_epi32(signs, codes, high_nibbles, 0xE4);
+    __m512i high =
+        _mm512_ternarylogic_epi32(_mm512_srli_epi16(signs, 2), _mm512_srli_epi16(codes, 4), high_nibbles, 0xE4);
+    __m512i weights[4];
+    weights[0] = _mm512_permutex2var_epi8(t->weights[0][0], low, t->weights[0][1]);
+    weights[1] = _mm512_permutex2var_epi8(t->weights[1][0], low, t->weights[1][1]);
+    weights[2] = _mm512_permutex2var_epi8(t->weights[0][0], high, t->weights[0][1]);
+    weights[3] = _mm512_permutex2var_epi8(t->weights[1][0], high, t->weights[1][1]);
     for (int r = 0; r < count; r++) {
         const int8_t *part = a->parts + 3 * rows[r] * a->stride + 256 * b;
         const int32_t *offsets = a->offsets + (rows[r] * a->blocks + b) * 32;
@@ -973,7 +982,8 @@ VNNI static INLINE void iq2_xxs_block(const Iq2Tables *t, const uint8_t *w, __m5
             s1 = _mm512_dpbusd_epi32(s1, weights[j], _mm512_loadu_si512(part + a->stride + 64 * j));
         }
         __m512 sum = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s1), _mm512_set1_ps(1.0f / 254.0f), _mm512_cvtepi32_ps(s0));
-        acc[r] = _mm512_fmadd_ps(sum, _mm512_mul_ps(lane_odd, _mm512_set1_ps(d * SCALE(r, b))), acc[r]);
+        __m512 scale = _mm512_mul_ps(lane_scales, _mm512_mul_ps(d, _mm512_set1_ps(SCALE(r, b))));
+        acc[r] = _mm512_fmadd_ps(sum, scale, acc[r]);
     }
 }
 
@@ -986,7 +996,8 @@ VNNI static INLINE void int_iq2_xxs_rows(const uint8_t *w, const Activations *a,
     t.sign_pairs = _mm512_loadu_si512(iq2_sign_pairs);
     t.signs_low = _mm512_loadu_si512(iq2_signs);
     t.signs_high = _mm512_loadu_si512(iq2_signs + 64);
-    for (int j = 0; j < 3; j++)
+    t.group_scales = _mm512_loadu_ps(iq2_group_scales);
+    for (int j = 0; j < 2; j++)
         for (int h = 0; h < 2; h++) t.weights[j][h] = _mm512_loadu_si512(iq2_offset_weights[j] + 64 * h);
     __m512 acc[MAX_ROWS];
     for (int r = 0; r < count; r++) acc[r] = _mm512_setzero_ps();
