@@ -623,14 +623,20 @@ typedef struct {
     int64_t stride; /* a multiple of 64 past cols + 64: rows 4 KiB apart would share the L1 cache's sets */
 } Activations;
 
-/* Where value p of a 256-value block sits in the natural order. Q2_K and Q4_K registers hold two
- * 32-value runs that are 128 (Q2_K) or 64 (Q4_K) values apart; IQ2_XXS register k holds values
- * k and k + 4 of each of the block's 32 runs of 8, so that each 4-byte lane of every register
- * holds values of one group of 32, the same group in all four (see their kernels). */
+/* Where value p of a 256-value block sits in the natural order. Q2_K registers hold two 32-value
+ * runs 128 values apart. Q4_K and IQ2_XXS are laid out so that each 4-byte lane of every register
+ * holds values of one group of 32, the same group in all four (see their kernels): Q4_K's
+ * register j, 128-bit lane c, dword m takes code bytes 16 (j % 2) + 4 (m ^ j / 2).. of the
+ * 32-byte chunk c, low nibbles (values 64 c + byte) in even dwords, high ones (64 c + 32 + byte)
+ * in odd ones: group 2 c + m % 2; IQ2_XXS register k holds values k and k + 4 of each of the
+ * block's 32 runs of 8. */
 static int natural_position(int kind, int p) {
     int j = p / 64, half = (p % 64) / 32, offset = p % 32, q = p % 64;
     if (kind == Q2_K) return 32 * j + 128 * half + offset;
-    if (kind == Q4_K) return 32 * (4 * (j / 2) + 2 * half + (j % 2)) + offset;
+    if (kind == Q4_K) {
+        int chunk = q / 16, dword = (q / 4) % 4;
+        return 64 * chunk + 32 * (dword % 2) + 16 * (j % 2) + 4 * (dword ^ (j / 2)) + q % 4;
+    }
     if (kind == IQ2_XXS) return 8 * (q / 2) + j + 4 * (q % 2);
     return p;
 }
@@ -646,7 +652,7 @@ static uint8_t q2_k_spread[64];      /* byte 16 t + s of the code-at-bits-4-5 ta
 static uint8_t q2_k_offsets[4][64];  /* register j, byte p: its sub-block's bits in the index (see int_q2_k_rows) */
 uint8_t iq2_magnitudes[64];          /* these two: see cpu_shared.h */
 uint8_t iq2_signs[128];
-static int32_t q4_k_lanes[4][16];    /* register j, lane: its group */
+static uint8_t q4_k_spread[2][64];   /* byte 4 L: lane L's scale, minimum in [scales, minimums] */
 static uint8_t layouts[3][256];     /* Q2_K, Q4_K, IQ2_XXS: natural_position */
 static uint8_t iq2_sign_pairs[64];  /* bytes 2l, 2l + 1 of each qword: bits 28 + 7 l, 32 + 7 l */
 /* 43 + the signed weight, from the 2-bit code at bits 2 j and the sign at bit 4 + j of the index */
@@ -666,6 +672,9 @@ static const uint8_t *layout_of(int kind) {
 static void build_int_tables(void) {
     for (int p = 0; p < 64; p++) {
         q2_k_spread[p] = (uint8_t)(4 * (p % 16) + p / 16);
+        int group = 2 * (p / 16) + (p / 4) % 2; /* lane L = p / 4: group 2 (L / 4) + L % 2 */
+        q4_k_spread[0][p] = (uint8_t)(group + 4 * (group / 4));
+        q4_k_spread[1][p] = (uint8_t)(4 + p / 8 + 4 * (p / 32)); /* sum16 L: group L / 2 */
         iq2_magnitudes[p] = (uint8_t)((const uint8_t[]){8, 25, 43, 0})[p & 3];
         iq2_sign_pairs[p] = (uint8_t)(32 + 7 * ((p % 8) / 2) - 4 * (p % 2 == 0));
         for (int j = 0; j < 4; j++) {
@@ -677,8 +686,6 @@ static void build_int_tables(void) {
         q2_k_multiples[c] = (uint32_t)c * 0x03020100u;
         iq2_group_scales[c] = (float)(2 * c + 1) / 8.0f;
     }
-    for (int j = 0; j < 4; j++)
-        for (int lane = 0; lane < 16; lane++) q4_k_lanes[j][lane] = 4 * (j / 2) + (j % 2) + 2 * (lane / 8);
     for (int i = 0; i < 128; i++) iq2_signs[i] = (uint8_t)(i | (__builtin_popcount(i) & 1) << 7);
     for (int p = 0; p < 64; p++) { /* word i = 8 q + p % 8 of a block: group i / 4, point i % 4 */
         int q = p / 16, i = 8 * q + p % 8;
@@ -896,33 +903,69 @@ VNNI static INLINE void int_q2_k_rows(const uint8_t *w, const Activations *a, co
     for (int r = 0; r < count; r++) out[r] = _mm512_reduce_add_ps(acc[r]);
 }
 
+/* Q4_K: the four registers of a block share one group per 4-byte lane (natural_position: lane L
+ * holds group 2 (L / 4) + L % 2), so, as for IQ2_XXS, the three integer sums run over the whole
+ * block and the group scales and minimums apply once per block in float. The 128 code bytes are
+ * 4 chunks of 32 (chunk c: group 2 c in the low nibbles, 2 c + 1 in the high ones); two 128-bit
+ * shuffles give each 128-bit lane 16 bytes of one chunk (registers 0, 1: bytes 0-15, 16-31), and
+ * registers 2, 3 are the same with each pair of dwords swapped; one AND keeps the low nibbles of
+ * even dwords and the high nibbles of odd ones in place (16 times the code, ≤ 240: those lanes'
+ * scales are divided by 16). A lane sums 16 products of at most 240 · 127 per part, < 2^19:
+ * exact in float. The 6-bit scales and minimums are unpacked in one 16-byte register (`vpmultishiftqb`)
+ * and spread to the lanes by a byte permute each. */
 VNNI static INLINE void int_q4_k_rows(const uint8_t *w, const Activations *a, const int64_t *rows, const int count,
                                       float *out) {
-    const __m512i low_nibbles = _mm512_set1_epi8(0xF);
+    const __m512i nibbles = _mm512_set1_epi64(0xF0F0F0F00F0F0F0Fll);
+    const __m512 sixteenths = _mm512_castsi512_ps(_mm512_set1_epi64(0x3D8000003F800000ll)); /* 1, 1/16 per lane */
+    const __m512i scale_spread = _mm512_loadu_si512(q4_k_spread[0]), min_spread = _mm512_loadu_si512(q4_k_spread[1]);
+    const __m128i nibble_windows = _mm_set_epi64x(0x1C140C0418100800ll, 0x3830282018100800ll);
+    const __m128i scale_windows = _mm_set_epi64x(0x3A322A221A120A02ll, 0);
+    const __m128i top_bits = _mm_set1_epi8((char)0xC0);
+    const __m128i low_bits = _mm_set_epi64x(0x0F0F0F0F0F0F0F0Fll, 0x3F3F3F3F3F3F3F3Fll);
+    const int64_t stride = a->stride;
+    const int8_t *parts[MAX_ROWS];
+    const float *scales[MAX_ROWS], *sums[MAX_ROWS];
     __m512 acc[MAX_ROWS];
-    for (int r = 0; r < count; r++) acc[r] = _mm512_setzero_ps();
-    for (int64_t b = 0; b < a->cols / 256; b++, w += 144) {
-        uint64_t scales, minimums;
-        q4_k_scales_mins(w + 4, &scales, &minimums);
-        __m128i scale_bytes = _mm_cvtsi64_si128((long long)scales), min_bytes = _mm_cvtsi64_si128((long long)minimums);
-        __m512 group_scales = _mm512_castps256_ps512(
-            _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(scale_bytes)), _mm256_set1_ps(half(w))));
-        __m512 min16 = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_unpacklo_epi8(min_bytes, min_bytes))),
-                                     _mm512_set1_ps(half(w + 2)));
-        __m512i low = _mm512_loadu_si512(w + 16), high = _mm512_loadu_si512(w + 80), weights[4];
-        weights[0] = _mm512_and_si512(low, low_nibbles);
-        weights[1] = _mm512_and_si512(_mm512_srli_epi16(low, 4), low_nibbles);
-        weights[2] = _mm512_and_si512(high, low_nibbles);
-        weights[3] = _mm512_and_si512(_mm512_srli_epi16(high, 4), low_nibbles);
-        __m512 lane_scales[4];
-        for (int j = 0; j < 4; j++)
-            lane_scales[j] = _mm512_permutexvar_ps(_mm512_loadu_si512(q4_k_lanes[j]), group_scales);
+    for (int r = 0; r < count; r++) {
+        parts[r] = a->parts + 3 * rows[r] * stride;
+        scales[r] = a->scales + rows[r] * a->blocks;
+        sums[r] = a->sum16 + rows[r] * (a->cols / 16);
+        acc[r] = _mm512_setzero_ps();
+    }
+    for (const uint8_t *end = w + 144 * (a->cols / 256); w < end; w += 144) {
+        /* the 6-bit scales and minimums (stored bytes p0-p11, see q4_k_scales_mins) to bytes 0-3
+         * scales 0-3, 4-7 minimums 0-3, 8-11 scales 4-7, 12-15 minimums 4-7: p & 63 for the first
+         * eight; for the others the low and high nibbles of p8-p11 (the windows of nibble_windows),
+         * their bits 4-5 bits 6-7 of p0-p7, masked in the upper qword (windows 2 bits on) */
+        __m128i stored = _mm_loadu_si128((const __m128i *)(w + 4));
+        __m128i tops = _mm_multishift_epi64_epi8(scale_windows, _mm_and_si128(_mm_bslli_si128(stored, 8), top_bits));
+        __m512i packed = _mm512_castsi128_si512(
+            _mm_ternarylogic_epi64(_mm_multishift_epi64_epi8(nibble_windows, stored), tops, low_bits, 0xEC));
+        __m512 both = _mm512_castps128_ps512(_mm_cvtph_ps(_mm_loadl_epi64((const __m128i *)w))); /* d, dmin */
+        __m512 lane_scales = _mm512_mul_ps(
+            _mm512_cvtepi32_ps(_mm512_maskz_permutexvar_epi8(0x1111111111111111ull, scale_spread, packed)),
+            _mm512_mul_ps(_mm512_broadcastss_ps(_mm512_castps512_ps128(both)), sixteenths));
+        __m512 min16 = _mm512_mul_ps(
+            _mm512_cvtepi32_ps(_mm512_maskz_permutexvar_epi8(0x1111111111111111ull, min_spread, packed)),
+            _mm512_permutexvar_ps(_mm512_set1_epi32(1), both));
+        __m512i codes_low = _mm512_loadu_si512(w + 16), codes_high = _mm512_loadu_si512(w + 80), weights[4];
+        weights[0] = _mm512_shuffle_i64x2(codes_low, codes_high, _MM_SHUFFLE(2, 0, 2, 0));
+        weights[1] = _mm512_shuffle_i64x2(codes_low, codes_high, _MM_SHUFFLE(3, 1, 3, 1));
+        weights[2] = _mm512_and_si512(_mm512_shuffle_epi32(weights[0], _MM_PERM_CDAB), nibbles);
+        weights[3] = _mm512_and_si512(_mm512_shuffle_epi32(weights[1], _MM_PERM_CDAB), nibbles);
+        weights[0] = _mm512_and_si512(weights[0], nibbles);
+        weights[1] = _mm512_and_si512(weights[1], nibbles);
         for (int r = 0; r < count; r++) {
-            __m512 block = _mm512_setzero_ps();
-            for (int j = 0; j < 4; j++)
-                block = _mm512_fmadd_ps(times_parts(weights[j], 0, a, rows[r], 256 * b + 64 * j), lane_scales[j], block);
-            acc[r] = _mm512_fmadd_ps(block, _mm512_set1_ps(SCALE(r, b)), acc[r]);
-            acc[r] = _mm512_fnmadd_ps(min16, _mm512_loadu_ps(a->sum16 + rows[r] * (a->cols / 16) + 16 * b), acc[r]);
+            __m512i s0 = _mm512_setzero_si512(), s1 = s0, s2 = s0;
+            for (int j = 0; j < 4; j++) {
+                s0 = _mm512_dpbusd_epi32(s0, weights[j], _mm512_loadu_si512(parts[r] + 64 * j));
+                s1 = _mm512_dpbusd_epi32(s1, weights[j], _mm512_loadu_si512(parts[r] + stride + 64 * j));
+                s2 = _mm512_dpbusd_epi32(s2, weights[j], _mm512_loadu_si512(parts[r] + 2 * stride + 64 * j));
+            }
+            acc[r] = _mm512_fmadd_ps(parts_to_float(s0, s1, s2), _mm512_mul_ps(lane_scales, _mm512_set1_ps(*scales[r])),
+                                     acc[r]);
+            acc[r] = _mm512_fnmadd_ps(min16, _mm512_loadu_ps(sums[r]), acc[r]);
+            parts[r] += 256, scales[r] += 1, sums[r] += 16;
         }
     }
     for (int r = 0; r < count; r++) out[r] = _mm512_reduce_add_ps(acc[r]);
