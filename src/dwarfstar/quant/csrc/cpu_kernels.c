@@ -656,7 +656,7 @@ static uint8_t q4_k_spread[2][64];   /* byte 4 L: lane L's scale, minimum in [sc
 static uint8_t layouts[3][256];     /* Q2_K, Q4_K, IQ2_XXS: natural_position */
 static uint8_t iq2_sign_pairs[64];  /* bytes 2l, 2l + 1 of each qword: bits 28 + 7 l, 32 + 7 l */
 /* 43 + the signed weight, from the 2-bit code at bits 2 j and the sign at bit 4 + j of the index */
-static uint8_t iq2_offset_weights[2][128];
+static uint8_t iq2_offset_weights[2][64];
 static uint8_t iq2_code_bytes[2][256]; /* low, high byte of each grid point's code */
 static uint8_t iq2_pair_index[64];  /* lane q: bytes 0-7 the first block's word 8 q.. index, 8-15 the second's */
 static uint8_t mxfp4_spread[64];    /* two MXFP4 blocks' code bytes 1..16, 18..33: each twice */
@@ -696,7 +696,7 @@ static void build_int_tables(void) {
         mxfp4_values64[p] = mxfp4_doubled[p % 16];
     }
     for (int j = 0; j < 2; j++)
-        for (int e = 0; e < 128; e++) {
+        for (int e = 0; e < 64; e++) {
             int magnitude = iq2_magnitudes[(e >> (2 * j)) & 3];
             iq2_offset_weights[j][e] = (uint8_t)(e >> (4 + j) & 1 ? 43 - magnitude : 43 + magnitude);
         }
@@ -978,14 +978,15 @@ VNNI static INLINE void int_q4_k_rows(const uint8_t *w, const Activations *a, co
  * their signs at bit 4 + k of a byte of signs: one byte of bits 0-3 of the codes and 4-7 of the
  * signs indexes registers 0 and 1's tables of 43 + the signed weight (unsigned, 0 to 86; table k
  * reads bits 2 k and 4 + k), the same with codes and signs shifted down by 4 and 2 registers 2
- * and 3's (two tables of 128 bytes, two selections and two shifts for the four registers). The
+ * and 3's (two 64-byte tables, `vpermb` reading bits 0-5; two selections and two shifts for the
+ * four registers). The
  * inputs' parts are laid out to match (natural_position), so each 4-byte lane of the four
  * registers sums values of one group of 32 (lane L: group L / 2): the two integer sums run over
  * the whole block, starting from -43 times the lane's sum of the part, and the group scales are
  * applied once per block. */
 typedef struct {
     __m512i code_bytes[2][4]; /* low, high byte of the 256 points' codes */
-    __m512i pair_index, sign_pairs, signs_low, signs_high, weights[2][2];
+    __m512i pair_index, sign_pairs, signs_low, signs_high, weights[2];
     __m512 group_scales; /* iq2_group_scales */
 } Iq2Tables;
 
@@ -1012,10 +1013,10 @@ VNNI static INLINE void iq2_xxs_block(const Iq2Tables *t, const uint8_t *w, __m5
     __m512i high =
         _mm512_ternarylogic_epi32(_mm512_srli_epi16(signs, 2), _mm512_srli_epi16(codes, 4), high_nibbles, 0xE4);
     __m512i weights[4];
-    weights[0] = _mm512_permutex2var_epi8(t->weights[0][0], low, t->weights[0][1]);
-    weights[1] = _mm512_permutex2var_epi8(t->weights[1][0], low, t->weights[1][1]);
-    weights[2] = _mm512_permutex2var_epi8(t->weights[0][0], high, t->weights[0][1]);
-    weights[3] = _mm512_permutex2var_epi8(t->weights[1][0], high, t->weights[1][1]);
+    weights[0] = _mm512_permutexvar_epi8(low, t->weights[0]);
+    weights[1] = _mm512_permutexvar_epi8(low, t->weights[1]);
+    weights[2] = _mm512_permutexvar_epi8(high, t->weights[0]);
+    weights[3] = _mm512_permutexvar_epi8(high, t->weights[1]);
     for (int r = 0; r < count; r++) {
         const int8_t *part = a->parts + 3 * rows[r] * a->stride + 256 * b;
         const int32_t *offsets = a->offsets + (rows[r] * a->blocks + b) * 32;
@@ -1040,8 +1041,7 @@ VNNI static INLINE void int_iq2_xxs_rows(const uint8_t *w, const Activations *a,
     t.signs_low = _mm512_loadu_si512(iq2_signs);
     t.signs_high = _mm512_loadu_si512(iq2_signs + 64);
     t.group_scales = _mm512_loadu_ps(iq2_group_scales);
-    for (int j = 0; j < 2; j++)
-        for (int h = 0; h < 2; h++) t.weights[j][h] = _mm512_loadu_si512(iq2_offset_weights[j] + 64 * h);
+    for (int j = 0; j < 2; j++) t.weights[j] = _mm512_loadu_si512(iq2_offset_weights[j]);
     __m512 acc[MAX_ROWS];
     for (int r = 0; r < count; r++) acc[r] = _mm512_setzero_ps();
     int64_t blocks = a->cols / 256;
