@@ -628,8 +628,10 @@ typedef struct {
  * holds values of one group of 32, the same group in all four (see their kernels): Q4_K's
  * register j, 128-bit lane c, dword m takes code bytes 16 (j % 2) + 4 (m ^ j / 2).. of the
  * 32-byte chunk c, low nibbles (values 64 c + byte) in even dwords, high ones (64 c + 32 + byte)
- * in odd ones: group 2 c + m % 2; IQ2_XXS register k holds values k and k + 4 of each of the
- * block's 32 runs of 8. */
+ * in odd ones: group 2 c + m % 2. IQ2_XXS: dword 4 L + t of register j holds value 2 j + t / 2
+ * of the four runs of 8 of group 2 L + t % 2; two blocks' registers j are then interleaved by
+ * dwords (interleave_pair), so that register m of a pair of blocks holds value m of every run of
+ * 8, each dword four runs of one group of one block (see int_iq2_xxs_rows). */
 static int natural_position(int kind, int p) {
     int j = p / 64, half = (p % 64) / 32, offset = p % 32, q = p % 64;
     if (kind == Q2_K) return 32 * j + 128 * half + offset;
@@ -637,7 +639,10 @@ static int natural_position(int kind, int p) {
         int chunk = q / 16, dword = (q / 4) % 4;
         return 64 * chunk + 32 * (dword % 2) + 16 * (j % 2) + 4 * (dword ^ (j / 2)) + q % 4;
     }
-    if (kind == IQ2_XXS) return 8 * (q / 2) + j + 4 * (q % 2);
+    if (kind == IQ2_XXS) {
+        int dword = q / 4, m = 2 * j + (dword % 4) / 2, group = 2 * (dword / 4) + dword % 2;
+        return 32 * group + 8 * (p % 4) + m;
+    }
     return p;
 }
 
@@ -654,11 +659,11 @@ uint8_t iq2_magnitudes[64];          /* these two: see cpu_shared.h */
 uint8_t iq2_signs[128];
 static uint8_t q4_k_spread[2][64];   /* byte 4 L: lane L's scale, minimum in [scales, minimums] */
 static uint8_t layouts[3][256];     /* Q2_K, Q4_K, IQ2_XXS: natural_position */
-static uint8_t iq2_sign_pairs[64];  /* bytes 2l, 2l + 1 of each qword: bits 28 + 7 l, 32 + 7 l */
+static uint8_t iq2_sign_windows[2][64]; /* byte p (run p % 4): bits 28 + 7 (p % 4), 32 + 7 (p % 4) */
 /* 43 + the signed weight, from the 2-bit code at bits 2 j and the sign at bit 4 + j of the index */
 static uint8_t iq2_offset_weights[2][64];
 static uint8_t iq2_code_bytes[2][256]; /* low, high byte of each grid point's code */
-static uint8_t iq2_pair_index[64];  /* lane q: bytes 0-7 the first block's word 8 q.. index, 8-15 the second's */
+static uint8_t iq2_pair_index[64];  /* byte p: byte 8 (p / 8) + p % 4 of the first (p % 8 < 4) or second block */
 static uint8_t mxfp4_spread[64];    /* two MXFP4 blocks' code bytes 1..16, 18..33: each twice */
 static int8_t mxfp4_values64[64];   /* mxfp4_doubled four times: indexed by the low 6 bits */
 static float mxfp4_scales[256];     /* mxfp4_half_scale of each exponent byte */
@@ -676,7 +681,9 @@ static void build_int_tables(void) {
         q4_k_spread[0][p] = (uint8_t)(group + 4 * (group / 4));
         q4_k_spread[1][p] = (uint8_t)(4 + p / 8 + 4 * (p / 32)); /* sum16 L: group L / 2 */
         iq2_magnitudes[p] = (uint8_t)((const uint8_t[]){8, 25, 43, 0})[p & 3];
-        iq2_sign_pairs[p] = (uint8_t)(32 + 7 * ((p % 8) / 2) - 4 * (p % 2 == 0));
+        iq2_sign_windows[0][p] = (uint8_t)(28 + 7 * (p % 4));
+        iq2_sign_windows[1][p] = (uint8_t)(32 + 7 * (p % 4));
+        iq2_pair_index[p] = (uint8_t)(64 * ((p % 8) / 4) + 8 * (p / 8) + p % 4);
         for (int j = 0; j < 4; j++) {
             int lane = p / 16, subs[4] = {2 * j, 2 * j + 1, 8 + 2 * j, 9 + 2 * j};
             q2_k_offsets[j][p] = (uint8_t)(j < 2 ? 4 * subs[lane] : subs[lane]);
@@ -687,10 +694,6 @@ static void build_int_tables(void) {
         iq2_group_scales[c] = (float)(2 * c + 1) / 8.0f;
     }
     for (int i = 0; i < 128; i++) iq2_signs[i] = (uint8_t)(i | (__builtin_popcount(i) & 1) << 7);
-    for (int p = 0; p < 64; p++) { /* word i = 8 q + p % 8 of a block: group i / 4, point i % 4 */
-        int q = p / 16, i = 8 * q + p % 8;
-        iq2_pair_index[p] = (uint8_t)(64 * ((p % 16) / 8) + 8 * (i / 4) + i % 4);
-    }
     for (int p = 0; p < 64; p++) {
         mxfp4_spread[p] = (uint8_t)(17 * (p / 32) + 1 + p % 16);
         mxfp4_values64[p] = mxfp4_doubled[p % 16];
@@ -732,6 +735,28 @@ VNNI static void permute_block(int8_t *p, const uint8_t *layout) {
     }
 }
 
+/* IQ2_XXS: two blocks' registers j (at p, p + 256) to register 2 j and 2 j + 1 of the pair: their
+ * dwords interleaved, the first block's in the even dwords. */
+VNNI static void interleave_pair(int8_t *p) {
+    __m512i first[4], second[4];
+    for (int j = 0; j < 4; j++) {
+        first[j] = _mm512_loadu_si512(p + 64 * j);
+        second[j] = _mm512_loadu_si512(p + 256 + 64 * j);
+    }
+    for (int j = 0; j < 4; j++) {
+        _mm512_storeu_si512(p + 128 * j, _mm512_unpacklo_epi32(first[j], second[j]));
+        _mm512_storeu_si512(p + 128 * j + 64, _mm512_unpackhi_epi32(first[j], second[j]));
+    }
+}
+
+/* Register m of IQ2_XXS's parts of a pair of blocks at p; `lone`: a last odd block, stored as one
+ * block (interleave_pair not applied), interleaved here with zeros. */
+VNNI static INLINE __m512i iq2_parts(const int8_t *p, int m, int lone) {
+    if (!lone) return _mm512_loadu_si512(p + 64 * m);
+    __m512i block = _mm512_loadu_si512(p + 64 * (m / 2)), zero = _mm512_setzero_si512();
+    return m % 2 ? _mm512_unpackhi_epi32(block, zero) : _mm512_unpacklo_epi32(block, zero);
+}
+
 /* Round input row x to its parts in the weight's order (quantize_row_avx2, then each block of a
  * format with a layout permuted to it; for MXFP4 unsigned, 128 more), its scales, and its sums
  * per 16 values when sum16 is given. */
@@ -742,6 +767,9 @@ VNNI void quantize_row_avx512(int kind, const float *x, int64_t cols, int64_t st
     if (layout) /* formats with a layout have whole blocks of 256 */
         for (int64_t start = 0; start < cols; start += ACT_BLOCK)
             for (int k = 0; k < 3; k++) permute_block(parts + k * stride + start, layout);
+    if (kind == IQ2_XXS) /* pairs of blocks interleaved; a last odd one stays as it is */
+        for (int64_t start = 0; start + 2 * ACT_BLOCK <= cols; start += 2 * ACT_BLOCK)
+            for (int k = 0; k < 3; k++) interleave_pair(parts + k * stride + start);
     if (kind == MXFP4) /* unsigned parts, a + 128 (see int_mxfp4_rows) */
         for (int k = 0; k < 3; k++)
             for (int64_t p = 0; p < cols; p += 64)
@@ -753,11 +781,12 @@ VNNI void quantize_row_avx512(int kind, const float *x, int64_t cols, int64_t st
  * the signed ones, see int_iq2_xxs_rows); it takes two parts only. */
 VNNI static void offset_sums(const int8_t *parts, int64_t stride, int64_t cols, int32_t *offsets) {
     const __m512i offset = _mm512_set1_epi8(43);
-    for (int64_t b = 0; b < cols / 256; b++)
+    int64_t blocks = cols / 256;
+    for (int64_t b = 0; b < blocks; b += 2) /* per pair of blocks, at the first one's place */
         for (int k = 0; k < 2; k++) {
             __m512i sum = _mm512_setzero_si512();
-            for (int j = 0; j < 4; j++)
-                sum = _mm512_dpbusd_epi32(sum, offset, _mm512_loadu_si512(parts + k * stride + 256 * b + 64 * j));
+            for (int m = 0; m < 8; m++)
+                sum = _mm512_dpbusd_epi32(sum, offset, iq2_parts(parts + k * stride + 256 * b, m, b + 1 == blocks));
             _mm512_storeu_si512(offsets + (2 * b + k) * 16, _mm512_sub_epi32(_mm512_setzero_si512(), sum));
         }
 }
@@ -972,61 +1001,84 @@ VNNI static INLINE void int_q4_k_rows(const uint8_t *w, const Activations *a, co
 }
 
 /* IQ2_XXS, two parts (docs/model.md: decode-bound, it drops the third; the input rounded to
- * within s / 508 per value) per 256-value block: the 32 grid points' 16-bit codes (2 bits per value)
- * are looked up for two blocks at a time (a low and a high byte table); register k takes values
- * k and k + 4 of each point, whose codes are at bits 2 k of each byte of the codes' words, with
- * their signs at bit 4 + k of a byte of signs: one byte of bits 0-3 of the codes and 4-7 of the
- * signs indexes registers 0 and 1's tables of 43 + the signed weight (unsigned, 0 to 86; table k
- * reads bits 2 k and 4 + k), the same with codes and signs shifted down by 4 and 2 registers 2
- * and 3's (two 64-byte tables, `vpermb` reading bits 0-5; two selections and two shifts for the
- * four registers). The
- * inputs' parts are laid out to match (natural_position), so each 4-byte lane of the four
- * registers sums values of one group of 32 (lane L: group L / 2): the two integer sums run over
- * the whole block, starting from -43 times the lane's sum of the part, and the group scales are
- * applied once per block. */
+ * within s / 508 per value), two blocks at a time: byte p of each register stands for run of 8
+ * (grid point) p % 4 of group p / 8 of the first block (p % 8 < 4) or the second, so that each
+ * dword holds four runs of one group of one block, the first block's in the even dwords. The
+ * points' 16-bit codes (2 bits per value) are looked up in a low and a high byte table; register m
+ * takes value m of each point, whose code is at bits 2 (m % 4) of the low (m < 4) or high byte
+ * and its sign at bit 4 + m % 4 of a byte of signs (values 0-3's straight from the stored 7-bit
+ * sign index, one `vpmultishiftqb` window; values 4-7's, the last one the parity of the seven,
+ * through a 128-entry table). One byte of bits 0-3 of the codes and 4-7 of the signs indexes
+ * registers 0 and 1's tables of 43 + the signed weight (unsigned, 0 to 86; table k reads bits 2 k
+ * and 4 + k, `vpermb`), the same with codes and signs shifted down by 4 and 2 registers 2 and
+ * 3's, likewise 4-7 from the high bytes. The inputs' parts are laid out to match
+ * (natural_position, interleave_pair), so the two integer sums of each dword run over one whole
+ * group of 32 (lane 2 g + block: group g), starting from -43 times the lane's sum of the part,
+ * and the group scales, d and the input's scale of either block apply to the lanes once per pair. */
 typedef struct {
     __m512i code_bytes[2][4]; /* low, high byte of the 256 points' codes */
-    __m512i pair_index, sign_pairs, signs_low, signs_high, weights[2];
+    __m512i pair_index, sign_windows[2], signs_low, signs_high, weights[2];
     __m512 group_scales; /* iq2_group_scales */
 } Iq2Tables;
 
-/* One block: `data` its 64 bytes after d, `codes` word 4 g + l the code of its point (g, l). */
-VNNI static INLINE void iq2_xxs_block(const Iq2Tables *t, const uint8_t *w, __m512i data, __m512i codes,
-                                      const Activations *a, const int64_t *rows, const int count, int64_t b,
-                                      __m512 *acc) {
-    /* word 4 g + l: point (g, l)'s signs, bit 4 + k of each byte the sign of the value whose code
-     * is at bits 2 k: the low byte takes its 7-bit sign index from bit 4 on (values 0-3's signs
-     * are its bits 0-3, no table needed), the high byte the index itself, through the table
-     * (values 4-7, the last one's sign the parity of the seven) */
-    __m512i signs = _mm512_mask2_permutex2var_epi8(t->signs_low, _mm512_multishift_epi64_epi8(t->sign_pairs, data),
-                                                   0xAAAAAAAAAAAAAAAAull, t->signs_high);
-    /* lane L: group L / 2's scale (0.5 + s) / 4 = (2 s + 1) / 8, exact in float, from a table: s is
-     * at bits 60-63 of the group's qword, one `vpmultishiftqb` brings it to the low bits of each of
-     * its dwords and the lookup ignores the rest */
-    __m512 lane_scales =
-        _mm512_permutexvar_ps(_mm512_multishift_epi64_epi8(_mm512_set1_epi8(60), data), t->group_scales);
-    __m512 d = _mm512_cvtph_ps(_mm256_set1_epi16((short)(w[0] | w[1] << 8)));
-    /* registers 0 and 1's index: bits 0-3 of the codes, 4-7 of the signs (select = 0xE4); 2 and 3's:
-     * the codes' bits 4-7 and the signs' 6-7 moved there (the lookups ignore bits 6 and 7) */
+/* `first`, `second`: the two blocks' 64 bytes after d; lone: there is no second (zeros), the parts
+ * hold one block (iq2_parts). */
+VNNI static INLINE void iq2_xxs_pair(const Iq2Tables *t, const uint8_t *w, __m512i first, __m512i second, int lone,
+                                     const Activations *a, const int64_t *rows, const int count, int64_t b,
+                                     __m512 *acc) {
+    const __mmask64 of_second = 0xF0F0F0F0F0F0F0F0ull; /* bytes standing for the second block */
+    __m512i index = _mm512_permutex2var_epi8(first, t->pair_index, second);
+    __mmask64 upper = _mm512_movepi8_mask(index);
+    __m512i codes[2], signs[2];
+    for (int h = 0; h < 2; h++)
+        codes[h] = _mm512_mask_blend_epi8(upper,
+                                          _mm512_permutex2var_epi8(t->code_bytes[h][0], index, t->code_bytes[h][1]),
+                                          _mm512_permutex2var_epi8(t->code_bytes[h][2], index, t->code_bytes[h][3]));
+    /* each byte's window of its point's sign index: bits 4-7 values 0-3's signs; the whole index */
+    for (int h = 0; h < 2; h++)
+        signs[h] = _mm512_mask_multishift_epi64_epi8(_mm512_multishift_epi64_epi8(t->sign_windows[h], first), of_second,
+                                                     t->sign_windows[h], second);
+    signs[1] = _mm512_permutex2var_epi8(t->signs_low, signs[1], t->signs_high);
+    /* lane 2 g + block: group g's scale (0.5 + s) / 4 = (2 s + 1) / 8, exact in float, from a table:
+     * s is at bits 60-63 of the group's qword, `vpmultishiftqb` brings it to the low bits of each
+     * dword and the lookup ignores the rest; d: the first block's in the even lanes */
+    const __m512i scale_bits = _mm512_set1_epi8(60);
+    __m512i scale_windows = _mm512_mask_multishift_epi64_epi8(_mm512_multishift_epi64_epi8(scale_bits, first),
+                                                              of_second, scale_bits, second);
+    __m512 lane_scales = _mm512_permutexvar_ps(scale_windows, t->group_scales);
+    uint32_t halves = (uint32_t)(w[0] | w[1] << 8) | (lone ? 0u : (uint32_t)(w[66] | w[67] << 8) << 16);
+    __m512 d = _mm512_cvtph_ps(_mm256_set1_epi32((int)halves));
+    /* registers 4 h + 0 and + 1's index: bits 0-3 of the codes, 4-7 of the signs (select = 0xE4);
+     * + 2 and + 3's: the codes' bits 4-7 and the signs' 6-7 moved there (`vpermb` reads bits 0-5) */
     const __m512i high_nibbles = _mm512_set1_epi8((char)0xF0);
-    __m512i low = _mm512_ternarylogic_epi32(signs, codes, high_nibbles, 0xE4);
-    __m512i high =
-        _mm512_ternarylogic_epi32(_mm512_srli_epi16(signs, 2), _mm512_srli_epi16(codes, 4), high_nibbles, 0xE4);
-    __m512i weights[4];
-    weights[0] = _mm512_permutexvar_epi8(low, t->weights[0]);
-    weights[1] = _mm512_permutexvar_epi8(low, t->weights[1]);
-    weights[2] = _mm512_permutexvar_epi8(high, t->weights[0]);
-    weights[3] = _mm512_permutexvar_epi8(high, t->weights[1]);
+    __m512i weights[8];
+    for (int h = 0; h < 2; h++) {
+        __m512i low = _mm512_ternarylogic_epi32(signs[h], codes[h], high_nibbles, 0xE4);
+        __m512i high = _mm512_ternarylogic_epi32(_mm512_srli_epi16(signs[h], 2), _mm512_srli_epi16(codes[h], 4),
+                                                 high_nibbles, 0xE4);
+        weights[4 * h] = _mm512_permutexvar_epi8(low, t->weights[0]);
+        weights[4 * h + 1] = _mm512_permutexvar_epi8(low, t->weights[1]);
+        weights[4 * h + 2] = _mm512_permutexvar_epi8(high, t->weights[0]);
+        weights[4 * h + 3] = _mm512_permutexvar_epi8(high, t->weights[1]);
+    }
     for (int r = 0; r < count; r++) {
         const int8_t *part = a->parts + 3 * rows[r] * a->stride + 256 * b;
         const int32_t *offsets = a->offsets + (rows[r] * a->blocks + b) * 32;
         __m512i s0 = _mm512_loadu_si512(offsets), s1 = _mm512_loadu_si512(offsets + 16);
-        for (int j = 0; j < 4; j++) {
-            s0 = _mm512_dpbusd_epi32(s0, weights[j], _mm512_loadu_si512(part + 64 * j));
-            s1 = _mm512_dpbusd_epi32(s1, weights[j], _mm512_loadu_si512(part + a->stride + 64 * j));
+        for (int m = 0; m < 8; m++) {
+            s0 = _mm512_dpbusd_epi32(s0, weights[m], iq2_parts(part, m, lone));
+            s1 = _mm512_dpbusd_epi32(s1, weights[m], iq2_parts(part + a->stride, m, lone));
+        }
+        __m512 input_scales; /* the first block's in the even lanes */
+        if (lone)
+            input_scales = _mm512_set1_ps(SCALE(r, b));
+        else {
+            double pair;
+            memcpy(&pair, &SCALE(r, b), sizeof pair);
+            input_scales = _mm512_castpd_ps(_mm512_set1_pd(pair));
         }
         __m512 sum = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s1), _mm512_set1_ps(1.0f / 254.0f), _mm512_cvtepi32_ps(s0));
-        __m512 scale = _mm512_mul_ps(lane_scales, _mm512_mul_ps(d, _mm512_set1_ps(SCALE(r, b))));
+        __m512 scale = _mm512_mul_ps(lane_scales, _mm512_mul_ps(d, input_scales));
         acc[r] = _mm512_fmadd_ps(sum, scale, acc[r]);
     }
 }
@@ -1037,27 +1089,18 @@ VNNI static INLINE void int_iq2_xxs_rows(const uint8_t *w, const Activations *a,
     for (int h = 0; h < 2; h++)
         for (int i = 0; i < 4; i++) t.code_bytes[h][i] = _mm512_loadu_si512(iq2_code_bytes[h] + 64 * i);
     t.pair_index = _mm512_loadu_si512(iq2_pair_index);
-    t.sign_pairs = _mm512_loadu_si512(iq2_sign_pairs);
+    for (int h = 0; h < 2; h++) t.sign_windows[h] = _mm512_loadu_si512(iq2_sign_windows[h]);
     t.signs_low = _mm512_loadu_si512(iq2_signs);
     t.signs_high = _mm512_loadu_si512(iq2_signs + 64);
     t.group_scales = _mm512_loadu_ps(iq2_group_scales);
     for (int j = 0; j < 2; j++) t.weights[j] = _mm512_loadu_si512(iq2_offset_weights[j]);
     __m512 acc[MAX_ROWS];
     for (int r = 0; r < count; r++) acc[r] = _mm512_setzero_ps();
-    int64_t blocks = a->cols / 256;
-    for (int64_t b = 0; b < blocks; b += 2, w += 132) {
-        /* both blocks' 32 indices, then their points' codes: low bytes, high bytes, interleaved */
-        __m512i first = _mm512_loadu_si512(w + 2);
-        __m512i second = b + 1 < blocks ? _mm512_loadu_si512(w + 68) : _mm512_setzero_si512();
-        __m512i index = _mm512_permutex2var_epi8(first, t.pair_index, second);
-        __mmask64 upper = _mm512_movepi8_mask(index);
-        __m512i low = _mm512_mask_blend_epi8(upper, _mm512_permutex2var_epi8(t.code_bytes[0][0], index, t.code_bytes[0][1]),
-                                             _mm512_permutex2var_epi8(t.code_bytes[0][2], index, t.code_bytes[0][3]));
-        __m512i high = _mm512_mask_blend_epi8(upper, _mm512_permutex2var_epi8(t.code_bytes[1][0], index, t.code_bytes[1][1]),
-                                              _mm512_permutex2var_epi8(t.code_bytes[1][2], index, t.code_bytes[1][3]));
-        iq2_xxs_block(&t, w, first, _mm512_unpacklo_epi8(low, high), a, rows, count, b, acc);
-        if (b + 1 < blocks) iq2_xxs_block(&t, w + 66, second, _mm512_unpackhi_epi8(low, high), a, rows, count, b + 1, acc);
-    }
+    int64_t blocks = a->cols / 256, b = 0;
+    for (; b + 1 < blocks; b += 2, w += 132)
+        iq2_xxs_pair(&t, w, _mm512_loadu_si512(w + 2), _mm512_loadu_si512(w + 68), 0, a, rows, count, b, acc);
+    if (b < blocks)
+        iq2_xxs_pair(&t, w, _mm512_loadu_si512(w + 2), _mm512_setzero_si512(), 1, a, rows, count, b, acc);
     for (int r = 0; r < count; r++) out[r] = _mm512_reduce_add_ps(acc[r]);
 }
 
