@@ -605,22 +605,23 @@ AVX512 static float fused_bf16_avx512(const uint8_t *w, const float *x, const fl
  * x / s), where one int8 part (llama.cpp's Q8_K) leaves s / 2 and moves a 2-bit model's logits by
  * whole units. Each stored weight group is decoded once to 8-bit integers (scale folded in where
  * it fits: Q2_K's 4-bit scale times its 2-bit codes), multiplied with the three parts by
- * `vpdpbusd` (unsigned weights, signed parts: Q8_0's signs go onto the parts, IQ2_XXS's weights
- * are 43 more than the signed ones; MXFP4 the other way round, see int_mxfp4_rows), and the
- * three integer sums are combined in float once per register or block. The parts are stored in
- * the weight's order (natural_position, applied to each rounded block by permute_block), so that
- * one 64-byte load of stored codes meets one of input parts.
+ * `vpdpbusd` (unsigned weights, signed parts: Q8_0's signs go onto the parts, IQ2_XXS's and
+ * MXFP4's weights are 43 and 12 more than the signed ones, their sums start from the offsets),
+ * and the three integer sums are combined in float once per register or block. The parts are
+ * stored in the weight's order (natural_position, applied to each rounded block by
+ * permute_block), so that one 64-byte load of stored codes meets one of input parts.
  * Q2_K and Q4_K's minimum terms use the input's float sums per 16 values. */
 #define MAX_ROWS 2      /* input rows multiplied per pass over a stored row */
 #define INTEGER_TILE 4  /* stored rows per pass over the inputs */
 
 typedef struct {
-    int8_t *parts; /* (n, 3, stride): part k of input row i at parts + (3 i + k) stride (MXFP4: a + 128) */
+    int8_t *parts; /* (n, 3, stride): part k of input row i at parts + (3 i + k) stride */
     float *scales; /* (n, blocks of ACT_BLOCK, the last possibly short) */
     float *sum16;  /* (n, cols / 16): sums of x per 16 values, natural order (Q2_K, Q4_K) */
-    int32_t *offsets; /* (n, blocks, 2, 16): -43 x each lane's sum of parts 0, 1 (IQ2_XXS) */
+    int32_t *offsets; /* per block: (2, 16) IQ2_XXS (offset_sums), (3, 16) MXFP4 (mxfp4_offset_sums) */
     int64_t cols, blocks;
-    int64_t stride; /* a multiple of 64 past cols + 64: rows 4 KiB apart would share the L1 cache's sets */
+    int64_t stride; /* 64 past the whole blocks (MXFP4 pads a short last one): rows 4 KiB apart would share
+                     * the L1 cache's sets */
 } Activations;
 
 /* Where value p of a 256-value block sits in the natural order. Q2_K registers hold two 32-value
@@ -631,7 +632,8 @@ typedef struct {
  * in odd ones: group 2 c + m % 2. IQ2_XXS: dword 4 L + t of register j holds value 2 j + t / 2
  * of the four runs of 8 of group 2 L + t % 2; two blocks' registers j are then interleaved by
  * dwords (interleave_pair), so that register m of a pair of blocks holds value m of every run of
- * 8, each dword four runs of one group of one block (see int_iq2_xxs_rows). */
+ * 8, each dword four runs of one group of one block (see int_iq2_xxs_rows). MXFP4: register j,
+ * lanes 2 b and 2 b + 1, values 16 (j / 2) + 8 (j % 2).. + 7 of stored block b. */
 static int natural_position(int kind, int p) {
     int j = p / 64, half = (p % 64) / 32, offset = p % 32, q = p % 64;
     if (kind == Q2_K) return 32 * j + 128 * half + offset;
@@ -643,6 +645,7 @@ static int natural_position(int kind, int p) {
         int dword = q / 4, m = 2 * j + (dword % 4) / 2, group = 2 * (dword / 4) + dword % 2;
         return 32 * group + 8 * (p % 4) + m;
     }
+    if (kind == MXFP4) return 32 * (q / 8) + 16 * (j / 2) + 8 * (j % 2) + q % 8;
     return p;
 }
 
@@ -658,20 +661,27 @@ static uint8_t q2_k_offsets[4][64];  /* register j, byte p: its sub-block's bits
 uint8_t iq2_magnitudes[64];          /* these two: see cpu_shared.h */
 uint8_t iq2_signs[128];
 static uint8_t q4_k_spread[2][64];   /* byte 4 L: lane L's scale, minimum in [scales, minimums] */
-static uint8_t layouts[3][256];     /* Q2_K, Q4_K, IQ2_XXS: natural_position */
+static uint8_t layouts[4][256];     /* Q2_K, Q4_K, IQ2_XXS, MXFP4: natural_position */
 static uint8_t iq2_sign_windows[2][64]; /* byte p (run p % 4): bits 28 + 7 (p % 4), 32 + 7 (p % 4) */
 /* 43 + the signed weight, from the 2-bit code at bits 2 j and the sign at bit 4 + j of the index */
 static uint8_t iq2_offset_weights[2][64];
 static uint8_t iq2_code_bytes[2][256]; /* low, high byte of each grid point's code */
 static uint8_t iq2_pair_index[64];  /* byte p: byte 8 (p / 8) + p % 4 of the first (p % 8 < 4) or second block */
-static uint8_t mxfp4_spread[64];    /* two MXFP4 blocks' code bytes 1..16, 18..33: each twice */
-static int8_t mxfp4_values64[64];   /* mxfp4_doubled four times: indexed by the low 6 bits */
-static float mxfp4_scales[256];     /* mxfp4_half_scale of each exponent byte */
+static uint8_t mxfp4_offset_values[64]; /* 12 + mxfp4_doubled, four times: indexed by the low 6 bits */
+static float mxfp4_scales[256];          /* mxfp4_half_scale of each exponent byte */
+static float mxfp4_reference_scales[256]; /* 2^(e - 135): mxfp4_half_scale(e - 7) */
+static uint8_t mxfp4_codes_index[64];    /* byte 8 b + t: block b's code byte t, from 128 bytes */
+static uint8_t mxfp4_exponent_index[64]; /* byte 4 l: block l / 2's exponent byte, from 128 bytes */
+static int16_t mxfp4_powers[32][32]; /* row m, word i: 2^((i - m) mod 32) up to 2^14, else 0 */
 static float iq2_group_scales[16];  /* (0.5 + s) / 4 = (2 s + 1) / 8 of each 4-bit group scale s */
 
 /* The layout of the inputs' parts for format `kind`, NULL for the natural order. */
 static const uint8_t *layout_of(int kind) {
-    return kind == Q2_K ? layouts[0] : kind == Q4_K ? layouts[1] : kind == IQ2_XXS ? layouts[2] : NULL;
+    return kind == Q2_K      ? layouts[0]
+           : kind == Q4_K    ? layouts[1]
+           : kind == IQ2_XXS ? layouts[2]
+           : kind == MXFP4   ? layouts[3]
+                             : NULL;
 }
 
 static void build_int_tables(void) {
@@ -695,9 +705,12 @@ static void build_int_tables(void) {
     }
     for (int i = 0; i < 128; i++) iq2_signs[i] = (uint8_t)(i | (__builtin_popcount(i) & 1) << 7);
     for (int p = 0; p < 64; p++) {
-        mxfp4_spread[p] = (uint8_t)(17 * (p / 32) + 1 + p % 16);
-        mxfp4_values64[p] = mxfp4_doubled[p % 16];
+        mxfp4_offset_values[p] = (uint8_t)(12 + mxfp4_doubled[p % 16]);
+        mxfp4_codes_index[p] = (uint8_t)(17 * (p / 8) + 1 + p % 8);
+        mxfp4_exponent_index[p] = (uint8_t)(17 * (p / 8));
     }
+    for (int m = 0; m < 32; m++)
+        for (int i = 0; i < 32; i++) mxfp4_powers[m][i] = (int16_t)((i - m + 32) % 32 <= 14 ? 1 << (i - m + 32) % 32 : 0);
     for (int j = 0; j < 2; j++)
         for (int e = 0; e < 64; e++) {
             int magnitude = iq2_magnitudes[(e >> (2 * j)) & 3];
@@ -709,7 +722,9 @@ static void build_int_tables(void) {
         layouts[0][p] = (uint8_t)natural_position(Q2_K, p);
         layouts[1][p] = (uint8_t)natural_position(Q4_K, p);
         layouts[2][p] = (uint8_t)natural_position(IQ2_XXS, p);
+        layouts[3][p] = (uint8_t)natural_position(MXFP4, p);
         mxfp4_scales[p] = mxfp4_half_scale((uint8_t)p);
+        mxfp4_reference_scales[p] = mxfp4_half_scale((uint8_t)p) * (1.0f / 128.0f); /* exact: 2^-135 is a float */
     }
 }
 
@@ -758,23 +773,20 @@ VNNI static INLINE __m512i iq2_parts(const int8_t *p, int m, int lone) {
 }
 
 /* Round input row x to its parts in the weight's order (quantize_row_avx2, then each block of a
- * format with a layout permuted to it; for MXFP4 unsigned, 128 more), its scales, and its sums
- * per 16 values when sum16 is given. */
+ * format with a layout permuted to it; MXFP4's short last block padded with zeros to 256 values
+ * first, the stride leaves room), its scales, and its sums per 16 values when sum16 is given. */
 VNNI void quantize_row_avx512(int kind, const float *x, int64_t cols, int64_t stride, int8_t *parts,
                                      float *scales, float *sum16) {
     quantize_row_avx2(x, cols, stride, parts, scales, sum16);
     const uint8_t *layout = layout_of(kind);
-    if (layout) /* formats with a layout have whole blocks of 256 */
-        for (int64_t start = 0; start < cols; start += ACT_BLOCK)
-            for (int k = 0; k < 3; k++) permute_block(parts + k * stride + start, layout);
+    if (layout == NULL) return;
+    if (cols % ACT_BLOCK) /* only MXFP4: the other formats with a layout have whole blocks */
+        for (int k = 0; k < 3; k++) memset(parts + k * stride + cols, 0, (size_t)(ACT_BLOCK - cols % ACT_BLOCK));
+    for (int64_t start = 0; start < cols; start += ACT_BLOCK)
+        for (int k = 0; k < 3; k++) permute_block(parts + k * stride + start, layout);
     if (kind == IQ2_XXS) /* pairs of blocks interleaved; a last odd one stays as it is */
         for (int64_t start = 0; start + 2 * ACT_BLOCK <= cols; start += 2 * ACT_BLOCK)
             for (int k = 0; k < 3; k++) interleave_pair(parts + k * stride + start);
-    if (kind == MXFP4) /* unsigned parts, a + 128 (see int_mxfp4_rows) */
-        for (int k = 0; k < 3; k++)
-            for (int64_t p = 0; p < cols; p += 64)
-                _mm512_storeu_si512(parts + k * stride + p, _mm512_xor_si512(_mm512_loadu_si512(parts + k * stride + p),
-                                                                             _mm512_set1_epi8((char)0x80)));
 }
 
 /* IQ2_XXS's sums start from -43 times each lane's sum of the part (its weights are 43 more than
@@ -788,6 +800,20 @@ VNNI static void offset_sums(const int8_t *parts, int64_t stride, int64_t cols, 
             for (int m = 0; m < 8; m++)
                 sum = _mm512_dpbusd_epi32(sum, offset, iq2_parts(parts + k * stride + 256 * b, m, b + 1 == blocks));
             _mm512_storeu_si512(offsets + (2 * b + k) * 16, _mm512_sub_epi32(_mm512_setzero_si512(), sum));
+        }
+}
+
+/* MXFP4's sums start from -12 times each lane's sum of the part over a block's four registers
+ * (its weights are 12 more than the signed ones, see int_mxfp4_rows): 16 int32 per block and
+ * part, a short last block's too (padded with zeros). */
+VNNI static void mxfp4_offset_sums(const int8_t *parts, int64_t stride, int64_t blocks, int32_t *offsets) {
+    const __m512i offset = _mm512_set1_epi8(12);
+    for (int64_t b = 0; b < blocks; b++)
+        for (int k = 0; k < 3; k++) {
+            __m512i sum = _mm512_setzero_si512();
+            for (int j = 0; j < 4; j++)
+                sum = _mm512_dpbusd_epi32(sum, offset, _mm512_loadu_si512(parts + k * stride + 256 * b + 64 * j));
+            _mm512_storeu_si512(offsets + (3 * b + k) * 16, _mm512_sub_epi32(_mm512_setzero_si512(), sum));
         }
 }
 
@@ -840,46 +866,98 @@ VNNI static INLINE void int_q8_0_rows(const uint8_t *w, const Activations *a, co
     for (int r = 0; r < count; r++) out[r] = _mm512_reduce_add_ps(acc[r]);
 }
 
-/* MXFP4: two blocks (64 values) per register. The first block's 16 code bytes go to both
- * quarters of the register's lower half, the second's to its upper half (a masked load, one
- * byte permute); `vpmultishiftqb` takes each byte's low nibble in the first copy, its high
- * nibble in the second: codes in the values' natural order (with junk above bit 3, which the
- * value table, 16 entries four times, ignores). The doubled values (-12 to 12) are signed
- * weights: the input's parts are stored 128 more, unsigned (quantize_row_avx512), so
- * Σ (a + 128) w = Σ a w + 128 Σ w, and the sums start from -128 Σ w (per register, for every row
- * and part). Each block's scale 2^(e - 128), from a table, multiplies its half of the register. */
+/* MXFP4, 256 values (eight stored blocks, 136 bytes) at a time in four registers, lanes 2 b and
+ * 2 b + 1 of each holding values of block b: registers 0 and 1 the low nibbles (values 0-15) of
+ * each block's code bytes 0-7 and 8-15, registers 2 and 3 their high nibbles (values 16-31); the
+ * inputs' parts are laid out to match (natural_position; a short last block is padded with zero
+ * parts and its missing stored blocks read as zero codes). Code bytes 0-7 of the eight blocks
+ * come out of the first 128 bytes by one byte permute, bytes 8-15 out of the 128 from byte 8 by
+ * the same; the low nibbles index the value table (16 entries four times: bits 4-5 are ignored)
+ * as they are, the high ones after a shift. The table holds the doubled values plus 12 (0 to 24,
+ * unsigned: the signed parts are `vpdpbusd`'s memory operand), so each lane's sum starts from
+ * -12 times the lane's sum of the part over the four registers (`offsets`, once per input row),
+ * and one int32 sum per part, |Σ a w| ≤ 16 · 127 · 12 = 24384 per lane, covers 16 values of one
+ * block, which share its scale 2^(e - 128).
+ * The scales are powers of two: when the block's eight exponents lie within e_0 - 7..e_0 + 7
+ * (e_0 the first's; real weights differ by a few), the sums are multiplied by 2^(e - e_0 + 7) as
+ * int16 (`vpmaddwd`: the scale in each lane's low half, its high half 0; at most 24384 · 2^14 <
+ * 2^31) and go to float once per 256 values, times 2^(e_0 - 135) · s: in float32 that product is
+ * exact when it is a normal number (or s = 0), so the only rounding is float32's, of the sums, as
+ * in the other formats. Blocks whose exponents spread wider, whose product is subnormal or
+ * infinite (extreme exponents), and a short last block take the sums to float with each lane's
+ * scale. */
+typedef struct {
+    __m512i table, codes_index, exponent_index;
+} Mxfp4Tables;
+
+/* The mask of the first `bytes` bytes of a register (none when bytes ≤ 0). */
+static inline uint64_t first_bytes(int64_t bytes) {
+    return bytes <= 0 ? 0 : bytes >= 64 ? ~0ull : (1ull << bytes) - 1;
+}
+
+/* 64 bytes at w + at, of which the first `bytes` - at are stored (all of them when whole). */
+VNNI static INLINE __m512i mxfp4_load(const uint8_t *w, int64_t at, const int whole, int64_t bytes) {
+    return whole ? _mm512_loadu_si512(w + at) : _mm512_maskz_loadu_epi8(first_bytes(bytes - at), w + at);
+}
+
+/* One block of 256 values at w, `bytes` of it stored (136: whole). */
+VNNI static INLINE void mxfp4_block(const Mxfp4Tables *t, const uint8_t *w, const int64_t bytes,
+                                    const Activations *a, const int64_t *rows, const int count, int64_t b,
+                                    __m512 *acc) {
+    const int whole = bytes == 136;
+    __m512i low = mxfp4_load(w, 0, whole, bytes), high = mxfp4_load(w, 64, whole, bytes);
+    __m512i codes[2] = {_mm512_permutex2var_epi8(low, t->codes_index, high),
+                        _mm512_permutex2var_epi8(mxfp4_load(w, 8, whole, bytes), t->codes_index,
+                                                 mxfp4_load(w, 72, whole, bytes))};
+    __m512i weights[4];
+    for (int h = 0; h < 2; h++) {
+        weights[h] = _mm512_permutexvar_epi8(codes[h], t->table);
+        weights[2 + h] = _mm512_permutexvar_epi8(_mm512_srli_epi16(codes[h], 4), t->table);
+    }
+    __m512i exponents = _mm512_maskz_permutex2var_epi8(0x1111111111111111ull, low, t->exponent_index, high);
+    int narrow = 0;
+    float multiplier[MAX_ROWS];
+    if (whole) {
+        __m512i above = _mm512_sub_epi32(exponents, _mm512_set1_epi32(w[0] - 7));
+        narrow = _mm512_cmple_epu32_mask(above, _mm512_set1_epi32(14)) == 0xFFFF;
+        for (int r = 0; r < count; r++) {
+            multiplier[r] = mxfp4_reference_scales[w[0]] * SCALE(r, b);
+            float size = fabsf(multiplier[r]);
+            narrow &= SCALE(r, b) == 0.0f || (size >= 0x1p-126f && size <= 0x1.fffffep127f);
+        }
+    }
+    __m512i scale = narrow ? _mm512_maskz_permutexvar_epi16(0x55555555u, exponents,
+                                                            _mm512_loadu_si512(mxfp4_powers[(w[0] - 7) & 31]))
+                           : _mm512_setzero_si512();
+    __m512 float_scale = narrow ? _mm512_setzero_ps() : _mm512_i32gather_ps(exponents, mxfp4_scales, 4);
+    for (int r = 0; r < count; r++) {
+        const int8_t *part = a->parts + 3 * rows[r] * a->stride + 256 * b;
+        const int32_t *offsets = a->offsets + (rows[r] * a->blocks + b) * 48;
+        __m512i sum[3];
+        for (int k = 0; k < 3; k++) {
+            sum[k] = _mm512_loadu_si512(offsets + 16 * k);
+            for (int j = 0; j < 4; j++)
+                sum[k] = _mm512_dpbusd_epi32(sum[k], weights[j], _mm512_loadu_si512(part + k * a->stride + 64 * j));
+        }
+        if (narrow) {
+            for (int k = 0; k < 3; k++) sum[k] = _mm512_madd_epi16(sum[k], scale);
+            acc[r] = _mm512_fmadd_ps(parts_to_float(sum[0], sum[1], sum[2]), _mm512_set1_ps(multiplier[r]), acc[r]);
+        } else {
+            __m512 block = _mm512_mul_ps(parts_to_float(sum[0], sum[1], sum[2]), float_scale);
+            acc[r] = _mm512_fmadd_ps(block, _mm512_set1_ps(SCALE(r, b)), acc[r]);
+        }
+    }
+}
+
 VNNI static INLINE void int_mxfp4_rows(const uint8_t *w, const Activations *a, const int64_t *rows, const int count,
                                        float *out) {
-    const __m512i table = _mm512_loadu_si512(mxfp4_values64), spread = _mm512_loadu_si512(mxfp4_spread);
-    const __m512i nibbles = _mm512_set_epi64(0x3C342C241C140C04ll, 0x3C342C241C140C04ll, 0x3830282018100800ll,
-                                             0x3830282018100800ll, 0x3C342C241C140C04ll, 0x3C342C241C140C04ll,
-                                             0x3830282018100800ll, 0x3830282018100800ll);
-    const __m512i offset = _mm512_set1_epi8((char)0x80), zero = _mm512_setzero_si512();
+    const Mxfp4Tables t = {_mm512_loadu_si512(mxfp4_offset_values), _mm512_loadu_si512(mxfp4_codes_index),
+                           _mm512_loadu_si512(mxfp4_exponent_index)};
     __m512 acc[MAX_ROWS];
     for (int r = 0; r < count; r++) acc[r] = _mm512_setzero_ps();
-    int64_t cols = a->cols;
-    for (int64_t start = 0, b = 0; start < cols; start += ACT_BLOCK, b++) {
-        int64_t stop = start + ACT_BLOCK < cols ? start + ACT_BLOCK : cols;
-        __m512 block[MAX_ROWS];
-        for (int r = 0; r < count; r++) block[r] = _mm512_setzero_ps();
-        for (int64_t at = start; at < stop; at += 64, w += 34) {
-            int pair = at + 64 <= stop; /* else a last odd block: the upper half's codes are zero */
-            __m512i bytes = _mm512_maskz_loadu_epi8(pair ? 0x3FFFFFFFFull : 0x1FFFFull, w);
-            __m512i weights = _mm512_permutexvar_epi8(
-                _mm512_multishift_epi64_epi8(nibbles, _mm512_permutexvar_epi8(spread, bytes)), table);
-            __m512i first = _mm512_sub_epi32(zero, _mm512_dpbusd_epi32(zero, offset, weights));
-            __m512 scale = _mm512_mask_blend_ps(0xFF00, _mm512_set1_ps(mxfp4_scales[w[0]]),
-                                                _mm512_set1_ps(pair ? mxfp4_scales[w[17]] : 0.0f));
-            for (int r = 0; r < count; r++) {
-                const int8_t *part = a->parts + 3 * rows[r] * a->stride + at;
-                __m512i s0 = _mm512_dpbusd_epi32(first, _mm512_loadu_si512(part), weights);
-                __m512i s1 = _mm512_dpbusd_epi32(first, _mm512_loadu_si512(part + a->stride), weights);
-                __m512i s2 = _mm512_dpbusd_epi32(first, _mm512_loadu_si512(part + 2 * a->stride), weights);
-                block[r] = _mm512_fmadd_ps(parts_to_float(s0, s1, s2), scale, block[r]);
-            }
-        }
-        for (int r = 0; r < count; r++) acc[r] = _mm512_fmadd_ps(block[r], _mm512_set1_ps(SCALE(r, b)), acc[r]);
-    }
+    int64_t whole = a->cols / 256;
+    for (int64_t b = 0; b < whole; b++, w += 136) mxfp4_block(&t, w, 136, a, rows, count, b, acc);
+    if (a->cols % 256) mxfp4_block(&t, w, a->cols % 256 / 32 * 17, a, rows, count, whole, acc);
     for (int r = 0; r < count; r++) out[r] = _mm512_reduce_add_ps(acc[r]);
 }
 
@@ -1605,7 +1683,8 @@ static void quantize_item(void *context, int64_t i) {
         return;
     }
     quantize_row_avx512(q->kind, x, a->cols, a->stride, parts, scales, sum16);
-    if (a->offsets) offset_sums(parts, a->stride, a->cols, a->offsets + i * a->blocks * 32);
+    if (q->kind == IQ2_XXS) offset_sums(parts, a->stride, a->cols, a->offsets + i * a->blocks * 32);
+    if (q->kind == MXFP4) mxfp4_offset_sums(parts, a->stride, a->blocks, a->offsets + i * a->blocks * 48);
 }
 #endif
 
@@ -1651,7 +1730,8 @@ static PyObject *matmul(PyObject *self, PyObject *args) {
     int64_t pairs = n * k;
     float *sum16 = NULL; /* the input's sums per 16 values, for the fused Q2_K and Q4_K */
     /* integer products: rows of parts 64-byte aligned (a load across two cache lines costs two) */
-    Activations activations = {NULL, NULL, NULL, NULL, cols, (cols + ACT_BLOCK - 1) / ACT_BLOCK, (cols + 63) / 64 * 64 + 64};
+    Activations activations = {NULL, NULL, NULL, NULL, cols, (cols + ACT_BLOCK - 1) / ACT_BLOCK,
+                               (cols + ACT_BLOCK - 1) / ACT_BLOCK * ACT_BLOCK + 64};
     const int64_t *ids = (const int64_t *)(uintptr_t)ids_address;
     int64_t *starts = malloc(sizeof(int64_t) * (size_t)(experts + 1));
     int64_t *pair_order = malloc(sizeof(int64_t) * (size_t)(pairs ? pairs : 1));
@@ -1688,8 +1768,9 @@ static PyObject *matmul(PyObject *self, PyObject *args) {
         activations.parts = aligned_alloc(64, (size_t)(3 * n * activations.stride + 64));
         activations.scales = malloc(sizeof(float) * (size_t)(n * activations.blocks));
         if (format->needs_sum16) activations.sum16 = malloc(sizeof(float) * (size_t)(n * (cols / 16) + 1));
-        int offsets = vnni && kind == IQ2_XXS;
-        if (offsets) activations.offsets = aligned_alloc(64, sizeof(int32_t) * (size_t)(n * activations.blocks * 32));
+        int offsets = !vnni ? 0 : kind == IQ2_XXS ? 32 : kind == MXFP4 ? 48 : 0; /* int32 per block */
+        if (offsets)
+            activations.offsets = aligned_alloc(64, sizeof(int32_t) * (size_t)(n * activations.blocks * offsets));
         if (!activations.parts || !activations.scales || (format->needs_sum16 && !activations.sum16) ||
             (offsets && !activations.offsets)) {
             PyErr_NoMemory();

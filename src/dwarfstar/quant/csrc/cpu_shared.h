@@ -72,8 +72,9 @@ int sort_pairs_by_expert(const int64_t *ids, int64_t pairs, int64_t experts, int
 int integer_products_in_use(void);
 
 /* An input row rounded to three int8 parts per value (x ≈ s (a0 + a1 / 254 + a2 / 254²)), one
- * scale s per ACT_BLOCK values; see "integer products" in cpu_kernels.c. `kind` sets their order,
- * and for MXFP4 stores them 128 more (unsigned); the GEMM asks for Q8_0's (natural, signed). */
+ * scale s per ACT_BLOCK values; see "integer products" in cpu_kernels.c. `kind` sets their order
+ * (MXFP4's pads a short last block with zeros to ACT_BLOCK values: the stride must leave room);
+ * the GEMM asks for Q8_0's (natural). */
 #define ACT_BLOCK 256
 #ifdef HAVE_X86
 /* In the natural order (AVX2); the AVX-512 one puts each block in its format's layout. */
