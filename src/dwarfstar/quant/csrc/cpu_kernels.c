@@ -978,8 +978,8 @@ VNNI static INLINE void int_q2_k_rows(const uint8_t *w, const Activations *a, co
     const __m512i low_code = _mm512_set1_epi8(0x03), high_code = _mm512_set1_epi8(0x30);
     __m512i offsets[4];
     for (int j = 0; j < 4; j++) offsets[j] = _mm512_loadu_si512(q2_k_offsets[j]);
-    __m512 acc[MAX_ROWS];
-    for (int r = 0; r < count; r++) acc[r] = _mm512_setzero_ps();
+    __m512 acc[MAX_ROWS], min_acc[MAX_ROWS]; /* two sums: one dependent chain of two FMAs a block was its bound */
+    for (int r = 0; r < count; r++) acc[r] = min_acc[r] = _mm512_setzero_ps();
     for (int64_t b = 0; b < a->cols / 256; b++, w += 84) {
         __m512i scales = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)w));
         __m512i table = _mm512_permutexvar_epi32(scales, multiples);
@@ -1004,10 +1004,10 @@ VNNI static INLINE void int_q2_k_rows(const uint8_t *w, const Activations *a, co
                 s2 = _mm512_dpbusd_epi32(s2, weights[j], _mm512_loadu_si512(part + 2 * a->stride + 64 * j));
             }
             acc[r] = _mm512_fmadd_ps(parts_to_float(s0, s1, s2), _mm512_mul_ps(d, _mm512_set1_ps(SCALE(r, b))), acc[r]);
-            acc[r] = _mm512_fnmadd_ps(mins, _mm512_loadu_ps(a->sum16 + rows[r] * (a->cols / 16) + 16 * b), acc[r]);
+            min_acc[r] = _mm512_fmadd_ps(mins, _mm512_loadu_ps(a->sum16 + rows[r] * (a->cols / 16) + 16 * b), min_acc[r]);
         }
     }
-    for (int r = 0; r < count; r++) out[r] = _mm512_reduce_add_ps(acc[r]);
+    for (int r = 0; r < count; r++) out[r] = _mm512_reduce_add_ps(_mm512_sub_ps(acc[r], min_acc[r]));
 }
 
 /* Q4_K: the four registers of a block share one group per 4-byte lane (natural_position: lane L
@@ -1142,11 +1142,17 @@ VNNI static INLINE void iq2_xxs_pair(const Iq2Tables *t, const uint8_t *w, __m51
     for (int r = 0; r < count; r++) {
         const int8_t *part = a->parts + 3 * rows[r] * a->stride + 256 * b;
         const int32_t *offsets = a->offsets + (rows[r] * a->blocks + b) * 32;
+        /* two chains of four per part: eight dependent `vpdpbusd` would be twice one block's latency */
         __m512i s0 = _mm512_loadu_si512(offsets), s1 = _mm512_loadu_si512(offsets + 16);
-        for (int m = 0; m < 8; m++) {
+        __m512i t0 = _mm512_setzero_si512(), t1 = t0;
+        for (int m = 0; m < 8; m += 2) {
             s0 = _mm512_dpbusd_epi32(s0, weights[m], iq2_parts(part, m, lone));
             s1 = _mm512_dpbusd_epi32(s1, weights[m], iq2_parts(part + a->stride, m, lone));
+            t0 = _mm512_dpbusd_epi32(t0, weights[m + 1], iq2_parts(part, m + 1, lone));
+            t1 = _mm512_dpbusd_epi32(t1, weights[m + 1], iq2_parts(part + a->stride, m + 1, lone));
         }
+        s0 = _mm512_add_epi32(s0, t0);
+        s1 = _mm512_add_epi32(s1, t1);
         __m512 input_scales; /* the first block's in the even lanes */
         if (lone)
             input_scales = _mm512_set1_ps(SCALE(r, b));
