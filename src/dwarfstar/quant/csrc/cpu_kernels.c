@@ -668,11 +668,8 @@ static uint8_t iq2_offset_weights[2][64];
 static uint8_t iq2_code_bytes[2][256]; /* low, high byte of each grid point's code */
 static uint8_t iq2_pair_index[64];  /* byte p: byte 8 (p / 8) + p % 4 of the first (p % 8 < 4) or second block */
 static uint8_t mxfp4_offset_values[64]; /* 12 + mxfp4_doubled, four times: indexed by the low 6 bits */
-static float mxfp4_scales[256];          /* mxfp4_half_scale of each exponent byte */
-static float mxfp4_reference_scales[256]; /* 2^(e - 135): mxfp4_half_scale(e - 7) */
 static uint8_t mxfp4_codes_index[64];    /* byte 8 b + t: block b's code byte t, from 128 bytes */
 static uint8_t mxfp4_exponent_index[64]; /* byte 4 l: block l / 2's exponent byte, from 128 bytes */
-static int16_t mxfp4_powers[32][32]; /* row m, word i: 2^((i - m) mod 32) up to 2^14, else 0 */
 static float iq2_group_scales[16];  /* (0.5 + s) / 4 = (2 s + 1) / 8 of each 4-bit group scale s */
 
 /* The layout of the inputs' parts for format `kind`, NULL for the natural order. */
@@ -709,8 +706,6 @@ static void build_int_tables(void) {
         mxfp4_codes_index[p] = (uint8_t)(17 * (p / 8) + 1 + p % 8);
         mxfp4_exponent_index[p] = (uint8_t)(17 * (p / 8));
     }
-    for (int m = 0; m < 32; m++)
-        for (int i = 0; i < 32; i++) mxfp4_powers[m][i] = (int16_t)((i - m + 32) % 32 <= 14 ? 1 << (i - m + 32) % 32 : 0);
     for (int j = 0; j < 2; j++)
         for (int e = 0; e < 64; e++) {
             int magnitude = iq2_magnitudes[(e >> (2 * j)) & 3];
@@ -723,8 +718,6 @@ static void build_int_tables(void) {
         layouts[1][p] = (uint8_t)natural_position(Q4_K, p);
         layouts[2][p] = (uint8_t)natural_position(IQ2_XXS, p);
         layouts[3][p] = (uint8_t)natural_position(MXFP4, p);
-        mxfp4_scales[p] = mxfp4_half_scale((uint8_t)p);
-        mxfp4_reference_scales[p] = mxfp4_half_scale((uint8_t)p) * (1.0f / 128.0f); /* exact: 2^-135 is a float */
     }
 }
 
@@ -874,18 +867,11 @@ VNNI static INLINE void int_q8_0_rows(const uint8_t *w, const Activations *a, co
  * come out of the first 128 bytes by one byte permute, bytes 8-15 out of the 128 from byte 8 by
  * the same; the low nibbles index the value table (16 entries four times: bits 4-5 are ignored)
  * as they are, the high ones after a shift. The table holds the doubled values plus 12 (0 to 24,
- * unsigned: the signed parts are `vpdpbusd`'s memory operand), so each lane's sum starts from
- * -12 times the lane's sum of the part over the four registers (`offsets`, once per input row),
- * and one int32 sum per part, |Σ a w| ≤ 16 · 127 · 12 = 24384 per lane, covers 16 values of one
- * block, which share its scale 2^(e - 128).
- * The scales are powers of two: when the block's eight exponents lie within e_0 - 7..e_0 + 7
- * (e_0 the first's; real weights differ by a few), the sums are multiplied by 2^(e - e_0 + 7) as
- * int16 (`vpmaddwd`: the scale in each lane's low half, its high half 0; at most 24384 · 2^14 <
- * 2^31) and go to float once per 256 values, times 2^(e_0 - 135) · s: in float32 that product is
- * exact when it is a normal number (or s = 0), so the only rounding is float32's, of the sums, as
- * in the other formats. Blocks whose exponents spread wider, whose product is subnormal or
- * infinite (extreme exponents), and a short last block take the sums to float with each lane's
- * scale. */
+ * unsigned: the signed parts are `vpdpbusd`'s memory operand), so each lane's sums start from
+ * -12 times the lane's sum of the part over the four registers (mxfp4_offset_sums, once per
+ * input row). Each lane then sums 16 values of one block, exactly (|Σ a w| ≤ 16 · 127 · 12 =
+ * 24384), and the three sums go to float once per 256 values, times each lane's scale 2^(e - 128)
+ * (vscalefps: subnormal for e < 2) and the input's s. */
 typedef struct {
     __m512i table, codes_index, exponent_index;
 } Mxfp4Tables;
@@ -914,22 +900,10 @@ VNNI static INLINE void mxfp4_block(const Mxfp4Tables *t, const uint8_t *w, cons
         weights[h] = _mm512_permutexvar_epi8(codes[h], t->table);
         weights[2 + h] = _mm512_permutexvar_epi8(_mm512_srli_epi16(codes[h], 4), t->table);
     }
+    /* lane 2 b + h: block b's scale 2^(e - 128), subnormal for e < 2 */
     __m512i exponents = _mm512_maskz_permutex2var_epi8(0x1111111111111111ull, low, t->exponent_index, high);
-    int narrow = 0;
-    float multiplier[MAX_ROWS];
-    if (whole) {
-        __m512i above = _mm512_sub_epi32(exponents, _mm512_set1_epi32(w[0] - 7));
-        narrow = _mm512_cmple_epu32_mask(above, _mm512_set1_epi32(14)) == 0xFFFF;
-        for (int r = 0; r < count; r++) {
-            multiplier[r] = mxfp4_reference_scales[w[0]] * SCALE(r, b);
-            float size = fabsf(multiplier[r]);
-            narrow &= SCALE(r, b) == 0.0f || (size >= 0x1p-126f && size <= 0x1.fffffep127f);
-        }
-    }
-    __m512i scale = narrow ? _mm512_maskz_permutexvar_epi16(0x55555555u, exponents,
-                                                            _mm512_loadu_si512(mxfp4_powers[(w[0] - 7) & 31]))
-                           : _mm512_setzero_si512();
-    __m512 float_scale = narrow ? _mm512_setzero_ps() : _mm512_i32gather_ps(exponents, mxfp4_scales, 4);
+    __m512 scale = _mm512_scalef_ps(_mm512_set1_ps(1.0f),
+                                    _mm512_cvtepi32_ps(_mm512_sub_epi32(exponents, _mm512_set1_epi32(128))));
     for (int r = 0; r < count; r++) {
         const int8_t *part = a->parts + 3 * rows[r] * a->stride + 256 * b;
         const int32_t *offsets = a->offsets + (rows[r] * a->blocks + b) * 48;
@@ -939,13 +913,8 @@ VNNI static INLINE void mxfp4_block(const Mxfp4Tables *t, const uint8_t *w, cons
             for (int j = 0; j < 4; j++)
                 sum[k] = _mm512_dpbusd_epi32(sum[k], weights[j], _mm512_loadu_si512(part + k * a->stride + 64 * j));
         }
-        if (narrow) {
-            for (int k = 0; k < 3; k++) sum[k] = _mm512_madd_epi16(sum[k], scale);
-            acc[r] = _mm512_fmadd_ps(parts_to_float(sum[0], sum[1], sum[2]), _mm512_set1_ps(multiplier[r]), acc[r]);
-        } else {
-            __m512 block = _mm512_mul_ps(parts_to_float(sum[0], sum[1], sum[2]), float_scale);
-            acc[r] = _mm512_fmadd_ps(block, _mm512_set1_ps(SCALE(r, b)), acc[r]);
-        }
+        __m512 block = _mm512_mul_ps(parts_to_float(sum[0], sum[1], sum[2]), scale);
+        acc[r] = _mm512_fmadd_ps(block, _mm512_set1_ps(SCALE(r, b)), acc[r]);
     }
 }
 
