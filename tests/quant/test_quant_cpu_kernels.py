@@ -176,7 +176,7 @@ GEMM = pytest.mark.skipif(_cpu.isa() != "avx512vnni", reason="the compiled GEMM 
 
 
 @pytest.mark.parametrize("kind", INTEGER, ids=lambda kind: kind.name)
-@pytest.mark.parametrize("batch", [2, 16], ids=["direct", "gemm"])
+@pytest.mark.parametrize("batch", [1, 2, 16], ids=["one-row", "direct", "gemm"])
 @pytest.mark.parametrize("blocks", [2, 5], ids=lambda n: f"{n}blocks")
 def test_integer_products_stay_within_their_rounding_bound(kind, batch, blocks, isa):
     """Inputs with one large value per block: each value is rounded to s (a0 + a1/254 + a2/254^2),

@@ -138,7 +138,8 @@ VNNI static void round_item(void *context, int64_t i) {
     const GemmFormat *f = r->format;
     int8_t *parts = in->parts + 3 * i * in->stride;
     float *sum16 = f->sub ? in->sums + i * (in->cols / 16) : NULL; /* first per 16, then per sub */
-    quantize_row_avx512(Q8_0, r->x + i * r->x_stride, in->cols, in->stride, parts, in->scales + i * in->blocks, sum16);
+    quantize_row_avx512(NATURAL_PARTS, r->x + i * r->x_stride, in->cols, in->stride, parts, in->scales + i * in->blocks,
+                        sum16);
     if (f->sub == 32)
         for (int64_t j = 0; j < in->cols / 32; j++) sum16[j] = sum16[2 * j] + sum16[2 * j + 1];
     if (f->offset) {

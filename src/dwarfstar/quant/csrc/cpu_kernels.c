@@ -605,11 +605,11 @@ AVX512 static float fused_bf16_avx512(const uint8_t *w, const float *x, const fl
  * x / s), where one int8 part (llama.cpp's Q8_K) leaves s / 2 and moves a 2-bit model's logits by
  * whole units. Each stored weight group is decoded once to 8-bit integers (scale folded in where
  * it fits: Q2_K's 4-bit scale times its 2-bit codes), multiplied with the three parts by
- * `vpdpbusd` (unsigned weights, signed parts: Q8_0's signs go onto the parts, IQ2_XXS's and
- * MXFP4's weights are 43 and 12 more than the signed ones, their sums start from the offsets),
- * and the three integer sums are combined in float once per register or block. The parts are
- * stored in the weight's order (natural_position, applied to each rounded block by
- * permute_block), so that one 64-byte load of stored codes meets one of input parts.
+ * `vpdpbusd` (unsigned weights, signed parts: Q8_0's, IQ2_XXS's and MXFP4's weights are 128, 43
+ * and 12 more than the signed ones, their sums start from the offsets), and the three integer
+ * sums are combined in float once per register or block. The parts are stored in the weight's
+ * order (natural_position, applied to each rounded block by permute_block), so that one 64-byte
+ * load of stored codes meets one of input parts.
  * Q2_K and Q4_K's minimum terms use the input's float sums per 16 values. */
 #define MAX_ROWS 2      /* input rows multiplied per pass over a stored row */
 #define INTEGER_TILE 4  /* stored rows per pass over the inputs */
@@ -618,7 +618,7 @@ typedef struct {
     int8_t *parts; /* (n, 3, stride): part k of input row i at parts + (3 i + k) stride */
     float *scales; /* (n, blocks of ACT_BLOCK, the last possibly short) */
     float *sum16;  /* (n, cols / 16): sums of x per 16 values, natural order (Q2_K, Q4_K) */
-    int32_t *offsets; /* per block: (2, 16) IQ2_XXS (offset_sums), (3, 16) MXFP4 (mxfp4_offset_sums) */
+    int32_t *offsets; /* per block: (2, 16) IQ2_XXS (offset_sums), (3, 16) MXFP4, Q8_0 (offset_sums3) */
     int64_t cols, blocks;
     int64_t stride; /* 64 past the whole blocks (MXFP4 pads a short last one): rows 4 KiB apart would share
                      * the L1 cache's sets */
@@ -633,7 +633,9 @@ typedef struct {
  * of the four runs of 8 of group 2 L + t % 2; two blocks' registers j are then interleaved by
  * dwords (interleave_pair), so that register m of a pair of blocks holds value m of every run of
  * 8, each dword four runs of one group of one block (see int_iq2_xxs_rows). MXFP4: register j,
- * lanes 2 b and 2 b + 1, values 16 (j / 2) + 8 (j % 2).. + 7 of stored block b. */
+ * lanes 2 b and 2 b + 1, values 16 (j / 2) + 8 (j % 2).. + 7 of stored block b. Q8_0: register j,
+ * lanes 2 b and 2 b + 1, values 8 j.. + 7 of stored block b; its short last block stays in the
+ * natural order. */
 static int natural_position(int kind, int p) {
     int j = p / 64, half = (p % 64) / 32, offset = p % 32, q = p % 64;
     if (kind == Q2_K) return 32 * j + 128 * half + offset;
@@ -646,6 +648,7 @@ static int natural_position(int kind, int p) {
         return 32 * group + 8 * (p % 4) + m;
     }
     if (kind == MXFP4) return 32 * (q / 8) + 16 * (j / 2) + 8 * (j % 2) + q % 8;
+    if (kind == Q8_0) return 32 * (q / 8) + 8 * j + q % 8;
     return p;
 }
 
@@ -660,8 +663,9 @@ static uint8_t q2_k_spread[64];      /* byte 16 t + s of the code-at-bits-4-5 ta
 static uint8_t q2_k_offsets[4][64];  /* register j, byte p: its sub-block's bits in the index (see int_q2_k_rows) */
 uint8_t iq2_magnitudes[64];          /* these two: see cpu_shared.h */
 uint8_t iq2_signs[128];
+static uint8_t q8_0_scale_bytes[2][64]; /* blocks 0-3 from bytes 0..127, 4-7 from 128..255: byte permutes */
 static uint8_t q4_k_spread[2][64];   /* byte 4 L: lane L's scale, minimum in [scales, minimums] */
-static uint8_t layouts[4][256];     /* Q2_K, Q4_K, IQ2_XXS, MXFP4: natural_position */
+static uint8_t layouts[5][256];     /* Q2_K, Q4_K, IQ2_XXS, MXFP4, Q8_0: natural_position */
 static uint8_t iq2_sign_windows[2][64]; /* byte p (run p % 4): bits 28 + 7 (p % 4), 32 + 7 (p % 4) */
 /* 43 + the signed weight, from the 2-bit code at bits 2 j and the sign at bit 4 + j of the index */
 static uint8_t iq2_offset_weights[2][64];
@@ -678,12 +682,16 @@ static const uint8_t *layout_of(int kind) {
            : kind == Q4_K    ? layouts[1]
            : kind == IQ2_XXS ? layouts[2]
            : kind == MXFP4   ? layouts[3]
+           : kind == Q8_0    ? layouts[4]
                              : NULL;
 }
 
 static void build_int_tables(void) {
     for (int p = 0; p < 64; p++) {
         q2_k_spread[p] = (uint8_t)(4 * (p % 16) + p / 16);
+        /* halves 2 g, 2 g + 1: block g's scale, at byte 34 g (less 128 for blocks 4-7) */
+        q8_0_scale_bytes[0][p] = (uint8_t)(34 * (p / 4 % 4) + p % 2);
+        q8_0_scale_bytes[1][p] = (uint8_t)(34 * (p / 4 % 4 + 4) - 128 + p % 2);
         int group = 2 * (p / 16) + (p / 4) % 2; /* lane L = p / 4: group 2 (L / 4) + L % 2 */
         q4_k_spread[0][p] = (uint8_t)(group + 4 * (group / 4));
         q4_k_spread[1][p] = (uint8_t)(4 + p / 8 + 4 * (p / 32)); /* sum16 L: group L / 2 */
@@ -718,6 +726,7 @@ static void build_int_tables(void) {
         layouts[1][p] = (uint8_t)natural_position(Q4_K, p);
         layouts[2][p] = (uint8_t)natural_position(IQ2_XXS, p);
         layouts[3][p] = (uint8_t)natural_position(MXFP4, p);
+        layouts[4][p] = (uint8_t)natural_position(Q8_0, p);
     }
 }
 
@@ -773,9 +782,10 @@ VNNI void quantize_row_avx512(int kind, const float *x, int64_t cols, int64_t st
     quantize_row_avx2(x, cols, stride, parts, scales, sum16);
     const uint8_t *layout = layout_of(kind);
     if (layout == NULL) return;
-    if (cols % ACT_BLOCK) /* only MXFP4: the other formats with a layout have whole blocks */
+    if (kind == MXFP4 && cols % ACT_BLOCK) /* padded, laid out too; the other formats have whole blocks */
         for (int k = 0; k < 3; k++) memset(parts + k * stride + cols, 0, (size_t)(ACT_BLOCK - cols % ACT_BLOCK));
-    for (int64_t start = 0; start < cols; start += ACT_BLOCK)
+    int64_t laid_out = kind == Q8_0 ? cols - cols % ACT_BLOCK : cols; /* Q8_0's short last block: natural */
+    for (int64_t start = 0; start < laid_out; start += ACT_BLOCK)
         for (int k = 0; k < 3; k++) permute_block(parts + k * stride + start, layout);
     if (kind == IQ2_XXS) /* pairs of blocks interleaved; a last odd one stays as it is */
         for (int64_t start = 0; start + 2 * ACT_BLOCK <= cols; start += 2 * ACT_BLOCK)
@@ -796,11 +806,12 @@ VNNI static void offset_sums(const int8_t *parts, int64_t stride, int64_t cols, 
         }
 }
 
-/* MXFP4's sums start from -12 times each lane's sum of the part over a block's four registers
- * (its weights are 12 more than the signed ones, see int_mxfp4_rows): 16 int32 per block and
- * part, a short last block's too (padded with zeros). */
-VNNI static void mxfp4_offset_sums(const int8_t *parts, int64_t stride, int64_t blocks, int32_t *offsets) {
-    const __m512i offset = _mm512_set1_epi8(12);
+/* MXFP4's and Q8_0's sums start from -c times each lane's sum of the part over a block's four
+ * registers (their weights are c = 12, 128 more than the signed ones, see int_mxfp4_rows,
+ * int_q8_0_rows): 16 int32 per block and part, for the first `blocks` (MXFP4: a short last one
+ * too, padded with zeros; Q8_0: the whole ones). */
+VNNI static void offset_sums3(const int8_t *parts, int64_t stride, int64_t blocks, uint8_t c, int32_t *offsets) {
+    const __m512i offset = _mm512_set1_epi8((char)c);
     for (int64_t b = 0; b < blocks; b++)
         for (int k = 0; k < 3; k++) {
             __m512i sum = _mm512_setzero_si512();
@@ -829,33 +840,83 @@ VNNI static INLINE __m512 times_parts(__m512i weights, __mmask64 negative, const
                           _mm512_dpbusd_epi32(zero, weights, p2));
 }
 
+/* Q8_0 over a short last block (natural order): 64 values (two blocks) per register, the signs
+ * on the parts, one float conversion per register; adds to acc[r] from value `start` on. */
+VNNI static INLINE void q8_0_tail(const uint8_t *w, const Activations *a, const int64_t *rows, const int count,
+                                  int64_t start, __m512 *acc) {
+    int64_t stop = a->cols, b = start / ACT_BLOCK;
+    __m512 block[MAX_ROWS];
+    for (int r = 0; r < count; r++) block[r] = _mm512_setzero_ps();
+    for (int64_t at = start; at < stop; at += 64, w += 68) {
+        __m512i q;
+        __m512 scale;
+        if (at + 64 <= stop) {
+            q = _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_loadu_si256((const __m256i *)(w + 2))),
+                                   _mm256_loadu_si256((const __m256i *)(w + 36)), 1);
+            scale = _mm512_mask_blend_ps(0xFF00, _mm512_set1_ps(half(w)), _mm512_set1_ps(half(w + 34)));
+        } else { /* a last odd block: the upper half weighs nothing */
+            q = _mm512_zextsi256_si512(_mm256_loadu_si256((const __m256i *)(w + 2)));
+            scale = _mm512_maskz_mov_ps(0x00FF, _mm512_set1_ps(half(w)));
+        }
+        __mmask64 negative = _mm512_movepi8_mask(q);
+        __m512i magnitude = _mm512_abs_epi8(q);
+        for (int r = 0; r < count; r++)
+            block[r] = _mm512_fmadd_ps(times_parts(magnitude, negative, a, rows[r], at), scale, block[r]);
+    }
+    for (int r = 0; r < count; r++) acc[r] = _mm512_fmadd_ps(block[r], _mm512_set1_ps(SCALE(r, b)), acc[r]);
+}
+
+/* Q8_0, whole blocks of 256 values (8 stored blocks of 32, 272 bytes): the codes are transposed
+ * so that register j holds bytes 8 j.. of each block (qword g: block g; natural_position), two
+ * 4-byte lanes per block in all four registers, so the three integer sums run over the 256
+ * values and the blocks' scales apply once, in float. Eight 32-byte loads (two blocks per
+ * register), `vpunpck[lh]qdq` and `vshufi64x2` transpose the 32 qwords. The codes are signed:
+ * stored 128 more (unsigned, one XOR), Σ (q + 128) a = Σ q a + 128 Σ a, and the sums start from
+ * -128 times each lane's sum of the part (offset_sums3, once per call). A lane sums 16 products of
+ * at most 255 · 127, < 2^19: exact in float. The eight fp16 scales come from four 64-byte loads
+ * by two byte permutes, each doubled (lanes 2 g, 2 g + 1: block g). */
 VNNI static INLINE void int_q8_0_rows(const uint8_t *w, const Activations *a, const int64_t *rows, const int count,
                                       float *out) {
+    const __m512i flip = _mm512_set1_epi8((char)0x80);
+    const __m512i first_scales = _mm512_loadu_si512(q8_0_scale_bytes[0]);
+    const __m512i last_scales = _mm512_loadu_si512(q8_0_scale_bytes[1]);
+    const int64_t stride = a->stride, whole = a->cols / 256;
     __m512 acc[MAX_ROWS];
     for (int r = 0; r < count; r++) acc[r] = _mm512_setzero_ps();
-    int64_t cols = a->cols;
-    for (int64_t start = 0, b = 0; start < cols; start += ACT_BLOCK, b++) {
-        int64_t stop = start + ACT_BLOCK < cols ? start + ACT_BLOCK : cols;
-        __m512 block[MAX_ROWS];
-        for (int r = 0; r < count; r++) block[r] = _mm512_setzero_ps();
-        for (int64_t at = start; at < stop; at += 64, w += 68) {
-            __m512i q;
-            __m512 scale;
-            if (at + 64 <= stop) {
-                q = _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_loadu_si256((const __m256i *)(w + 2))),
-                                       _mm256_loadu_si256((const __m256i *)(w + 36)), 1);
-                scale = _mm512_mask_blend_ps(0xFF00, _mm512_set1_ps(half(w)), _mm512_set1_ps(half(w + 34)));
-            } else { /* a last odd block: the upper half weighs nothing */
-                q = _mm512_zextsi256_si512(_mm256_loadu_si256((const __m256i *)(w + 2)));
-                scale = _mm512_maskz_mov_ps(0x00FF, _mm512_set1_ps(half(w)));
-            }
-            __mmask64 negative = _mm512_movepi8_mask(q);
-            __m512i magnitude = _mm512_abs_epi8(q);
-            for (int r = 0; r < count; r++)
-                block[r] = _mm512_fmadd_ps(times_parts(magnitude, negative, a, rows[r], at), scale, block[r]);
+    for (int64_t b = 0; b < whole; b++, w += 272) {
+        __m512i pairs[4]; /* blocks (0, 2), (1, 3), (4, 6), (5, 7) */
+        for (int i = 0; i < 4; i++) {
+            const uint8_t *first = w + 2 + 34 * ((i / 2) * 4 + i % 2);
+            pairs[i] = _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_loadu_si256((const __m256i *)first)),
+                                          _mm256_loadu_si256((const __m256i *)(first + 68)), 1);
         }
-        for (int r = 0; r < count; r++) acc[r] = _mm512_fmadd_ps(block[r], _mm512_set1_ps(SCALE(r, b)), acc[r]);
+        __m512i even0 = _mm512_unpacklo_epi64(pairs[0], pairs[1]), odd0 = _mm512_unpackhi_epi64(pairs[0], pairs[1]);
+        __m512i even4 = _mm512_unpacklo_epi64(pairs[2], pairs[3]), odd4 = _mm512_unpackhi_epi64(pairs[2], pairs[3]);
+        __m512i weights[4];
+        weights[0] = _mm512_xor_si512(_mm512_shuffle_i64x2(even0, even4, _MM_SHUFFLE(2, 0, 2, 0)), flip);
+        weights[1] = _mm512_xor_si512(_mm512_shuffle_i64x2(odd0, odd4, _MM_SHUFFLE(2, 0, 2, 0)), flip);
+        weights[2] = _mm512_xor_si512(_mm512_shuffle_i64x2(even0, even4, _MM_SHUFFLE(3, 1, 3, 1)), flip);
+        weights[3] = _mm512_xor_si512(_mm512_shuffle_i64x2(odd0, odd4, _MM_SHUFFLE(3, 1, 3, 1)), flip);
+        __m512i halves = _mm512_mask_blend_epi8(
+            0xFFFF0000ull,
+            _mm512_permutex2var_epi8(_mm512_loadu_si512(w), first_scales, _mm512_loadu_si512(w + 64)),
+            _mm512_permutex2var_epi8(_mm512_loadu_si512(w + 128), last_scales, _mm512_loadu_si512(w + 192)));
+        __m512 lane_scales = _mm512_cvtph_ps(_mm512_castsi512_si256(halves));
+        for (int r = 0; r < count; r++) {
+            const int8_t *part = a->parts + 3 * rows[r] * stride + 256 * b;
+            const int32_t *offsets = a->offsets + (rows[r] * a->blocks + b) * 48;
+            __m512i s0 = _mm512_loadu_si512(offsets), s1 = _mm512_loadu_si512(offsets + 16);
+            __m512i s2 = _mm512_loadu_si512(offsets + 32);
+            for (int j = 0; j < 4; j++) {
+                s0 = _mm512_dpbusd_epi32(s0, weights[j], _mm512_loadu_si512(part + 64 * j));
+                s1 = _mm512_dpbusd_epi32(s1, weights[j], _mm512_loadu_si512(part + stride + 64 * j));
+                s2 = _mm512_dpbusd_epi32(s2, weights[j], _mm512_loadu_si512(part + 2 * stride + 64 * j));
+            }
+            __m512 scale = _mm512_mul_ps(lane_scales, _mm512_set1_ps(SCALE(r, b)));
+            acc[r] = _mm512_fmadd_ps(parts_to_float(s0, s1, s2), scale, acc[r]);
+        }
     }
+    if (whole * 256 < a->cols) q8_0_tail(w, a, rows, count, whole * 256, acc);
     for (int r = 0; r < count; r++) out[r] = _mm512_reduce_add_ps(acc[r]);
 }
 
@@ -1038,8 +1099,8 @@ VNNI static INLINE void int_q4_k_rows(const uint8_t *w, const Activations *a, co
                 s1 = _mm512_dpbusd_epi32(s1, weights[j], _mm512_loadu_si512(parts[r] + stride + 64 * j));
                 s2 = _mm512_dpbusd_epi32(s2, weights[j], _mm512_loadu_si512(parts[r] + 2 * stride + 64 * j));
             }
-            acc[r] = _mm512_fmadd_ps(parts_to_float(s0, s1, s2), _mm512_mul_ps(lane_scales, _mm512_set1_ps(*scales[r])),
-                                     acc[r]);
+            __m512 scale = _mm512_mul_ps(lane_scales, _mm512_set1_ps(*scales[r]));
+            acc[r] = _mm512_fmadd_ps(parts_to_float(s0, s1, s2), scale, acc[r]);
             acc[r] = _mm512_fnmadd_ps(min16, _mm512_loadu_ps(sums[r]), acc[r]);
             parts[r] += 256, scales[r] += 1, sums[r] += 16;
         }
@@ -1659,7 +1720,8 @@ static void quantize_item(void *context, int64_t i) {
     }
     quantize_row_avx512(q->kind, x, a->cols, a->stride, parts, scales, sum16);
     if (q->kind == IQ2_XXS) offset_sums(parts, a->stride, a->cols, a->offsets + i * a->blocks * 32);
-    if (q->kind == MXFP4) mxfp4_offset_sums(parts, a->stride, a->blocks, a->offsets + i * a->blocks * 48);
+    if (q->kind == MXFP4) offset_sums3(parts, a->stride, a->blocks, 12, a->offsets + i * a->blocks * 48);
+    if (q->kind == Q8_0) offset_sums3(parts, a->stride, a->cols / ACT_BLOCK, 128, a->offsets + i * a->blocks * 48);
 }
 #endif
 
@@ -1743,7 +1805,7 @@ static PyObject *matmul(PyObject *self, PyObject *args) {
         activations.parts = aligned_alloc(64, (size_t)(3 * n * activations.stride + 64));
         activations.scales = malloc(sizeof(float) * (size_t)(n * activations.blocks));
         if (format->needs_sum16) activations.sum16 = malloc(sizeof(float) * (size_t)(n * (cols / 16) + 1));
-        int offsets = !vnni ? 0 : kind == IQ2_XXS ? 32 : kind == MXFP4 ? 48 : 0; /* int32 per block */
+        int offsets = !vnni ? 0 : kind == IQ2_XXS ? 32 : kind == MXFP4 || kind == Q8_0 ? 48 : 0; /* int32 per block */
         if (offsets)
             activations.offsets = aligned_alloc(64, sizeof(int32_t) * (size_t)(n * activations.blocks * offsets));
         if (!activations.parts || !activations.scales || (format->needs_sum16 && !activations.sum16) ||

@@ -74,8 +74,9 @@ int integer_products_in_use(void);
 /* An input row rounded to three int8 parts per value (x ≈ s (a0 + a1 / 254 + a2 / 254²)), one
  * scale s per ACT_BLOCK values; see "integer products" in cpu_kernels.c. `kind` sets their order
  * (MXFP4's pads a short last block with zeros to ACT_BLOCK values: the stride must leave room);
- * the GEMM asks for Q8_0's (natural). */
+ * the GEMM asks for NATURAL_PARTS. */
 #define ACT_BLOCK 256
+#define NATURAL_PARTS (-1)
 #ifdef HAVE_X86
 /* In the natural order (AVX2); the AVX-512 one puts each block in its format's layout. */
 void quantize_row_avx2(const float *x, int64_t cols, int64_t stride, int8_t *parts, float *scales, float *sum16);
