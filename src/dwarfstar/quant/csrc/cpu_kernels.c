@@ -1010,6 +1010,7 @@ VNNI static INLINE void int_q2_k_rows(const uint8_t *w, const Activations *a, co
     for (int j = 0; j < 4; j++) offsets[j] = _mm512_loadu_si512(q2_k_offsets[j]);
     __m512 acc[MAX_ROWS], min_acc[MAX_ROWS]; /* two sums: one dependent chain of two FMAs a block was its bound */
     for (int r = 0; r < count; r++) acc[r] = min_acc[r] = _mm512_setzero_ps();
+#pragma GCC unroll 2 /* two blocks an iteration: 4% faster for one row, the same for two */
     for (int64_t b = 0; b < a->cols / 256; b++, w += 84) {
         __m512i scales = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)w));
         __m512i table = _mm512_permutexvar_epi32(scales, multiples);
