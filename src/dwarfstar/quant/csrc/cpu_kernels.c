@@ -929,7 +929,7 @@ VNNI static INLINE void int_q8_0_rows(const uint8_t *w, const Activations *a, co
  * the same; the low nibbles index the value table (16 entries four times: bits 4-5 are ignored)
  * as they are, the high ones after a shift. The table holds the doubled values plus 12 (0 to 24,
  * unsigned: the signed parts are `vpdpbusd`'s memory operand), so each lane's sums start from
- * -12 times the lane's sum of the part over the four registers (mxfp4_offset_sums, once per
+ * -12 times the lane's sum of the part over the four registers (offset_sums3, once per
  * input row). Each lane then sums 16 values of one block, exactly (|Σ a w| ≤ 16 · 127 · 12 =
  * 24384), and the three sums go to float once per 256 values, times each lane's scale 2^(e - 128)
  * (vscalefps: subnormal for e < 2) and the input's s. */
@@ -969,10 +969,13 @@ VNNI static INLINE void mxfp4_block(const Mxfp4Tables *t, const uint8_t *w, cons
         const int8_t *part = a->parts + 3 * rows[r] * a->stride + 256 * b;
         const int32_t *offsets = a->offsets + (rows[r] * a->blocks + b) * 48;
         __m512i sum[3];
-        for (int k = 0; k < 3; k++) {
-            sum[k] = _mm512_loadu_si512(offsets + 16 * k);
-            for (int j = 0; j < 4; j++)
-                sum[k] = _mm512_dpbusd_epi32(sum[k], weights[j], _mm512_loadu_si512(part + k * a->stride + 64 * j));
+        for (int k = 0; k < 3; k++) { /* two chains of two vpdpbusd: one of four waits on itself */
+            const int8_t *at = part + k * a->stride;
+            __m512i first = _mm512_dpbusd_epi32(_mm512_loadu_si512(offsets + 16 * k), weights[0], _mm512_loadu_si512(at));
+            __m512i second = _mm512_dpbusd_epi32(_mm512_setzero_si512(), weights[2], _mm512_loadu_si512(at + 128));
+            first = _mm512_dpbusd_epi32(first, weights[1], _mm512_loadu_si512(at + 64));
+            second = _mm512_dpbusd_epi32(second, weights[3], _mm512_loadu_si512(at + 192));
+            sum[k] = _mm512_add_epi32(first, second);
         }
         __m512 block = _mm512_mul_ps(parts_to_float(sum[0], sum[1], sum[2]), scale);
         acc[r] = _mm512_fmadd_ps(block, _mm512_set1_ps(SCALE(r, b)), acc[r]);
