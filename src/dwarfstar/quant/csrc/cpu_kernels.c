@@ -1176,17 +1176,26 @@ VNNI static INLINE void iq2_xxs_pair(const Iq2Tables *t, const uint8_t *w, __m51
     for (int r = 0; r < count; r++) {
         const int8_t *part = a->parts + 3 * rows[r] * a->stride + 256 * b;
         const int32_t *offsets = a->offsets + (rows[r] * a->blocks + b) * 32;
-        /* two chains of four per part: eight dependent `vpdpbusd` would be twice one block's latency */
+        /* one row: two chains of four per part (eight dependent `vpdpbusd` would be twice one
+         * block's latency); two rows have four chains already, and the extra sums cost them */
         __m512i s0 = _mm512_loadu_si512(offsets), s1 = _mm512_loadu_si512(offsets + 16);
         __m512i t0 = _mm512_setzero_si512(), t1 = t0;
         for (int m = 0; m < 8; m += 2) {
             s0 = _mm512_dpbusd_epi32(s0, weights[m], iq2_parts(part, m, lone));
             s1 = _mm512_dpbusd_epi32(s1, weights[m], iq2_parts(part + a->stride, m, lone));
-            t0 = _mm512_dpbusd_epi32(t0, weights[m + 1], iq2_parts(part, m + 1, lone));
-            t1 = _mm512_dpbusd_epi32(t1, weights[m + 1], iq2_parts(part + a->stride, m + 1, lone));
+            __m512i p0 = iq2_parts(part, m + 1, lone), p1 = iq2_parts(part + a->stride, m + 1, lone);
+            if (count == 1) {
+                t0 = _mm512_dpbusd_epi32(t0, weights[m + 1], p0);
+                t1 = _mm512_dpbusd_epi32(t1, weights[m + 1], p1);
+            } else {
+                s0 = _mm512_dpbusd_epi32(s0, weights[m + 1], p0);
+                s1 = _mm512_dpbusd_epi32(s1, weights[m + 1], p1);
+            }
         }
-        s0 = _mm512_add_epi32(s0, t0);
-        s1 = _mm512_add_epi32(s1, t1);
+        if (count == 1) {
+            s0 = _mm512_add_epi32(s0, t0);
+            s1 = _mm512_add_epi32(s1, t1);
+        }
         __m512 input_scales; /* the first block's in the even lanes */
         if (lone)
             input_scales = _mm512_set1_ps(SCALE(r, b));
