@@ -989,6 +989,7 @@ VNNI static INLINE void int_mxfp4_rows(const uint8_t *w, const Activations *a, c
     __m512 acc[MAX_ROWS];
     for (int r = 0; r < count; r++) acc[r] = _mm512_setzero_ps();
     int64_t whole = a->cols / 256;
+#pragma GCC unroll 2
     for (int64_t b = 0; b < whole; b++, w += 136) mxfp4_block(&t, w, 136, a, rows, count, b, acc);
     if (a->cols % 256) mxfp4_block(&t, w, a->cols % 256 / 32 * 17, a, rows, count, whole, acc);
     for (int r = 0; r < count; r++) out[r] = _mm512_reduce_add_ps(acc[r]);
