@@ -232,3 +232,24 @@ def test_without_vnni_the_compiled_gemm_is_not_offered():
             cpu._compiled_gemm(torch.zeros(4, 64), w, None, torch.zeros(4, 4))
     finally:
         _cpu.set_isa("avx512vnni")
+
+
+def test_a_qtensor_whose_data_is_swapped_multiplies_its_new_data():
+    """cpu.linear keeps each QTensor's format and row stride; a QTensor whose data is swapped
+    (past the frozen dataclass), or a matrix taken out of a stack, must not use another's."""
+
+    def check(x, w, expected):  # IQ2_XXS's direct products round the inputs to s / 508
+        torch.testing.assert_close(cpu.linear(x, w), x @ dequantize(expected).T, rtol=1e-2, atol=1e-2)
+
+    stack = random_qtensor(Q.IQ2_XXS, (2, 8, 256), 0)
+    x = torch.from_numpy(np.random.default_rng(0).standard_normal((1, 256), dtype=np.float32))
+    first, second = stack[0], stack[1]
+    check(x, first, first)
+    object.__setattr__(first, "data", second.data)
+    check(x, first, second)
+    wider = random_qtensor(Q.Q2_K, (8, 512), 1)
+    for field in ("data", "kind", "shape"):
+        object.__setattr__(first, field, getattr(wider, field))
+    check(
+        torch.from_numpy(np.random.default_rng(1).standard_normal((1, 512), dtype=np.float32)), first, wider
+    )
