@@ -608,8 +608,9 @@ AVX512 static float fused_bf16_avx512(const uint8_t *w, const float *x, const fl
  * `vpdpbusd` (unsigned weights, signed parts: Q8_0's, IQ2_XXS's and MXFP4's weights are 128, 43
  * and 12 more than the signed ones, their sums start from the offsets), and the three integer
  * sums are combined in float once per register or block. The parts are stored in the weight's
- * order (natural_position, applied to each rounded block by permute_block), so that one 64-byte
- * load of stored codes meets one of input parts.
+ * order (natural_position), so that one 64-byte load of stored codes meets one of input parts:
+ * quantize_row_avx512 rounds each block in registers and lays it out there, by one two-register
+ * byte permute per 64 bytes (packed_layouts), before its only store.
  * Q2_K and Q4_K's minimum terms use the input's float sums per 16 values. */
 #define MAX_ROWS 2      /* input rows multiplied per pass over a stored row */
 #define INTEGER_TILE 4  /* stored rows per pass over the inputs */
@@ -631,7 +632,7 @@ typedef struct {
  * 32-byte chunk c, low nibbles (values 64 c + byte) in even dwords, high ones (64 c + 32 + byte)
  * in odd ones: group 2 c + m % 2. IQ2_XXS: dword 4 L + t of register j holds value 2 j + t / 2
  * of the four runs of 8 of group 2 L + t % 2; two blocks' registers j are then interleaved by
- * dwords (interleave_pair), so that register m of a pair of blocks holds value m of every run of
+ * dwords (quantize_row_avx512), so that register m of a pair of blocks holds value m of every run of
  * 8, each dword four runs of one group of one block (see int_iq2_xxs_rows). MXFP4: register j,
  * lanes 2 b and 2 b + 1, values 16 (j / 2) + 8 (j % 2).. + 7 of stored block b. Q8_0: register j,
  * lanes 2 b and 2 b + 1, values 8 j.. + 7 of stored block b; its short last block stays in the
@@ -652,6 +653,13 @@ static int natural_position(int kind, int p) {
     return p;
 }
 
+/* Where natural value v of a block sits after packing its four registers of 16 int32 per 64 values
+ * to bytes (_mm512_packs_epi32 twice, then _mm512_packs_epi16, each per 128-bit lane). */
+static int packed_position(int v) {
+    int q = v / 64, m = (v % 64) / 16, lane = (v % 16) / 4, e = v % 4;
+    return 64 * q + 16 * lane + 4 * m + e;
+}
+
 /* out[MAX_ROWS i + r] = stored row i (at w + i row_stride, cols values) @ input row rows[r], for
  * i < stored and r < count ≤ MAX_ROWS. */
 typedef void (*IntDotFn)(const uint8_t *w, int64_t row_stride, int stored, const Activations *a, const int64_t *rows,
@@ -666,6 +674,9 @@ uint8_t iq2_signs[128];
 static uint8_t q8_0_scale_bytes[2][64]; /* blocks 0-3 from bytes 0..127, 4-7 from 128..255: byte permutes */
 static uint8_t q4_k_spread[2][64];   /* byte 4 L: lane L's scale, minimum in [scales, minimums] */
 static uint8_t layouts[5][256];     /* Q2_K, Q4_K, IQ2_XXS, MXFP4, Q8_0: natural_position */
+/* the same, for the registers of bytes that _mm512_packs_epi32 then _mm512_packs_epi16 leave: 64 q
+ * + byte 16 L + 4 m + e of those holds value 64 q + 16 m + 4 L + e (packed_position) */
+static uint8_t packed_layouts[5][256];
 static uint8_t iq2_sign_windows[2][64]; /* byte p (run p % 4): bits 28 + 7 (p % 4), 32 + 7 (p % 4) */
 /* 43 + the signed weight, from the 2-bit code at bits 2 j and the sign at bit 4 + j of the index */
 static uint8_t iq2_offset_weights[2][64];
@@ -676,14 +687,9 @@ static uint8_t mxfp4_codes_index[64];    /* byte 8 b + t: block b's code byte t,
 static uint8_t mxfp4_exponent_index[64]; /* byte 4 l: block l / 2's exponent byte, from 128 bytes */
 static float iq2_group_scales[16];  /* (0.5 + s) / 4 = (2 s + 1) / 8 of each 4-bit group scale s */
 
-/* The layout of the inputs' parts for format `kind`, NULL for the natural order. */
-static const uint8_t *layout_of(int kind) {
-    return kind == Q2_K      ? layouts[0]
-           : kind == Q4_K    ? layouts[1]
-           : kind == IQ2_XXS ? layouts[2]
-           : kind == MXFP4   ? layouts[3]
-           : kind == Q8_0    ? layouts[4]
-                             : NULL;
+/* Which of `layouts` the inputs' parts of format `kind` take, -1 for the natural order. */
+static int layout_number(int kind) {
+    return kind == Q2_K ? 0 : kind == Q4_K ? 1 : kind == IQ2_XXS ? 2 : kind == MXFP4 ? 3 : kind == Q8_0 ? 4 : -1;
 }
 
 static void build_int_tables(void) {
@@ -727,6 +733,7 @@ static void build_int_tables(void) {
         layouts[2][p] = (uint8_t)natural_position(IQ2_XXS, p);
         layouts[3][p] = (uint8_t)natural_position(MXFP4, p);
         layouts[4][p] = (uint8_t)natural_position(Q8_0, p);
+        for (int f = 0; f < 5; f++) packed_layouts[f][p] = (uint8_t)packed_position(layouts[f][p]);
     }
 }
 
@@ -740,7 +747,8 @@ VNNI static INLINE __m512 parts_to_float(__m512i s0, __m512i s1, __m512i s2) {
     return _mm512_fmadd_ps(_mm512_cvtepi32_ps(s2), _mm512_set1_ps(1.0f / (254.0f * 254.0f)), value);
 }
 
-/* 256 bytes at p in the order `layout` (byte i = p[layout[i]]), in place. */
+/* 256 bytes at p in the order `layout` (byte i = p[layout[i]]), in place (MXFP4's short last
+ * block, rounded by quantize_row_avx2). */
 VNNI static void permute_block(int8_t *p, const uint8_t *layout) {
     __m512i n0 = _mm512_loadu_si512(p), n1 = _mm512_loadu_si512(p + 64), n2 = _mm512_loadu_si512(p + 128);
     __m512i n3 = _mm512_loadu_si512(p + 192);
@@ -752,44 +760,99 @@ VNNI static void permute_block(int8_t *p, const uint8_t *layout) {
     }
 }
 
-/* IQ2_XXS: two blocks' registers j (at p, p + 256) to register 2 j and 2 j + 1 of the pair: their
- * dwords interleaved, the first block's in the even dwords. */
-VNNI static void interleave_pair(int8_t *p) {
-    __m512i first[4], second[4];
-    for (int j = 0; j < 4; j++) {
-        first[j] = _mm512_loadu_si512(p + 64 * j);
-        second[j] = _mm512_loadu_si512(p + 256 + 64 * j);
-    }
-    for (int j = 0; j < 4; j++) {
-        _mm512_storeu_si512(p + 128 * j, _mm512_unpacklo_epi32(first[j], second[j]));
-        _mm512_storeu_si512(p + 128 * j + 64, _mm512_unpackhi_epi32(first[j], second[j]));
-    }
-}
-
 /* Register m of IQ2_XXS's parts of a pair of blocks at p; `lone`: a last odd block, stored as one
- * block (interleave_pair not applied), interleaved here with zeros. */
+ * block (not interleaved when quantized), interleaved here with zeros. */
 VNNI static INLINE __m512i iq2_parts(const int8_t *p, int m, int lone) {
     if (!lone) return _mm512_loadu_si512(p + 64 * m);
     __m512i block = _mm512_loadu_si512(p + 64 * (m / 2)), zero = _mm512_setzero_si512();
     return m % 2 ? _mm512_unpackhi_epi32(block, zero) : _mm512_unpacklo_epi32(block, zero);
 }
 
-/* Round input row x to its parts in the weight's order (quantize_row_avx2, then each block of a
- * format with a layout permuted to it; MXFP4's short last block padded with zeros to 256 values
- * first, the stride leaves room), its scales, and its sums per 16 values when sum16 is given. */
+/* One whole block of 256 values at x rounded as quantize_row_avx2 rounds it, value for value (the
+ * same divisions and roundings, 16 values a step), its scale to *scale, and its first `count`
+ * parts laid out by `index` (packed_layouts) into out[k][0..3]. */
+VNNI static INLINE void quantize_block(const float *x, const uint8_t *index, int count, __m512i out[3][4], float *scale) {
+    const int rounding = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
+    __m512 most[4];
+    __mmask16 unordered = 0; /* max drops nan */
+    for (int i = 0; i < 4; i++) most[i] = _mm512_setzero_ps();
+    for (int j = 0; j < 16; j++) {
+        __m512 v = _mm512_loadu_ps(x + 16 * j);
+        most[j % 4] = _mm512_max_ps(most[j % 4], _mm512_abs_ps(v));
+        unordered |= _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
+    }
+    float top = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_max_ps(most[0], most[1]), _mm512_max_ps(most[2], most[3])));
+    if (unordered || !(top < INFINITY)) top = NAN;
+    float s = top / 127.0f;
+    *scale = s;
+    const __m512 divisor = _mm512_set1_ps(s > 0.0f ? s : 1.0f), radix = _mm512_set1_ps(254.0f);
+    __m512i packed[3][4];
+    for (int j = 0; j < 4; j++) { /* 64 values: four registers of int32 packed to bytes per part */
+        __m512i part[3][4];
+        for (int i = 0; i < 4; i++) {
+            __m512 r = _mm512_div_ps(_mm512_loadu_ps(x + 64 * j + 16 * i), divisor);
+            for (int k = 0; k < count; k++) {
+                __m512 rounded = _mm512_roundscale_ps(r, rounding);
+                part[k][i] = _mm512_cvtps_epi32(rounded);
+                r = _mm512_mul_ps(_mm512_sub_ps(r, rounded), radix);
+            }
+        }
+        for (int k = 0; k < count; k++) /* saturating, as the AVX2 packs; the lanes' order is in `index` */
+            packed[k][j] = _mm512_packs_epi16(_mm512_packs_epi32(part[k][0], part[k][1]),
+                                              _mm512_packs_epi32(part[k][2], part[k][3]));
+    }
+    for (int j = 0; j < 4; j++) {
+        __m512i at = _mm512_loadu_si512(index + 64 * j);
+        __mmask64 upper = _mm512_movepi8_mask(at);
+        for (int k = 0; k < count; k++)
+            out[k][j] = _mm512_mask_blend_epi8(upper, _mm512_permutex2var_epi8(packed[k][0], at, packed[k][1]),
+                                               _mm512_permutex2var_epi8(packed[k][2], at, packed[k][3]));
+    }
+}
+
+/* Round input row x to its parts in the weight's order (quantize_row_avx2's rounding; each whole
+ * block laid out while in registers, IQ2_XXS's pairs of blocks interleaved there too, and only its
+ * two parts made), its scales, and its sums per 16 values when sum16 is given. A short last block
+ * goes through quantize_row_avx2: MXFP4's then padded with zeros to 256 values (the stride leaves
+ * room) and laid out, Q8_0's left in the natural order. */
 VNNI void quantize_row_avx512(int kind, const float *x, int64_t cols, int64_t stride, int8_t *parts,
-                                     float *scales, float *sum16) {
-    quantize_row_avx2(x, cols, stride, parts, scales, sum16);
-    const uint8_t *layout = layout_of(kind);
-    if (layout == NULL) return;
-    if (kind == MXFP4 && cols % ACT_BLOCK) /* padded, laid out too; the other formats have whole blocks */
-        for (int k = 0; k < 3; k++) memset(parts + k * stride + cols, 0, (size_t)(ACT_BLOCK - cols % ACT_BLOCK));
-    int64_t laid_out = kind == Q8_0 ? cols - cols % ACT_BLOCK : cols; /* Q8_0's short last block: natural */
-    for (int64_t start = 0; start < laid_out; start += ACT_BLOCK)
-        for (int k = 0; k < 3; k++) permute_block(parts + k * stride + start, layout);
-    if (kind == IQ2_XXS) /* pairs of blocks interleaved; a last odd one stays as it is */
-        for (int64_t start = 0; start + 2 * ACT_BLOCK <= cols; start += 2 * ACT_BLOCK)
-            for (int k = 0; k < 3; k++) interleave_pair(parts + k * stride + start);
+                              float *scales, float *sum16) {
+    int number = layout_number(kind);
+    if (number < 0) {
+        quantize_row_avx2(x, cols, stride, parts, scales, sum16);
+        return;
+    }
+    const uint8_t *index = packed_layouts[number];
+    int64_t whole = cols / ACT_BLOCK;
+    int count = kind == IQ2_XXS ? 2 : 3;
+    for (int64_t b = 0; b < whole; b++) {
+        __m512i block[3][4];
+        quantize_block(x + ACT_BLOCK * b, index, count, block, scales + b);
+        if (kind == IQ2_XXS && b + 1 < whole) { /* a pair: registers j of both, dwords interleaved */
+            __m512i second[3][4];
+            quantize_block(x + ACT_BLOCK * (b + 1), index, count, second, scales + b + 1);
+            for (int k = 0; k < count; k++)
+                for (int j = 0; j < 4; j++) {
+                    int8_t *at = parts + k * stride + ACT_BLOCK * b + 128 * j;
+                    _mm512_storeu_si512(at, _mm512_unpacklo_epi32(block[k][j], second[k][j]));
+                    _mm512_storeu_si512(at + 64, _mm512_unpackhi_epi32(block[k][j], second[k][j]));
+                }
+            b++;
+            continue;
+        }
+        for (int k = 0; k < count; k++)
+            for (int j = 0; j < 4; j++) _mm512_storeu_si512(parts + k * stride + ACT_BLOCK * b + 64 * j, block[k][j]);
+    }
+    int64_t start = ACT_BLOCK * whole;
+    if (start < cols) {
+        quantize_row_avx2(x + start, cols - start, stride, parts + start, scales + whole, NULL);
+        if (kind == MXFP4)
+            for (int k = 0; k < 3; k++) {
+                memset(parts + k * stride + cols, 0, (size_t)(start + ACT_BLOCK - cols));
+                permute_block(parts + k * stride + start, layouts[number]);
+            }
+    }
+    if (sum16) sums_of_16(x, cols, sum16);
 }
 
 /* IQ2_XXS's sums start from -43 times each lane's sum of the part (its weights are 43 more than
@@ -1125,7 +1188,7 @@ VNNI static INLINE void int_q4_k_rows(const uint8_t *w, const Activations *a, co
  * registers 0 and 1's tables of 43 + the signed weight (unsigned, 0 to 86; table k reads bits 2 k
  * and 4 + k, `vpermb`), the same with codes and signs shifted down by 4 and 2 registers 2 and
  * 3's, likewise 4-7 from the high bytes. The inputs' parts are laid out to match
- * (natural_position, interleave_pair), so the two integer sums of each dword run over one whole
+ * (natural_position, pairs interleaved by quantize_row_avx512), so the two integer sums of each dword run over one whole
  * group of 32 (lane 2 g + block: group g), starting from -43 times the lane's sum of the part,
  * and the group scales, d and the input's scale of either block apply to the lanes once per pair. */
 typedef struct {
@@ -1281,6 +1344,12 @@ static void build_avx2_int_tables(void) {
 }
 
 #ifdef HAVE_X86
+/* The sums of x per 16 values (Q2_K's and Q4_K's minimum terms). */
+AVX2 void sums_of_16(const float *x, int64_t cols, float *sum16) {
+    for (int64_t j = 0; j < cols / 16; j++)
+        sum16[j] = hsum(_mm256_add_ps(_mm256_loadu_ps(x + 16 * j), _mm256_loadu_ps(x + 16 * j + 8)));
+}
+
 /* Round input row x to its three parts in the natural order, its scales per ACT_BLOCK values,
  * and its sums per 16 values when sum16 is given (the rounding of "integer products"). */
 AVX2 void quantize_row_avx2(const float *x, int64_t cols, int64_t stride, int8_t *parts, float *scales,
@@ -1325,9 +1394,7 @@ AVX2 void quantize_row_avx2(const float *x, int64_t cols, int64_t stride, int8_t
             }
         }
     }
-    if (sum16)
-        for (int64_t j = 0; j < cols / 16; j++)
-            sum16[j] = hsum(_mm256_add_ps(_mm256_loadu_ps(x + 16 * j), _mm256_loadu_ps(x + 16 * j + 8)));
+    if (sum16) sums_of_16(x, cols, sum16);
 }
 
 /* The float value of three parts' integer sums s0 + s1 / 254 + s2 / 254². */

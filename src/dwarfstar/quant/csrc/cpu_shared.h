@@ -80,6 +80,7 @@ int integer_products_in_use(void);
 #ifdef HAVE_X86
 /* In the natural order (AVX2); the AVX-512 one puts each block in its format's layout. */
 void quantize_row_avx2(const float *x, int64_t cols, int64_t stride, int8_t *parts, float *scales, float *sum16);
+void sums_of_16(const float *x, int64_t cols, float *sum16);
 void quantize_row_avx512(int kind, const float *x, int64_t cols, int64_t stride, int8_t *parts, float *scales,
                          float *sum16);
 #endif
