@@ -1015,7 +1015,13 @@ VNNI static INLINE __m512i mxfp4_load(const uint8_t *w, int64_t at, const int wh
  * µs against 122 in cache, two rows 460-510 against 195; 48 blocks ahead: 150-160 and 245-255
  * (8, 16, 24, 32 blocks: 175, 190, 160, 170). 4096x2048 read from memory was not hurt as much:
  * 157-161 µs, 148-150 with the prefetch (two rows 215 -> 230). The prefetches cost the cache-warm
- * products 10-15% (one thread, load ~2.7). */
+ * products 10-15% (one thread, load ~2.7). The same prefetch (1, 2, 4, 8 or 12 KB ahead, a line
+ * per 64 bytes) in the Q8_0, Q4_K, Q2_K and IQ2_XXS one-row products gained nothing clear and is
+ * left out: the hardware's keeps up with their rows (2048x4096 read from memory, one thread: Q2_K
+ * 108 µs against 104 in cache, IQ2_XXS 105 against 100, Q4_K 116-126 against 114-116, Q8_0
+ * 153-159 against 145-149), two threads on Q8_0 read at the memory's pace (88-100 µs, about 100 GB/s,
+ * with or without), and the prefetches cost the cache-warm products 2-18% (Q8_0 148 -> 154-173 µs,
+ * two threads 77 -> 81-91; load ~1). */
 #define MXFP4_AHEAD (48 * 136)
 
 /* One block of 256 values at w, `bytes` of it stored (136: whole). */
