@@ -182,27 +182,24 @@ def test_two_python_threads_calling_at_once_get_what_each_gets_alone(two_threads
 
 def test_back_to_back_calls_with_changing_threads_and_items_get_what_one_thread_gets():
     """The C pool's workers join each call through a shared ticket, and a call may want fewer of
-    them than the last (fewer items than threads): thousands of calls in a row, from one to ten
-    items (bands of rows) on one to four threads, must each run every item, whichever workers are
-    awake, late or left out (the outputs start as NaN: an item skipped shows)."""
+    them than the last (fewer items than threads): thousands of calls in a row, from one to 32
+    items (bands of stored rows decoded) on one to four threads, must each run every item,
+    whichever workers are awake, late or left out (the outputs start as NaN: an item skipped
+    shows)."""
     w = random_qtensor(Q.IQ2_XXS, (40, 256), 0)
-    x = torch.from_numpy(np.random.default_rng(0).standard_normal((1, 256), dtype=np.float32))
     stride = w.data.stride(0)
 
-    def product(rows, threads):
-        out = torch.full((1, rows), float("nan"))
-        _cpu.matmul(
-            int(w.kind), w.data.data_ptr(), 0, stride, rows, 256,
-            x.data_ptr(), 1, 256, 0, 1, 1, out.data_ptr(), threads,
-        )  # fmt: skip
+    def decoded(rows, threads):
+        out = torch.full((rows, 256), float("nan"))
+        _cpu.decode(int(w.kind), w.data.data_ptr(), stride, rows, 256, out.data_ptr(), threads)
         return out
 
-    alone = {rows: product(rows, 1) for rows in range(1, 41)}
+    alone = {rows: decoded(rows, 1) for rows in range(1, 41)}
     rng = np.random.default_rng(1)
     for rows, threads in zip(
         rng.integers(1, 41, 3000).tolist(), rng.integers(1, 5, 3000).tolist(), strict=True
     ):
-        assert torch.equal(product(rows, threads), alone[rows]), (rows, threads)
+        assert torch.equal(decoded(rows, threads), alone[rows]), (rows, threads)
 
 
 def test_a_forked_child_runs_the_kernels_and_the_pools(two_threads, isa):

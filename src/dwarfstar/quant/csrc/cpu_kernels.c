@@ -1918,6 +1918,8 @@ static int allocate_activations(Activations *a, int64_t n, int sum16, int offset
 }
 #endif
 
+#define MIN_BAND_WORK (1 << 18) /* weights times input rows in a band of the direct products: see matmul */
+
 /* matmul(kind, w, expert_stride, row_stride, rows, cols, x, n, x_stride, ids, k, experts, out,
  *        threads): out (n * k, rows) = for each input row i and slot j, x[i] @ W[ids[i, j]].T.
  * Addresses are integers (tensor.data_ptr()); ids = 0 means one matrix (k = 1, expert 0). */
@@ -1959,11 +1961,17 @@ static PyObject *matmul(PyObject *self, PyObject *args) {
         }
     group_start[groups] = pairs;
 
-    /* Bands of output rows, at least 4 rows each: one contiguous band per thread (per expert when
-     * several), since each thread then streams one run of memory; eight bands per thread, handed
-     * out in turn, made one-row products 10-15% slower (docs/benchmarks.md). */
+    /* Bands of output rows: one contiguous band per thread (per expert when several), since each
+     * thread then streams one run of memory; eight bands per thread, handed out in turn, made
+     * one-row products 10-15% slower (docs/benchmarks.md). A band is at least MIN_BAND_WORK
+     * weights times inputs (4 rows at least): handing a band to another thread costs about 2 us
+     * (its noticing, the inputs' parts moving to its core, waiting for its result), so one row
+     * of IQ2_XXS 64x4096 took 4.3 us on one thread and 5.4 (median) on two, 128x4096 7.5 and 6.9. */
     int64_t target = (int64_t)(threads > 0 ? threads : 1);
     int64_t band = (rows * (groups ? groups : 1) + target - 1) / target;
+    int64_t inputs_per_group = groups ? (pairs + groups - 1) / groups : 1;
+    int64_t least = MIN_BAND_WORK / (cols * inputs_per_group > 0 ? cols * inputs_per_group : 1);
+    if (band < least) band = least;
     if (band < 4) band = 4;
     if (band > rows) band = rows > 0 ? rows : 1;
     Product p = {format->portable, dot_portable, NULL, NULL, NULL, NULL, (const uint8_t *)(uintptr_t)w, expert_stride, row_stride, rows, cols,
