@@ -1918,7 +1918,7 @@ static int allocate_activations(Activations *a, int64_t n, int sum16, int offset
 }
 #endif
 
-#define MIN_BAND_WORK (1 << 18) /* weights times input rows in a band of the direct products: see matmul */
+#define MIN_BAND_WORK (1 << 17) /* weights times input rows in a band of the direct products: see matmul */
 
 /* matmul(kind, w, expert_stride, row_stride, rows, cols, x, n, x_stride, ids, k, experts, out,
  *        threads): out (n * k, rows) = for each input row i and slot j, x[i] @ W[ids[i, j]].T.
@@ -1964,9 +1964,10 @@ static PyObject *matmul(PyObject *self, PyObject *args) {
     /* Bands of output rows: one contiguous band per thread (per expert when several), since each
      * thread then streams one run of memory; eight bands per thread, handed out in turn, made
      * one-row products 10-15% slower (docs/benchmarks.md). A band is at least MIN_BAND_WORK
-     * weights times inputs (4 rows at least): handing a band to another thread costs about 2 us
-     * (its noticing, the inputs' parts moving to its core, waiting for its result), so one row
-     * of IQ2_XXS 64x4096 took 4.3 us on one thread and 5.4 (median) on two, 128x4096 7.5 and 6.9. */
+     * weights times inputs (4 rows at least): handing a band to another thread costs about a
+     * microsecond on a quiet machine, more on a busy one (one row of IQ2_XXS, medians: 32x4096
+     * 2.8 us on one thread, 2.7 on two; 64x4096 4.4 and 3.8, but 5.4 on two when the other core
+     * was busy). */
     int64_t target = (int64_t)(threads > 0 ? threads : 1);
     int64_t band = (rows * (groups ? groups : 1) + target - 1) / target;
     int64_t inputs_per_group = groups ? (pairs + groups - 1) / groups : 1;
