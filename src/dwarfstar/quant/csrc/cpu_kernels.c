@@ -1290,8 +1290,13 @@ VNNI static INLINE void iq2_xxs_pair(const Iq2Tables *t, const uint8_t *w, __m51
     }
 }
 
-VNNI static INLINE void int_iq2_xxs_rows(const uint8_t *w, const Activations *a, const int64_t *rows, const int count,
-                                         float *out) {
+/* Stored rows i < stored at w + i row_stride, as int_q2_k_rows and the others but in one loop over
+ * all their pairs of blocks, each row's sums taken at its end: with a loop over the pairs inside
+ * one over the rows (INT_DOT), gcc saved sixteen of the ~20 constant registers to the stack and
+ * restored them around each row's loop, ~33 cycles a row (4096x2048, one input row, one thread:
+ * 129 us against 107 us for the same bytes as 2048x4096). */
+VNNI static INLINE void int_iq2_xxs_tile(const uint8_t *w, int64_t row_stride, int stored, const Activations *a,
+                                         const int64_t *rows, const int count, float *out) {
     Iq2Tables t;
     for (int h = 0; h < 2; h++)
         for (int i = 0; i < 4; i++) t.code_bytes[h][i] = _mm512_loadu_si512(iq2_code_bytes[h] + 64 * i);
@@ -1304,11 +1309,32 @@ VNNI static INLINE void int_iq2_xxs_rows(const uint8_t *w, const Activations *a,
     __m512 acc[MAX_ROWS];
     for (int r = 0; r < count; r++) acc[r] = _mm512_setzero_ps();
     int64_t blocks = a->cols / 256, b = 0;
-    for (; b + 1 < blocks; b += 2, w += 132)
-        iq2_xxs_pair(&t, w, _mm512_loadu_si512(w + 2), _mm512_loadu_si512(w + 68), 0, a, rows, count, b, acc);
-    if (b < blocks)
-        iq2_xxs_pair(&t, w, _mm512_loadu_si512(w + 2), _mm512_setzero_si512(), 1, a, rows, count, b, acc);
-    for (int r = 0; r < count; r++) out[r] = _mm512_reduce_add_ps(acc[r]);
+    for (int i = 0; i < stored;) {
+        const uint8_t *pair = w + i * row_stride + 66 * b;
+        if (b + 1 < blocks) {
+            iq2_xxs_pair(&t, pair, _mm512_loadu_si512(pair + 2), _mm512_loadu_si512(pair + 68), 0, a, rows, count, b,
+                         acc);
+            b += 2, pair += 132;
+        }
+        if (b + 1 >= blocks) { /* the row's end */
+            if (b < blocks)
+                iq2_xxs_pair(&t, pair, _mm512_loadu_si512(pair + 2), _mm512_setzero_si512(), 1, a, rows, count, b,
+                             acc);
+            for (int r = 0; r < count; r++) {
+                out[MAX_ROWS * i + r] = _mm512_reduce_add_ps(acc[r]);
+                acc[r] = _mm512_setzero_ps();
+            }
+            b = 0, i++;
+        }
+    }
+}
+
+VNNI static void int_iq2_xxs(const uint8_t *w, int64_t row_stride, int stored, const Activations *a,
+                             const int64_t *rows, int count, float *out) {
+    if (count == 1)
+        int_iq2_xxs_tile(w, row_stride, stored, a, rows, 1, out);
+    else
+        int_iq2_xxs_tile(w, row_stride, stored, a, rows, 2, out);
 }
 
 /* One function per format taking 1 or MAX_ROWS = 2 rows, a copy specialised for each count. */
@@ -1325,7 +1351,6 @@ VNNI static INLINE void int_iq2_xxs_rows(const uint8_t *w, const Activations *a,
 INT_DOT(VNNI, int_q8_0)
 INT_DOT(VNNI, int_q2_k)
 INT_DOT(VNNI, int_q4_k)
-INT_DOT(VNNI, int_iq2_xxs)
 INT_DOT(VNNI, int_mxfp4)
 #endif
 
