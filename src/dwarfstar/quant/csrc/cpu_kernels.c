@@ -1020,8 +1020,8 @@ VNNI static INLINE __m512i mxfp4_load(const uint8_t *w, int64_t at, const int wh
  * (8, 16, 24, 32 blocks: 175, 190, 160, 170). 4096x2048 read from memory was not hurt as much:
  * 157-161 µs, 148-150 with the prefetch (two rows 215 -> 230). The prefetches cost the cache-warm
  * products 10-15% (one thread, load ~2.7). The same prefetch (1, 2, 4, 8 or 12 KB ahead, a line
- * per 64 bytes) in the Q8_0, Q4_K, Q2_K and IQ2_XXS one-row products gained nothing clear and is
- * left out: the hardware's keeps up with their rows (2048x4096 read from memory, one thread: Q2_K
+ * per 64 bytes) in the Q8_0, Q4_K and IQ2_XXS one-row products gained nothing clear in the best
+ * calls and is left out (Q2_K's typical calls gain: Q2_K_AHEAD): the hardware's keeps up with their rows (2048x4096 read from memory, one thread: Q2_K
  * 108 µs against 104 in cache, IQ2_XXS 105 against 100, Q4_K 116-126 against 114-116, Q8_0
  * 153-159 against 145-149), two threads on Q8_0 read at the memory's pace (88-100 µs, about 100 GB/s,
  * with or without), and the prefetches cost the cache-warm products 2-18% (Q8_0 148 -> 154-173 µs,
@@ -1089,6 +1089,14 @@ VNNI static INLINE void int_mxfp4_rows(const uint8_t *w, const Activations *a, c
  * leave their code at bits 4-5 (of the same two) and take the sub-block in bits 0-3, through the
  * table permuted once (byte 16 t + s): one shift and one masked or (`vpternlogd`) per index for
  * all four. The same dwords shifted by 4 are the minimums. */
+/* Stored bytes prefetched ahead of the Q2_K block in hand (about 49 blocks): the best calls are
+ * the same with or without it (two threads, one row of 2048x4096 cycling copies that overflow
+ * the caches: 62.7 against 64-66 µs), but the typical ones are not: the median went 83.5-88.2 ->
+ * 67.6-76.9 µs and the 90th percentile 117-129 -> 87-120 in three rounds alternating with the
+ * kernel without it (1024 bytes ahead: worse, 2048: between). In cache it costs 2.5-4% (57.1-59.2
+ * -> 58.5-61.6 µs). */
+#define Q2_K_AHEAD 4096
+
 VNNI static INLINE void int_q2_k_rows(const uint8_t *w, const Activations *a, const int64_t *rows, const int count,
                                       float *out) {
     const __m512i multiples = _mm512_loadu_si512(q2_k_multiples), spread = _mm512_loadu_si512(q2_k_spread);
@@ -1099,6 +1107,8 @@ VNNI static INLINE void int_q2_k_rows(const uint8_t *w, const Activations *a, co
     for (int r = 0; r < count; r++) acc[r] = min_acc[r] = _mm512_setzero_ps();
 #pragma GCC unroll 2 /* two blocks an iteration: 4% faster for one row, the same for two */
     for (int64_t b = 0; b < a->cols / 256; b++, w += 84) {
+        _mm_prefetch((const char *)w + Q2_K_AHEAD, _MM_HINT_T0); /* two lines a block: the next one's first takes any third */
+        _mm_prefetch((const char *)w + Q2_K_AHEAD + 64, _MM_HINT_T0);
         __m512i scales = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)w));
         __m512i table = _mm512_permutexvar_epi32(scales, multiples);
         __m512i high_table = _mm512_permutexvar_epi8(spread, table);
