@@ -1020,8 +1020,8 @@ VNNI static INLINE __m512i mxfp4_load(const uint8_t *w, int64_t at, const int wh
  * (8, 16, 24, 32 blocks: 175, 190, 160, 170). 4096x2048 read from memory was not hurt as much:
  * 157-161 µs, 148-150 with the prefetch (two rows 215 -> 230). The prefetches cost the cache-warm
  * products 10-15% (one thread, load ~2.7). The same prefetch (1, 2, 4, 8 or 12 KB ahead, a line
- * per 64 bytes) in the Q8_0, Q4_K and IQ2_XXS one-row products gained nothing clear in the best
- * calls and is left out (Q2_K's typical calls gain: Q2_K_AHEAD): the hardware's keeps up with their rows (2048x4096 read from memory, one thread: Q2_K
+ * per 64 bytes) in the Q8_0 and Q4_K one-row products gained nothing clear in the best calls and
+ * is left out (Q2_K's and IQ2_XXS's typical calls gain: Q2_K_AHEAD, IQ2_XXS_AHEAD): the hardware's keeps up with their rows (2048x4096 read from memory, one thread: Q2_K
  * 108 µs against 104 in cache, IQ2_XXS 105 against 100, Q4_K 116-126 against 114-116, Q8_0
  * 153-159 against 145-149), two threads on Q8_0 read at the memory's pace (88-100 µs, about 100 GB/s,
  * with or without), and the prefetches cost the cache-warm products 2-18% (Q8_0 148 -> 154-173 µs,
@@ -1309,6 +1309,13 @@ VNNI static INLINE void iq2_xxs_pair(const Iq2Tables *t, const uint8_t *w, __m51
  * one over the rows (INT_DOT), gcc saved sixteen of the ~20 constant registers to the stack and
  * restored them around each row's loop, ~33 cycles a row (4096x2048, one input row, one thread:
  * 129 us against 107 us for the same bytes as 2048x4096). */
+/* Stored bytes prefetched ahead of the pair of IQ2_XXS blocks in hand (about 31 pairs). Two threads,
+ * one row of 2048x4096 cycling copies that overflow the caches: the median call 59.2-60.7 ->
+ * 55.8-57.3 µs and the best 53.4-57.0 -> 51.9-54.9 in five rounds alternating with the kernel
+ * without it (2048 or 8192 bytes ahead: less clear); in cache the same (53.6-54.0 against 53.0-53.3
+ * µs, one thread 98.6-100.5 against 98.4-99.7). */
+#define IQ2_XXS_AHEAD 4096
+
 VNNI static INLINE void int_iq2_xxs_tile(const uint8_t *w, int64_t row_stride, int stored, const Activations *a,
                                          const int64_t *rows, const int count, float *out) {
     Iq2Tables t;
@@ -1326,6 +1333,8 @@ VNNI static INLINE void int_iq2_xxs_tile(const uint8_t *w, int64_t row_stride, i
     for (int i = 0; i < stored;) {
         const uint8_t *pair = w + i * row_stride + 66 * b;
         if (b + 1 < blocks) {
+            for (int at = 0; at < 192; at += 64) /* a pair of 132 bytes spans three lines at most */
+                _mm_prefetch((const char *)pair + IQ2_XXS_AHEAD + at, _MM_HINT_T0);
             iq2_xxs_pair(&t, pair, _mm512_loadu_si512(pair + 2), _mm512_loadu_si512(pair + 68), 0, a, rows, count, b,
                          acc);
             b += 2, pair += 132;
