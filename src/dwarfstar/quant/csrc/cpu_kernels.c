@@ -1479,6 +1479,21 @@ AVX2 static INLINE_AVX void add_products(__m256i *s, int parts, __m256i weights,
     }
 }
 
+/* Q2_K and Q4_K's minimums, one byte per 16 values of a block, times dmin: floats 0-7, 8-15. */
+AVX2 static INLINE_AVX void minimums16(__m128i bytes, float dmin, __m256 *mins) {
+    mins[0] = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(bytes)), _mm256_set1_ps(dmin));
+    mins[1] = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(bytes, 8))), _mm256_set1_ps(dmin));
+}
+
+/* One block of 256 values into acc: its three integer sums times `scale` (d times the input's
+ * scale), less each 16 values' minimum times the input's sum over them (`sums`). */
+AVX2 static INLINE_AVX __m256 k_quant_block(__m256 acc, const __m256i *s, float scale, const __m256 *mins,
+                                            const float *sums) {
+    acc = _mm256_fmadd_ps(parts_to_float_avx2(s), _mm256_set1_ps(scale), acc);
+    acc = _mm256_fnmadd_ps(mins[0], _mm256_loadu_ps(sums), acc);
+    return _mm256_fnmadd_ps(mins[1], _mm256_loadu_ps(sums + 8), acc);
+}
+
 /* Q2_K: register (h, c) holds code c of each of the 32 bytes of half h, values 128 h + 32 c..,
  * sub-blocks 8 h + 2 c (low 128 bits) and 8 h + 2 c + 1 (high 128 bits); `pick` takes their
  * 4-bit scales out of the 16 as int16, and moves on by two sub-blocks per register. The
@@ -1492,10 +1507,8 @@ AVX2 static INLINE_AVX void int_q2_k_avx2_rows(const uint8_t *w, const Activatio
     for (int64_t b = 0; b < a->cols / 256; b++, w += 84) {
         __m128i packed = _mm_loadu_si128((const __m128i *)w);
         __m256i scales = _mm256_broadcastsi128_si256(_mm_and_si128(packed, nibble));
-        __m128i min_bytes = _mm_and_si128(_mm_srli_epi16(packed, 4), nibble);
-        __m256 dmin = _mm256_set1_ps(half(w + 82));
-        __m256 mins_low = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(min_bytes)), dmin);
-        __m256 mins_high = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(min_bytes, 8))), dmin);
+        __m256 mins[2];
+        minimums16(_mm_and_si128(_mm_srli_epi16(packed, 4), nibble), half(w + 82), mins);
         __m256i s[MAX_ROWS][3], pick = _mm256_loadu_si256((const __m256i *)q2_k_first_scales);
         for (int r = 0; r < count; r++) s[r][0] = s[r][1] = s[r][2] = _mm256_setzero_si256();
         for (int h = 0; h < 2; h++) {
@@ -1507,12 +1520,8 @@ AVX2 static INLINE_AVX void int_q2_k_avx2_rows(const uint8_t *w, const Activatio
             }
         }
         float d = half(w + 80);
-        for (int r = 0; r < count; r++) {
-            const float *sums = a->sum16 + rows[r] * (a->cols / 16) + 16 * b;
-            acc[r] = _mm256_fmadd_ps(parts_to_float_avx2(s[r]), _mm256_set1_ps(d * SCALE(r, b)), acc[r]);
-            acc[r] = _mm256_fnmadd_ps(mins_low, _mm256_loadu_ps(sums), acc[r]);
-            acc[r] = _mm256_fnmadd_ps(mins_high, _mm256_loadu_ps(sums + 8), acc[r]);
-        }
+        for (int r = 0; r < count; r++)
+            acc[r] = k_quant_block(acc[r], s[r], d * SCALE(r, b), mins, a->sum16 + rows[r] * (a->cols / 16) + 16 * b);
     }
     for (int r = 0; r < count; r++) out[r] = hsum(acc[r]);
 }
@@ -1529,10 +1538,8 @@ AVX2 static INLINE_AVX void int_q4_k_avx2_rows(const uint8_t *w, const Activatio
         q4_k_scales_mins(w + 4, &scale_bits, &minimums);
         __m256i scales = _mm256_broadcastsi128_si256(_mm_cvtsi64_si128((long long)scale_bits));
         __m128i min_bytes = _mm_cvtsi64_si128((long long)minimums);
-        __m128i mins_twice = _mm_unpacklo_epi8(min_bytes, min_bytes); /* one per 16 values */
-        __m256 dmin = _mm256_set1_ps(half(w + 2));
-        __m256 mins_low16 = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(mins_twice)), dmin);
-        __m256 mins_high16 = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(mins_twice, 8))), dmin);
+        __m256 mins[2];
+        minimums16(_mm_unpacklo_epi8(min_bytes, min_bytes), half(w + 2), mins); /* one per 16 values */
         __m256i s[MAX_ROWS][3], pick = _mm256_loadu_si256((const __m256i *)q4_k_first_scale);
         for (int r = 0; r < count; r++) s[r][0] = s[r][1] = s[r][2] = _mm256_setzero_si256();
         for (int g = 0; g < 8; g++, pick = _mm256_add_epi8(pick, one)) {
@@ -1542,12 +1549,8 @@ AVX2 static INLINE_AVX void int_q4_k_avx2_rows(const uint8_t *w, const Activatio
             for (int r = 0; r < count; r++) add_products(s[r], 3, codes, scale, a, rows[r], 256 * b + 32 * g);
         }
         float d = half(w);
-        for (int r = 0; r < count; r++) {
-            const float *sums = a->sum16 + rows[r] * (a->cols / 16) + 16 * b;
-            acc[r] = _mm256_fmadd_ps(parts_to_float_avx2(s[r]), _mm256_set1_ps(d * SCALE(r, b)), acc[r]);
-            acc[r] = _mm256_fnmadd_ps(mins_low16, _mm256_loadu_ps(sums), acc[r]);
-            acc[r] = _mm256_fnmadd_ps(mins_high16, _mm256_loadu_ps(sums + 8), acc[r]);
-        }
+        for (int r = 0; r < count; r++)
+            acc[r] = k_quant_block(acc[r], s[r], d * SCALE(r, b), mins, a->sum16 + rows[r] * (a->cols / 16) + 16 * b);
     }
     for (int r = 0; r < count; r++) out[r] = hsum(acc[r]);
 }
