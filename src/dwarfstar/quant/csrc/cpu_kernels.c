@@ -31,6 +31,8 @@
 
 #ifdef HAVE_X86
 #include <immintrin.h>
+/* a macro, not a variable: clang wants the rounding mode of a round instruction as a constant */
+#define ROUND_NEAREST (_MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC)
 #endif
 
 /* ---------------------------------------------------------------- scalar helpers */
@@ -776,7 +778,6 @@ VNNI static INLINE __m512i iq2_parts(const int8_t *p, int m, int lone) {
  * same divisions and roundings, 16 values a step), its scale to *scale, and its first `count`
  * parts laid out by `index` (packed_layouts) into out[k][0..3]. */
 VNNI static INLINE void quantize_block(const float *x, const uint8_t *index, int count, __m512i out[3][4], float *scale) {
-    const int rounding = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
     __m512 most[4];
     __mmask16 unordered = 0; /* max drops nan */
     for (int i = 0; i < 4; i++) most[i] = _mm512_setzero_ps();
@@ -796,7 +797,7 @@ VNNI static INLINE void quantize_block(const float *x, const uint8_t *index, int
         for (int i = 0; i < 4; i++) {
             __m512 r = _mm512_div_ps(_mm512_loadu_ps(x + 64 * j + 16 * i), divisor);
             for (int k = 0; k < count; k++) {
-                __m512 rounded = _mm512_roundscale_ps(r, rounding);
+                __m512 rounded = _mm512_roundscale_ps(r, ROUND_NEAREST);
                 part[k][i] = _mm512_cvtps_epi32(rounded);
                 r = _mm512_mul_ps(_mm512_sub_ps(r, rounded), radix);
             }
@@ -1419,7 +1420,6 @@ AVX2 void sums_of_16(const float *x, int64_t cols, float *sum16) {
  * and its sums per 16 values when sum16 is given (the rounding of "integer products"). */
 AVX2 void quantize_row_avx2(const float *x, int64_t cols, int64_t stride, int8_t *parts, float *scales,
                             float *sum16) {
-    const int rounding = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
     const __m256 radix = _mm256_set1_ps(254.0f), magnitude = _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFFFFFF));
     const __m256i in_order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7); /* undoes the packs' interleaving */
     for (int64_t b = 0, start = 0; start < cols; b++, start += ACT_BLOCK) {
@@ -1446,7 +1446,7 @@ AVX2 void quantize_row_avx2(const float *x, int64_t cols, int64_t stride, int8_t
             for (int i = 0; i < 4; i++) {
                 __m256 r = _mm256_div_ps(_mm256_loadu_ps(xb + p + 8 * i), divisor);
                 for (int k = 0; k < 3; k++) {
-                    __m256 rounded = _mm256_round_ps(r, rounding);
+                    __m256 rounded = _mm256_round_ps(r, ROUND_NEAREST);
                     part[k][i] = _mm256_cvtps_epi32(rounded);
                     r = _mm256_mul_ps(_mm256_sub_ps(r, rounded), radix);
                 }
@@ -1676,7 +1676,7 @@ typedef struct {
 } Call;
 
 static struct {
-    _Alignas(64) atomic_ullong ticket;
+    _Alignas(64) _Atomic uint64_t ticket;
     Call calls[2];
     _Alignas(64) atomic_uint done; /* items of this call finished */
     _Alignas(64) atomic_int sleepers; /* workers asleep on `start` (or about to be) */
