@@ -892,6 +892,31 @@ VNNI static void offset_sums3(const int8_t *parts, int64_t stride, int64_t block
 /* Part k of input row rows[r] at value `at`. */
 #define SCALE(r, b) a->scales[rows[r] * a->blocks + (b)]
 
+/* Where the `count` input rows' parts, offsets (`offsets_per_block` int32 a block), scales and sums
+ * per 16 values start: worked out once per stored row (or tile), not per block, where it took
+ * about fifteen scalar instructions a block (one thread, cache-warm, 2048x4096, best of 400:
+ * IQ2_XXS 98.5-100.1 -> 96.4-98.3 µs, two input rows 150-152 -> 139-144; Q2_K 111-114 ->
+ * 109-111; Q8_0 and Q4_K the same). MXFP4 keeps its own: with these its cache-warm product was
+ * 8% faster but one read from memory 14% slower (158-160 -> 181-183 µs), for no reason found. */
+typedef struct {
+    const int8_t *parts[MAX_ROWS];
+    const int32_t *offsets[MAX_ROWS];
+    const float *scales[MAX_ROWS], *sum16[MAX_ROWS];
+    int64_t stride;
+} InputRows;
+
+static INLINE InputRows input_rows(const Activations *a, const int64_t *rows, const int count,
+                                   const int offsets_per_block) {
+    InputRows in = {.stride = a->stride};
+    for (int r = 0; r < count; r++) {
+        in.parts[r] = a->parts + 3 * rows[r] * a->stride;
+        in.offsets[r] = a->offsets ? a->offsets + rows[r] * a->blocks * offsets_per_block : NULL;
+        in.scales[r] = a->scales + rows[r] * a->blocks;
+        in.sum16[r] = a->sum16 ? a->sum16 + rows[r] * (a->cols / 16) : NULL;
+    }
+    return in;
+}
+
 /* The three products of 64 unsigned weights with the parts at `at`, negated where `negative`. */
 VNNI static INLINE __m512 times_parts(__m512i weights, __mmask64 negative, const Activations *a, int64_t row,
                                       int64_t at) {
@@ -949,6 +974,7 @@ VNNI static INLINE void int_q8_0_rows(const uint8_t *w, const Activations *a, co
     const __m512i first_scales = _mm512_loadu_si512(q8_0_scale_bytes[0]);
     const __m512i last_scales = _mm512_loadu_si512(q8_0_scale_bytes[1]);
     const int64_t stride = a->stride, whole = a->cols / 256;
+    const InputRows in = input_rows(a, rows, count, 48);
     __m512 acc[MAX_ROWS];
     for (int r = 0; r < count; r++) acc[r] = _mm512_setzero_ps();
     for (int64_t b = 0; b < whole; b++, w += 272) {
@@ -971,8 +997,8 @@ VNNI static INLINE void int_q8_0_rows(const uint8_t *w, const Activations *a, co
             _mm512_permutex2var_epi8(_mm512_loadu_si512(w + 128), last_scales, _mm512_loadu_si512(w + 192)));
         __m512 lane_scales = _mm512_cvtph_ps(_mm512_castsi512_si256(halves));
         for (int r = 0; r < count; r++) {
-            const int8_t *part = a->parts + 3 * rows[r] * stride + 256 * b;
-            const int32_t *offsets = a->offsets + (rows[r] * a->blocks + b) * 48;
+            const int8_t *part = in.parts[r] + 256 * b;
+            const int32_t *offsets = in.offsets[r] + 48 * b;
             __m512i s0 = _mm512_loadu_si512(offsets), s1 = _mm512_loadu_si512(offsets + 16);
             __m512i s2 = _mm512_loadu_si512(offsets + 32);
             for (int j = 0; j < 4; j++) {
@@ -980,7 +1006,7 @@ VNNI static INLINE void int_q8_0_rows(const uint8_t *w, const Activations *a, co
                 s1 = _mm512_dpbusd_epi32(s1, weights[j], _mm512_loadu_si512(part + stride + 64 * j));
                 s2 = _mm512_dpbusd_epi32(s2, weights[j], _mm512_loadu_si512(part + 2 * stride + 64 * j));
             }
-            __m512 scale = _mm512_mul_ps(lane_scales, _mm512_set1_ps(SCALE(r, b)));
+            __m512 scale = _mm512_mul_ps(lane_scales, _mm512_set1_ps(in.scales[r][b]));
             acc[r] = _mm512_fmadd_ps(parts_to_float(s0, s1, s2), scale, acc[r]);
         }
     }
@@ -1105,6 +1131,8 @@ VNNI static INLINE void int_q2_k_rows(const uint8_t *w, const Activations *a, co
     __m512i offsets[4];
     for (int j = 0; j < 4; j++) offsets[j] = _mm512_loadu_si512(q2_k_offsets[j]);
     __m512 acc[MAX_ROWS], min_acc[MAX_ROWS]; /* two sums: one dependent chain of two FMAs a block was its bound */
+    const int64_t stride = a->stride;
+    const InputRows in = input_rows(a, rows, count, 0);
     for (int r = 0; r < count; r++) acc[r] = min_acc[r] = _mm512_setzero_ps();
 #pragma GCC unroll 2 /* two blocks an iteration: 4% faster for one row, the same for two */
     for (int64_t b = 0; b < a->cols / 256; b++, w += 84) {
@@ -1125,15 +1153,15 @@ VNNI static INLINE void int_q2_k_rows(const uint8_t *w, const Activations *a, co
         weights[3] =
             _mm512_permutexvar_epi8(_mm512_ternarylogic_epi32(shifted, high_code, offsets[3], 0xEA), high_table);
         for (int r = 0; r < count; r++) {
-            const int8_t *part = a->parts + 3 * rows[r] * a->stride + 256 * b;
+            const int8_t *part = in.parts[r] + 256 * b;
             __m512i s0 = _mm512_setzero_si512(), s1 = s0, s2 = s0;
             for (int j = 0; j < 4; j++) {
                 s0 = _mm512_dpbusd_epi32(s0, weights[j], _mm512_loadu_si512(part + 64 * j));
-                s1 = _mm512_dpbusd_epi32(s1, weights[j], _mm512_loadu_si512(part + a->stride + 64 * j));
-                s2 = _mm512_dpbusd_epi32(s2, weights[j], _mm512_loadu_si512(part + 2 * a->stride + 64 * j));
+                s1 = _mm512_dpbusd_epi32(s1, weights[j], _mm512_loadu_si512(part + stride + 64 * j));
+                s2 = _mm512_dpbusd_epi32(s2, weights[j], _mm512_loadu_si512(part + 2 * stride + 64 * j));
             }
-            acc[r] = _mm512_fmadd_ps(parts_to_float(s0, s1, s2), _mm512_mul_ps(d, _mm512_set1_ps(SCALE(r, b))), acc[r]);
-            min_acc[r] = _mm512_fmadd_ps(mins, _mm512_loadu_ps(a->sum16 + rows[r] * (a->cols / 16) + 16 * b), min_acc[r]);
+            acc[r] = _mm512_fmadd_ps(parts_to_float(s0, s1, s2), _mm512_mul_ps(d, _mm512_set1_ps(in.scales[r][b])), acc[r]);
+            min_acc[r] = _mm512_fmadd_ps(mins, _mm512_loadu_ps(in.sum16[r] + 16 * b), min_acc[r]);
         }
     }
     for (int r = 0; r < count; r++) out[r] = _mm512_reduce_add_ps(_mm512_sub_ps(acc[r], min_acc[r]));
@@ -1159,15 +1187,11 @@ VNNI static INLINE void int_q4_k_rows(const uint8_t *w, const Activations *a, co
     const __m128i top_bits = _mm_set1_epi8((char)0xC0);
     const __m128i low_bits = _mm_set_epi64x(0x0F0F0F0F0F0F0F0Fll, 0x3F3F3F3F3F3F3F3Fll);
     const int64_t stride = a->stride;
-    const int8_t *parts[MAX_ROWS];
-    const float *scales[MAX_ROWS], *sums[MAX_ROWS];
+    InputRows in = input_rows(a, rows, count, 0); /* advanced a block at a time */
+    const int8_t **parts = in.parts;
+    const float **scales = in.scales, **sums = in.sum16;
     __m512 acc[MAX_ROWS];
-    for (int r = 0; r < count; r++) {
-        parts[r] = a->parts + 3 * rows[r] * stride;
-        scales[r] = a->scales + rows[r] * a->blocks;
-        sums[r] = a->sum16 + rows[r] * (a->cols / 16);
-        acc[r] = _mm512_setzero_ps();
-    }
+    for (int r = 0; r < count; r++) acc[r] = _mm512_setzero_ps();
     for (const uint8_t *end = w + 144 * (a->cols / 256); w < end; w += 144) {
         /* the 6-bit scales and minimums (stored bytes p0-p11, see q4_k_scales_mins) to bytes 0-3
          * scales 0-3, 4-7 minimums 0-3, 8-11 scales 4-7, 12-15 minimums 4-7: p & 63 for the first
@@ -1231,8 +1255,7 @@ typedef struct {
 /* `first`, `second`: the two blocks' 64 bytes after d; lone: there is no second (zeros), the parts
  * hold one block (iq2_parts). */
 VNNI static INLINE void iq2_xxs_pair(const Iq2Tables *t, const uint8_t *w, __m512i first, __m512i second, int lone,
-                                     const Activations *a, const int64_t *rows, const int count, int64_t b,
-                                     __m512 *acc) {
+                                     const InputRows *in, const int count, int64_t b, __m512 *acc) {
     const __mmask64 of_second = 0xF0F0F0F0F0F0F0F0ull; /* bytes standing for the second block */
     __m512i index = _mm512_permutex2var_epi8(first, t->pair_index, second);
     __mmask64 upper = _mm512_movepi8_mask(index);
@@ -1269,16 +1292,17 @@ VNNI static INLINE void iq2_xxs_pair(const Iq2Tables *t, const uint8_t *w, __m51
         weights[4 * h + 3] = _mm512_permutexvar_epi8(high, t->weights[1]);
     }
     for (int r = 0; r < count; r++) {
-        const int8_t *part = a->parts + 3 * rows[r] * a->stride + 256 * b;
-        const int32_t *offsets = a->offsets + (rows[r] * a->blocks + b) * 32;
+        const int8_t *part = in->parts[r] + 256 * b;
+        const int32_t *offsets = in->offsets[r] + 32 * b;
+        const int64_t stride = in->stride;
         /* one row: two chains of four per part (eight dependent `vpdpbusd` would be twice one
          * block's latency); two rows have four chains already, and the extra sums cost them */
         __m512i s0 = _mm512_loadu_si512(offsets), s1 = _mm512_loadu_si512(offsets + 16);
         __m512i t0 = _mm512_setzero_si512(), t1 = t0;
         for (int m = 0; m < 8; m += 2) {
             s0 = _mm512_dpbusd_epi32(s0, weights[m], iq2_parts(part, m, lone));
-            s1 = _mm512_dpbusd_epi32(s1, weights[m], iq2_parts(part + a->stride, m, lone));
-            __m512i p0 = iq2_parts(part, m + 1, lone), p1 = iq2_parts(part + a->stride, m + 1, lone);
+            s1 = _mm512_dpbusd_epi32(s1, weights[m], iq2_parts(part + stride, m, lone));
+            __m512i p0 = iq2_parts(part, m + 1, lone), p1 = iq2_parts(part + stride, m + 1, lone);
             if (count == 1) {
                 t0 = _mm512_dpbusd_epi32(t0, weights[m + 1], p0);
                 t1 = _mm512_dpbusd_epi32(t1, weights[m + 1], p1);
@@ -1293,10 +1317,10 @@ VNNI static INLINE void iq2_xxs_pair(const Iq2Tables *t, const uint8_t *w, __m51
         }
         __m512 input_scales; /* the first block's in the even lanes */
         if (lone)
-            input_scales = _mm512_set1_ps(SCALE(r, b));
+            input_scales = _mm512_set1_ps(in->scales[r][b]);
         else {
             double pair;
-            memcpy(&pair, &SCALE(r, b), sizeof pair);
+            memcpy(&pair, in->scales[r] + b, sizeof pair);
             input_scales = _mm512_castpd_ps(_mm512_set1_pd(pair));
         }
         __m512 sum = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s1), _mm512_set1_ps(1.0f / 254.0f), _mm512_cvtepi32_ps(s0));
@@ -1328,6 +1352,7 @@ VNNI static INLINE void int_iq2_xxs_tile(const uint8_t *w, int64_t row_stride, i
     t.signs_high = _mm512_loadu_si512(iq2_signs + 64);
     t.group_scales = _mm512_loadu_ps(iq2_group_scales);
     for (int j = 0; j < 2; j++) t.weights[j] = _mm512_loadu_si512(iq2_offset_weights[j]);
+    const InputRows in = input_rows(a, rows, count, 32);
     __m512 acc[MAX_ROWS];
     for (int r = 0; r < count; r++) acc[r] = _mm512_setzero_ps();
     int64_t blocks = a->cols / 256, b = 0;
@@ -1336,14 +1361,12 @@ VNNI static INLINE void int_iq2_xxs_tile(const uint8_t *w, int64_t row_stride, i
         if (b + 1 < blocks) {
             for (int at = 0; at < 192; at += 64) /* a pair of 132 bytes spans three lines at most */
                 _mm_prefetch((const char *)pair + IQ2_XXS_AHEAD + at, _MM_HINT_T0);
-            iq2_xxs_pair(&t, pair, _mm512_loadu_si512(pair + 2), _mm512_loadu_si512(pair + 68), 0, a, rows, count, b,
-                         acc);
+            iq2_xxs_pair(&t, pair, _mm512_loadu_si512(pair + 2), _mm512_loadu_si512(pair + 68), 0, &in, count, b, acc);
             b += 2, pair += 132;
         }
         if (b + 1 >= blocks) { /* the row's end */
             if (b < blocks)
-                iq2_xxs_pair(&t, pair, _mm512_loadu_si512(pair + 2), _mm512_setzero_si512(), 1, a, rows, count, b,
-                             acc);
+                iq2_xxs_pair(&t, pair, _mm512_loadu_si512(pair + 2), _mm512_setzero_si512(), 1, &in, count, b, acc);
             for (int r = 0; r < count; r++) {
                 out[MAX_ROWS * i + r] = _mm512_reduce_add_ps(acc[r]);
                 acc[r] = _mm512_setzero_ps();
