@@ -1359,7 +1359,7 @@ VNNI static INLINE void int_iq2_xxs_tile(const uint8_t *w, int64_t row_stride, i
     for (int i = 0; i < stored;) {
         const uint8_t *pair = w + i * row_stride + 66 * b;
         if (b + 1 < blocks) {
-            for (int at = 0; at < 192; at += 64) /* a pair of 132 bytes spans three lines at most */
+            for (int at = 0; at < 192; at += 64) /* a pair spans three lines (a fourth: the next pair's first) */
                 _mm_prefetch((const char *)pair + IQ2_XXS_AHEAD + at, _MM_HINT_T0);
             iq2_xxs_pair(&t, pair, _mm512_loadu_si512(pair + 2), _mm512_loadu_si512(pair + 68), 0, &in, count, b, acc);
             b += 2, pair += 132;
