@@ -1187,12 +1187,10 @@ VNNI static INLINE void int_q4_k_rows(const uint8_t *w, const Activations *a, co
     const __m128i top_bits = _mm_set1_epi8((char)0xC0);
     const __m128i low_bits = _mm_set_epi64x(0x0F0F0F0F0F0F0F0Fll, 0x3F3F3F3F3F3F3F3Fll);
     const int64_t stride = a->stride;
-    InputRows in = input_rows(a, rows, count, 0); /* advanced a block at a time */
-    const int8_t **parts = in.parts;
-    const float **scales = in.scales, **sums = in.sum16;
+    const InputRows in = input_rows(a, rows, count, 0);
     __m512 acc[MAX_ROWS];
     for (int r = 0; r < count; r++) acc[r] = _mm512_setzero_ps();
-    for (const uint8_t *end = w + 144 * (a->cols / 256); w < end; w += 144) {
+    for (int64_t b = 0; b < a->cols / 256; b++, w += 144) {
         /* the 6-bit scales and minimums (stored bytes p0-p11, see q4_k_scales_mins) to bytes 0-3
          * scales 0-3, 4-7 minimums 0-3, 8-11 scales 4-7, 12-15 minimums 4-7: p & 63 for the first
          * eight; for the others the low and high nibbles of p8-p11 (the windows of nibble_windows),
@@ -1216,16 +1214,16 @@ VNNI static INLINE void int_q4_k_rows(const uint8_t *w, const Activations *a, co
         weights[0] = _mm512_and_si512(weights[0], nibbles);
         weights[1] = _mm512_and_si512(weights[1], nibbles);
         for (int r = 0; r < count; r++) {
+            const int8_t *part = in.parts[r] + 256 * b;
             __m512i s0 = _mm512_setzero_si512(), s1 = s0, s2 = s0;
             for (int j = 0; j < 4; j++) {
-                s0 = _mm512_dpbusd_epi32(s0, weights[j], _mm512_loadu_si512(parts[r] + 64 * j));
-                s1 = _mm512_dpbusd_epi32(s1, weights[j], _mm512_loadu_si512(parts[r] + stride + 64 * j));
-                s2 = _mm512_dpbusd_epi32(s2, weights[j], _mm512_loadu_si512(parts[r] + 2 * stride + 64 * j));
+                s0 = _mm512_dpbusd_epi32(s0, weights[j], _mm512_loadu_si512(part + 64 * j));
+                s1 = _mm512_dpbusd_epi32(s1, weights[j], _mm512_loadu_si512(part + stride + 64 * j));
+                s2 = _mm512_dpbusd_epi32(s2, weights[j], _mm512_loadu_si512(part + 2 * stride + 64 * j));
             }
-            __m512 scale = _mm512_mul_ps(lane_scales, _mm512_set1_ps(*scales[r]));
+            __m512 scale = _mm512_mul_ps(lane_scales, _mm512_set1_ps(in.scales[r][b]));
             acc[r] = _mm512_fmadd_ps(parts_to_float(s0, s1, s2), scale, acc[r]);
-            acc[r] = _mm512_fnmadd_ps(min16, _mm512_loadu_ps(sums[r]), acc[r]);
-            parts[r] += 256, scales[r] += 1, sums[r] += 16;
+            acc[r] = _mm512_fnmadd_ps(min16, _mm512_loadu_ps(in.sum16[r] + 16 * b), acc[r]);
         }
     }
     for (int r = 0; r < count; r++) out[r] = _mm512_reduce_add_ps(acc[r]);
